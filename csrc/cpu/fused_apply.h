@@ -1,0 +1,139 @@
+// One parallel pass over a list of tensors for the CPU prox family.
+//
+// The work is cut into chunks (a range of elements of one tensor, or whole rows when the penalty
+// couples a group = a slice along dim 0) and the chunks of all tensors are shared out by a single
+// at::parallel_for: small tensors do not each pay a thread fork, large ones are split.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "slimops/prox_math.h"
+
+namespace slimops {
+namespace cpu {
+
+struct Chunk {
+  int64_t tensor;  // index into the list
+  int64_t begin;   // first element (elementwise) or first row (group penalties)
+  int64_t end;     // one past the last
+};
+
+constexpr int64_t kChunkElems = 1 << 15;  // 128 KiB of fp32 per chunk: fits L2, amortises scheduling
+constexpr int64_t kSerialBelow = 1 << 16; // fewer elements than this: one thread, no fork
+
+// Rows of the group view of t: dim 0 (a 0-d tensor is one group of one element).
+inline int64_t group_rows(const at::Tensor& t) { return t.dim() == 0 ? 1 : (t.numel() == 0 ? 0 : t.size(0)); }
+
+inline std::vector<Chunk> make_chunks(at::TensorList tensors, bool by_rows) {
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
+    const int64_t n = tensors[i].numel();
+    if (n == 0) continue;
+    if (!by_rows) {
+      for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({i, b, std::min(n, b + kChunkElems)});
+    } else {
+      const int64_t rows = group_rows(tensors[i]);
+      const int64_t row_len = n / rows;
+      const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / row_len);
+      for (int64_t r = 0; r < rows; r += rows_per_chunk) chunks.push_back({i, r, std::min(rows, r + rows_per_chunk)});
+    }
+  }
+  return chunks;
+}
+
+inline int64_t total_numel(at::TensorList tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += t.numel();
+  return n;
+}
+
+// Runs f(chunk) for every chunk in one parallel region.
+template <typename F>
+void parallel_chunks(at::TensorList tensors, bool by_rows, const F& f) {
+  const std::vector<Chunk> chunks = make_chunks(tensors, by_rows);
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t grain = total_numel(tensors) < kSerialBelow ? std::max<int64_t>(n, 1) : 1;
+  at::parallel_for(0, n, grain, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) f(chunks[c]);
+  });
+}
+
+// Calls f(std::integral_constant<Penalty, P>{}) so that the per-element switch on the penalty is
+// resolved at compile time and the inner loops stay branch-light (and vectorisable for l1/l0).
+template <typename F>
+auto dispatch_penalty(Penalty p, const F& f) {
+  switch (p) {
+    case Penalty::kL1: return f(std::integral_constant<Penalty, Penalty::kL1>{});
+    case Penalty::kL0: return f(std::integral_constant<Penalty, Penalty::kL0>{});
+    case Penalty::kTL1: return f(std::integral_constant<Penalty, Penalty::kTL1>{});
+    case Penalty::kL12: return f(std::integral_constant<Penalty, Penalty::kL12>{});
+    case Penalty::kL21: return f(std::integral_constant<Penalty, Penalty::kL21>{});
+    case Penalty::kL0L21: return f(std::integral_constant<Penalty, Penalty::kL0L21>{});
+    default: return f(std::integral_constant<Penalty, Penalty::kNone>{});
+  }
+}
+
+// The fused "update then prox" pass shared by every op of the family.
+//
+// For each tensor i of `targets` (storage scalar_t, updated in place):
+//   make_update(i) returns u(j) -> acc_t: performs the optimizer step for element j (writing any
+//   state it owns) and returns the new value before the prox;
+//   make_post(i) returns post(j, v): called with the final stored value (after the prox), for ops
+//   that update a second tensor from it (split_step_).
+// Elementwise penalties finish each element in one go; group penalties buffer a row in acc_t,
+// take its norm, then store the block-soft-thresholded row.
+template <typename scalar_t, typename acc_t, typename MakeUpdate, typename MakePost>
+void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeUpdate& make_update,
+                       const MakePost& make_post) {
+  const acc_t lam = static_cast<acc_t>(pp.lam);
+  const acc_t a = static_cast<acc_t>(pp.a);
+  const acc_t thresh = static_cast<acc_t>(pp.thresh);
+  const acc_t gthresh = group_threshold<acc_t>(pp.penalty, lam, a);
+  dispatch_penalty(pp.penalty, [&](auto P) {
+    constexpr Penalty kP = decltype(P)::value;
+    constexpr bool kGroup = kP == Penalty::kL21 || kP == Penalty::kL0L21;
+    parallel_chunks(targets, kGroup, [&](const Chunk& ch) {
+      scalar_t* __restrict__ out = targets[ch.tensor].data_ptr<scalar_t>();
+      auto update = make_update(ch.tensor);
+      auto post = make_post(ch.tensor);
+      if constexpr (!kGroup) {
+        for (int64_t j = ch.begin; j < ch.end; ++j) {
+          const acc_t v = prox_elementwise<acc_t>(update(j), kP, lam, a, thresh);
+          out[j] = static_cast<scalar_t>(v);
+          post(j, v);
+        }
+      } else {
+        const at::Tensor& t = targets[ch.tensor];
+        const int64_t row_len = t.numel() / group_rows(t);
+        std::vector<acc_t> row(row_len);
+        for (int64_t r = ch.begin; r < ch.end; ++r) {
+          const int64_t base = r * row_len;
+          acc_t sq = 0;
+          for (int64_t k = 0; k < row_len; ++k) {
+            const acc_t v = prox_elementwise<acc_t>(update(base + k), kP, lam, a, thresh);
+            row[k] = v;
+            sq += v * v;
+          }
+          const acc_t scale = group_scale<acc_t>(sq, gthresh);
+          for (int64_t k = 0; k < row_len; ++k) {
+            const acc_t v = row[k] * scale;
+            out[base + k] = static_cast<scalar_t>(v);
+            post(base + k, v);
+          }
+        }
+      }
+    });
+    return 0;
+  });
+}
+
+inline auto no_post() {
+  return [](int64_t) { return [](int64_t, auto) {}; };
+}
+
+}  // namespace cpu
+}  // namespace slimops

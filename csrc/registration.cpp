@@ -1,0 +1,53 @@
+// The one TORCH_LIBRARY(slimops) block: every schema of the package, in one place.
+// Backends only implement (TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu); the Python
+// layer (slimops/ops/*.py) registers fake kernels and autograd next to the public functions.
+//
+// Penalty names (ALGORITHMS.md §1-§3): "none", "l1", "l0", "tl1", "l1_2", "l21", "l0_l21"
+// (prox penalties; "l21" groups are slices along dim 0) and "lp" (penalty_grad_ only).
+#include <torch/library.h>
+
+TORCH_LIBRARY(slimops, m) {
+  // ---- prox family: fused proximal updates -------------------------------------------------
+  // y = prox_{lam R}(x), R chosen by `penalty`; `a` is the Tl1 shape (or the group weight mu of
+  // l0_l21).
+  m.def("prox(Tensor x, str penalty, float lam, float a=1.0) -> Tensor");
+  // Vector-Jacobian product of prox at x: grad_x = (d prox / d x)^T grad.
+  m.def("prox_backward(Tensor grad, Tensor x, str penalty, float lam, float a=1.0) -> Tensor");
+
+  // torch.optim.SGD's update (weight decay, momentum, dampening, nesterov, maximize) on every
+  // tensor of `params`, then p <- prox_{lr lam R}(p). `init_momentum`: the buffers are new (their
+  // content is ignored and set to the gradient, as SGD does on its first step). Grads are divided
+  // by `grad_scale` when given; nothing changes when `found_inf` is given and non-zero.
+  m.def(
+      "prox_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool init_momentum, str penalty, float lam, float a, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+
+  // torch.optim.AdamW's update (decoupled weight decay, bias correction, amsgrad, maximize), then
+  // p <- prox_{lr lam R}(p). `state_steps` (one float32 scalar tensor per param, on the params'
+  // device) are incremented by the op unless found_inf is non-zero.
+  m.def(
+      "prox_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
+      "str penalty, float lam, float a, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Proximal network slimming (ALGORITHMS.md §4), after the SGD step produced gamma~ in place:
+  //   gamma <- (alpha gamma~ + beta xi) / (alpha + beta)
+  //   xi    <- prox_{lam/(alpha+beta) R}((alpha xi + beta gamma) / (alpha + beta))   (R = l1 in the paper)
+  m.def(
+      "palm_slimming_(Tensor(a!)[] gammas, Tensor(b!)[] xis, float alpha, float beta, float lam, "
+      "str penalty=\"l1\", float a=1.0) -> ()");
+
+  // grads += s * dR/dp for the sparsity penalties of ALGORITHMS.md §2-§3 ("l1", "tl1", "lp" with
+  // p = a, |p| clamped to >= eps) and "l21" (s sqrt(n_g) p_g / ||p_g||, groups along dim 0).
+  m.def(
+      "penalty_grad_(Tensor(a!)[] grads, Tensor[] params, str penalty, float s, float a=1.0, "
+      "float eps=1e-8) -> ()");
+
+  // Variable splitting (ALGORITHMS.md §5): u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u).
+  m.def(
+      "split_step_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] us, float lr, float beta, "
+      "str penalty, float lam, float a=1.0) -> ()");
+}

@@ -1,0 +1,76 @@
+"""Builds slimops._C with ninja through torch's BuildExtension.
+
+CPU kernels always. CUDA kernels when torch has CUDA and a toolkit is found, or when
+SLIMOPS_FORCE_CUDA=1 (compile and link without a GPU); never when SLIMOPS_DISABLE_CUDA=1.
+MAX_JOBS, TORCH_CUDA_ARCH_LIST and DEBUG=1 are honoured. The build says which path it took and why.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_decision():
+    """Returns (build_cuda, reason)."""
+    import torch
+
+    if _flag("SLIMOPS_DISABLE_CUDA"):
+        return False, "SLIMOPS_DISABLE_CUDA=1"
+    if torch.version.cuda is None:
+        if _flag("SLIMOPS_FORCE_CUDA"):
+            sys.exit("slimops build: SLIMOPS_FORCE_CUDA=1 but this torch (%s) is a CPU-only build" % torch.__version__)
+        return False, "torch %s has no CUDA" % torch.__version__
+    if CUDA_HOME is None:
+        if _flag("SLIMOPS_FORCE_CUDA"):
+            sys.exit("slimops build: SLIMOPS_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    if _flag("SLIMOPS_FORCE_CUDA"):
+        return True, "SLIMOPS_FORCE_CUDA=1 (toolkit %s, torch CUDA %s)" % (CUDA_HOME, torch.version.cuda)
+    if torch.cuda.is_available():
+        return True, "a GPU is visible (toolkit %s, torch CUDA %s)" % (CUDA_HOME, torch.version.cuda)
+    return False, "torch has CUDA but no GPU is visible and SLIMOPS_FORCE_CUDA is not set"
+
+
+def _torch_cuda_include_dirs():
+    """torch's pip wheels ship the CUDA headers it needs under site-packages/nvidia/cu*/include."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
+def _extensions():
+    debug = _flag("DEBUG")
+    build_cuda, reason = _cuda_decision()
+    print("slimops build: %s kernels (%s)%s" % ("CPU + CUDA" if build_cuda else "CPU", reason,
+                                                ", DEBUG" if debug else ""), flush=True)
+    sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17", "-fdiagnostics-color=always"]
+    extra = {"cxx": cxx}
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True)
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["include_dirs"] += _torch_cuda_include_dirs()
+        ext = CUDAExtension("slimops._C", sources, extra_compile_args=extra, **kwargs)
+    else:
+        ext = CppExtension("slimops._C", sources, extra_compile_args=extra, **kwargs)
+    return [ext]
+
+
+setup(
+    name="slimops",
+    packages=find_packages(include=["slimops", "slimops.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -1,0 +1,10 @@
+"""slimops: fused kernels for network compression and efficient vision backbones.
+
+Importing the package loads the compiled library (`slimops._C`), which registers every
+`torch.ops.slimops.*` op, then the Python layer: public functional ops (`slimops.ops`), fake kernels
+and autograd, and the optimizers (`slimops.optim`).
+"""
+from slimops import _C  # noqa: F401  (registers torch.ops.slimops.*)
+from slimops import ops, optim  # noqa: F401
+
+__version__ = "0.1.0"
