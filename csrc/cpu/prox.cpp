@@ -61,7 +61,7 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
   const Penalty p = parse_penalty("prox_backward", std::string(penalty), kProxPenalties);
   check_penalty_args("prox_backward", p, lam, a);
   check_floating("prox_backward", "x", x);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "slimops.prox_backward: grad has shape ", grad.sizes(),
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "slimops.prox_backward: grad has shape ", grad.sizes(),
               " but x has shape ", x.sizes());
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
@@ -120,9 +120,9 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const char* op = "prox_sgd_";
   const Penalty p = parse_penalty(op, std::string(penalty), kStepPenalties);
   check_penalty_args(op, p, lam, a);
-  TORCH_CHECK(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK(momentum >= 0.0, "slimops.", op, ": momentum must be >= 0, got ", momentum);
-  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0), "slimops.", op,
+  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK_VALUE(momentum >= 0.0, "slimops.", op, ": momentum must be >= 0, got ", momentum);
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), "slimops.", op,
               ": nesterov needs momentum > 0 and dampening = 0");
   check_param_list(op, "params", params);
   check_tensor_list(op, "grads", grads, params, /*inplace=*/false);
@@ -170,19 +170,19 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const char* op = "prox_adamw_";
   const Penalty p = parse_penalty(op, std::string(penalty), kStepPenalties);
   check_penalty_args(op, p, lam, a);
-  TORCH_CHECK(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "slimops.", op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "slimops.", op, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0.0, "slimops.", op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "slimops.", op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "slimops.", op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, "slimops.", op, ": eps must be >= 0, got ", eps);
   check_param_list(op, "params", params);
   check_tensor_list(op, "grads", grads, params, false);
   check_tensor_list(op, "exp_avgs", exp_avgs, params, true);
   check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, params, true);
   if (amsgrad) check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, true);
-  TORCH_CHECK(state_steps.size() == params.size(), "slimops.", op, ": state_steps has ", state_steps.size(),
+  TORCH_CHECK_VALUE(state_steps.size() == params.size(), "slimops.", op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {
-    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device() == params[i].device(), "slimops.", op,
+    TORCH_CHECK_VALUE(state_steps[i].numel() == 1 && state_steps[i].device() == params[i].device(), "slimops.", op,
                 ": state_steps[", i, "] must be a one-element tensor on its parameter's device");
   }
   check_amp_scalar(op, "grad_scale", grad_scale, params);
@@ -237,8 +237,8 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
   const char* op = "palm_slimming_";
   const Penalty p = parse_penalty(op, std::string(penalty), kProxPenalties);
   check_penalty_args(op, p, lam, a);
-  TORCH_CHECK(alpha > 0.0 && std::isfinite(alpha), "slimops.", op, ": alpha (= 1/lr) must be > 0, got ", alpha);
-  TORCH_CHECK(beta >= 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be >= 0, got ", beta);
+  TORCH_CHECK_VALUE(alpha > 0.0 && std::isfinite(alpha), "slimops.", op, ": alpha (= 1/lr) must be > 0, got ", alpha);
+  TORCH_CHECK_VALUE(beta >= 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be >= 0, got ", beta);
   check_param_list(op, "gammas", gammas);
   check_tensor_list(op, "xis", xis, gammas, true);
   if (gammas.empty()) return;
@@ -269,7 +269,7 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
   const Penalty p =
       parse_penalty(op, std::string(penalty), {Penalty::kL1, Penalty::kTL1, Penalty::kLp, Penalty::kL21});
   check_penalty_args(op, p, s, a);
-  TORCH_CHECK(eps > 0.0, "slimops.", op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0.0, "slimops.", op, ": eps must be > 0, got ", eps);
   check_param_list(op, "grads", grads);
   check_tensor_list(op, "params", params, grads, false);
   if (grads.empty()) return;
@@ -310,8 +310,8 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
   const char* op = "split_step_";
   const Penalty p = parse_penalty(op, std::string(penalty), kProxPenalties);
   check_penalty_args(op, p, lam, a);
-  TORCH_CHECK(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK(beta > 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be > 0, got ", beta);
+  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta > 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be > 0, got ", beta);
   check_param_list(op, "weights", weights);
   check_tensor_list(op, "grads", grads, weights, false);
   check_tensor_list(op, "us", us, weights, true);

@@ -1,0 +1,12 @@
+"""Public functional ops (``slimops.ops.<name>``): argument checks, backend choice, fake kernels, autograd."""
+from slimops.ops.prox import (
+    palm_slimming_,
+    penalty_grad_,
+    prox,
+    prox_adamw_,
+    prox_backward,
+    prox_sgd_,
+    split_step_,
+)
+
+__all__ = ["prox", "prox_backward", "prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_"]

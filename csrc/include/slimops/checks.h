@@ -1,4 +1,4 @@
-// Argument checks shared by every kernel. User errors raise c10::Error (RuntimeError in Python)
+// Argument checks shared by every kernel. User errors raise ValueError (TypeError for dtypes) in Python
 // with a message that names the op and the argument: "slimops.<op>: <arg> ...".
 #pragma once
 
@@ -32,26 +32,26 @@ inline Penalty parse_penalty(const char* op, const std::string& name,
     if (!names.empty()) names += ", ";
     names += kNames[static_cast<int>(q)];
   }
-  TORCH_CHECK(ok, "slimops.", op, ": unknown penalty '", name, "' (expected one of: ", names, ")");
+  TORCH_CHECK_VALUE(ok, "slimops.", op, ": unknown penalty '", name, "' (expected one of: ", names, ")");
   return p;
 }
 
 // Checks lam >= 0 (finite) and, where the penalty uses it, the shape parameter a.
 inline void check_penalty_args(const char* op, Penalty p, double lam, double a) {
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0.0, "slimops.", op, ": lam must be finite and >= 0, got ",
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0, "slimops.", op, ": lam must be finite and >= 0, got ",
               lam);
   if (p == Penalty::kTL1) {
-    TORCH_CHECK(std::isfinite(a) && a > 0.0, "slimops.", op, ": a must be > 0 for penalty 'tl1', got ", a);
+    TORCH_CHECK_VALUE(std::isfinite(a) && a > 0.0, "slimops.", op, ": a must be > 0 for penalty 'tl1', got ", a);
   } else if (p == Penalty::kL0L21) {
-    TORCH_CHECK(std::isfinite(a) && a >= 0.0, "slimops.", op,
+    TORCH_CHECK_VALUE(std::isfinite(a) && a >= 0.0, "slimops.", op,
                 ": a (the group weight mu) must be >= 0 for penalty 'l0_l21', got ", a);
   } else if (p == Penalty::kLp) {
-    TORCH_CHECK(a > 0.0 && a < 1.0, "slimops.", op, ": a (the exponent p) must be in (0, 1) for penalty 'lp', got ", a);
+    TORCH_CHECK_VALUE(a > 0.0 && a < 1.0, "slimops.", op, ": a (the exponent p) must be in (0, 1) for penalty 'lp', got ", a);
   }
 }
 
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "slimops.", op, ": ", arg,
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "slimops.", op, ": ", arg,
               " must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
               t.scalar_type());
 }
@@ -60,20 +60,20 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t)
 // tensor the same shape, dtype and device as its parameter, strided; contiguous when `inplace`.
 inline void check_tensor_list(const char* op, const char* arg, at::TensorList list, at::TensorList params,
                               bool inplace, bool same_dtype = true) {
-  TORCH_CHECK(list.size() == params.size(), "slimops.", op, ": ", arg, " has ", list.size(),
+  TORCH_CHECK_VALUE(list.size() == params.size(), "slimops.", op, ": ", arg, " has ", list.size(),
               " tensors but params has ", params.size());
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     const at::Tensor& p = params[i];
-    TORCH_CHECK(t.layout() == at::kStrided, "slimops.", op, ": ", arg, "[", i,
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, "slimops.", op, ": ", arg, "[", i,
                 "] is sparse; sparse gradients are not supported");
-    TORCH_CHECK(t.device() == p.device(), "slimops.", op, ": ", arg, "[", i, "] is on ", t.device(),
+    TORCH_CHECK_VALUE(t.device() == p.device(), "slimops.", op, ": ", arg, "[", i, "] is on ", t.device(),
                 " but its parameter is on ", p.device());
-    TORCH_CHECK(!same_dtype || t.scalar_type() == p.scalar_type(), "slimops.", op, ": ", arg, "[", i,
+    TORCH_CHECK_TYPE(!same_dtype || t.scalar_type() == p.scalar_type(), "slimops.", op, ": ", arg, "[", i,
                 "] has dtype ", t.scalar_type(), " but its parameter has dtype ", p.scalar_type());
-    TORCH_CHECK(t.sizes() == p.sizes(), "slimops.", op, ": ", arg, "[", i, "] has shape ", t.sizes(),
+    TORCH_CHECK_VALUE(t.sizes() == p.sizes(), "slimops.", op, ": ", arg, "[", i, "] has shape ", t.sizes(),
                 " but its parameter has shape ", p.sizes());
-    TORCH_CHECK(!inplace || t.is_contiguous(), "slimops.", op, ": ", arg, "[", i,
+    TORCH_CHECK_VALUE(!inplace || t.is_contiguous(), "slimops.", op, ": ", arg, "[", i,
                 "] must be contiguous (it is updated in place)");
   }
 }
@@ -83,14 +83,14 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList li
 inline void check_param_list(const char* op, const char* arg, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.layout() == at::kStrided, "slimops.", op, ": ", arg, "[", i, "] must be a strided tensor");
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided, "slimops.", op, ": ", arg, "[", i, "] must be a strided tensor");
     check_floating(op, arg, p);
-    TORCH_CHECK(p.is_contiguous(), "slimops.", op, ": ", arg, "[", i,
+    TORCH_CHECK_VALUE(p.is_contiguous(), "slimops.", op, ": ", arg, "[", i,
                 "] must be contiguous (it is updated in place)");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "slimops.", op, ": ", arg, "[", i, "] has dtype ",
+    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), "slimops.", op, ": ", arg, "[", i, "] has dtype ",
                 p.scalar_type(), " but ", arg, "[0] has dtype ", params[0].scalar_type(),
                 "; one call takes one dtype");
-    TORCH_CHECK(p.device() == params[0].device(), "slimops.", op, ": ", arg, "[", i, "] is on ", p.device(),
+    TORCH_CHECK_VALUE(p.device() == params[0].device(), "slimops.", op, ": ", arg, "[", i, "] is on ", p.device(),
                 " but ", arg, "[0] is on ", params[0].device());
   }
 }
@@ -99,11 +99,11 @@ inline void check_param_list(const char* op, const char* arg, at::TensorList par
 inline void check_amp_scalar(const char* op, const char* arg, const std::optional<at::Tensor>& t,
                              at::TensorList params) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, "slimops.", op, ": ", arg, " must have exactly one element, got ", t->numel());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "slimops.", op, ": ", arg, " must be floating, got ",
+  TORCH_CHECK_VALUE(t->numel() == 1, "slimops.", op, ": ", arg, " must have exactly one element, got ", t->numel());
+  TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), "slimops.", op, ": ", arg, " must be floating, got ",
               t->scalar_type());
   if (!params.empty()) {
-    TORCH_CHECK(t->device() == params[0].device(), "slimops.", op, ": ", arg, " is on ", t->device(),
+    TORCH_CHECK_VALUE(t->device() == params[0].device(), "slimops.", op, ": ", arg, " is on ", t->device(),
                 " but params are on ", params[0].device());
   }
 }

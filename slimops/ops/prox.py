@@ -1,0 +1,401 @@
+"""Fused proximal updates: the ``prox`` op family (ALGORITHMS.md §1-§5).
+
+Convention: ``prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x)``, with R chosen by ``penalty``:
+
+============ ========================================== ==============================================
+``penalty``  R(x)                                       prox_{lam R}(y)
+============ ========================================== ==============================================
+``l1``       ||x||_1                                    sign(y) max(|y| - lam, 0)            (soft)
+``l0``       ||x||_0                                    y if |y| > sqrt(2 lam) else 0        (hard)
+``tl1``      sum (a+1)|x| / (a+|x|)   (Zhang & Xin)     closed-form cubic root, zero below its threshold
+``l1_2``     sum |x|^{1/2}            (Xu et al.)       half thresholding, zero for |y| <= (3/2) lam^{2/3}
+``l21``      sum_g ||x_g||_2  (g: slices along dim 0)   max(0, 1 - lam/||y_g||) y_g          (block soft)
+``l0_l21``   ||x||_0 + a sum_g ||x_g||_2                hard threshold at sqrt(2 lam), then block soft
+                                                        threshold at lam*a of the survivors
+============ ========================================== ==============================================
+
+The fused optimizer ops update every tensor of a list in one pass (one kernel launch per list on a GPU
+for the elementwise penalties; group penalties add a row-norm pass), with fp32 math for fp32/bf16/fp16
+storage. All take ``backend=`` (see ``slimops._backend``).
+
+Papers: Liu et al. 2017 (network slimming); Bui et al. (nonconvex network slimming; proximal network
+slimming 2023; relaxed variable splitting); Zhang & Xin (transformed l1); Xu et al. (l1/2 half
+thresholding).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from slimops import _backend
+from slimops.reference import prox as ref
+
+__all__ = [
+    "prox",
+    "prox_backward",
+    "prox_sgd_",
+    "prox_adamw_",
+    "palm_slimming_",
+    "penalty_grad_",
+    "split_step_",
+    "PROX_PENALTIES",
+    "STEP_PENALTIES",
+    "GRAD_PENALTIES",
+]
+
+PROX_PENALTIES = ref.PROX_PENALTIES
+STEP_PENALTIES = ref.STEP_PENALTIES
+GRAD_PENALTIES = ref.GRAD_PENALTIES
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---- argument checks (for the Python backends; the C++ kernels check the same things themselves) ----
+
+
+def _fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"slimops.{op}: {msg}")
+
+
+def _check_penalty(op: str, penalty: str, allowed: Sequence[str], lam: float, a: float, lam_name: str = "lam"):
+    if penalty not in allowed:
+        _fail(op, f"unknown penalty '{penalty}' (expected one of: {', '.join(allowed)})")
+    if not (math.isfinite(lam) and lam >= 0):
+        _fail(op, f"{lam_name} must be finite and >= 0, got {lam}")
+    if penalty == "tl1" and not a > 0:
+        _fail(op, f"a must be > 0 for penalty 'tl1', got {a}")
+    if penalty == "l0_l21" and not a >= 0:
+        _fail(op, f"a (the group weight mu) must be >= 0 for penalty 'l0_l21', got {a}")
+    if penalty == "lp" and not 0 < a < 1:
+        _fail(op, f"a (the exponent p) must be in (0, 1) for penalty 'lp', got {a}")
+
+
+def _check_params(op: str, name: str, params: Sequence[Tensor]):
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            _fail(op, f"{name}[{i}] is not a tensor", TypeError)
+        if p.layout != torch.strided:
+            _fail(op, f"{name}[{i}] must be a strided tensor")
+        if p.dtype not in _FLOATS:
+            _fail(op, f"{name}[{i}] must be a floating-point tensor (float32, float64, bfloat16 or float16), got {p.dtype}", TypeError)
+        if not p.is_contiguous():
+            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
+        if p.dtype != params[0].dtype:
+            _fail(op, f"{name}[{i}] has dtype {p.dtype} but {name}[0] has dtype {params[0].dtype}; one call takes one dtype", TypeError)
+        if p.device != params[0].device:
+            _fail(op, f"{name}[{i}] is on {p.device} but {name}[0] is on {params[0].device}")
+
+
+def _check_list(op: str, name: str, lst: Sequence[Tensor], params: Sequence[Tensor], pname: str, inplace: bool):
+    if len(lst) != len(params):
+        _fail(op, f"{name} has {len(lst)} tensors but {pname} has {len(params)}")
+    for i, (t, p) in enumerate(zip(lst, params)):
+        if t.layout != torch.strided:
+            _fail(op, f"{name}[{i}] is sparse; sparse gradients are not supported")
+        if t.device != p.device:
+            _fail(op, f"{name}[{i}] is on {t.device} but its parameter is on {p.device}")
+        if t.dtype != p.dtype:
+            _fail(op, f"{name}[{i}] has dtype {t.dtype} but its parameter has dtype {p.dtype}", TypeError)
+        if t.shape != p.shape:
+            _fail(op, f"{name}[{i}] has shape {tuple(t.shape)} but its parameter has shape {tuple(p.shape)}")
+        if inplace and not t.is_contiguous():
+            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
+
+
+def _check_amp(op: str, name: str, t: Optional[Tensor], params: Sequence[Tensor]):
+    if t is None:
+        return
+    if t.numel() != 1:
+        _fail(op, f"{name} must have exactly one element, got {t.numel()}")
+    if params and t.device != params[0].device:
+        _fail(op, f"{name} is on {t.device} but params are on {params[0].device}")
+
+
+def _device(op: str, tensors: Sequence[Tensor]) -> torch.device:
+    return tensors[0].device if len(tensors) else torch.device("cpu")
+
+
+def _pick(op: str, backend: str, device: torch.device):
+    """Returns (backend name, callable) for ``op``: C++ op, Triton op or reference function."""
+    b = _backend.resolve(op, backend, device)
+    if b in ("cpu", "cuda"):
+        return b, getattr(torch.ops.slimops, op)
+    if b == "triton":
+        return b, _backend.triton_op(op)
+    return b, getattr(ref, op)
+
+
+# ---- prox ------------------------------------------------------------------------------------
+
+
+def prox(x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = "auto") -> Tensor:
+    """``prox_{lam R}(x)`` for the penalty R named by ``penalty`` (see the module docstring).
+
+    ``a`` is the transformed-l1 shape parameter (``tl1``) or the group weight mu (``l0_l21``).
+    ``l21`` and ``l0_l21`` groups are the slices ``x[i]`` along dim 0. Differentiable: the backward is
+    ``prox_backward`` (the implicit-function derivative away from the thresholds, 0 on the zeroed set).
+    """
+    op = "prox"
+    if not isinstance(x, Tensor):
+        _fail(op, "x must be a tensor", TypeError)
+    if x.dtype not in _FLOATS:
+        _fail(op, f"x must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}", TypeError)
+    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+    b, fn = _pick(op, backend, x.device)
+    if b == "reference":
+        return fn(x, penalty, lam, a)
+    return fn(x, penalty, float(lam), float(a))
+
+
+def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = "auto") -> Tensor:
+    """Vector-Jacobian product of :func:`prox` at ``x``: ``(d prox / d x)^T grad``.
+
+    Elementwise: ``dx/dy = 1 / (1 + lam R''(x))`` where the output is non-zero (implicit function theorem
+    on ``x - y + lam R'(x) = 0``), 0 where the prox zeroes. Block soft threshold ``z -> (1 - t/n) z``:
+    ``J^T g = (1 - t/n) g + t (z.g) z / n^3`` for ``n = ||z|| > t``, else 0.
+    """
+    op = "prox_backward"
+    if grad.shape != x.shape:
+        _fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
+    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+    b, fn = _pick(op, backend, x.device)
+    if b == "reference":
+        return fn(grad, x, penalty, lam, a)
+    return fn(grad, x, penalty, float(lam), float(a))
+
+
+def _prox_setup_context(ctx, inputs, output):
+    x, penalty, lam, a = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (penalty, lam, a)
+
+
+def _make_prox_backward(backward_op):
+    def _backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        penalty, lam, a = ctx.args
+        return backward_op(grad.contiguous(), x, penalty, lam, a), None, None, None
+
+    return _backward
+
+
+torch.library.register_autograd("slimops::prox", _make_prox_backward(torch.ops.slimops.prox_backward),
+                                setup_context=_prox_setup_context)
+
+
+def register_triton_prox_autograd():
+    """Called by slimops.triton.prox once its custom ops exist: the Triton prox is differentiable too."""
+    torch.library.register_autograd("slimops_triton::prox", _make_prox_backward(torch.ops.slimops_triton.prox_backward),
+                                    setup_context=_prox_setup_context)
+
+
+@torch.library.register_fake("slimops::prox")
+def _prox_fake(x, penalty, lam, a=1.0):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("slimops::prox_backward")
+def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- fused optimizer steps ---------------------------------------------------------------------
+
+
+def prox_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_momentum: bool = False,
+    penalty: str = "none",
+    lam: float = 0.0,
+    a: float = 1.0,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> None:
+    """One fused SGD step plus proximal thresholding over a list of tensors, in place.
+
+    Exactly ``torch.optim.SGD``'s update for each parameter p with gradient g::
+
+        g <- g / grad_scale  (if given);  g <- -g if maximize;  g <- g + weight_decay p
+        b <- g (first step, init_momentum)  or  b <- momentum b + (1 - dampening) g
+        d <- g + momentum b (nesterov)  or  b
+        p <- prox_{lr lam R}(p - lr d)
+
+    ``momentum_buffers`` is empty when momentum is 0. When ``found_inf`` is given and non-zero (AMP
+    overflow) nothing changes. All tensors of one call share device and dtype.
+    """
+    op = "prox_sgd_"
+    b, fn = _pick(op, backend, _device(op, params))
+    if b not in ("cpu", "cuda"):
+        _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
+        if lr < 0 or momentum < 0:
+            _fail(op, f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            _fail(op, "nesterov needs momentum > 0 and dampening = 0")
+        _check_params(op, "params", params)
+        _check_list(op, "grads", grads, params, "params", False)
+        if momentum != 0:
+            _check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
+        _check_amp(op, "grad_scale", grad_scale, params)
+        _check_amp(op, "found_inf", found_inf, params)
+    fn(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
+       float(weight_decay), bool(nesterov), bool(maximize), bool(init_momentum), penalty, float(lam), float(a),
+       grad_scale, found_inf)
+
+
+def prox_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    penalty: str = "none",
+    lam: float = 0.0,
+    a: float = 1.0,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> None:
+    """One fused AdamW step plus proximal thresholding over a list of tensors, in place.
+
+    Exactly ``torch.optim.AdamW``: with t the incremented step count (``state_steps``, one float32
+    one-element tensor per parameter on its device)::
+
+        p <- p (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2  (v <- max(vmax, v) if amsgrad)
+        p <- prox_{lr lam R}(p - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps))
+
+    ``max_exp_avg_sqs`` is empty unless amsgrad. Skipped entirely (steps unchanged) when ``found_inf`` != 0.
+    """
+    op = "prox_adamw_"
+    b, fn = _pick(op, backend, _device(op, params))
+    if b not in ("cpu", "cuda"):
+        _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
+            _fail(op, f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
+        _check_params(op, "params", params)
+        _check_list(op, "grads", grads, params, "params", False)
+        _check_list(op, "exp_avgs", exp_avgs, params, "params", True)
+        _check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", True)
+        if amsgrad:
+            _check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", True)
+        if len(state_steps) != len(params):
+            _fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
+        _check_amp(op, "grad_scale", grad_scale, params)
+        _check_amp(op, "found_inf", found_inf, params)
+    fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
+       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+       penalty, float(lam), float(a), grad_scale, found_inf)
+
+
+def palm_slimming_(
+    gammas: Sequence[Tensor],
+    xis: Sequence[Tensor],
+    *,
+    alpha: float,
+    beta: float,
+    lam: float,
+    penalty: str = "l1",
+    a: float = 1.0,
+    backend: str = "auto",
+) -> None:
+    """The gamma/xi update of proximal network slimming (Bui, Xue, Park, Qi, Xin 2023), in place.
+
+    After an ordinary SGD step produced gamma~ (alpha = 1/lr)::
+
+        gamma <- (alpha gamma~ + beta xi) / (alpha + beta)
+        xi    <- prox_{lam/(alpha+beta) R}((alpha xi + beta gamma) / (alpha + beta))
+
+    R = l1 (soft threshold) in the paper; any prox penalty is accepted. xi is exactly sparse.
+    """
+    op = "palm_slimming_"
+    b, fn = _pick(op, backend, _device(op, gammas))
+    if b not in ("cpu", "cuda"):
+        _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+        if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
+            _fail(op, f"need alpha (= 1/lr) > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+        _check_params(op, "gammas", gammas)
+        _check_list(op, "xis", xis, gammas, "gammas", True)
+    fn(list(gammas), list(xis), float(alpha), float(beta), float(lam), penalty, float(a))
+
+
+def penalty_grad_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    penalty: str,
+    s: float,
+    a: float = 1.0,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> None:
+    """Adds the sparsity (sub)gradient ``s dR/dp`` to every gradient, in place (ALGORITHMS.md §2-§3, §5).
+
+    ``l1``: s sign(p) (network slimming); ``tl1``: s a(a+1) sign(p)/(a+|p|)^2; ``lp``: s p sign(x)/|x|^{1-p}
+    with p = a in (0, 1) and |x| clamped to >= eps; ``l21``: s sqrt(n_g) p_g/||p_g|| with groups along
+    dim 0 and n_g the group size (the weighting of sparse group lasso, Bui et al. 2021).
+    """
+    op = "penalty_grad_"
+    b, fn = _pick(op, backend, _device(op, grads))
+    if b not in ("cpu", "cuda"):
+        _check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="lam")
+        if not eps > 0:
+            _fail(op, f"eps must be > 0, got {eps}")
+        _check_params(op, "grads", grads)
+        _check_list(op, "params", params, grads, "grads", False)
+    fn(list(grads), list(params), penalty, float(s), float(a), float(eps))
+
+
+def split_step_(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    penalty: str,
+    lam: float,
+    a: float = 1.0,
+    backend: str = "auto",
+) -> None:
+    """One relaxed variable-splitting step (RVSM, ALGORITHMS.md §5), in place::
+
+        u <- prox_{(lam/beta) R}(w);   w <- w - lr g - lr beta (w - u)
+
+    The deployed (sparse) network uses u.
+    """
+    op = "split_step_"
+    b, fn = _pick(op, backend, _device(op, weights))
+    if b not in ("cpu", "cuda"):
+        _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+        if lr < 0 or not (beta > 0 and math.isfinite(beta)):
+            _fail(op, f"need lr >= 0 and beta > 0, got lr={lr}, beta={beta}")
+        _check_params(op, "weights", weights)
+        _check_list(op, "grads", grads, weights, "weights", False)
+        _check_list(op, "us", us, weights, "weights", True)
+    fn(list(weights), list(grads), list(us), float(lr), float(beta), penalty, float(lam), float(a))
+
+
+# Fake kernels of the in-place list ops: they return nothing and only mutate their inputs.
+for _name in ("prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_"):
+    torch.library.register_fake(f"slimops::{_name}")(lambda *args, **kwargs: None)

@@ -1,0 +1,55 @@
+"""Helpers shared by the proximal optimizers."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from slimops.reference.prox import STEP_PENALTIES
+
+
+def check_penalty_settings(owner: str, penalty: Optional[str], lam: float, a: float) -> str:
+    """Validates a param group's penalty settings; returns the penalty name ("none" for None)."""
+    name = "none" if penalty is None else penalty
+    if name not in STEP_PENALTIES:
+        raise ValueError(f"slimops.optim.{owner}: unknown penalty '{name}' (expected None or one of: {', '.join(STEP_PENALTIES[1:])})")
+    if not lam >= 0:
+        raise ValueError(f"slimops.optim.{owner}: lam must be >= 0, got {lam}")
+    if name == "tl1" and not a > 0:
+        raise ValueError(f"slimops.optim.{owner}: a must be > 0 for penalty 'tl1', got {a}")
+    return name
+
+
+def grads_of(owner: str, params: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters of a group that have a gradient; sparse gradients are refused by name."""
+    out = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"slimops.optim.{owner}: sparse gradients are not supported")
+        out.append(p)
+    return out
+
+
+def group_by_device_dtype(params: list[Tensor], key=None) -> dict:
+    """Buckets tensors by (device, dtype[, key(p)]): one fused call per bucket."""
+    buckets = defaultdict(list)
+    for p in params:
+        k = (p.device, p.dtype) if key is None else (p.device, p.dtype, key(p))
+        buckets[k].append(p)
+    return buckets
+
+
+def amp_scalars(opt: torch.optim.Optimizer, device: torch.device):
+    """(grad_scale, found_inf) that torch.amp.GradScaler hands a `_step_supports_amp_scaling` optimizer,
+    moved to ``device``; (None, None) outside AMP."""
+    gs = getattr(opt, "grad_scale", None)
+    fi = getattr(opt, "found_inf", None)
+    if gs is not None and gs.device != device:
+        gs = gs.to(device, non_blocking=True)
+    if fi is not None and fi.device != device:
+        fi = fi.to(device, non_blocking=True)
+    return gs, fi
