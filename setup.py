@@ -47,19 +47,40 @@ def _torch_cuda_include_dirs():
     return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
 
 
+def _write_build_info(build_cuda, reason, debug):
+    """Records how this build was configured, for `python -m slimops.info` (slimops/_build_info.json)."""
+    import json
+
+    import torch
+
+    info = {
+        "cuda_kernels": build_cuda,
+        "reason": reason,
+        "debug": debug,
+        "torch_built_against": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_home": CUDA_HOME if build_cuda else None,
+        "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
+        "max_jobs": os.environ.get("MAX_JOBS"),
+    }
+    with open(os.path.join(ROOT, "slimops", "_build_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
 def _extensions():
     debug = _flag("DEBUG")
     build_cuda, reason = _cuda_decision()
     print("slimops build: %s kernels (%s)%s" % ("CPU + CUDA" if build_cuda else "CPU", reason,
                                                 ", DEBUG" if debug else ""), flush=True)
+    _write_build_info(build_cuda, reason, debug)
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fdiagnostics-color=always"]
+    cxx = opt + ["-std=c++20", "-fdiagnostics-color=always"]
     extra = {"cxx": cxx}
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True)
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _torch_cuda_include_dirs()
         ext = CUDAExtension("slimops._C", sources, extra_compile_args=extra, **kwargs)
     else:

@@ -4,6 +4,8 @@ Importing the package loads the compiled library (`slimops._C`), which registers
 `torch.ops.slimops.*` op, then the Python layer: public functional ops (`slimops.ops`), fake kernels
 and autograd, and the optimizers (`slimops.optim`).
 """
+import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
+
 from slimops import _C  # noqa: F401  (registers torch.ops.slimops.*)
 from slimops import ops, optim  # noqa: F401
 

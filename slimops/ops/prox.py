@@ -128,6 +128,15 @@ def _pick(op: str, backend: str, device: torch.device):
     return b, getattr(ref, op)
 
 
+def _pick_list(op: str, backend: str, tensors: Sequence[Tensor]):
+    """``_pick`` for the fused list ops. An empty list has nothing to update, and the dispatcher cannot
+    route a call without tensor arguments: it goes to the reference, which checks the arguments and returns."""
+    b, fn = _pick(op, backend, _device(op, tensors))
+    if len(tensors) == 0 and b != "reference":
+        return "reference", getattr(ref, op)
+    return b, fn
+
+
 # ---- prox ------------------------------------------------------------------------------------
 
 
@@ -237,7 +246,7 @@ def prox_sgd_(
     overflow) nothing changes. All tensors of one call share device and dtype.
     """
     op = "prox_sgd_"
-    b, fn = _pick(op, backend, _device(op, params))
+    b, fn = _pick_list(op, backend, params)
     if b not in ("cpu", "cuda"):
         _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
         if lr < 0 or momentum < 0:
@@ -288,7 +297,7 @@ def prox_adamw_(
     ``max_exp_avg_sqs`` is empty unless amsgrad. Skipped entirely (steps unchanged) when ``found_inf`` != 0.
     """
     op = "prox_adamw_"
-    b, fn = _pick(op, backend, _device(op, params))
+    b, fn = _pick_list(op, backend, params)
     if b not in ("cpu", "cuda"):
         _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
@@ -329,7 +338,7 @@ def palm_slimming_(
     R = l1 (soft threshold) in the paper; any prox penalty is accepted. xi is exactly sparse.
     """
     op = "palm_slimming_"
-    b, fn = _pick(op, backend, _device(op, gammas))
+    b, fn = _pick_list(op, backend, gammas)
     if b not in ("cpu", "cuda"):
         _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
         if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
@@ -356,7 +365,7 @@ def penalty_grad_(
     dim 0 and n_g the group size (the weighting of sparse group lasso, Bui et al. 2021).
     """
     op = "penalty_grad_"
-    b, fn = _pick(op, backend, _device(op, grads))
+    b, fn = _pick_list(op, backend, grads)
     if b not in ("cpu", "cuda"):
         _check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="lam")
         if not eps > 0:
@@ -385,7 +394,7 @@ def split_step_(
     The deployed (sparse) network uses u.
     """
     op = "split_step_"
-    b, fn = _pick(op, backend, _device(op, weights))
+    b, fn = _pick_list(op, backend, weights)
     if b not in ("cpu", "cuda"):
         _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
         if lr < 0 or not (beta > 0 and math.isfinite(beta)):

@@ -52,7 +52,8 @@ def zero_threshold(penalty: str, lam: float, a: float) -> float:
 
 def _group_view(y: Tensor) -> Tensor:
     """Groups are slices along dim 0: one row per group (a 0-d tensor is one group)."""
-    return y.reshape(1, -1) if y.dim() == 0 else y.reshape(y.shape[0], -1)
+    # explicit row length: reshape(rows, -1) is ambiguous for zero-size tensors such as (0, 3)
+    return y.reshape(1, -1) if y.dim() == 0 else y.reshape(y.shape[0], math.prod(y.shape[1:]))
 
 
 def _elementwise(y: Tensor, penalty: str, lam: float, a: float) -> Tensor:

@@ -1,0 +1,124 @@
+"""A small benchmark harness: median timings side by side, and results files with provenance.
+
+Every bench script times its kernel and the strongest baselines in the same process, on the same
+inputs, interleaved round by round (so drift in clock speed or a noisy neighbour hits every contender
+alike), and writes ``bench/results/<device>.md`` + ``.csv`` rows tagged with device, versions and git SHA.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(fns: Dict[str, Callable[[], None]], device: torch.device, *, warmup: int = 5,
+                      rounds: int = 30, inner: int = 1) -> Dict[str, List[float]]:
+    """Per-call times (seconds) of each fn, `rounds` samples each, interleaved round-robin.
+
+    On CUDA each sample is timed with events around `inner` back-to-back calls; on CPU with
+    perf_counter. Returns the raw samples; report their median.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3 / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def median_ms(samples: List[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes / time): the memory roofline."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    s = time_side_by_side({"copy": lambda: dst.copy_(src)}, device, warmup=3, rounds=20)
+    return 2 * src.numel() * 4 / statistics.median(s["copy"]) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{torch.get_num_threads()}threads"
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def provenance(device: torch.device) -> str:
+    import slimops
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "not installed"
+    cpu = platform.processor() or platform.machine()
+    return (f"device `{device_name(device)}` ({cpu}, {os.cpu_count()} cores visible, torch threads "
+            f"{torch.get_num_threads()}), torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "
+            f"@ {git_sha()}, {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def write_results(device: torch.device, title: str, header: List[str], rows: List[List], notes: str = "") -> str:
+    """Appends a markdown table section to bench/results/<device>.md and rows to <device>.csv."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    base = os.path.join(RESULTS_DIR, device_name(device))
+    with open(base + ".md", "a") as f:
+        f.write(f"\n## {title}\n\n{provenance(device)}\n\n")
+        f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(_fmt(v) for v in r) + " |\n")
+        if notes:
+            f.write("\n" + notes.strip() + "\n")
+    new = not os.path.exists(base + ".csv")
+    with open(base + ".csv", "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["bench", "sha"] + header)
+        for r in rows:
+            w.writerow([title, git_sha()] + list(r))
+    return base + ".md"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

@@ -1,0 +1,59 @@
+"""`python -m slimops.info` (or `python -m slimops info`): versions, build flags, and the backends of
+every op on this machine — the first thing to paste into a bug report."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from slimops import _backend
+
+
+def build_info() -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        return {"note": f"{path} not found (built by an older setup.py or not built in place)"}
+
+
+def ops() -> list[str]:
+    return sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("slimops::")})
+
+
+def report() -> str:
+    import slimops
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "not installed"
+    lines = [
+        f"slimops {slimops.__version__}  ({os.path.dirname(slimops.__file__)})",
+        f"python  {sys.version.split()[0]} on {platform.platform()}",
+        f"torch   {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
+        f"triton  {triton_v} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})",
+        f"threads {torch.get_num_threads()}",
+        "build   " + ", ".join(f"{k}={v}" for k, v in build_info().items()),
+        "",
+        f"{'op':<18} {'CPU kernel':<11} {'CUDA kernel':<12} {'backends on cpu':<28} auto on cuda",
+    ]
+    cpu = torch.device("cpu")
+    for op in ops():
+        lines.append(f"{op:<18} {str(_backend.has_kernel(op, 'CPU')):<11} {str(_backend.has_kernel(op, 'CUDA')):<12} "
+                     f"{','.join(_backend.available(op, cpu)):<28} {_backend.AUTO_CUDA.get(op, '-')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Checks a CUDA build of slimops: every op in the `slimops` namespace has a CUDA kernel registered.
+
+Usage: python tools/cuda_check.py path/to/_C.abi3.so
+
+Loads the library (no GPU needed: registration happens at load time), lists the ops its
+TORCH_LIBRARY(slimops) block declared, and fails listing every op without a CUDA kernel, unless the
+op is in CPU_ONLY (ops that by design have no CUDA kernel: a GPU backend may still exist in Triton).
+"""
+import sys
+
+import torch
+
+CPU_ONLY: set = set()  # none yet
+
+
+def main(path: str) -> int:
+    torch.ops.load_library(path)
+    ops = sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("slimops::")})
+    if not ops:
+        print(f"cuda-check: {path} registered no slimops ops")
+        return 1
+    missing = [op for op in ops if op not in CPU_ONLY
+               and not torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA")]
+    for op in ops:
+        state = "CUDA kernel" if op not in missing else ("CPU only (by design)" if op in CPU_ONLY else "MISSING")
+        print(f"  slimops::{op:<20} {state}")
+    print(f"cuda-check: torch {torch.__version__} (CUDA {torch.version.cuda}), {len(ops)} ops, "
+          f"{len(ops) - len(missing)} with CUDA kernels, {len(missing)} missing")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
