@@ -75,12 +75,13 @@ def _extensions():
     _write_build_info(build_cuda, reason, debug)
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++20", "-fdiagnostics-color=always"]
+    # No -std here: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.13).
+    cxx = opt + ["-fdiagnostics-color=always"]
     extra = {"cxx": cxx}
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True)
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _torch_cuda_include_dirs()
         ext = CUDAExtension("slimops._C", sources, extra_compile_args=extra, **kwargs)
     else:
