@@ -38,6 +38,7 @@ AUTO_CUDA = {
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
 
 
+@torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the compiled extension registered a kernel for ``slimops::<op>`` under ``dispatch_key``."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", dispatch_key)

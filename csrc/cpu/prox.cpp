@@ -240,7 +240,7 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
   TORCH_CHECK_VALUE(alpha > 0.0 && std::isfinite(alpha), "slimops.", op, ": alpha (= 1/lr) must be > 0, got ", alpha);
   TORCH_CHECK_VALUE(beta >= 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be >= 0, got ", beta);
   check_param_list(op, "gammas", gammas);
-  check_tensor_list(op, "xis", xis, gammas, true);
+  check_tensor_list(op, "xis", xis, gammas, true, true, "gammas");
   if (gammas.empty()) return;
   const double denom = alpha + beta;
   const ProxParams pp = make_prox_params(p, lam / denom, a);
@@ -268,10 +268,10 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
   const char* op = "penalty_grad_";
   const Penalty p =
       parse_penalty(op, std::string(penalty), {Penalty::kL1, Penalty::kTL1, Penalty::kLp, Penalty::kL21});
-  check_penalty_args(op, p, s, a);
+  check_penalty_args(op, p, s, a, "s");
   TORCH_CHECK_VALUE(eps > 0.0, "slimops.", op, ": eps must be > 0, got ", eps);
   check_param_list(op, "grads", grads);
-  check_tensor_list(op, "params", params, grads, false);
+  check_tensor_list(op, "params", params, grads, false, true, "grads");
   if (grads.empty()) return;
   const std::vector<at::Tensor> w = contiguous_all(params);
   const bool group = p == Penalty::kL21;
@@ -313,8 +313,8 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
   TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
   TORCH_CHECK_VALUE(beta > 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be > 0, got ", beta);
   check_param_list(op, "weights", weights);
-  check_tensor_list(op, "grads", grads, weights, false);
-  check_tensor_list(op, "us", us, weights, true);
+  check_tensor_list(op, "grads", grads, weights, false, true, "weights");
+  check_tensor_list(op, "us", us, weights, true, true, "weights");
   if (weights.empty()) return;
   const std::vector<at::Tensor> g = contiguous_all(grads);
   const ProxParams pp = make_prox_params(p, lam / beta, a);

@@ -14,6 +14,11 @@ Convention: ``prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x)``, with R chos
                                                         threshold at lam*a of the survivors
 ============ ========================================== ==============================================
 
+``l0_l21`` is the composition ``prox_{lam a l21} o prox_{lam l0}`` named in ALGORITHMS.md §1 (hard
+threshold first, then the block soft threshold of the survivors). It is the exact prox of
+``lam (||x||_0 + a sum_g ||x_g||_2)`` when ``a = 0``; for ``a > 0`` it is that splitting, not the joint
+argmin (which keeps the top-k entries of a group for the best k).
+
 The fused optimizer ops update every tensor of a list in one pass (one kernel launch per list on a GPU
 for the elementwise penalties; group penalties add a row-norm pass), with fp32 math for fp32/bf16/fp16
 storage. All take ``backend=`` (see ``slimops._backend``).
@@ -137,6 +142,25 @@ def _pick_list(op: str, backend: str, tensors: Sequence[Tensor]):
     return b, fn
 
 
+def _check_prox_input(op: str, name: str, x):
+    if not isinstance(x, Tensor):
+        _fail(op, f"{name} must be a tensor", TypeError)
+    if x.layout != torch.strided:
+        _fail(op, f"{name} must be a strided (dense) tensor, got layout {x.layout}")
+    if x.dtype not in _FLOATS:
+        _fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}", TypeError)
+
+
+def _check_prox_backward_inputs(grad, x):
+    op = "prox_backward"
+    _check_prox_input(op, "x", x)
+    _check_prox_input(op, "grad", grad)  # its dtype may differ from x's: it is converted to x's dtype
+    if grad.shape != x.shape:
+        _fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
+    if grad.device != x.device:
+        _fail(op, f"grad is on {grad.device} but x is on {x.device}")
+
+
 # ---- prox ------------------------------------------------------------------------------------
 
 
@@ -150,8 +174,7 @@ def prox(x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = 
     op = "prox"
     if not isinstance(x, Tensor):
         _fail(op, "x must be a tensor", TypeError)
-    if x.dtype not in _FLOATS:
-        _fail(op, f"x must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}", TypeError)
+    _check_prox_input(op, "x", x)
     _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
@@ -167,8 +190,7 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, *, a: float
     ``J^T g = (1 - t/n) g + t (z.g) z / n^3`` for ``n = ||z|| > t``, else 0.
     """
     op = "prox_backward"
-    if grad.shape != x.shape:
-        _fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
+    _check_prox_backward_inputs(grad, x)
     _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
@@ -201,17 +223,41 @@ def register_triton_prox_autograd():
                                     setup_context=_prox_setup_context)
 
 
+# The fake (meta) kernels check the same metadata as the C++ kernels: they also run for real calls whose
+# tensors mix a device with 'meta' (the dispatcher picks the Meta kernel then), which must fail loudly.
+
+
 @torch.library.register_fake("slimops::prox")
 def _prox_fake(x, penalty, lam, a=1.0):
+    _check_prox_input("prox", "x", x)
+    _check_penalty("prox", penalty, PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("slimops::prox_backward")
 def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
+    _check_prox_backward_inputs(grad, x)
+    _check_penalty("prox_backward", penalty, PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- fused optimizer steps ---------------------------------------------------------------------
+
+
+def _validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                       init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
+    op = "prox_sgd_"
+    _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
+    if lr < 0 or momentum < 0:
+        _fail(op, f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        _fail(op, "nesterov needs momentum > 0 and dampening = 0")
+    _check_params(op, "params", params)
+    _check_list(op, "grads", grads, params, "params", False)
+    if momentum != 0:
+        _check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
+    _check_amp(op, "grad_scale", grad_scale, params)
+    _check_amp(op, "found_inf", found_inf, params)
 
 
 def prox_sgd_(
@@ -248,20 +294,32 @@ def prox_sgd_(
     op = "prox_sgd_"
     b, fn = _pick_list(op, backend, params)
     if b not in ("cpu", "cuda"):
-        _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-        if lr < 0 or momentum < 0:
-            _fail(op, f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            _fail(op, "nesterov needs momentum > 0 and dampening = 0")
-        _check_params(op, "params", params)
-        _check_list(op, "grads", grads, params, "params", False)
-        if momentum != 0:
-            _check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
-        _check_amp(op, "grad_scale", grad_scale, params)
-        _check_amp(op, "found_inf", found_inf, params)
+        _validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                           maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
     fn(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
        float(weight_decay), bool(nesterov), bool(maximize), bool(init_momentum), penalty, float(lam), float(a),
        grad_scale, found_inf)
+
+
+def _validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                         weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
+    op = "prox_adamw_"
+    _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
+        _fail(op, f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
+    _check_params(op, "params", params)
+    _check_list(op, "grads", grads, params, "params", False)
+    _check_list(op, "exp_avgs", exp_avgs, params, "params", True)
+    _check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", True)
+    if amsgrad:
+        _check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", True)
+    if len(state_steps) != len(params):
+        _fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
+    for i, (st, p) in enumerate(zip(state_steps, params)):
+        if st.numel() != 1 or st.device != p.device:
+            _fail(op, f"state_steps[{i}] must be a one-element tensor on its parameter's device")
+    _check_amp(op, "grad_scale", grad_scale, params)
+    _check_amp(op, "found_inf", found_inf, params)
 
 
 def prox_adamw_(
@@ -299,22 +357,20 @@ def prox_adamw_(
     op = "prox_adamw_"
     b, fn = _pick_list(op, backend, params)
     if b not in ("cpu", "cuda"):
-        _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
-            _fail(op, f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
-        _check_params(op, "params", params)
-        _check_list(op, "grads", grads, params, "params", False)
-        _check_list(op, "exp_avgs", exp_avgs, params, "params", True)
-        _check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", True)
-        if amsgrad:
-            _check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", True)
-        if len(state_steps) != len(params):
-            _fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
-        _check_amp(op, "grad_scale", grad_scale, params)
-        _check_amp(op, "found_inf", found_inf, params)
+        _validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                             weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
        penalty, float(lam), float(a), grad_scale, found_inf)
+
+
+def _validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
+    op = "palm_slimming_"
+    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+    if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
+        _fail(op, f"need alpha (= 1/lr) > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+    _check_params(op, "gammas", gammas)
+    _check_list(op, "xis", xis, gammas, "gammas", True)
 
 
 def palm_slimming_(
@@ -340,12 +396,17 @@ def palm_slimming_(
     op = "palm_slimming_"
     b, fn = _pick_list(op, backend, gammas)
     if b not in ("cpu", "cuda"):
-        _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-        if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
-            _fail(op, f"need alpha (= 1/lr) > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
-        _check_params(op, "gammas", gammas)
-        _check_list(op, "xis", xis, gammas, "gammas", True)
+        _validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
     fn(list(gammas), list(xis), float(alpha), float(beta), float(lam), penalty, float(a))
+
+
+def _validate_penalty_grad(grads, params, penalty, s, a=1.0, eps=1e-8):
+    op = "penalty_grad_"
+    _check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="s")
+    if not eps > 0:
+        _fail(op, f"eps must be > 0, got {eps}")
+    _check_params(op, "grads", grads)
+    _check_list(op, "params", params, grads, "grads", False)
 
 
 def penalty_grad_(
@@ -367,12 +428,18 @@ def penalty_grad_(
     op = "penalty_grad_"
     b, fn = _pick_list(op, backend, grads)
     if b not in ("cpu", "cuda"):
-        _check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="lam")
-        if not eps > 0:
-            _fail(op, f"eps must be > 0, got {eps}")
-        _check_params(op, "grads", grads)
-        _check_list(op, "params", params, grads, "grads", False)
+        _validate_penalty_grad(grads, params, penalty, s, a, eps)
     fn(list(grads), list(params), penalty, float(s), float(a), float(eps))
+
+
+def _validate_split_step(weights, grads, us, lr, beta, penalty, lam, a=1.0):
+    op = "split_step_"
+    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+    if lr < 0 or not (beta > 0 and math.isfinite(beta)):
+        _fail(op, f"need lr >= 0 and beta > 0, got lr={lr}, beta={beta}")
+    _check_params(op, "weights", weights)
+    _check_list(op, "grads", grads, weights, "weights", False)
+    _check_list(op, "us", us, weights, "weights", True)
 
 
 def split_step_(
@@ -396,15 +463,46 @@ def split_step_(
     op = "split_step_"
     b, fn = _pick_list(op, backend, weights)
     if b not in ("cpu", "cuda"):
-        _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-        if lr < 0 or not (beta > 0 and math.isfinite(beta)):
-            _fail(op, f"need lr >= 0 and beta > 0, got lr={lr}, beta={beta}")
-        _check_params(op, "weights", weights)
-        _check_list(op, "grads", grads, weights, "weights", False)
-        _check_list(op, "us", us, weights, "weights", True)
+        _validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
     fn(list(weights), list(grads), list(us), float(lr), float(beta), penalty, float(lam), float(a))
 
 
-# Fake kernels of the in-place list ops: they return nothing and only mutate their inputs.
-for _name in ("prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_"):
-    torch.library.register_fake(f"slimops::{_name}")(lambda *args, **kwargs: None)
+# Fake kernels of the in-place list ops: they return nothing and only mutate their inputs, after the
+# metadata checks of the C++ kernels (see the note above the fakes of prox).
+_VALIDATORS = {
+    "prox_sgd_": _validate_prox_sgd,
+    "prox_adamw_": _validate_prox_adamw,
+    "palm_slimming_": _validate_palm_slimming,
+    "penalty_grad_": _validate_penalty_grad,
+    "split_step_": _validate_split_step,
+}
+
+
+def _make_fake(validate):
+    def _fake(*args, **kwargs):
+        validate(*args, **kwargs)
+        return None
+
+    return _fake
+
+
+for _name, _validate in _VALIDATORS.items():
+    torch.library.register_fake(f"slimops::{_name}")(_make_fake(_validate))
+
+
+# Sparse tensors dispatch to the Sparse* keys, where the C++ library registers nothing: give those calls
+# the same clear error as the dense checks instead of the dispatcher's "Could not run ... 'SparseCPU'".
+def _make_sparse_error(op, validate):
+    def _sparse(*args, **kwargs):
+        validate(*args, **kwargs)  # raises: some tensor is not strided
+        _fail(op, "sparse tensors are not supported")
+
+    return _sparse
+
+
+_sparse_lib = torch.library.Library("slimops", "IMPL")  # noqa: the registrations live as long as the module
+for _name, _validate in {**_VALIDATORS,
+                         "prox": lambda x, *rest: _check_prox_input("prox", "x", x),
+                         "prox_backward": lambda grad, x, *rest: _check_prox_backward_inputs(grad, x)}.items():
+    for _key in ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"):
+        _sparse_lib.impl(_name, _make_sparse_error(_name, _validate), _key)

@@ -81,4 +81,10 @@ class ProxSGD(torch.optim.Optimizer):
                           nesterov=group["nesterov"], maximize=group["maximize"], init_momentum=init,
                           penalty=penalty, lam=group["lam"], a=group["a"], grad_scale=grad_scale,
                           found_inf=found_inf, backend=group["backend"])
+                if init and found_inf is not None and bool(found_inf.item() != 0):
+                    # The kernel skipped this step (AMP overflow), so the new buffers were never set to
+                    # the gradient: drop them so that the next real step initialises them, as SGD does
+                    # (SGD is not even called on a skipped step). A host read only on a first step.
+                    for p in ps:
+                        del self.state[p]["momentum_buffer"]
         return loss

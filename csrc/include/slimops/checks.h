@@ -37,9 +37,9 @@ inline Penalty parse_penalty(const char* op, const std::string& name,
 }
 
 // Checks lam >= 0 (finite) and, where the penalty uses it, the shape parameter a.
-inline void check_penalty_args(const char* op, Penalty p, double lam, double a) {
-  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0, "slimops.", op, ": lam must be finite and >= 0, got ",
-              lam);
+inline void check_penalty_args(const char* op, Penalty p, double lam, double a, const char* lam_name = "lam") {
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0, "slimops.", op, ": ", lam_name,
+                    " must be finite and >= 0, got ", lam);
   if (p == Penalty::kTL1) {
     TORCH_CHECK_VALUE(std::isfinite(a) && a > 0.0, "slimops.", op, ": a must be > 0 for penalty 'tl1', got ", a);
   } else if (p == Penalty::kL0L21) {
@@ -56,12 +56,12 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t)
               t.scalar_type());
 }
 
-// Checks a list of tensors that is updated together with `params`: same length, and every
+// Checks a list of tensors that goes with `params` (named `params_name`): same length, and every
 // tensor the same shape, dtype and device as its parameter, strided; contiguous when `inplace`.
 inline void check_tensor_list(const char* op, const char* arg, at::TensorList list, at::TensorList params,
-                              bool inplace, bool same_dtype = true) {
+                              bool inplace, bool same_dtype = true, const char* params_name = "params") {
   TORCH_CHECK_VALUE(list.size() == params.size(), "slimops.", op, ": ", arg, " has ", list.size(),
-              " tensors but params has ", params.size());
+                    " tensors but ", params_name, " has ", params.size());
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     const at::Tensor& p = params[i];

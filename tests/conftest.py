@@ -1,0 +1,120 @@
+"""Shared fixtures and helpers of the slimops test suite.
+
+Tolerance principle (DESIGN.md "Testing rules"):
+
+- float64 and float32 results are compared with their reference twin with tight tolerances
+  (``TOL[dtype]``): the kernel and the reference compute the same formula in the same accumulation
+  dtype, so they differ only by reassociation and libm differences.
+- bfloat16/float16 results are compared against a float64 "truth" (the reference computed on float64
+  copies of the inputs); the kernel's error must be at most ``2 x`` the error of the reference
+  computed in that same low-precision dtype, plus a small absolute floor (the principle of the
+  flash-attention test suite). See :func:`assert_close_lowp`.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import slimops  # noqa: F401  (registers torch.ops.slimops.*)
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (rtol, atol) for kernel-vs-reference comparisons of the same-dtype computation.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    # used only when a low-precision result is compared directly (e.g. two kernels that must agree
+    # up to one rounding of the stored value); prefer assert_close_lowp.
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
+
+LOWP = (torch.bfloat16, torch.float16)
+ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# The absolute error floor of the "2x the reference's error" comparison: a small multiple of the dtype's
+# epsilon (float32/float64 entries for results stored in those dtypes, e.g. AdamW's float32 step counts).
+LOWP_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: longer runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def seed_all(seed: int = 0) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state (fresh but reproducible inputs)."""
+    seed_all(1234)
+    yield
+
+
+def devices() -> list[str]:
+    """The devices tests run on: the CPU, plus CUDA when a GPU is present."""
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def device_params():
+    """``devices()`` as pytest params, the CUDA one marked ``gpu``."""
+    return [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in ["cpu", "cuda"]]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Same-dtype comparison with the tolerances of ``TOL`` (dtype of ``expected``)."""
+    rtol, atol = TOL[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True,
+                               msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+def assert_close_lowp(actual: torch.Tensor, ref_lowp: torch.Tensor, ref_f64: torch.Tensor, msg: str = "",
+                      factor: float = 2.0, floor: float | None = None) -> None:
+    """flash-attention's principle for bf16/fp16: |actual - truth| <= factor * |ref_lowp - truth| + floor,
+    checked on the max norm, with truth the float64 reference."""
+    floor = LOWP_FLOOR[actual.dtype] if floor is None else floor
+    truth = ref_f64.double()
+    if truth.numel() == 0:
+        assert actual.shape == truth.shape
+        return
+    err = (actual.double() - truth).abs().max().item()
+    ref_err = (ref_lowp.double() - truth).abs().max().item()
+    assert err <= factor * ref_err + floor, f"{msg}: kernel error {err:.3g} > {factor} x reference error {ref_err:.3g} + {floor:g}"
+
+
+def compare(actual: torch.Tensor, ref_same: torch.Tensor, ref_f64: torch.Tensor | None = None, msg: str = "") -> None:
+    """Dispatches to ``assert_close`` (fp32/fp64) or ``assert_close_lowp`` (bf16/fp16)."""
+    assert actual.dtype == ref_same.dtype, msg
+    assert actual.shape == ref_same.shape, msg
+    if actual.dtype in LOWP:
+        assert ref_f64 is not None
+        assert_close_lowp(actual, ref_same, ref_f64, msg)
+    else:
+        assert_close(actual, ref_same, msg)
+
+
+@pytest.fixture
+def cuda_or_skip():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    return "cuda"
+
+
+# A handful of CI-friendly defaults: two cores, keep intra-op threads small and deterministic.
+if os.environ.get("SLIMOPS_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["SLIMOPS_TEST_THREADS"]))
