@@ -18,6 +18,11 @@ import random
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors through the interpreter where no GPU is visible. It must be switched
+# on before anything imports triton, i.e. before test modules are collected.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import slimops  # noqa: F401  (registers torch.ops.slimops.*)
 
 HAS_CUDA = torch.cuda.is_available()

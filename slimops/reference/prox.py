@@ -139,7 +139,8 @@ def _skip(found_inf: Optional[Tensor]) -> bool:
 
 
 def _unscale(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
-    return g / _acc(grad_scale) if grad_scale is not None else g
+    # the scale is one element, whatever its shape ((), (1,)): it must not broadcast a 0-d gradient up
+    return g / _acc(grad_scale).reshape(()) if grad_scale is not None else g
 
 
 def prox_sgd_(
