@@ -29,13 +29,13 @@ thresholding).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from slimops import _backend
+from slimops.ops import _checks
 from slimops.reference import prox as ref
 
 __all__ = [
@@ -54,70 +54,6 @@ __all__ = [
 PROX_PENALTIES = ref.PROX_PENALTIES
 STEP_PENALTIES = ref.STEP_PENALTIES
 GRAD_PENALTIES = ref.GRAD_PENALTIES
-
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-# ---- argument checks (for the Python backends; the C++ kernels check the same things themselves) ----
-
-
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops.{op}: {msg}")
-
-
-def _check_penalty(op: str, penalty: str, allowed: Sequence[str], lam: float, a: float, lam_name: str = "lam"):
-    if penalty not in allowed:
-        _fail(op, f"unknown penalty '{penalty}' (expected one of: {', '.join(allowed)})")
-    if not (math.isfinite(lam) and lam >= 0):
-        _fail(op, f"{lam_name} must be finite and >= 0, got {lam}")
-    if penalty == "tl1" and not a > 0:
-        _fail(op, f"a must be > 0 for penalty 'tl1', got {a}")
-    if penalty == "l0_l21" and not a >= 0:
-        _fail(op, f"a (the group weight mu) must be >= 0 for penalty 'l0_l21', got {a}")
-    if penalty == "lp" and not 0 < a < 1:
-        _fail(op, f"a (the exponent p) must be in (0, 1) for penalty 'lp', got {a}")
-
-
-def _check_params(op: str, name: str, params: Sequence[Tensor]):
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            _fail(op, f"{name}[{i}] is not a tensor", TypeError)
-        if p.layout != torch.strided:
-            _fail(op, f"{name}[{i}] must be a strided tensor")
-        if p.dtype not in _FLOATS:
-            _fail(op, f"{name}[{i}] must be a floating-point tensor (float32, float64, bfloat16 or float16), got {p.dtype}", TypeError)
-        if not p.is_contiguous():
-            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
-        if p.dtype != params[0].dtype:
-            _fail(op, f"{name}[{i}] has dtype {p.dtype} but {name}[0] has dtype {params[0].dtype}; one call takes one dtype", TypeError)
-        if p.device != params[0].device:
-            _fail(op, f"{name}[{i}] is on {p.device} but {name}[0] is on {params[0].device}")
-
-
-def _check_list(op: str, name: str, lst: Sequence[Tensor], params: Sequence[Tensor], pname: str, inplace: bool):
-    if len(lst) != len(params):
-        _fail(op, f"{name} has {len(lst)} tensors but {pname} has {len(params)}")
-    for i, (t, p) in enumerate(zip(lst, params)):
-        if t.layout != torch.strided:
-            _fail(op, f"{name}[{i}] is sparse; sparse gradients are not supported")
-        if t.device != p.device:
-            _fail(op, f"{name}[{i}] is on {t.device} but its parameter is on {p.device}")
-        if t.dtype != p.dtype:
-            _fail(op, f"{name}[{i}] has dtype {t.dtype} but its parameter has dtype {p.dtype}", TypeError)
-        if t.shape != p.shape:
-            _fail(op, f"{name}[{i}] has shape {tuple(t.shape)} but its parameter has shape {tuple(p.shape)}")
-        if inplace and not t.is_contiguous():
-            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
-
-
-def _check_amp(op: str, name: str, t: Optional[Tensor], params: Sequence[Tensor]):
-    if t is None:
-        return
-    if t.numel() != 1:
-        _fail(op, f"{name} must have exactly one element, got {t.numel()}")
-    if params and t.device != params[0].device:
-        _fail(op, f"{name} is on {t.device} but params are on {params[0].device}")
-
 
 def _device(op: str, tensors: Sequence[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) else torch.device("cpu")
@@ -142,25 +78,6 @@ def _pick_list(op: str, backend: str, tensors: Sequence[Tensor]):
     return b, fn
 
 
-def _check_prox_input(op: str, name: str, x):
-    if not isinstance(x, Tensor):
-        _fail(op, f"{name} must be a tensor", TypeError)
-    if x.layout != torch.strided:
-        _fail(op, f"{name} must be a strided (dense) tensor, got layout {x.layout}")
-    if x.dtype not in _FLOATS:
-        _fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}", TypeError)
-
-
-def _check_prox_backward_inputs(grad, x):
-    op = "prox_backward"
-    _check_prox_input(op, "x", x)
-    _check_prox_input(op, "grad", grad)  # its dtype may differ from x's: it is converted to x's dtype
-    if grad.shape != x.shape:
-        _fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
-    if grad.device != x.device:
-        _fail(op, f"grad is on {grad.device} but x is on {x.device}")
-
-
 # ---- prox ------------------------------------------------------------------------------------
 
 
@@ -173,9 +90,9 @@ def prox(x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = 
     """
     op = "prox"
     if not isinstance(x, Tensor):
-        _fail(op, "x must be a tensor", TypeError)
-    _check_prox_input(op, "x", x)
-    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+        _checks.fail(op, "x must be a tensor", TypeError)
+    _checks.check_prox_input(op, "x", x)
+    _checks.check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
         return fn(x, penalty, lam, a)
@@ -190,8 +107,8 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, *, a: float
     ``J^T g = (1 - t/n) g + t (z.g) z / n^3`` for ``n = ||z|| > t``, else 0.
     """
     op = "prox_backward"
-    _check_prox_backward_inputs(grad, x)
-    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
+    _checks.check_prox_backward_inputs(grad, x)
+    _checks.check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
         return fn(grad, x, penalty, lam, a)
@@ -229,35 +146,19 @@ def register_triton_prox_autograd():
 
 @torch.library.register_fake("slimops::prox")
 def _prox_fake(x, penalty, lam, a=1.0):
-    _check_prox_input("prox", "x", x)
-    _check_penalty("prox", penalty, PROX_PENALTIES, lam, a)
+    _checks.check_prox_input("prox", "x", x)
+    _checks.check_penalty("prox", penalty, PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("slimops::prox_backward")
 def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
-    _check_prox_backward_inputs(grad, x)
-    _check_penalty("prox_backward", penalty, PROX_PENALTIES, lam, a)
+    _checks.check_prox_backward_inputs(grad, x)
+    _checks.check_penalty("prox_backward", penalty, PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- fused optimizer steps ---------------------------------------------------------------------
-
-
-def _validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                       init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
-    op = "prox_sgd_"
-    _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    if lr < 0 or momentum < 0:
-        _fail(op, f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        _fail(op, "nesterov needs momentum > 0 and dampening = 0")
-    _check_params(op, "params", params)
-    _check_list(op, "grads", grads, params, "params", False)
-    if momentum != 0:
-        _check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
-    _check_amp(op, "grad_scale", grad_scale, params)
-    _check_amp(op, "found_inf", found_inf, params)
 
 
 def prox_sgd_(
@@ -293,33 +194,12 @@ def prox_sgd_(
     """
     op = "prox_sgd_"
     b, fn = _pick_list(op, backend, params)
-    if b not in ("cpu", "cuda"):
-        _validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+    if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
+        _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                            maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
     fn(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
        float(weight_decay), bool(nesterov), bool(maximize), bool(init_momentum), penalty, float(lam), float(a),
        grad_scale, found_inf)
-
-
-def _validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                         weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
-    op = "prox_adamw_"
-    _check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
-        _fail(op, f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
-    _check_params(op, "params", params)
-    _check_list(op, "grads", grads, params, "params", False)
-    _check_list(op, "exp_avgs", exp_avgs, params, "params", True)
-    _check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", True)
-    if amsgrad:
-        _check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", True)
-    if len(state_steps) != len(params):
-        _fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
-    for i, (st, p) in enumerate(zip(state_steps, params)):
-        if st.numel() != 1 or st.device != p.device:
-            _fail(op, f"state_steps[{i}] must be a one-element tensor on its parameter's device")
-    _check_amp(op, "grad_scale", grad_scale, params)
-    _check_amp(op, "found_inf", found_inf, params)
 
 
 def prox_adamw_(
@@ -356,21 +236,12 @@ def prox_adamw_(
     """
     op = "prox_adamw_"
     b, fn = _pick_list(op, backend, params)
-    if b not in ("cpu", "cuda"):
-        _validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+    if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
+        _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                              weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
        penalty, float(lam), float(a), grad_scale, found_inf)
-
-
-def _validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
-    op = "palm_slimming_"
-    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
-        _fail(op, f"need alpha (= 1/lr) > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
-    _check_params(op, "gammas", gammas)
-    _check_list(op, "xis", xis, gammas, "gammas", True)
 
 
 def palm_slimming_(
@@ -395,18 +266,9 @@ def palm_slimming_(
     """
     op = "palm_slimming_"
     b, fn = _pick_list(op, backend, gammas)
-    if b not in ("cpu", "cuda"):
-        _validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
+    if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
+        _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
     fn(list(gammas), list(xis), float(alpha), float(beta), float(lam), penalty, float(a))
-
-
-def _validate_penalty_grad(grads, params, penalty, s, a=1.0, eps=1e-8):
-    op = "penalty_grad_"
-    _check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="s")
-    if not eps > 0:
-        _fail(op, f"eps must be > 0, got {eps}")
-    _check_params(op, "grads", grads)
-    _check_list(op, "params", params, grads, "grads", False)
 
 
 def penalty_grad_(
@@ -427,19 +289,9 @@ def penalty_grad_(
     """
     op = "penalty_grad_"
     b, fn = _pick_list(op, backend, grads)
-    if b not in ("cpu", "cuda"):
-        _validate_penalty_grad(grads, params, penalty, s, a, eps)
+    if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
+        _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
     fn(list(grads), list(params), penalty, float(s), float(a), float(eps))
-
-
-def _validate_split_step(weights, grads, us, lr, beta, penalty, lam, a=1.0):
-    op = "split_step_"
-    _check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    if lr < 0 or not (beta > 0 and math.isfinite(beta)):
-        _fail(op, f"need lr >= 0 and beta > 0, got lr={lr}, beta={beta}")
-    _check_params(op, "weights", weights)
-    _check_list(op, "grads", grads, weights, "weights", False)
-    _check_list(op, "us", us, weights, "weights", True)
 
 
 def split_step_(
@@ -462,19 +314,19 @@ def split_step_(
     """
     op = "split_step_"
     b, fn = _pick_list(op, backend, weights)
-    if b not in ("cpu", "cuda"):
-        _validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
+    if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
+        _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
     fn(list(weights), list(grads), list(us), float(lr), float(beta), penalty, float(lam), float(a))
 
 
 # Fake kernels of the in-place list ops: they return nothing and only mutate their inputs, after the
 # metadata checks of the C++ kernels (see the note above the fakes of prox).
 _VALIDATORS = {
-    "prox_sgd_": _validate_prox_sgd,
-    "prox_adamw_": _validate_prox_adamw,
-    "palm_slimming_": _validate_palm_slimming,
-    "penalty_grad_": _validate_penalty_grad,
-    "split_step_": _validate_split_step,
+    "prox_sgd_": _checks.validate_prox_sgd,
+    "prox_adamw_": _checks.validate_prox_adamw,
+    "palm_slimming_": _checks.validate_palm_slimming,
+    "penalty_grad_": _checks.validate_penalty_grad,
+    "split_step_": _checks.validate_split_step,
 }
 
 
@@ -495,14 +347,14 @@ for _name, _validate in _VALIDATORS.items():
 def _make_sparse_error(op, validate):
     def _sparse(*args, **kwargs):
         validate(*args, **kwargs)  # raises: some tensor is not strided
-        _fail(op, "sparse tensors are not supported")
+        _checks.fail(op, "sparse tensors are not supported")
 
     return _sparse
 
 
 _sparse_lib = torch.library.Library("slimops", "IMPL")  # noqa: the registrations live as long as the module
 for _name, _validate in {**_VALIDATORS,
-                         "prox": lambda x, *rest: _check_prox_input("prox", "x", x),
-                         "prox_backward": lambda grad, x, *rest: _check_prox_backward_inputs(grad, x)}.items():
+                         "prox": lambda x, *rest: _checks.check_prox_input("prox", "x", x),
+                         "prox_backward": lambda grad, x, *rest: _checks.check_prox_backward_inputs(grad, x)}.items():
     for _key in ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"):
         _sparse_lib.impl(_name, _make_sparse_error(_name, _validate), _key)

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from slimops.ops import _checks
+
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
     from triton.language.extra import libdevice
 except Exception:  # pragma: no cover - depends on the triton version
@@ -626,76 +628,25 @@ if _INTERPRETED:
     _EW_ITERS = 1
 
 
+def _device_of(ts: Sequence[Tensor]) -> Optional[torch.device]:
+    return ts[0].device if len(ts) else None
+
+
 def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops_triton.{op}: {msg}")
+    raise exc(f"slimops.{op}: {msg}")
 
 
-def _check_penalty(op: str, penalty: str, allowed: Sequence[str], lam: float, a: float, lam_name: str = "lam"):
-    if penalty not in allowed:
-        _fail(op, f"unknown penalty '{penalty}' (expected one of: {', '.join(allowed)})")
-    if not (math.isfinite(lam) and lam >= 0):
-        _fail(op, f"{lam_name} must be finite and >= 0, got {lam}")
-    if penalty == "tl1" and not (math.isfinite(a) and a > 0):
-        _fail(op, f"a must be > 0 for penalty 'tl1', got {a}")
-    if penalty == "l0_l21" and not (math.isfinite(a) and a >= 0):
-        _fail(op, f"a (the group weight mu) must be >= 0 for penalty 'l0_l21', got {a}")
-    if penalty == "lp" and not 0 < a < 1:
-        _fail(op, f"a (the exponent p) must be in (0, 1) for penalty 'lp', got {a}")
-
-
-def _check_device(op: str, device: torch.device):
+def _check_device(op: str, device: Optional[torch.device]):
+    """Where Triton can run: CUDA tensors, or CPU tensors under the interpreter (nothing to check for an
+    empty list). The other argument checks are the shared ones of slimops.ops._checks."""
+    if device is None:
+        return
     if _INTERPRETED:
         if device.type != "cpu":
             _fail(op, f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {device}")
     elif device.type != "cuda":
         _fail(op, f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before triton "
                   f"is imported), got {device}")
-
-
-def _check_targets(op: str, name: str, ts: Sequence[Tensor]):
-    """A list written in place: floating, one dtype and device, contiguous."""
-    for i, t in enumerate(ts):
-        if t.dtype not in _TL_DTYPES:
-            _fail(op, f"{name}[{i}] must be float32, float64, bfloat16 or float16, got {t.dtype}", TypeError)
-        if t.layout != torch.strided:
-            _fail(op, f"{name}[{i}] must be a strided tensor")
-        if t.dtype != ts[0].dtype:
-            _fail(op, f"{name}[{i}] has dtype {t.dtype} but {name}[0] has dtype {ts[0].dtype}; "
-                  "one call takes one dtype", TypeError)
-        if t.device != ts[0].device:
-            _fail(op, f"{name}[{i}] is on {t.device} but {name}[0] is on {ts[0].device}")
-        if not t.is_contiguous():
-            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
-    if len(ts):
-        _check_device(op, ts[0].device)
-
-
-def _check_list(op: str, name: str, ts: Sequence[Tensor], params: Sequence[Tensor], pname: str, inplace: bool):
-    """A list that goes with ``params``: same length, and per tensor the same shape, dtype and device."""
-    if len(ts) != len(params):
-        _fail(op, f"{name} has {len(ts)} tensors but {pname} has {len(params)}")
-    for i, (t, p) in enumerate(zip(ts, params)):
-        if t.layout != torch.strided:
-            _fail(op, f"{name}[{i}] is sparse; sparse tensors are not supported")
-        if t.device != p.device:
-            _fail(op, f"{name}[{i}] is on {t.device} but its parameter is on {p.device}")
-        if t.dtype != p.dtype:
-            _fail(op, f"{name}[{i}] has dtype {t.dtype} but its parameter has dtype {p.dtype}", TypeError)
-        if t.shape != p.shape:
-            _fail(op, f"{name}[{i}] has shape {tuple(t.shape)} but its parameter has shape {tuple(p.shape)}")
-        if inplace and not t.is_contiguous():
-            _fail(op, f"{name}[{i}] must be contiguous (it is updated in place)")
-
-
-def _check_amp(op: str, name: str, t: Optional[Tensor], params: Sequence[Tensor]):
-    if t is None:
-        return
-    if t.numel() != 1:
-        _fail(op, f"{name} must have exactly one element, got {t.numel()}")
-    if not t.dtype.is_floating_point:
-        _fail(op, f"{name} must be floating, got {t.dtype}", TypeError)
-    if len(params) and t.device != params[0].device:
-        _fail(op, f"{name} is on {t.device} but params are on {params[0].device}")
 
 
 def _group_rows(t: Tensor) -> int:
@@ -862,10 +813,8 @@ def _contig(ts: Sequence[Tensor]) -> List[Tensor]:
 def prox(x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
     """y = prox_{lam R}(x) (ALGORITHMS.md §1); one launch."""
     op = "prox"
-    _check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    if x.dtype not in _TL_DTYPES:
-        _fail(op, f"x must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}",
-              TypeError)
+    _checks.check_prox_input(op, "x", x)
+    _checks.check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
     _check_device(op, x.device)
     xc = x.contiguous()
     out = torch.empty_like(xc)
@@ -882,14 +831,8 @@ def _prox_fake(x, penalty, lam, a=1.0):
 def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
     """grad_x = (d prox / d x)^T grad; one launch."""
     op = "prox_backward"
-    _check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    if x.dtype not in _TL_DTYPES:
-        _fail(op, f"x must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}",
-              TypeError)
-    if grad.shape != x.shape:
-        _fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
-    if grad.device != x.device:
-        _fail(op, f"grad is on {grad.device} but x is on {x.device}")
+    _checks.check_prox_backward_inputs(grad, x)
+    _checks.check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
     _check_device(op, x.device)
     xc = x.contiguous()
     gc = grad.to(x.dtype).contiguous()
@@ -934,20 +877,10 @@ def prox_sgd_(
 ) -> None:
     """torch.optim.SGD's update, then p <- prox_{lr lam R}(p); one launch for the whole list."""
     op = "prox_sgd_"
-    _check_penalty(op, penalty, _STEP_PENALTIES, lam, a)
-    if not lr >= 0:
-        _fail(op, f"lr must be >= 0, got {lr}")
-    if not momentum >= 0:
-        _fail(op, f"momentum must be >= 0, got {momentum}")
-    if nesterov and not (momentum > 0 and dampening == 0):
-        _fail(op, "nesterov needs momentum > 0 and dampening = 0")
-    _check_targets(op, "params", params)
-    _check_list(op, "grads", grads, params, "params", inplace=False)
+    _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                              maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
+    _check_device(op, _device_of(params))
     use_mom = momentum != 0
-    if use_mom:
-        _check_list(op, "momentum_buffers", momentum_buffers, params, "params", inplace=True)
-    _check_amp(op, "grad_scale", grad_scale, params)
-    _check_amp(op, "found_inf", found_inf, params)
     if len(params) == 0:
         return
     lists = [list(params), _contig(grads)] + ([list(momentum_buffers)] if use_mom else [])
@@ -993,30 +926,9 @@ def prox_adamw_(
     One launch for the whole list, plus ``_foreach_add_`` on the steps (and ``_foreach_sub_`` of
     ``found_inf != 0`` when found_inf is given)."""
     op = "prox_adamw_"
-    _check_penalty(op, penalty, _STEP_PENALTIES, lam, a)
-    if not lr >= 0:
-        _fail(op, f"lr must be >= 0, got {lr}")
-    if not 0 <= beta1 < 1:
-        _fail(op, f"beta1 must be in [0, 1), got {beta1}")
-    if not 0 <= beta2 < 1:
-        _fail(op, f"beta2 must be in [0, 1), got {beta2}")
-    if not eps >= 0:
-        _fail(op, f"eps must be >= 0, got {eps}")
-    _check_targets(op, "params", params)
-    _check_list(op, "grads", grads, params, "params", inplace=False)
-    _check_list(op, "exp_avgs", exp_avgs, params, "params", inplace=True)
-    _check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", inplace=True)
-    if amsgrad:
-        _check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", inplace=True)
-    if len(state_steps) != len(params):
-        _fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
-    for i, (s, p) in enumerate(zip(state_steps, params)):
-        if s.numel() != 1 or s.device != p.device:
-            _fail(op, f"state_steps[{i}] must be a one-element tensor on its parameter's device")
-        if s.dtype not in _TL_STEP_DTYPES or s.dtype != state_steps[0].dtype:
-            _fail(op, f"state_steps[{i}] has dtype {s.dtype}; expected float32 (one dtype for the list)", TypeError)
-    _check_amp(op, "grad_scale", grad_scale, params)
-    _check_amp(op, "found_inf", found_inf, params)
+    _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                eps, weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
+    _check_device(op, _device_of(params))
     if len(params) == 0:
         return
     steps = list(state_steps)
@@ -1052,13 +964,8 @@ def palm_slimming_(
     """gamma <- (alpha gamma + beta xi) / (alpha + beta);
     xi <- prox_{lam/(alpha+beta) R}((alpha xi + beta gamma) / (alpha + beta)) (gamma the new value); one launch."""
     op = "palm_slimming_"
-    _check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    if not (alpha > 0 and math.isfinite(alpha)):
-        _fail(op, f"alpha (= 1/lr) must be > 0, got {alpha}")
-    if not (beta >= 0 and math.isfinite(beta)):
-        _fail(op, f"beta must be >= 0, got {beta}")
-    _check_targets(op, "gammas", gammas)
-    _check_list(op, "xis", xis, gammas, "gammas", inplace=True)
+    _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
+    _check_device(op, _device_of(gammas))
     if len(gammas) == 0:
         return
     denom = alpha + beta
@@ -1081,11 +988,8 @@ def penalty_grad_(
 ) -> None:
     """grads += s dR/dp (l1, tl1, lp with p = a, weighted l21); one launch."""
     op = "penalty_grad_"
-    _check_penalty(op, penalty, _GRAD_PENALTIES, s, a, lam_name="s")
-    if not eps > 0:
-        _fail(op, f"eps must be > 0, got {eps}")
-    _check_targets(op, "grads", grads)
-    _check_list(op, "params", params, grads, "grads", inplace=False)
+    _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
+    _check_device(op, _device_of(grads))
     if len(grads) == 0:
         return
     group = penalty == "l21"
@@ -1123,14 +1027,8 @@ def split_step_(
 ) -> None:
     """u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u); one launch."""
     op = "split_step_"
-    _check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    if not lr >= 0:
-        _fail(op, f"lr must be >= 0, got {lr}")
-    if not (beta > 0 and math.isfinite(beta)):
-        _fail(op, f"beta must be > 0, got {beta}")
-    _check_targets(op, "weights", weights)
-    _check_list(op, "grads", grads, weights, "weights", inplace=False)
-    _check_list(op, "us", us, weights, "weights", inplace=True)
+    _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
+    _check_device(op, _device_of(weights))
     if len(weights) == 0:
         return
     _launch_step(_OP_SPLIT, [list(us), list(weights), _contig(grads)], penalty, lam / beta, a,
