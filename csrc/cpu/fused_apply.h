@@ -80,8 +80,10 @@ auto dispatch_penalty(Penalty p, const F& f) {
 // The fused "update then prox" pass shared by every op of the family.
 //
 // For each tensor i of `targets` (storage scalar_t, updated in place):
-//   make_update(i) returns u(j) -> acc_t: performs the optimizer step for element j (writing any
-//   state it owns) and returns the new value before the prox;
+//   make_update(i, target) returns u(j) -> acc_t: performs the optimizer step for element j (writing
+//   any state it owns) and returns the new value before the prox. Ops that update `targets` in place
+//   must read the old value through `target` (not through a second pointer to the same tensor): with
+//   one pointer the compiler sees the same-index read/write and vectorises without alias checks;
 //   make_post(i) returns post(j, v): called with the final stored value (after the prox), for ops
 //   that update a second tensor from it (split_step_).
 // Elementwise penalties finish each element in one go; group penalties buffer a row in acc_t,
@@ -97,8 +99,8 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeU
     constexpr Penalty kP = decltype(P)::value;
     constexpr bool kGroup = kP == Penalty::kL21 || kP == Penalty::kL0L21;
     parallel_chunks(targets, kGroup, [&](const Chunk& ch) {
-      scalar_t* __restrict__ out = targets[ch.tensor].data_ptr<scalar_t>();
-      auto update = make_update(ch.tensor);
+      scalar_t* out = targets[ch.tensor].data_ptr<scalar_t>();
+      auto update = make_update(ch.tensor, out);
       auto post = make_post(ch.tensor);
       if constexpr (!kGroup) {
         for (int64_t j = ch.begin; j < ch.end; ++j) {

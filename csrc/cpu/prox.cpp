@@ -51,7 +51,8 @@ at::Tensor prox_cpu(const at::Tensor& x, c10::string_view penalty, double lam, d
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ in = xc.data_ptr<scalar_t>();
     fused_update_prox<scalar_t, acc_t>(
-        {out}, pp, [&](int64_t) { return [in](int64_t j) { return static_cast<acc_t>(in[j]); }; }, no_post());
+        {out}, pp, [&](int64_t, scalar_t*) { return [in](int64_t j) { return static_cast<acc_t>(in[j]); }; },
+        no_post());
   });
   return out;
 }
@@ -139,8 +140,7 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     const acc_t lr_ = lr, mom = momentum, damp1 = 1.0 - dampening, wd = weight_decay;
     const acc_t gscale = maximize ? -inv_scale : inv_scale;
     const bool use_mom = momentum != 0.0;
-    auto make_update = [&](int64_t i) {
-      const scalar_t* __restrict__ pp_ = params[i].data_ptr<scalar_t>();
+    auto make_update = [&](int64_t i, const scalar_t* pp_) {
       const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
       scalar_t* __restrict__ bp = use_mom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
       return [=](int64_t j) {
@@ -204,8 +204,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t b1 = beta1, b2 = beta2, eps_ = eps, decay = 1.0 - lr * weight_decay;
     const acc_t gscale = maximize ? -inv_scale : inv_scale;
-    auto make_update = [&](int64_t i) {
-      const scalar_t* __restrict__ wp = params[i].data_ptr<scalar_t>();
+    auto make_update = [&](int64_t i, const scalar_t* wp) {
       const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
       scalar_t* __restrict__ mp = exp_avgs[i].data_ptr<scalar_t>();
       scalar_t* __restrict__ vp = exp_avg_sqs[i].data_ptr<scalar_t>();
@@ -247,9 +246,8 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
   SLIMOPS_DISPATCH_FLOATS(gammas[0].scalar_type(), "slimops.palm_slimming_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ca = alpha / denom, cb = beta / denom;
-    auto make_update = [&](int64_t i) {
+    auto make_update = [&](int64_t i, const scalar_t* xp) {
       scalar_t* __restrict__ gp = gammas[i].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ xp = xis[i].data_ptr<scalar_t>();
       return [=](int64_t j) {
         const acc_t x = xp[j];
         const acc_t gam = ca * static_cast<acc_t>(gp[j]) + cb * x;
@@ -322,7 +320,7 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_ = lr, lb = lr * beta;
     // u = prox(w) is the prox target; w is updated from the final u in the post hook.
-    auto make_update = [&](int64_t i) {
+    auto make_update = [&](int64_t i, const scalar_t*) {
       const scalar_t* __restrict__ wp = weights[i].data_ptr<scalar_t>();
       return [=](int64_t j) { return static_cast<acc_t>(wp[j]); };
     };

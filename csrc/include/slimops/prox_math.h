@@ -39,10 +39,13 @@ SLIMOPS_HD T sign_of(T y) {
 }
 
 // prox of lam*|x|: soft threshold.
+// Written as a select + copysign (no branch, no fmax libcall) so that CPU loops vectorise; zeroed
+// entries may come out as -0.0 (== 0).
 template <typename T>
 SLIMOPS_HD T soft_threshold(T y, T lam) {
-  const T m = fabs(y) - lam;
-  return m > T(0) ? sign_of(y) * m : T(0);
+  T m = fabs(y) - lam;
+  m = m > T(0) ? m : T(0);
+  return copysign(m, y);
 }
 
 // prox of lam*||x||_0: hard threshold at sqrt(2 lam) (ties at the threshold go to 0).
