@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "slimops/dispatch.h"
 #include "slimops/prox_math.h"
 
 namespace slimops {
@@ -60,21 +61,6 @@ void parallel_chunks(at::TensorList tensors, bool by_rows, const F& f) {
   at::parallel_for(0, n, grain, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) f(chunks[c]);
   });
-}
-
-// Calls f(std::integral_constant<Penalty, P>{}) so that the per-element switch on the penalty is
-// resolved at compile time and the inner loops stay branch-light (and vectorisable for l1/l0).
-template <typename F>
-auto dispatch_penalty(Penalty p, const F& f) {
-  switch (p) {
-    case Penalty::kL1: return f(std::integral_constant<Penalty, Penalty::kL1>{});
-    case Penalty::kL0: return f(std::integral_constant<Penalty, Penalty::kL0>{});
-    case Penalty::kTL1: return f(std::integral_constant<Penalty, Penalty::kTL1>{});
-    case Penalty::kL12: return f(std::integral_constant<Penalty, Penalty::kL12>{});
-    case Penalty::kL21: return f(std::integral_constant<Penalty, Penalty::kL21>{});
-    case Penalty::kL0L21: return f(std::integral_constant<Penalty, Penalty::kL0L21>{});
-    default: return f(std::integral_constant<Penalty, Penalty::kNone>{});
-  }
 }
 
 // The fused "update then prox" pass shared by every op of the family.
@@ -129,7 +115,6 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeU
         }
       }
     });
-    return 0;
   });
 }
 

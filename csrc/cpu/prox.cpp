@@ -11,39 +11,23 @@
 
 #include "fused_apply.h"
 #include "slimops/checks.h"
+#include "slimops/dispatch.h"
+#include "slimops/prox_checks.h"
 #include "slimops/prox_math.h"
 
 namespace slimops {
 namespace cpu {
 namespace {
 
-constexpr std::initializer_list<Penalty> kProxPenalties = {Penalty::kL1,   Penalty::kL0,  Penalty::kTL1,
-                                                           Penalty::kL12,  Penalty::kL21, Penalty::kL0L21};
-constexpr std::initializer_list<Penalty> kStepPenalties = {Penalty::kNone, Penalty::kL1,  Penalty::kL0,
-                                                           Penalty::kTL1,  Penalty::kL12, Penalty::kL21,
-                                                           Penalty::kL0L21};
-
-#define SLIMOPS_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 // Reads a one-element AMP tensor as double (CPU: a plain read).
 double scalar_value(const std::optional<at::Tensor>& t, double fallback) {
   return t.has_value() ? t->item<double>() : fallback;
 }
 
-std::vector<at::Tensor> contiguous_all(at::TensorList list) {
-  std::vector<at::Tensor> out;
-  out.reserve(list.size());
-  for (const auto& t : list) out.push_back(t.contiguous());
-  return out;
-}
-
 // ---- prox ----------------------------------------------------------------------------------
 
 at::Tensor prox_cpu(const at::Tensor& x, c10::string_view penalty, double lam, double a) {
-  const Penalty p = parse_penalty("prox", std::string(penalty), kProxPenalties);
-  check_penalty_args("prox", p, lam, a);
-  check_floating("prox", "x", x);
+  const Penalty p = validate_prox(x, penalty, lam, a);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
   const ProxParams pp = make_prox_params(p, lam, a);
@@ -59,11 +43,7 @@ at::Tensor prox_cpu(const at::Tensor& x, c10::string_view penalty, double lam, d
 
 at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::string_view penalty, double lam,
                              double a) {
-  const Penalty p = parse_penalty("prox_backward", std::string(penalty), kProxPenalties);
-  check_penalty_args("prox_backward", p, lam, a);
-  check_floating("prox_backward", "x", x);
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "slimops.prox_backward: grad has shape ", grad.sizes(),
-              " but x has shape ", x.sizes());
+  const Penalty p = validate_prox_backward(grad, x, penalty, lam, a);
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(xc);
@@ -118,18 +98,8 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                   bool init_momentum, c10::string_view penalty, double lam, double a,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const char* op = "prox_sgd_";
-  const Penalty p = parse_penalty(op, std::string(penalty), kStepPenalties);
-  check_penalty_args(op, p, lam, a);
-  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK_VALUE(momentum >= 0.0, "slimops.", op, ": momentum must be >= 0, got ", momentum);
-  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), "slimops.", op,
-              ": nesterov needs momentum > 0 and dampening = 0");
-  check_param_list(op, "params", params);
-  check_tensor_list(op, "grads", grads, params, /*inplace=*/false);
-  if (momentum != 0.0) check_tensor_list(op, "momentum_buffers", momentum_buffers, params, /*inplace=*/true);
-  check_amp_scalar(op, "grad_scale", grad_scale, params);
-  check_amp_scalar(op, "found_inf", found_inf, params);
+  const Penalty p = validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, penalty, lam, a,
+                                    grad_scale, found_inf);
   if (params.empty() || scalar_value(found_inf, 0.0) != 0.0) return;
   const double inv_scale = 1.0 / scalar_value(grad_scale, 1.0);
   const std::vector<at::Tensor> g = contiguous_all(grads);
@@ -167,26 +137,8 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                     c10::string_view penalty, double lam, double a, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  const char* op = "prox_adamw_";
-  const Penalty p = parse_penalty(op, std::string(penalty), kStepPenalties);
-  check_penalty_args(op, p, lam, a);
-  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "slimops.", op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "slimops.", op, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps >= 0.0, "slimops.", op, ": eps must be >= 0, got ", eps);
-  check_param_list(op, "params", params);
-  check_tensor_list(op, "grads", grads, params, false);
-  check_tensor_list(op, "exp_avgs", exp_avgs, params, true);
-  check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, params, true);
-  if (amsgrad) check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, true);
-  TORCH_CHECK_VALUE(state_steps.size() == params.size(), "slimops.", op, ": state_steps has ", state_steps.size(),
-              " tensors but params has ", params.size());
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    TORCH_CHECK_VALUE(state_steps[i].numel() == 1 && state_steps[i].device() == params[i].device(), "slimops.", op,
-                ": state_steps[", i, "] must be a one-element tensor on its parameter's device");
-  }
-  check_amp_scalar(op, "grad_scale", grad_scale, params);
-  check_amp_scalar(op, "found_inf", found_inf, params);
+  const Penalty p = validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+                                      beta2, eps, amsgrad, penalty, lam, a, grad_scale, found_inf);
   if (params.empty() || scalar_value(found_inf, 0.0) != 0.0) return;
   const double inv_scale = 1.0 / scalar_value(grad_scale, 1.0);
   const std::vector<at::Tensor> g = contiguous_all(grads);
@@ -233,13 +185,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
 void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, double beta, double lam,
                        c10::string_view penalty, double a) {
-  const char* op = "palm_slimming_";
-  const Penalty p = parse_penalty(op, std::string(penalty), kProxPenalties);
-  check_penalty_args(op, p, lam, a);
-  TORCH_CHECK_VALUE(alpha > 0.0 && std::isfinite(alpha), "slimops.", op, ": alpha (= 1/lr) must be > 0, got ", alpha);
-  TORCH_CHECK_VALUE(beta >= 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be >= 0, got ", beta);
-  check_param_list(op, "gammas", gammas);
-  check_tensor_list(op, "xis", xis, gammas, true, true, "gammas");
+  const Penalty p = validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a);
   if (gammas.empty()) return;
   const double denom = alpha + beta;
   const ProxParams pp = make_prox_params(p, lam / denom, a);
@@ -263,13 +209,7 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
 
 void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_view penalty, double s, double a,
                       double eps) {
-  const char* op = "penalty_grad_";
-  const Penalty p =
-      parse_penalty(op, std::string(penalty), {Penalty::kL1, Penalty::kTL1, Penalty::kLp, Penalty::kL21});
-  check_penalty_args(op, p, s, a, "s");
-  TORCH_CHECK_VALUE(eps > 0.0, "slimops.", op, ": eps must be > 0, got ", eps);
-  check_param_list(op, "grads", grads);
-  check_tensor_list(op, "params", params, grads, false, true, "grads");
+  const Penalty p = validate_penalty_grad(grads, params, penalty, s, a, eps);
   if (grads.empty()) return;
   const std::vector<at::Tensor> w = contiguous_all(params);
   const bool group = p == Penalty::kL21;
@@ -305,14 +245,7 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
 
 void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList us, double lr, double beta,
                     c10::string_view penalty, double lam, double a) {
-  const char* op = "split_step_";
-  const Penalty p = parse_penalty(op, std::string(penalty), kProxPenalties);
-  check_penalty_args(op, p, lam, a);
-  TORCH_CHECK_VALUE(lr >= 0.0, "slimops.", op, ": lr must be >= 0, got ", lr);
-  TORCH_CHECK_VALUE(beta > 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be > 0, got ", beta);
-  check_param_list(op, "weights", weights);
-  check_tensor_list(op, "grads", grads, weights, false, true, "weights");
-  check_tensor_list(op, "us", us, weights, true, true, "weights");
+  const Penalty p = validate_split_step(weights, grads, us, lr, beta, penalty, lam, a);
   if (weights.empty()) return;
   const std::vector<at::Tensor> g = contiguous_all(grads);
   const ProxParams pp = make_prox_params(p, lam / beta, a);
