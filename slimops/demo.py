@@ -110,7 +110,7 @@ def plot(out: str, runs: dict) -> str:
         axes[2].hist(r["gammas"], bins=60, alpha=0.6, label=name)
     axes[0].set(title="test accuracy", xlabel="epoch")
     axes[1].set(title="fraction of BN gammas exactly 0", xlabel="epoch", ylim=(-0.02, 1.02))
-    axes[2].set(title="final |gamma| histogram", xlabel="gamma", yscale="log")
+    axes[2].set(title="final gamma histogram (BN scales)", xlabel="gamma", yscale="log")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
