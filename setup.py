@@ -47,13 +47,14 @@ def _torch_cuda_include_dirs():
     return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
 
 
-def _write_build_info(build_cuda, reason, debug):
-    """Records how this build was configured, for `python -m slimops.info` (slimops/_build_info.json)."""
-    import json
+_BUILD_INFO = {}
 
+
+def _record_build_info(build_cuda, reason, debug):
+    """Remembers how this build was configured; BuildExt writes it next to the built library."""
     import torch
 
-    info = {
+    _BUILD_INFO.update({
         "cuda_kernels": build_cuda,
         "reason": reason,
         "debug": debug,
@@ -62,9 +63,21 @@ def _write_build_info(build_cuda, reason, debug):
         "cuda_home": CUDA_HOME if build_cuda else None,
         "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
         "max_jobs": os.environ.get("MAX_JOBS"),
-    }
-    with open(os.path.join(ROOT, "slimops", "_build_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    })
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja BuildExtension, plus `_build_info.json` beside the built `_C` library (in place for
+    `pip install -e .`, under --build-lib otherwise) for `python -m slimops.info`."""
+
+    def run(self):
+        import json
+
+        super().run()
+        out_dir = os.path.dirname(self.get_ext_fullpath("slimops._C"))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+            json.dump(_BUILD_INFO, f, indent=2)
 
 
 def _extensions():
@@ -72,7 +85,7 @@ def _extensions():
     build_cuda, reason = _cuda_decision()
     print("slimops build: %s kernels (%s)%s" % ("CPU + CUDA" if build_cuda else "CPU", reason,
                                                 ", DEBUG" if debug else ""), flush=True)
-    _write_build_info(build_cuda, reason, debug)
+    _record_build_info(build_cuda, reason, debug)
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std here: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.13).
@@ -93,6 +106,6 @@ setup(
     name="slimops",
     packages=find_packages(include=["slimops", "slimops.*"]),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
