@@ -20,8 +20,8 @@ threshold first, then the block soft threshold of the survivors). It is the exac
 argmin (which keeps the top-k entries of a group for the best k).
 
 The fused optimizer ops update every tensor of a list in one pass (one kernel launch per list on a GPU
-for the elementwise penalties; group penalties add a row-norm pass), with fp32 math for fp32/bf16/fp16
-storage. All take ``backend=`` (see ``slimops._backend``).
+for every penalty; group penalties use a row kernel that reads each group twice, for its norm and
+for the update), with fp32 math for fp32/bf16/fp16 storage. All take ``backend=`` (see ``slimops._backend``).
 
 Papers: Liu et al. 2017 (network slimming); Bui et al. (nonconvex network slimming; proximal network
 slimming 2023; relaxed variable splitting); Zhang & Xin (transformed l1); Xu et al. (l1/2 half
