@@ -59,6 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.ops import _checks
+from slimops.reference.prox import GROUP_PENALTIES, PROX_PENALTIES
 
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
     from triton.language.extra import libdevice
@@ -78,10 +79,8 @@ __all__ = [
 
 # ``enum class Penalty`` of csrc/include/slimops/prox_math.h.
 PENALTY_CODES = {"none": 0, "l1": 1, "l0": 2, "tl1": 3, "l1_2": 4, "l21": 5, "l0_l21": 6, "lp": 7}
-_PROX_PENALTIES = ("l1", "l0", "tl1", "l1_2", "l21", "l0_l21")
-_STEP_PENALTIES = ("none",) + _PROX_PENALTIES
-_GRAD_PENALTIES = ("l1", "tl1", "lp", "l21")
-_GROUP_PENALTIES = ("l21", "l0_l21")
+_PROX_PENALTIES = PROX_PENALTIES
+_GROUP_PENALTIES = GROUP_PENALTIES
 
 # Op codes of the fused "update then prox" kernel.
 _OP_PROX, _OP_SGD, _OP_ADAMW, _OP_PALM, _OP_SPLIT = 0, 1, 2, 3, 4
