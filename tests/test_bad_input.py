@@ -380,14 +380,17 @@ def test_optimizer_bad_penalty_settings(name, backend):
         make([w], penalty="l1", lam=-0.1, backend=backend)
     with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: a must be > 0 for penalty 'tl1', got 0"):
         make([w], penalty="tl1", lam=0.1, a=0, backend=backend)
-    # per param group, including groups added later (checked when they are stepped)
+    # per param group, including groups added later (checked when they are added)
     with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: unknown penalty 'l3'"):
         make([{"params": [w], "penalty": "l3"}], backend=backend)
     opt = make([w], backend=backend)
     w2 = nn.Parameter(_t(3))
-    opt.add_param_group({"params": [w2], "penalty": "tl1", "lam": 0.1, "a": -1.0})
-    w.grad, w2.grad = _t(3), _t(3)
     with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: a must be > 0 for penalty 'tl1'"):
+        opt.add_param_group({"params": [w2], "penalty": "tl1", "lam": 0.1, "a": -1.0})
+    # settings edited in place after construction are checked again when the group is stepped
+    opt.param_groups[0]["lam"] = -1.0
+    w.grad = _t(3)
+    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be >= 0"):
         opt.step()
 
 

@@ -53,3 +53,32 @@ def amp_scalars(opt: torch.optim.Optimizer, device: torch.device):
     if fi is not None and fi.device != device:
         fi = fi.to(device, non_blocking=True)
     return gs, fi
+
+
+class ProxOptimizer(torch.optim.Optimizer):
+    """What ProxSGD and ProxAdamW share: per-group penalty settings checked whenever a group is added,
+    the closure, and the loop over groups of parameters that have a gradient. Subclasses implement
+    ``_step_group(group, params, penalty)`` with one fused call per (device, dtype) bucket."""
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler hands us grad_scale / found_inf
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        check_penalty_settings(type(self).__name__, g["penalty"], g["lam"], g["a"])
+
+    def _step_group(self, group: dict, params: list, penalty: str) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for group in self.param_groups:
+            params = grads_of(name, group["params"])
+            if params:
+                self._step_group(group, params, check_penalty_settings(name, group["penalty"], group["lam"], group["a"]))
+        return loss

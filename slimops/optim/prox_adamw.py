@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 
 from slimops.ops.prox import prox_adamw_
-from slimops.optim._common import amp_scalars, check_penalty_settings, grads_of, group_by_device_dtype
+from slimops.optim._common import ProxOptimizer, amp_scalars, check_penalty_settings, group_by_device_dtype
 
 
-class ProxAdamW(torch.optim.Optimizer):
+class ProxAdamW(ProxOptimizer):
     r"""AdamW with a proximal step.
 
     Exactly ``torch.optim.AdamW``'s update (decoupled weight decay, bias correction, amsgrad,
@@ -19,8 +19,6 @@ class ProxAdamW(torch.optim.Optimizer):
     float32 tensor kept on the parameter's device so that the GPU kernels read it without a sync.
     Supports LR schedulers, ``state_dict`` round trips, DDP and ``torch.amp.GradScaler``.
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -37,8 +35,6 @@ class ProxAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, penalty=penalty, lam=lam, a=a, backend=backend)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_penalty_settings("ProxAdamW", group["penalty"], group["lam"], group["a"])
 
     def _state_of(self, p, amsgrad):
         st = self.state[p]
@@ -52,27 +48,16 @@ class ProxAdamW(torch.optim.Optimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return st
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = grads_of("ProxAdamW", group["params"])
-            if not params:
-                continue
-            amsgrad = group["amsgrad"]
-            penalty = check_penalty_settings("ProxAdamW", group["penalty"], group["lam"], group["a"])
-            beta1, beta2 = group["betas"]
-            for (device, _dtype), ps in group_by_device_dtype(params).items():
-                states = [self._state_of(p, amsgrad) for p in ps]
-                grad_scale, found_inf = amp_scalars(self, device)
-                prox_adamw_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
-                            [s["exp_avg_sq"] for s in states],
-                            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                            [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-                            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
-                            maximize=group["maximize"], penalty=penalty, lam=group["lam"], a=group["a"],
-                            grad_scale=grad_scale, found_inf=found_inf, backend=group["backend"])
-        return loss
+    def _step_group(self, group, params, penalty):
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        for (device, _dtype), ps in group_by_device_dtype(params).items():
+            states = [self._state_of(p, amsgrad) for p in ps]
+            grad_scale, found_inf = amp_scalars(self, device)
+            prox_adamw_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                        [s["exp_avg_sq"] for s in states],
+                        [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                        [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                        eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
+                        maximize=group["maximize"], penalty=penalty, lam=group["lam"], a=group["a"],
+                        grad_scale=grad_scale, found_inf=found_inf, backend=group["backend"])

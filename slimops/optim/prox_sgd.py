@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 
 from slimops.ops.prox import prox_sgd_
-from slimops.optim._common import amp_scalars, check_penalty_settings, grads_of, group_by_device_dtype
+from slimops.optim._common import ProxOptimizer, amp_scalars, check_penalty_settings, group_by_device_dtype
 
 
-class ProxSGD(torch.optim.Optimizer):
+class ProxSGD(ProxOptimizer):
     r"""Proximal stochastic gradient descent.
 
     Each step is exactly ``torch.optim.SGD``'s update (weight decay, momentum, dampening, nesterov,
@@ -31,8 +31,6 @@ class ProxSGD(torch.optim.Optimizer):
     the kernel).
     """
 
-    _step_supports_amp_scaling = True
-
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, penalty: Optional[str] = None,
                  lam: float = 0.0, a: float = 1.0, maximize: bool = False, backend: str = "auto"):
@@ -48,43 +46,30 @@ class ProxSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, penalty=penalty, lam=lam, a=a, backend=backend)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_penalty_settings("ProxSGD", group["penalty"], group["lam"], group["a"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = grads_of("ProxSGD", group["params"])
-            if not params:
-                continue
-            momentum = group["momentum"]
-            penalty = check_penalty_settings("ProxSGD", group["penalty"], group["lam"], group["a"])
-            # SGD creates a parameter's momentum buffer on its first step (buffer = grad): buckets keep
-            # parameters with and without a buffer apart so each is one fused call.
-            has_buf = (lambda p: "momentum_buffer" in self.state[p]) if momentum != 0 else None
-            for (device, _dtype, *rest), ps in group_by_device_dtype(params, has_buf).items():
-                init = bool(rest) and not rest[0]
-                bufs = []
-                if momentum != 0:
-                    for p in ps:
-                        st = self.state[p]
-                        if "momentum_buffer" not in st:
-                            st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                        bufs.append(st["momentum_buffer"])
-                grad_scale, found_inf = amp_scalars(self, device)
-                prox_sgd_(ps, [p.grad for p in ps], bufs, lr=group["lr"], momentum=momentum,
-                          dampening=group["dampening"], weight_decay=group["weight_decay"],
-                          nesterov=group["nesterov"], maximize=group["maximize"], init_momentum=init,
-                          penalty=penalty, lam=group["lam"], a=group["a"], grad_scale=grad_scale,
-                          found_inf=found_inf, backend=group["backend"])
-                if init and found_inf is not None and bool(found_inf.item() != 0):
-                    # The kernel skipped this step (AMP overflow), so the new buffers were never set to
-                    # the gradient: drop them so that the next real step initialises them, as SGD does
-                    # (SGD is not even called on a skipped step). A host read only on a first step.
-                    for p in ps:
-                        del self.state[p]["momentum_buffer"]
-        return loss
+    def _step_group(self, group, params, penalty):
+        momentum = group["momentum"]
+        # SGD creates a parameter's momentum buffer on its first step (buffer = grad): buckets keep
+        # parameters with and without a buffer apart so each is one fused call.
+        has_buf = (lambda p: "momentum_buffer" in self.state[p]) if momentum != 0 else None
+        for (device, _dtype, *rest), ps in group_by_device_dtype(params, has_buf).items():
+            init = bool(rest) and not rest[0]
+            bufs = []
+            if momentum != 0:
+                for p in ps:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    bufs.append(st["momentum_buffer"])
+            grad_scale, found_inf = amp_scalars(self, device)
+            prox_sgd_(ps, [p.grad for p in ps], bufs, lr=group["lr"], momentum=momentum,
+                      dampening=group["dampening"], weight_decay=group["weight_decay"],
+                      nesterov=group["nesterov"], maximize=group["maximize"], init_momentum=init,
+                      penalty=penalty, lam=group["lam"], a=group["a"], grad_scale=grad_scale,
+                      found_inf=found_inf, backend=group["backend"])
+            if init and found_inf is not None and bool(found_inf.item() != 0):
+                # The kernel skipped this step (AMP overflow), so the new buffers were never set to
+                # the gradient: drop them so that the next real step initialises them, as SGD does
+                # (SGD is not even called on a skipped step). A host read only on a first step.
+                for p in ps:
+                    del self.state[p]["momentum_buffer"]
