@@ -2,9 +2,13 @@
 import json
 import os
 
+import pytest
 import torch
 
 from slimops import cli, demo
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
 
 
 def test_demo_short_run_writes_metrics_and_plot(tmp_path):
