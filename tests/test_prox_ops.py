@@ -677,3 +677,27 @@ def test_prox_cuda_matches_reference(backend, penalty):
     out = P.prox(x.cuda(), penalty, lam, a=a, backend=backend)
     assert out.device.type == "cuda"
     assert_close(out.cpu(), ref.prox(x, penalty, lam, a))
+
+
+# =============================================================================================
+# Non-finite inputs: the prox never hides a NaN (or an inf) by thresholding it to zero
+# =============================================================================================
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("penalty", ["l1", "l0", "tl1", "l1_2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prox_propagates_nan_and_inf(penalty, dtype, backend):
+    y = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.01, 3.0], dtype=dtype)
+    x = P.prox(y, penalty, 0.1, a=1.0, backend=backend)
+    assert torch.isnan(x[0])
+    assert x[1] == float("inf") and x[2] == -float("inf")
+    assert x[3] == 0 and x[4] != 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_prox_sgd_step_keeps_nan_gradients_visible(backend):
+    p = torch.ones(4)
+    g = torch.tensor([float("nan"), 0.0, 0.0, 0.0])
+    P.prox_sgd_([p], [g], [], lr=0.1, penalty="l1", lam=100.0, backend=backend)
+    assert torch.isnan(p[0]) and (p[1:] == 0).all()

@@ -35,7 +35,7 @@ at::Tensor prox_cpu(const at::Tensor& x, c10::string_view penalty, double lam, d
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* __restrict__ in = xc.data_ptr<scalar_t>();
     fused_update_prox<scalar_t, acc_t>(
-        {out}, pp, [&](int64_t, scalar_t*) { return [in](int64_t j) { return static_cast<acc_t>(in[j]); }; },
+        {out}, pp, [&](int64_t, scalar_t*) { return [in](int64_t j) { return load<acc_t>(in[j]); }; },
         no_post());
   });
   return out;
@@ -59,9 +59,9 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
     parallel_chunks({out}, group, [&](const Chunk& ch) {
       if (!group) {
         for (int64_t j = ch.begin; j < ch.end; ++j) {
-          const acc_t y = xin[j];
+          const acc_t y = load<acc_t>(xin[j]);
           const acc_t z = prox_elementwise<acc_t>(y, p, l, aa, t);
-          o[j] = static_cast<scalar_t>(static_cast<acc_t>(gin[j]) * prox_elementwise_derivative<acc_t>(y, z, p, l, aa, t));
+          o[j] = store<scalar_t>(load<acc_t>(gin[j]) * prox_elementwise_derivative<acc_t>(y, z, p, l, aa, t));
         }
         return;
       }
@@ -72,19 +72,19 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
         const int64_t base = r * row_len;
         acc_t sq = 0, dot = 0;
         for (int64_t k = 0; k < row_len; ++k) {
-          z[k] = prox_elementwise<acc_t>(static_cast<acc_t>(xin[base + k]), p, l, aa, t);
+          z[k] = prox_elementwise<acc_t>(load<acc_t>(xin[base + k]), p, l, aa, t);
           sq += z[k] * z[k];
-          dot += z[k] * static_cast<acc_t>(gin[base + k]);
+          dot += z[k] * load<acc_t>(gin[base + k]);
         }
         const acc_t n = std::sqrt(sq);
         for (int64_t k = 0; k < row_len; ++k) {
           acc_t v = 0;
           if (n > gt) {
-            const acc_t y = xin[base + k];
+            const acc_t y = load<acc_t>(xin[base + k]);
             const acc_t d = prox_elementwise_derivative<acc_t>(y, z[k], p, l, aa, t);
-            v = ((acc_t(1) - gt / n) * static_cast<acc_t>(gin[base + k]) + gt * dot * z[k] / (n * n * n)) * d;
+            v = ((acc_t(1) - gt / n) * load<acc_t>(gin[base + k]) + gt * dot * z[k] / (n * n * n)) * d;
           }
-          o[base + k] = static_cast<scalar_t>(v);
+          o[base + k] = store<scalar_t>(v);
         }
       }
     });
@@ -114,13 +114,13 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
       scalar_t* __restrict__ bp = use_mom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
       return [=](int64_t j) {
-        const acc_t w = pp_[j];
-        acc_t d = static_cast<acc_t>(gp[j]) * gscale + wd * w;
+        const acc_t w = load<acc_t>(pp_[j]);
+        acc_t d = load<acc_t>(gp[j]) * gscale + wd * w;
         if (use_mom) {
-          const acc_t b_new = init_momentum ? d : mom * static_cast<acc_t>(bp[j]) + damp1 * d;
-          const scalar_t b_store = static_cast<scalar_t>(b_new);
+          const acc_t b_new = init_momentum ? d : mom * load<acc_t>(bp[j]) + damp1 * d;
+          const scalar_t b_store = store<scalar_t>(b_new);
           bp[j] = b_store;
-          const acc_t b = static_cast<acc_t>(b_store);  // SGD reads the stored buffer
+          const acc_t b = load<acc_t>(b_store);  // SGD reads the stored buffer
           d = nesterov ? d + mom * b : b;
         }
         return w - lr_ * d;
@@ -163,15 +163,15 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       scalar_t* __restrict__ vmaxp = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
       const acc_t ss = step_size[i], ibc2 = inv_bc2_sqrt[i];
       return [=](int64_t j) {
-        const acc_t gj = static_cast<acc_t>(gp[j]) * gscale;
-        const acc_t w = static_cast<acc_t>(wp[j]) * decay;
-        const acc_t m = static_cast<acc_t>(mp[j]) + (acc_t(1) - b1) * (gj - static_cast<acc_t>(mp[j]));
-        acc_t v = b2 * static_cast<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
-        mp[j] = static_cast<scalar_t>(m);
-        vp[j] = static_cast<scalar_t>(v);
+        const acc_t gj = load<acc_t>(gp[j]) * gscale;
+        const acc_t w = load<acc_t>(wp[j]) * decay;
+        const acc_t m = load<acc_t>(mp[j]) + (acc_t(1) - b1) * (gj - load<acc_t>(mp[j]));
+        acc_t v = b2 * load<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
+        mp[j] = store<scalar_t>(m);
+        vp[j] = store<scalar_t>(v);
         if (vmaxp != nullptr) {
-          const acc_t vm = std::max(static_cast<acc_t>(vmaxp[j]), v);
-          vmaxp[j] = static_cast<scalar_t>(vm);
+          const acc_t vm = std::max(load<acc_t>(vmaxp[j]), v);
+          vmaxp[j] = store<scalar_t>(vm);
           v = vm;
         }
         return w - ss * m / (std::sqrt(v) * ibc2 + eps_);
@@ -195,9 +195,9 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
     auto make_update = [&](int64_t i, const scalar_t* xp) {
       scalar_t* __restrict__ gp = gammas[i].data_ptr<scalar_t>();
       return [=](int64_t j) {
-        const acc_t x = xp[j];
-        const acc_t gam = ca * static_cast<acc_t>(gp[j]) + cb * x;
-        gp[j] = static_cast<scalar_t>(gam);
+        const acc_t x = load<acc_t>(xp[j]);
+        const acc_t gam = ca * load<acc_t>(gp[j]) + cb * x;
+        gp[j] = store<scalar_t>(gam);
         return ca * x + cb * gam;
       };
     };
@@ -221,8 +221,8 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
       const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
       if (!group) {
         for (int64_t j = ch.begin; j < ch.end; ++j) {
-          const acc_t d = penalty_subgradient<acc_t>(static_cast<acc_t>(wp[j]), p, a_, eps_);
-          gp[j] = static_cast<scalar_t>(static_cast<acc_t>(gp[j]) + s_ * d);
+          const acc_t d = penalty_subgradient<acc_t>(load<acc_t>(wp[j]), p, a_, eps_);
+          gp[j] = store<scalar_t>(load<acc_t>(gp[j]) + s_ * d);
         }
         return;
       }
@@ -232,10 +232,10 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
       for (int64_t r = ch.begin; r < ch.end; ++r) {
         const int64_t base = r * row_len;
         acc_t sq = 0;
-        for (int64_t k = 0; k < row_len; ++k) sq += static_cast<acc_t>(wp[base + k]) * static_cast<acc_t>(wp[base + k]);
+        for (int64_t k = 0; k < row_len; ++k) sq += load<acc_t>(wp[base + k]) * load<acc_t>(wp[base + k]);
         const acc_t f = sq > 0 ? s_ * weight / std::sqrt(sq) : acc_t(0);
         for (int64_t k = 0; k < row_len; ++k)
-          gp[base + k] = static_cast<scalar_t>(static_cast<acc_t>(gp[base + k]) + f * static_cast<acc_t>(wp[base + k]));
+          gp[base + k] = store<scalar_t>(load<acc_t>(gp[base + k]) + f * load<acc_t>(wp[base + k]));
       }
     });
   });
@@ -255,14 +255,14 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
     // u = prox(w) is the prox target; w is updated from the final u in the post hook.
     auto make_update = [&](int64_t i, const scalar_t*) {
       const scalar_t* __restrict__ wp = weights[i].data_ptr<scalar_t>();
-      return [=](int64_t j) { return static_cast<acc_t>(wp[j]); };
+      return [=](int64_t j) { return load<acc_t>(wp[j]); };
     };
     auto make_post = [&](int64_t i) {
       scalar_t* __restrict__ wp = weights[i].data_ptr<scalar_t>();
       const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
       return [=](int64_t j, acc_t u) {
-        const acc_t w = wp[j];
-        wp[j] = static_cast<scalar_t>(w - lr_ * static_cast<acc_t>(gp[j]) - lb * (w - u));
+        const acc_t w = load<acc_t>(wp[j]);
+        wp[j] = store<scalar_t>(w - lr_ * load<acc_t>(gp[j]) - lb * (w - u));
       };
     };
     fused_update_prox<scalar_t, acc_t>(us, pp, make_update, make_post);

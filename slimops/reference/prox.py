@@ -62,19 +62,19 @@ def _elementwise(y: Tensor, penalty: str, lam: float, a: float) -> Tensor:
     if penalty == "l1":
         return torch.sign(y) * torch.clamp(ay - lam, min=0)
     if penalty in ("l0", "l0_l21"):
-        return torch.where(ay > t, y, torch.zeros_like(y))
+        return torch.where(ay <= t, torch.zeros_like(y), y)  # NaN stays NaN
     if penalty == "tl1":
         s = a + ay
         c = torch.clamp(1 - 27 * lam * a * (a + 1) / (2 * s**3), -1, 1)
         phi = torch.acos(c)
         x = torch.sign(y) * (2.0 / 3.0 * s * torch.cos(phi / 3) - 2 * a / 3 + ay / 3)
-        return torch.where(ay > t, x, torch.zeros_like(y))
+        return torch.where(ay <= t, torch.zeros_like(y), x)
     if penalty == "l1_2":
         r = torch.clamp(ay / 3, min=1e-30)
         c = torch.clamp(lam / 4 * r ** (-1.5), max=1)
         phi = torch.acos(c)
         x = 2.0 / 3.0 * y * (1 + torch.cos(2 * math.pi / 3 - 2.0 / 3.0 * phi))
-        return torch.where(ay > t, x, torch.zeros_like(y))
+        return torch.where(ay <= t, torch.zeros_like(y), x)
     return y  # l21: the group part follows
 
 

@@ -227,10 +227,11 @@ def _prox_elem(y, PENALTY: tl.constexpr, lam, a, thresh, ACC: tl.constexpr, LIBD
 
     l21: identity; l0_l21: the hard threshold (the group part is applied by the caller)."""
     if PENALTY == 1:  # l1: soft threshold
+        # NaN propagates, as in prox_math.h (the comparisons are false for NaN)
         m = tl.abs(y) - lam
-        r = tl.where(m > 0, _sign(y) * m, 0.0)
+        r = tl.where(m < 0, 0.0, _sign(y) * m)
     elif PENALTY == 2 or PENALTY == 6:  # l0, l0_l21: hard threshold at sqrt(2 lam)
-        r = tl.where(tl.abs(y) > thresh, y, 0.0)
+        r = tl.where(tl.abs(y) <= thresh, 0.0, y)
     elif PENALTY == 3:  # tl1
         ay = tl.abs(y)
         s = a + ay

@@ -40,18 +40,18 @@ SLIMOPS_HD T sign_of(T y) {
 
 // prox of lam*|x|: soft threshold.
 // Written as a select + copysign (no branch, no fmax libcall) so that CPU loops vectorise; zeroed
-// entries may come out as -0.0 (== 0).
+// entries may come out as -0.0 (== 0). NaN stays NaN (the compare is false for NaN).
 template <typename T>
 SLIMOPS_HD T soft_threshold(T y, T lam) {
   T m = fabs(y) - lam;
-  m = m > T(0) ? m : T(0);
+  m = m < T(0) ? T(0) : m;
   return copysign(m, y);
 }
 
 // prox of lam*||x||_0: hard threshold at sqrt(2 lam) (ties at the threshold go to 0).
 template <typename T>
 SLIMOPS_HD T hard_threshold(T y, T thresh) {
-  return fabs(y) > thresh ? y : T(0);
+  return fabs(y) <= thresh ? T(0) : y;  // NaN stays NaN
 }
 
 // Thresholds are precomputed once per call on the host: they depend only on (lam, a).
