@@ -89,9 +89,12 @@ def _extensions():
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std here: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.13).
-    cxx = opt + ["-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for is an inline template over OpenMP; compiled without it the CPU kernels
+    # run on one thread. The loader shares the libgomp.so.1 torch already loaded (same soname).
+    cxx = opt + ["-fdiagnostics-color=always", "-fopenmp"]
     extra = {"cxx": cxx}
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True,
+                  extra_link_args=["-fopenmp"])
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]

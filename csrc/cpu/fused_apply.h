@@ -48,6 +48,17 @@ inline c10::BFloat16 store<c10::BFloat16, float>(float f) {
   return c10::BFloat16(static_cast<uint16_t>(r + nan * (0x7FC0u - r)), c10::BFloat16::from_bits());
 }
 
+// dst = v rounded to the storage type. For bfloat16 it writes the bits, not the struct: GCC does not
+// vectorise an aggregate copy of c10::BFloat16 into memory.
+template <typename scalar_t, typename acc_t>
+inline void put(scalar_t& dst, acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    dst.x = store<scalar_t>(v).x;
+  } else {
+    dst = store<scalar_t>(v);
+  }
+}
+
 struct Chunk {
   int64_t tensor;  // index into the list
   int64_t begin;   // first element (elementwise) or first row (group penalties)
@@ -122,7 +133,7 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeU
       if constexpr (!kGroup) {
         for (int64_t j = ch.begin; j < ch.end; ++j) {
           const acc_t v = prox_elementwise<acc_t>(update(j), kP, lam, a, thresh);
-          out[j] = store<scalar_t>(v);
+          put(out[j], v);
           post(j, v);
         }
       } else {
@@ -140,7 +151,7 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeU
           const acc_t scale = group_scale<acc_t>(sq, gthresh);
           for (int64_t k = 0; k < row_len; ++k) {
             const acc_t v = row[k] * scale;
-            out[base + k] = store<scalar_t>(v);
+            put(out[base + k], v);
             post(base + k, v);
           }
         }

@@ -61,7 +61,7 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
         for (int64_t j = ch.begin; j < ch.end; ++j) {
           const acc_t y = load<acc_t>(xin[j]);
           const acc_t z = prox_elementwise<acc_t>(y, p, l, aa, t);
-          o[j] = store<scalar_t>(load<acc_t>(gin[j]) * prox_elementwise_derivative<acc_t>(y, z, p, l, aa, t));
+          put(o[j], load<acc_t>(gin[j]) * prox_elementwise_derivative<acc_t>(y, z, p, l, aa, t));
         }
         return;
       }
@@ -84,7 +84,7 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
             const acc_t d = prox_elementwise_derivative<acc_t>(y, z[k], p, l, aa, t);
             v = ((acc_t(1) - gt / n) * load<acc_t>(gin[base + k]) + gt * dot * z[k] / (n * n * n)) * d;
           }
-          o[base + k] = store<scalar_t>(v);
+          put(o[base + k], v);
         }
       }
     });
@@ -109,24 +109,38 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_ = lr, mom = momentum, damp1 = 1.0 - dampening, wd = weight_decay;
     const acc_t gscale = maximize ? -inv_scale : inv_scale;
-    const bool use_mom = momentum != 0.0;
-    auto make_update = [&](int64_t i, const scalar_t* pp_) {
-      const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
-      scalar_t* __restrict__ bp = use_mom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
-      return [=](int64_t j) {
-        const acc_t w = load<acc_t>(pp_[j]);
-        acc_t d = load<acc_t>(gp[j]) * gscale + wd * w;
-        if (use_mom) {
-          const acc_t b_new = init_momentum ? d : mom * load<acc_t>(bp[j]) + damp1 * d;
-          const scalar_t b_store = store<scalar_t>(b_new);
-          bp[j] = b_store;
-          const acc_t b = load<acc_t>(b_store);  // SGD reads the stored buffer
-          d = nesterov ? d + mom * b : b;
-        }
-        return w - lr_ * d;
+    // The options are compile-time constants of the loop (5 variants: no momentum, or momentum with
+    // {first step, later} x {nesterov, not}) so that it has no branch and vectorises.
+    auto run = [&](auto kMom, auto kInit, auto kNesterov) {
+      auto make_update = [&](int64_t i, const scalar_t* pp_) {
+        const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
+        scalar_t* __restrict__ bp = kMom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+        return [=](int64_t j) {
+          const acc_t w = load<acc_t>(pp_[j]);
+          acc_t d = load<acc_t>(gp[j]) * gscale + wd * w;
+          if constexpr (decltype(kMom)::value) {
+            acc_t b_new = d;
+            if constexpr (!decltype(kInit)::value) b_new = mom * load<acc_t>(bp[j]) + damp1 * d;
+            put(bp[j], b_new);
+            const acc_t b = load<acc_t>(store<scalar_t>(b_new));  // SGD reads the stored (rounded) buffer
+            if constexpr (decltype(kNesterov)::value) {
+              d = d + mom * b;
+            } else {
+              d = b;
+            }
+          }
+          return w - lr_ * d;
+        };
       };
+      fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
     };
-    fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
+    if (momentum == 0.0) {
+      run(std::false_type{}, std::false_type{}, std::false_type{});
+    } else {
+      dispatch_bool(init_momentum, [&](auto kInit) {
+        dispatch_bool(nesterov, [&](auto kNesterov) { run(std::true_type{}, kInit, kNesterov); });
+      });
+    }
   });
 }
 
@@ -156,28 +170,30 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t b1 = beta1, b2 = beta2, eps_ = eps, decay = 1.0 - lr * weight_decay;
     const acc_t gscale = maximize ? -inv_scale : inv_scale;
-    auto make_update = [&](int64_t i, const scalar_t* wp) {
-      const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
-      scalar_t* __restrict__ mp = exp_avgs[i].data_ptr<scalar_t>();
-      scalar_t* __restrict__ vp = exp_avg_sqs[i].data_ptr<scalar_t>();
-      scalar_t* __restrict__ vmaxp = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
-      const acc_t ss = step_size[i], ibc2 = inv_bc2_sqrt[i];
-      return [=](int64_t j) {
-        const acc_t gj = load<acc_t>(gp[j]) * gscale;
-        const acc_t w = load<acc_t>(wp[j]) * decay;
-        const acc_t m = load<acc_t>(mp[j]) + (acc_t(1) - b1) * (gj - load<acc_t>(mp[j]));
-        acc_t v = b2 * load<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
-        mp[j] = store<scalar_t>(m);
-        vp[j] = store<scalar_t>(v);
-        if (vmaxp != nullptr) {
-          const acc_t vm = std::max(load<acc_t>(vmaxp[j]), v);
-          vmaxp[j] = store<scalar_t>(vm);
-          v = vm;
-        }
-        return w - ss * m / (std::sqrt(v) * ibc2 + eps_);
+    dispatch_bool(amsgrad, [&](auto kAmsgrad) {  // a compile-time option: no branch in the loop
+      auto make_update = [&](int64_t i, const scalar_t* wp) {
+        const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
+        scalar_t* __restrict__ mp = exp_avgs[i].data_ptr<scalar_t>();
+        scalar_t* __restrict__ vp = exp_avg_sqs[i].data_ptr<scalar_t>();
+        scalar_t* __restrict__ vmaxp = kAmsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
+        const acc_t ss = step_size[i], ibc2 = inv_bc2_sqrt[i];
+        return [=](int64_t j) {
+          const acc_t gj = load<acc_t>(gp[j]) * gscale;
+          const acc_t w = load<acc_t>(wp[j]) * decay;
+          const acc_t m = load<acc_t>(mp[j]) + (acc_t(1) - b1) * (gj - load<acc_t>(mp[j]));
+          acc_t v = b2 * load<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
+          put(mp[j], m);
+          put(vp[j], v);
+          if constexpr (decltype(kAmsgrad)::value) {
+            const acc_t vm = std::max(load<acc_t>(vmaxp[j]), v);
+            put(vmaxp[j], vm);
+            v = vm;
+          }
+          return w - ss * m / (std::sqrt(v) * ibc2 + eps_);
+        };
       };
-    };
-    fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
+      fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
+    });
   });
 }
 
@@ -197,7 +213,7 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
       return [=](int64_t j) {
         const acc_t x = load<acc_t>(xp[j]);
         const acc_t gam = ca * load<acc_t>(gp[j]) + cb * x;
-        gp[j] = store<scalar_t>(gam);
+        put(gp[j], gam);
         return ca * x + cb * gam;
       };
     };
@@ -222,7 +238,7 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
       if (!group) {
         for (int64_t j = ch.begin; j < ch.end; ++j) {
           const acc_t d = penalty_subgradient<acc_t>(load<acc_t>(wp[j]), p, a_, eps_);
-          gp[j] = store<scalar_t>(load<acc_t>(gp[j]) + s_ * d);
+          put(gp[j], load<acc_t>(gp[j]) + s_ * d);
         }
         return;
       }
@@ -235,7 +251,7 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
         for (int64_t k = 0; k < row_len; ++k) sq += load<acc_t>(wp[base + k]) * load<acc_t>(wp[base + k]);
         const acc_t f = sq > 0 ? s_ * weight / std::sqrt(sq) : acc_t(0);
         for (int64_t k = 0; k < row_len; ++k)
-          gp[base + k] = store<scalar_t>(load<acc_t>(gp[base + k]) + f * load<acc_t>(wp[base + k]));
+          put(gp[base + k], load<acc_t>(gp[base + k]) + f * load<acc_t>(wp[base + k]));
       }
     });
   });
@@ -262,7 +278,7 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
       const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
       return [=](int64_t j, acc_t u) {
         const acc_t w = load<acc_t>(wp[j]);
-        wp[j] = store<scalar_t>(w - lr_ * load<acc_t>(gp[j]) - lb * (w - u));
+        put(wp[j], w - lr_ * load<acc_t>(gp[j]) - lb * (w - u));
       };
     };
     fused_update_prox<scalar_t, acc_t>(us, pp, make_update, make_post);

@@ -32,6 +32,18 @@ void dispatch_penalty(Penalty p, const F& f) {
   }
 }
 
+// Calls f(std::true_type{}) or f(std::false_type{}): a loop-invariant option of an optimizer
+// (momentum, nesterov, amsgrad) becomes a compile-time constant, so the inner loop has no branch on
+// it and the CPU compiler can vectorise it.
+template <typename F>
+void dispatch_bool(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Read-only inputs (grads, params read by penalty_grad_) may be strided: the kernels take dense copies
 // (no copy when already contiguous).
 inline std::vector<at::Tensor> contiguous_all(at::TensorList list) {
