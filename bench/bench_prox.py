@@ -70,23 +70,24 @@ def contenders(shapes, device, dtype, backends, with_compile):
 
         fns[f"slimops[{b}]"] = step
 
-    def torch_opt(**kw):
+    def sgd_then_softshrink(**kw):
+        """torch.optim.SGD(**kw).step(), then F.softshrink tensor by tensor, on a fresh copy of the set."""
         p, g = make_set(shapes, device, dtype)
         for x, gx in zip(p, g):
             x.grad = gx
-        return p, torch.optim.SGD(p, lr=LR, momentum=MOM, weight_decay=WD, **kw)
+        opt = torch.optim.SGD(p, lr=LR, momentum=MOM, weight_decay=WD, **kw)
 
-    p1, o1 = torch_opt(foreach=True)
+        def step():
+            opt.step()
+            with torch.no_grad():
+                for x in p:
+                    x.copy_(F.softshrink(x, thresh))
 
-    def sgd_foreach_softshrink():
-        o1.step()
-        with torch.no_grad():
-            for x in p1:
-                x.copy_(F.softshrink(x, thresh))
+        return p, opt, step
 
-    fns["torch SGD(foreach)+softshrink"] = sgd_foreach_softshrink
+    fns["torch SGD(foreach)+softshrink"] = sgd_then_softshrink(foreach=True)[2]
 
-    p2, o2 = torch_opt(foreach=True)
+    p2, o2, _ = sgd_then_softshrink(foreach=True)
 
     def sgd_foreach_foreach_prox():
         o2.step()
@@ -99,39 +100,11 @@ def contenders(shapes, device, dtype, backends, with_compile):
             torch._foreach_copy_(p2, mag)
 
     fns["torch SGD(foreach)+foreach-prox"] = sgd_foreach_foreach_prox
-
     if device.type == "cuda":
-        p3, o3 = torch_opt(fused=True)
-
-        def sgd_fused_softshrink():
-            o3.step()
-            with torch.no_grad():
-                for x in p3:
-                    x.copy_(F.softshrink(x, thresh))
-
-        fns["torch SGD(fused)+softshrink"] = sgd_fused_softshrink
-
-    p4, o4 = torch_opt(foreach=False)
-
-    def python_loop():
-        o4.step()
-        with torch.no_grad():
-            for x in p4:
-                x.copy_(F.softshrink(x, thresh))
-
-    fns["python loop"] = python_loop
-
+        fns["torch SGD(fused)+softshrink"] = sgd_then_softshrink(fused=True)[2]
+    fns["python loop"] = sgd_then_softshrink(foreach=False)[2]
     if with_compile:
-        p5, o5 = torch_opt(foreach=True)
-
-        @torch.compile(fullgraph=False)
-        def compiled_step():
-            o5.step()
-            with torch.no_grad():
-                for x in p5:
-                    x.copy_(F.softshrink(x, thresh))
-
-        fns["torch.compile(SGD+prox)"] = compiled_step
+        fns["torch.compile(SGD+prox)"] = torch.compile(sgd_then_softshrink(foreach=True)[2], fullgraph=False)
     return fns
 
 
