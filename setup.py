@@ -89,12 +89,15 @@ def _extensions():
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std here: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.13).
-    # -fopenmp: at::parallel_for is an inline template over OpenMP; compiled without it the CPU kernels
-    # run on one thread. The loader shares the libgomp.so.1 torch already loaded (same soname).
-    cxx = opt + ["-fdiagnostics-color=always", "-fopenmp"]
+    # -fopenmp (when torch itself uses OpenMP): at::parallel_for is an inline template over OpenMP, and
+    # compiled without it the CPU kernels run on one thread. The loader shares the libgomp.so.1 that
+    # torch already loaded (same soname), so there is one OpenMP runtime.
+    import torch
+
+    omp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx = opt + ["-fdiagnostics-color=always"] + omp
     extra = {"cxx": cxx}
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True,
-                  extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True, extra_link_args=omp)
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
