@@ -298,6 +298,22 @@ def _subgrad(x, PENALTY: tl.constexpr, a, eps, ACC: tl.constexpr, LIBDEVICE: tl.
 
 
 @triton.jit
+def _locate(meta, T, NL: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """This program's (tensor index, tile index in that tensor, numel, group-row length), read from the
+    meta layout: NL address lists, then numels at NL*T, row lengths at (NL+1)*T, the program table at
+    (NL+2)*T."""
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(meta + (NL + 2) * T + 2 * pid)
+    tile = tl.load(meta + (NL + 2) * T + 2 * pid + 1)
+    n = tl.load(meta + NL * T + ti)
+    L = tl.load(meta + (NL + 1) * T + ti)
+    if ALIGNED:  # every numel (and row length) a multiple of VEC: lets the compiler vectorise
+        n = tl.multiple_of(n, VEC)
+        L = tl.multiple_of(L, VEC)
+    return ti, tile, n, L
+
+
+@triton.jit
 def _load_base(meta, k: tl.constexpr, T, ti, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Address of tensor ``ti`` of list ``k`` as a typed pointer (16-byte aligned when ALIGNED)."""
     ptr = tl.load(meta + k * T + ti).to(tl.pointer_type(DTYPE))
@@ -385,15 +401,7 @@ def _fused_step_kernel(
     EMULATE_RNE: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
 ):
     """``target <- prox(update(...))`` over every tensor of the lists in ``meta`` (list 0 is the target)."""
-    pid = tl.program_id(0).to(tl.int64)
-    ti = tl.load(meta + (NL + 2) * T + 2 * pid)
-    tile = tl.load(meta + (NL + 2) * T + 2 * pid + 1)
-    n = tl.load(meta + NL * T + ti)
-    L = tl.load(meta + (NL + 1) * T + ti)
-    if ALIGNED:  # every numel (and row length) a multiple of VEC: lets the compiler vectorise
-        n = tl.multiple_of(n, VEC)
-        L = tl.multiple_of(L, VEC)
-
+    ti, tile, n, L = _locate(meta, T, NL, ALIGNED, VEC)
     b0 = _load_base(meta, 0, T, ti, DTYPE, ALIGNED)
     if NL > 1:
         b1 = _load_base(meta, 1, T, ti, DTYPE, ALIGNED)
@@ -486,14 +494,7 @@ def _prox_backward_kernel(
     EMULATE_RNE: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
 ):
     """Lists: 0 out, 1 x, 2 grad. out = (d prox / d x)^T grad."""
-    pid = tl.program_id(0).to(tl.int64)
-    ti = tl.load(meta + 5 * T + 2 * pid)
-    tile = tl.load(meta + 5 * T + 2 * pid + 1)
-    n = tl.load(meta + 3 * T + ti)
-    L = tl.load(meta + 4 * T + ti)
-    if ALIGNED:
-        n = tl.multiple_of(n, VEC)
-        L = tl.multiple_of(L, VEC)
+    ti, tile, n, L = _locate(meta, T, 3, ALIGNED, VEC)
     bo = _load_base(meta, 0, T, ti, DTYPE, ALIGNED)
     bx = _load_base(meta, 1, T, ti, DTYPE, ALIGNED)
     bg = _load_base(meta, 2, T, ti, DTYPE, ALIGNED)
@@ -557,14 +558,7 @@ def _penalty_grad_kernel(
     EMULATE_RNE: tl.constexpr, LIBDEVICE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
 ):
     """Lists: 0 grads (updated), 1 params. grads += s dR/dp."""
-    pid = tl.program_id(0).to(tl.int64)
-    ti = tl.load(meta + 4 * T + 2 * pid)
-    tile = tl.load(meta + 4 * T + 2 * pid + 1)
-    n = tl.load(meta + 2 * T + ti)
-    L = tl.load(meta + 3 * T + ti)
-    if ALIGNED:
-        n = tl.multiple_of(n, VEC)
-        L = tl.multiple_of(L, VEC)
+    ti, tile, n, L = _locate(meta, T, 2, ALIGNED, VEC)
     bg = _load_base(meta, 0, T, ti, DTYPE, ALIGNED)
     bw = _load_base(meta, 1, T, ti, DTYPE, ALIGNED)
     s = _to_acc(s_, ACC)
