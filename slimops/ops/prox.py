@@ -89,8 +89,6 @@ def prox(x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = 
     ``prox_backward`` (the implicit-function derivative away from the thresholds, 0 on the zeroed set).
     """
     op = "prox"
-    if not isinstance(x, Tensor):
-        _checks.fail(op, "x must be a tensor", TypeError)
     _checks.check_prox_input(op, "x", x)
     _checks.check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
