@@ -1,0 +1,52 @@
+"""The CIFAR model zoo of network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2).
+
+``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS`. Every model is a
+:class:`SlimmableModel`: it knows its build configuration (``config()``) and lists its prunable
+BatchNorms with the layers they touch (``slim_groups()``), which is what the compaction engine of
+:mod:`slimops.pruning` consumes.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from slimops.models._slim import SlimGroup, SlimmableModel, arch_summary, check_config
+from slimops.models.densenet import DenseNet
+from slimops.models.preresnet import PreResNet
+from slimops.models.vgg import VGG
+
+_FACTORIES = {
+    "vgg11": lambda **kw: VGG(11, **kw),
+    "vgg13": lambda **kw: VGG(13, **kw),
+    "vgg16": lambda **kw: VGG(16, **kw),
+    "vgg19": lambda **kw: VGG(19, **kw),
+    "preresnet20": lambda **kw: PreResNet(20, bottleneck=False, **kw),
+    "preresnet56": lambda **kw: PreResNet(56, bottleneck=False, **kw),
+    "preresnet164": lambda **kw: PreResNet(164, bottleneck=True, **kw),
+    "densenet40": lambda **kw: DenseNet(40, growth=12, **kw),
+}
+
+MODELS: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """Build model ``name`` (one of :data:`MODELS`) with Liu et al.'s initialisation (BN γ = 0.5).
+
+    ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
+    rate and the stem's channels). Raises ``ValueError`` naming the bad argument.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
+    check_config("slimops.models.build", num_classes, in_channels, width)
+    return _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+__all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel", "VGG", "PreResNet", "DenseNet"]
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """Rebuilds a model from its ``model.config()`` (as stored in plans and model files)."""
+    try:
+        return build(config["arch"], num_classes=config["num_classes"], in_channels=config["in_channels"],
+                     width=config["width"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"slimops.models.build_from_config: not a model config: {config!r}") from e
