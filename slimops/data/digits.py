@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 
 
-def load_digits(size: int = 8, test_fraction: float = 0.25, seed: int = 0):
-    """Returns ``(x_train, y_train, x_test, y_test)``: float32 images (N, 1, size, size) scaled to
-    [0, 1] then standardised with the training mean/std, and int64 labels 0-9.
+def digits_split(size: int = 8, test_fraction: float = 0.25, seed: int = 0):
+    """Returns ``(x, train_idx, test_idx, y)``: all 1,797 images as float32 (N, 1, size, size) in
+    [0, 1] (not standardised), the seeded stratified split's indices, and int64 labels 0-9.
 
-    ``size`` other than 8 resizes bilinearly (e.g. 32 for CIFAR-shaped models).
+    Shared by :func:`load_digits` and ``slimops.data.load("digits")`` so both see the same split.
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"slimops.data.load_digits: size must be a positive int, got {size!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"slimops.data.load_digits: test_fraction must be in [0, 1), got {test_fraction!r}")
     try:
         from sklearn.datasets import load_digits as _sk_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -33,7 +37,29 @@ def load_digits(size: int = 8, test_fraction: float = 0.25, seed: int = 0):
         n_test = int(round(len(idx) * test_fraction))
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
-    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+    return x, torch.cat(train_idx), torch.cat(test_idx), y
+
+
+def load_digits(size: int = 8, test_fraction: float = 0.25, seed: int = 0):
+    """Returns ``(x_train, y_train, x_test, y_test)``: float32 images (N, 1, size, size) scaled to
+    [0, 1] then standardised with the training mean/std, and int64 labels 0-9.
+
+    ``size`` other than 8 resizes bilinearly (e.g. 32 for CIFAR-shaped models).
+    """
+    x, tr, te, y = digits_split(size, test_fraction, seed)
     mean, std = x[tr].mean(), x[tr].std()
     x = (x - mean) / std
     return x[tr], y[tr], x[te], y[te]
+
+
+def digits_data(size: int = 32, seed: int = 0):
+    """The digits as :class:`~slimops.data.image_data.ImageData`: float32 images in [0, 1] resized to
+    ``size``, the same split as :func:`load_digits`, mean/std of the training split, and 2-pixel random
+    crops (small translations) but no flips, since a mirrored digit is a different digit (or none)."""
+    from slimops.data.image_data import ImageData
+
+    x, tr, te, y = digits_split(size, 0.25, seed)
+    x_tr = x[tr]
+    mean, std = x_tr.mean().reshape(1), x_tr.std().reshape(1)
+    return ImageData(name="digits", num_classes=10, in_channels=1, size=size, x_train=x_tr, y_train=y[tr],
+                     x_test=x[te], y_test=y[te], mean=mean, std=std, pad=2, flip=False)
