@@ -1,16 +1,26 @@
 """Command line of slimops: ``python -m slimops <command> [options]``.
 
 Commands:
-  demo   proximal training on the embedded digits data, showing channel sparsity appear (slimops.demo)
-  info   versions, build flags and the backends of every op (slimops.info)
+  slim      train toward sparse channels, plan, compact, (fine-tune), report (slimops.pruning.pipeline)
+  prune     plan and compact a trained dense.pt
+  finetune  fine-tune a pruned.pt (or any model file)
+  eval      accuracy, params, FLOPs and latency of a model file
+  demo      proximal network slimming of a VGG on the embedded digits data, with a summary table
+  info      versions, build flags and the backends of every op (slimops.info)
+
+`python -m slimops <command> --help` lists a command's options.
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {
-    "demo": "slimops.demo",
-    "info": "slimops.info",
+COMMANDS = {  # command -> "module:function" taking argv
+    "slim": "slimops.pruning.cli:main_slim",
+    "prune": "slimops.pruning.cli:main_prune",
+    "finetune": "slimops.pruning.cli:main_finetune",
+    "eval": "slimops.pruning.cli:main_eval",
+    "demo": "slimops.demo:main",
+    "info": "slimops.info:main",
 }
 
 
@@ -23,4 +33,5 @@ def main(argv=None) -> None:
         return
     import importlib
 
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    module, func = COMMANDS[argv[0]].split(":")
+    getattr(importlib.import_module(module), func)(argv[1:])

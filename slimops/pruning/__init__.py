@@ -1,0 +1,14 @@
+"""Slimming pipelines: train toward sparse channels, plan, compact, fine-tune (ALGORITHMS.md §2-§5).
+
+    model = slimops.models.build("vgg11", width=0.5)
+    ...train with a method (slimops.pruning.methods / the CLI `python -m slimops slim`)...
+    plan = slimops.pruning.plan_from_bn(model)            # the exact zeros; or percent=0.5
+    small = slimops.pruning.compact(model, plan)          # a physically smaller dense model
+    same_arch = slimops.pruning.build_pruned(Plan.from_json(plan.to_json()))
+"""
+from slimops.pruning.compact import build_pruned, compact, compaction_error
+from slimops.pruning.methods import METHODS, MethodConfig, SlimMethod, default_lam
+from slimops.pruning.plan import Plan, plan_from_bn
+
+__all__ = ["Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "METHODS", "MethodConfig",
+           "SlimMethod", "default_lam"]

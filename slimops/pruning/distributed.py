@@ -1,0 +1,107 @@
+"""Data-parallel training with PyTorch's own engine: ``torchrun`` + DDP (gloo on CPU, nccl on GPU).
+
+Under ``torchrun`` every rank trains on its share of each global batch (a ``DistributedSampler``) and
+DDP averages the gradients. BatchNorm must see the *global* batch too, or the slimmed BN statistics
+would depend on the number of processes: on CUDA that is ``nn.SyncBatchNorm``; it refuses CPU tensors,
+so on CPU :class:`GlobalBatchNorm2d` computes the same global statistics with an autograd-aware
+all-reduce. With both, N processes reproduce the 1-process run on the same global batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: torch.device) -> DistInfo:
+    """Joins the process group ``torchrun`` describes in the environment (nothing without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks.
+
+    mean = sum(x)/N and var = sum(x^2)/N - mean^2 with the sums all-reduced (``torch.distributed.nn``'s
+    all_reduce, whose backward all-reduces the gradient, so the backward is the global batch's too).
+    Running statistics follow nn.BatchNorm2d (unbiased variance, momentum). Eval mode is local.
+    """
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), n_local])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Global-batch BatchNorm for data-parallel training, in place: SyncBatchNorm on CUDA,
+    GlobalBatchNorm2d on CPU. Only the class changes (parameters, buffers and module names stay), so
+    state_dicts, slim_groups and the optimizer's parameter references are untouched."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            if device.type == "cuda":
+                m.__class__ = nn.SyncBatchNorm
+                m.process_group = None  # the default (world) group
+            else:
+                m.__class__ = GlobalBatchNorm2d
+    return model
+
+
+def restore_batchnorm(model: nn.Module) -> nn.Module:
+    """Undoes :func:`convert_batchnorm` (before saving or compacting a plain model)."""
+    for m in model.modules():
+        if type(m) in (GlobalBatchNorm2d, nn.SyncBatchNorm):
+            m.__class__ = nn.BatchNorm2d
+            m.__dict__.pop("process_group", None)
+    return model

@@ -1,0 +1,303 @@
+"""The network-slimming pipeline, step by step as in the papers' algorithm boxes:
+
+    train (method) -> plan (plan_from_bn) -> compact -> fine-tune (optional) -> report
+
+:func:`slim` runs all of it; :func:`prune`, :func:`finetune` and :func:`evaluate_file` run one step on
+files a previous step wrote. Output directory layout (rank 0 writes):
+
+    dense.pt      the trained full-size model (+ xi for proximal NS)      ``slimops-model``, kind dense
+    plan.json     kept channels per BN layer (:class:`Plan`)
+    pruned.pt     the compacted model: its plan and state_dict            ``slimops-model``, kind pruned
+    metrics.json  accuracy, channels, params, FLOPs, latency, per-epoch history
+    *.png         score histogram, per-layer channels before/after, training curves
+    log.txt       the log;  checkpoint-<stage>.pt  the per-epoch checkpoints (``--resume``)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from slimops.pruning import distributed as D
+from slimops.pruning.checkpoint import FORMAT_VERSION, MODEL_FORMAT, atomic_save, atomic_write_text, load_file
+from slimops.pruning.compact import build_pruned, compact, compaction_error
+from slimops.pruning.methods import METHODS, MethodConfig, default_lam
+from slimops.pruning.plan import Plan, plan_from_bn
+from slimops.pruning.train import TrainConfig, evaluate, recalibrate_bn, run_config_of, train_stage
+
+log = logging.getLogger("slimops.pruning")
+
+# Methods whose scores become exactly zero: the plan removes the zeros, no percentile to pick.
+EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
+DEFAULT_NS_PERCENT = 0.5
+
+
+def setup_logging(out: str, is_main: bool) -> None:
+    logger = logging.getLogger("slimops")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        if getattr(h, "_slimops", False):
+            logger.removeHandler(h)
+            h.close()
+    if not is_main:
+        return
+    os.makedirs(out, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.FileHandler(os.path.join(out, "log.txt")), logging.StreamHandler()):
+        h.setFormatter(fmt)
+        h._slimops = True
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def save_model_file(path: str, model: nn.Module, *, kind: str, plan: Optional[Plan] = None,
+                    xi=None, extra: Optional[dict] = None) -> None:
+    obj = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "kind": kind, "config": dict(model.config()),
+           "state_dict": model.state_dict(), "plan": None if plan is None else plan.to_dict(),
+           "xi": None if xi is None else [t.detach().cpu().clone() for t in xi], "extra": extra or {}}
+    atomic_save(obj, path)
+
+
+def load_model_file(path: str, device=None) -> tuple:
+    """(model, file dict) from a dense.pt / pruned.pt; a foreign, corrupted or mismatching file raises."""
+    from slimops.models import build_from_config
+
+    obj = load_file(path, MODEL_FORMAT, "slimops.pruning.load_model_file")
+    try:
+        if obj["kind"] == "pruned":
+            model = build_pruned(Plan.from_dict(obj["plan"]))
+        else:
+            model = build_from_config(obj["config"])
+        model.load_state_dict(obj["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"slimops.pruning.load_model_file: '{path}' does not hold a loadable slimops model ({e})") from e
+    if device is not None:
+        model.to(device)
+    return model, obj
+
+
+@torch.no_grad()
+def _masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
+    """The dense model with the removed channels' gamma zeroed (beta kept): what a masked network
+    computes. The compacted model equals it (up to rounding) when the plan folds the removed channels'
+    constants; compaction_error against it measures exactly that."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for g in m.slim_groups():
+        bn = m.get_submodule(g.bn)
+        mask = torch.ones(bn.num_features, dtype=torch.bool)
+        mask[plan.layers[g.bn]] = False
+        bn.weight[mask.to(bn.weight.device)] = 0
+    return m
+
+
+def model_report(model: nn.Module, data, device: torch.device, *, latency_batch: int = 64) -> dict:
+    from slimops.pruning.metrics import count_macs, count_params, measure_latency
+
+    shape = (data.in_channels, data.size, data.size)
+    macs = count_macs(model, shape)
+    lat = measure_latency(model, shape, batch=latency_batch)
+    return {"params": count_params(model), "macs": macs, "flops": 2 * macs, "latency_ms": lat["median_ms"],
+            "latency": lat}
+
+
+def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn_recal: int = 100) -> tuple:
+    """Compacts ``dense`` with ``plan``, re-estimates its BN statistics from ``bn_recal`` training batches
+    (0: keep the trained ones) and measures both models: (pruned model, report dict)."""
+    pruned = compact(dense, plan)
+    # A probe batch spread over the test set (which is stored grouped by class).
+    probe = torch.linspace(0, len(data.y_test) - 1, min(256, len(data.y_test))).long()
+    x = data.normalise(data.x_test[probe]).to(device)
+    errors = {"compaction_vs_dense": compaction_error(dense, pruned, x),
+              "compaction_vs_masked": compaction_error(_masked_copy(dense, plan), pruned, x)}
+    acc_stale = evaluate(pruned, data, device)
+    images = recalibrate_bn(pruned, data, device, batches=bn_recal)
+    rd, rp = model_report(dense, data, device), model_report(pruned, data, device)
+    return pruned, {
+        "acc_pruned_no_finetune": evaluate(pruned, data, device),
+        "acc_pruned_trained_bn_stats": acc_stale, "bn_recalibration_images": images,
+        "channels_total": plan.channels_total, "channels_kept": plan.channels_kept,
+        "kept_fraction": plan.kept_fraction,
+        "params_dense": rd["params"], "params_pruned": rp["params"],
+        "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
+        "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
+        "latency_ms_dense": rd["latency_ms"], "latency_ms_pruned": rp["latency_ms"],
+        "latency_speedup": rd["latency_ms"] / max(rp["latency_ms"], 1e-9),
+        "latency_batch": rd["latency"]["batch"], "latency_threads": rd["latency"]["threads"],
+        **errors,
+        "constant_channels": len(plan.constant),
+        "layers": {k: {"total": plan.channels[k], "kept": len(v)} for k, v in plan.layers.items()},
+    }
+
+
+def write_metrics(out: str, metrics: dict) -> None:
+    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2, default=str))
+
+
+def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], beta: Optional[float], a: float,
+                   steps: int) -> MethodConfig:
+    """A MethodConfig whose unset lam/beta take the calibrated defaults for a run of ``steps`` steps."""
+    if method not in METHODS:
+        raise ValueError(f"slimops.pruning: unknown method '{method}' (expected one of: {', '.join(METHODS)})")
+    cfg = MethodConfig(method=method, penalty=penalty, a=a)
+    cfg.lam = default_lam(method, steps, cfg.penalty) if lam is None else float(lam)
+    if beta is not None:
+        cfg.beta = float(beta)
+    cfg.__post_init__()
+    return cfg
+
+
+def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Optional[str] = None,
+         method: str = "proximal-ns", penalty: Optional[str] = None, lam: Optional[float] = None,
+         beta: Optional[float] = None, a: float = 1.0, percent: Optional[float] = -1.0, epochs: int = 15,
+         finetune_epochs: int = 0, batch: int = 64, lr: float = 0.1, seed: int = 0, out: str = "runs/slim",
+         resume: bool = False, device: str = "cpu", augment: bool = True, fold: bool = True,
+         bn_recal: int = 100, progress: bool = True, plots: bool = True) -> dict:
+    """Train -> plan -> compact -> (fine-tune) -> report, writing everything to ``out``.
+
+    ``percent=-1`` (the default) picks per method: remove the exact zeros for none / prox-sgd /
+    proximal-ns, the lowest 50% of |gamma| for the subgradient methods (whose gammas never reach 0).
+    The compacted model's BN statistics are re-estimated from ``bn_recal`` training batches
+    (:func:`slimops.pruning.train.recalibrate_bn`; 0 keeps the trained ones).
+    """
+    from slimops.data import load as load_data
+    from slimops.models import build
+
+    dev = torch.device(device)
+    info = D.init_from_env(dev)
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    setup_logging(out, info.is_main)
+    try:
+        ds = load_data(data, data_dir)
+        if percent is not None and percent < 0:
+            percent = None if method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
+        tcfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
+        steps = epochs * tcfg.steps_per_epoch(len(ds.y_train))
+        mcfg = resolve_method(method, penalty, lam, beta, a, steps)
+        torch.manual_seed(seed)
+        net = build(model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=width)
+        run_cfg = run_config_of(net.config(), data, mcfg, tcfg)
+        if info.is_main:
+            log.info("slim: %s (width %g) on %s: %d train / %d test images; method %s; %d steps", model, width,
+                     data, len(ds.y_train), len(ds.y_test), json.dumps(asdict(mcfg)), steps)
+        res = train_stage(net, ds, mcfg, tcfg, stage="train", ckpt_path=os.path.join(out, "checkpoint-train.pt"),
+                          resume=resume, device=dev, dist_info=info, run_config=run_cfg, progress=progress)
+        xi = res.method.scores()
+        acc_dense = evaluate(net, ds, dev)
+        plan = plan_from_bn(net, percent, xi=xi, fold=fold)
+        plan.meta.update(method=method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
+        metrics = {"model": net.config(), "data": data, "method": asdict(mcfg), "train": run_cfg["train"],
+                   "steps": steps, "percent": percent, "acc_before_prune": acc_dense}
+        if info.is_main:
+            save_model_file(os.path.join(out, "dense.pt"), net, kind="dense", xi=xi, extra={"method": asdict(mcfg)})
+            plan.save(os.path.join(out, "plan.json"))
+        pruned, rep = prune_report(net, plan, ds, dev, bn_recal=bn_recal)
+        metrics.update(rep)
+        history = list(res.history)
+        if finetune_epochs > 0:
+            ft_cfg = TrainConfig(epochs=finetune_epochs, lr=lr, batch=batch, seed=seed + 1, augment=augment)
+            ft_run = run_config_of(pruned.config(), data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
+            ft = train_stage(pruned, ds, MethodConfig("none"), ft_cfg, stage="finetune",
+                             ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
+                             dist_info=info, run_config=ft_run, progress=progress)
+            history += ft.history
+        metrics["finetune_epochs"] = finetune_epochs
+        metrics["acc"] = evaluate(pruned, ds, dev)
+        metrics["history"] = history
+        if info.is_main:
+            save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
+            write_metrics(out, metrics)
+            if plots:
+                from slimops.pruning.plots import plot_run
+
+                metrics["plots"] = plot_run(out, net, plan, xi, history)
+                write_metrics(out, metrics)
+            log.info("slim: %s", summary_line(metrics))
+        D.barrier(info)
+        return metrics
+    finally:
+        D.shutdown(info)
+
+
+def summary_line(m: dict) -> str:
+    return (f"acc {m['acc']:.4f} (before pruning {m['acc_before_prune']:.4f}, pruned without fine-tuning "
+            f"{m['acc_pruned_no_finetune']:.4f}); channels {m['channels_kept']}/{m['channels_total']}; "
+            f"params {m['params_dense']:,} -> {m['params_pruned']:,}; FLOPs {m['flops_dense']:.3g} -> "
+            f"{m['flops_pruned']:.3g}; latency x{m['latency_speedup']:.2f}")
+
+
+def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits", data_dir: Optional[str] = None,
+          seed: int = 0, out: str = "runs/prune", device: str = "cpu", fold: bool = True,
+          bn_recal: int = 100) -> dict:
+    """Plans and compacts a trained dense model file (``dense.pt``; its xi is used when present)."""
+    from slimops.data import load as load_data
+
+    dev = torch.device(device)
+    setup_logging(out, True)
+    net, obj = load_model_file(weights, dev)
+    if obj["kind"] != "dense":
+        raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt")
+    ds = load_data(data, data_dir)
+    plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
+    plan.save(os.path.join(out, "plan.json"))
+    metrics = {"model": net.config(), "data": data, "percent": percent, "source": weights,
+               "acc_before_prune": evaluate(net, ds, dev)}
+    pruned, rep = prune_report(net, plan, ds, dev, bn_recal=bn_recal)
+    metrics.update(rep)
+    metrics["acc"] = metrics["acc_pruned_no_finetune"]
+    save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
+    write_metrics(out, metrics)
+    log.info("prune: %s", summary_line(metrics))
+    return metrics
+
+
+def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optional[str] = None, lr: float = 0.1,
+             batch: int = 64, seed: int = 0, out: str = "runs/finetune", resume: bool = False,
+             device: str = "cpu", augment: bool = True, progress: bool = True) -> dict:
+    """Fine-tunes a model file (usually ``pruned.pt``) with plain SGD; writes ``finetuned.pt``."""
+    from slimops.data import load as load_data
+
+    dev = torch.device(device)
+    info = D.init_from_env(dev)
+    setup_logging(out, info.is_main)
+    try:
+        net, obj = load_model_file(weights, dev)
+        plan = Plan.from_dict(obj["plan"]) if obj.get("plan") else None
+        ds = load_data(data, data_dir)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
+        run = run_config_of(net.config(), data, MethodConfig("none"), cfg, plan=obj.get("plan"), source=weights)
+        acc0 = evaluate(net, ds, dev)
+        res = train_stage(net, ds, MethodConfig("none"), cfg, stage="finetune",
+                          ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
+                          dist_info=info, run_config=run, progress=progress)
+        metrics = {"model": net.config(), "data": data, "source": weights, "acc_before": acc0,
+                   "acc": evaluate(net, ds, dev), "history": res.history}
+        if info.is_main:
+            save_model_file(os.path.join(out, "finetuned.pt"), net, kind=obj["kind"], plan=plan, xi=obj.get("xi"))
+            write_metrics(out, metrics)
+            log.info("finetune: acc %.4f -> %.4f", acc0, metrics["acc"])
+        return metrics
+    finally:
+        D.shutdown(info)
+
+
+def evaluate_file(*, weights: str, data: str = "digits", data_dir: Optional[str] = None, seed: int = 0,
+                  device: str = "cpu", latency_batch: int = 64) -> dict:
+    """Accuracy, params, FLOPs and latency of a model file."""
+    from slimops.data import load as load_data
+
+    dev = torch.device(device)
+    net, obj = load_model_file(weights, dev)
+    ds = load_data(data, data_dir)
+    rep = model_report(net, ds, dev, latency_batch=latency_batch)
+    return {"weights": weights, "kind": obj["kind"], "model": net.config(), "data": data,
+            "acc": evaluate(net, ds, dev), "params": rep["params"], "flops": rep["flops"],
+            "latency_ms": rep["latency_ms"], "latency": rep["latency"]}

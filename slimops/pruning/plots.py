@@ -1,0 +1,69 @@
+"""PNG plots of a slimming run: the channel-score histogram, per-layer channels kept, training curves."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from slimops.pruning.plan import Plan, bn_scores
+
+
+def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tensor]], history: list) -> list:
+    """Writes scores.png, channels.png and curves.png into ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    scores = torch.cat(list(bn_scores(model, xi).values())).numpy()
+    label = "|xi|" if xi is not None else "|gamma|"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    nz = scores[scores > 0]
+    ax.hist(nz if len(nz) else scores, bins=60, color="tab:blue")
+    thr = plan.meta.get("threshold")
+    if thr is not None and thr > 0:
+        ax.axvline(thr, color="tab:red", linestyle="--", label=f"threshold {thr:.3g}")
+        ax.legend()
+    ax.set(title=f"BN channel scores {label}: {int((scores == 0).sum())} of {len(scores)} exactly 0 (not shown)",
+           xlabel=label, ylabel="channels", yscale="log")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "scores.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    names = list(plan.layers)
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar(xs, [plan.channels[n] for n in names], color="lightgray", label="before")
+    ax.bar(xs, [len(plan.layers[n]) for n in names], color="tab:green", label="kept")
+    ax.set(title=f"channels per BN layer: {plan.channels_kept}/{plan.channels_total} kept "
+                 f"({plan.kept_fraction:.1%})", xlabel="BN layer (module order)", ylabel="channels")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out, "channels.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if history:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        ep = list(range(1, len(history) + 1))
+        axes[0].plot(ep, [h["loss"] for h in history], marker=".")
+        axes[1].plot(ep, [h["test_acc"] for h in history], marker=".", label="test")
+        axes[1].plot(ep, [h["train_acc"] for h in history], marker=".", label="train")
+        axes[2].plot(ep, [h["zero_fraction"] for h in history], marker=".")
+        n_train = sum(h["stage"] == "train" for h in history)
+        for ax in axes:
+            if n_train < len(history):
+                ax.axvline(n_train + 0.5, color="gray", linestyle=":")
+        axes[0].set(title="training loss", xlabel="epoch")
+        axes[1].set(title="accuracy", xlabel="epoch")
+        axes[1].legend()
+        axes[2].set(title="fraction of scores exactly 0", xlabel="epoch", ylim=(-0.02, 1.02))
+        fig.tight_layout()
+        paths.append(os.path.join(out, "curves.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

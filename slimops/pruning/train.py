@@ -1,0 +1,217 @@
+"""The training loop shared by the slimming and fine-tuning stages: SGD + the method's sparsity updates,
+a per-epoch atomic checkpoint, exact resume, and data parallelism under ``torchrun``.
+
+Exact resume: the sample order of epoch ``e`` comes from a ``DistributedSampler`` seeded with
+``seed + e``, each sample's augmentation from ``(seed, e, index)`` (``ImageData.train_batch``), and the
+checkpoint holds the model, optimizer, LR scheduler, method state (xi) and RNG states. A run killed at
+any point and resumed from its last checkpoint therefore replays the remaining epochs bit for bit on
+the same machine and thread count.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimops.pruning import distributed as D
+from slimops.pruning.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, load_file, rng_state, set_rng_state
+from slimops.pruning.methods import MethodConfig, SlimMethod
+
+log = logging.getLogger("slimops.pruning")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch: int = 64                       # global batch (split over DDP ranks)
+    seed: int = 0
+    milestones: tuple = (0.5, 0.75)       # lr /10 at these fractions of the epochs (Liu et al.)
+    augment: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ValueError(f"slimops.pruning: epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"slimops.pruning: lr must be > 0, got {self.lr}")
+        if self.batch < 1:
+            raise ValueError(f"slimops.pruning: batch must be >= 1, got {self.batch}")
+        self.milestones = tuple(self.milestones)
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        return math.ceil(n_train / self.batch)
+
+
+@dataclass
+class StageResult:
+    history: list = field(default_factory=list)
+    method: Optional[SlimMethod] = None
+    resumed_from: int = 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, device: torch.device, batch: int = 512) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for x, y in data.test_batches(batch):
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+    model.train(was)
+    return correct / len(data.y_test)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data, device: torch.device, *, batches: int = 100, batch: int = 64,
+                   seed: int = 0) -> int:
+    """Re-estimates every BatchNorm's running statistics of ``model`` from training images.
+
+    Pruning changes the distribution each BN downstream sees (a removed channel with a small but
+    nonzero gamma, or any channel removed by a percentile, no longer contributes), and proximal NS
+    moves gamma every step, so the running statistics a model was saved with are stale for the
+    pruned network. One forward pass in train mode without gradients over ``batches`` training
+    batches (no augmentation, cumulative average: ``momentum=None``) re-estimates them; no labels and
+    no weight is touched (the "BN calibration" of Yu & Huang 2019 and the adaptive BN of Li et al.
+    2020). Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    was = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.y_train), generator=g)[:batches * batch]
+    try:
+        for i in range(0, len(order), batch):
+            x, _ = data.train_batch(order[i:i + batch], 0, seed, augment=False)
+            model(x.to(device))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return len(order)
+
+
+def _milestone_epochs(cfg: TrainConfig) -> list:
+    return sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones if 0 < f < 1})
+
+
+def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConfig, *, stage: str,
+                ckpt_path: Optional[str], resume: bool, device: torch.device, dist_info: D.DistInfo,
+                run_config: dict, progress: bool = True,
+                on_epoch: Optional[Callable[[dict], None]] = None) -> StageResult:
+    """Trains ``model`` in place for ``cfg.epochs`` epochs with ``method_cfg``'s sparsity updates.
+
+    ``ckpt_path`` (rank 0 writes it) receives a checkpoint after every epoch; with ``resume`` an
+    existing one is loaded first and must have been written by the same ``run_config`` and ``stage``.
+    """
+    model.to(device)
+    method = SlimMethod(method_cfg, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = method.optimizer
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestone_epochs(cfg), gamma=0.1)
+    result = StageResult(method=method)
+    start = 0
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        ck = load_file(ckpt_path, CHECKPOINT_FORMAT, "slimops.pruning.resume")
+        if ck.get("stage") != stage or ck.get("run_config") != run_config:
+            raise ValueError(f"slimops.pruning.resume: '{ckpt_path}' was written by a different run or stage "
+                             f"(stage {ck.get('stage')!r}; run config {ck.get('run_config')} != {run_config})")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        method.load_state_dict(ck["method"])
+        set_rng_state(ck["rng"])
+        result.history = list(ck["history"])
+        start = result.resumed_from = int(ck["epoch"])
+        if dist_info.is_main:
+            log.info("%s: resumed from %s after epoch %d", stage, ckpt_path, start)
+
+    net = model
+    if dist_info.enabled:
+        D.convert_batchnorm(model, device)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n = len(data.y_train)
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist_info.world, rank=dist_info.rank,
+                                                  shuffle=True, seed=cfg.seed, drop_last=False)
+    local_batch = cfg.batch // dist_info.world
+    if local_batch * dist_info.world != cfg.batch:
+        raise ValueError(f"slimops.pruning: batch {cfg.batch} is not divisible by the {dist_info.world} processes")
+
+    bar = None
+    if progress and dist_info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start, desc=stage, unit="epoch", leave=False)
+    try:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+            net.train()
+            tot_loss = torch.zeros((), dtype=torch.float64)
+            tot_correct, seen = 0, 0
+            for i in range(0, len(order), local_batch):
+                idx = order[i:i + local_batch]
+                x, y = data.train_batch(idx, epoch, cfg.seed, augment=cfg.augment)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                method.after_backward()
+                opt.step()
+                method.after_step()
+                tot_loss += loss.detach().double().cpu() * len(idx)
+                tot_correct += int((out.detach().argmax(1) == y).sum())
+                seen += len(idx)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
+                   "train_acc": tot_correct / max(seen, 1), "test_acc": evaluate(model, data, device),
+                   "zero_fraction": method.zero_fraction(), "seconds": time.perf_counter() - t0}
+            result.history.append(rec)
+            if dist_info.is_main:
+                log.info("%s epoch %d/%d: loss %.4f, train %.4f, test %.4f, lr %.4g, zero %.3f, %.1fs", stage,
+                         rec["epoch"], cfg.epochs, rec["loss"], rec["train_acc"], rec["test_acc"], lr,
+                         rec["zero_fraction"], rec["seconds"])
+                if ckpt_path:
+                    D.restore_batchnorm(model)  # the checkpoint holds a plain model
+                    atomic_save({"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "stage": stage,
+                                 "epoch": epoch + 1, "run_config": run_config, "model": model.state_dict(),
+                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                 "method": method.state_dict(), "rng": rng_state(),
+                                 "history": result.history}, ckpt_path)
+                    if dist_info.enabled:
+                        D.convert_batchnorm(model, device)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['test_acc']:.3f}",
+                                    zero=f"{rec['zero_fraction']:.2f}")
+                if on_epoch is not None:
+                    on_epoch(rec)
+            D.barrier(dist_info)
+    finally:
+        if bar is not None:
+            bar.close()
+        D.restore_batchnorm(model)
+    return result
+
+
+def run_config_of(model_cfg: dict, data_name: str, method_cfg: MethodConfig, cfg: TrainConfig, **extra) -> dict:
+    """What a checkpoint must agree with to be resumed (plain JSON-able data)."""
+    d = {"model": dict(model_cfg), "data": data_name, "method": asdict(method_cfg), "train": asdict(cfg)}
+    d["train"]["milestones"] = list(cfg.milestones)
+    d.update(extra)
+    return d
