@@ -1,7 +1,7 @@
 """Data-parallel training with PyTorch's own engine: ``torchrun`` + DDP (gloo on CPU, nccl on GPU).
 
-Under ``torchrun`` every rank trains on its share of each global batch (a ``DistributedSampler``) and
-DDP averages the gradients. BatchNorm must see the *global* batch too, or the slimmed BN statistics
+Under ``torchrun`` every rank trains on its share of each global batch (``DistributedSampler``'s
+round-robin split, dealt per batch: see :mod:`slimops.pruning.train`) and DDP averages the gradients. BatchNorm must see the *global* batch too, or the slimmed BN statistics
 would depend on the number of processes: on CUDA that is ``nn.SyncBatchNorm``; it refuses CPU tensors,
 so on CPU :class:`GlobalBatchNorm2d` computes the same global statistics with an autograd-aware
 all-reduce. With both, N processes reproduce the 1-process run on the same global batch.
@@ -62,23 +62,30 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        import warnings
+
+        with warnings.catch_warnings():  # its replacement (functional collectives) has no autograd
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_reduce
 
         xf = x.float()
-        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
-        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), n_local])
-        stats = all_reduce(stats)
         c = x.shape[1]
-        n = stats[2 * c]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        dims = (0, 2, 3)
+        n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        # Two passes (mean, then the centred sum of squares) rather than E[x^2] - mean^2, which loses
+        # precision in float32 when |mean| >> std.
+        s1 = all_reduce(torch.cat([xf.sum(dim=dims), n_local]))
+        n = s1[c]
+        mean = s1[:c] / n
+        centred = xf - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum(dim=dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)

@@ -50,14 +50,20 @@ DEFAULT_PENALTY = {"prox-sgd": "l1", "proximal-ns": "l1", "ns": "l1", "ns-tl1": 
 PROX_SGD_PENALTIES = ("l1", "l0", "tl1", "l1_2")
 
 
+# The shortest run the defaults were calibrated on; shorter runs get that run's lam, not more: a lam
+# scaled up without bound would zero every channel within the first steps of a very short run.
+T_MIN = 330
+
+
 def default_lam(method: str, steps: int, penalty: Optional[str] = None) -> float:
-    """The calibrated lam for ``method`` over a run of ``steps`` SGD steps: ``LAM_AT_T_REF * T_REF/steps``."""
+    """The calibrated lam for ``method`` over a run of ``steps`` SGD steps:
+    ``LAM_AT_T_REF * T_REF / max(steps, T_MIN)``."""
     ref = LAM_AT_T_REF.get(method)
     if ref is None:
         return 0.0
     if isinstance(ref, dict):
         ref = ref[penalty or DEFAULT_PENALTY[method]]
-    return ref * T_REF / max(int(steps), 1)
+    return ref * T_REF / max(int(steps), T_MIN)
 
 
 def bn_gammas(model: nn.Module) -> list[Tensor]:

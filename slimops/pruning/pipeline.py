@@ -74,7 +74,7 @@ def load_model_file(path: str, device=None) -> tuple:
         else:
             model = build_from_config(obj["config"])
         model.load_state_dict(obj["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"slimops.pruning.load_model_file: '{path}' does not hold a loadable slimops model ({e})") from e
     if device is not None:
         model.to(device)

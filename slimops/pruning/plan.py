@@ -48,8 +48,13 @@ class Plan:
         if bad:
             raise ValueError(f"slimops.pruning.Plan: constant channels requested for layers that remove nothing or "
                              f"do not exist: {bad[:5]}")
+        for name, n in self.channels.items():
+            if not _is_int(n) or n < 1:
+                raise ValueError(f"slimops.pruning.Plan: layer '{name}' has channel count {n!r} (a positive integer expected)")
         for name, kept in self.layers.items():
             n = self.channels[name]
+            if not all(_is_int(i) for i in kept):
+                raise ValueError(f"slimops.pruning.Plan: layer '{name}' has non-integer channel indices")
             kept = [int(i) for i in kept]
             if not kept:
                 raise ValueError(f"slimops.pruning.Plan: layer '{name}' keeps no channel (at least one must stay)")
@@ -89,7 +94,7 @@ class Plan:
             raise ValueError(f"slimops.pruning.Plan.from_json: unsupported plan version {d.get('version')!r}")
         try:
             return cls(arch=dict(d["arch"]), layers={k: list(v) for k, v in d["layers"].items()},
-                       channels={k: int(v) for k, v in d["channels"].items()},
+                       channels=dict(d["channels"]),
                        constant=list(d.get("constant", [])), meta=dict(d.get("meta", {})))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"slimops.pruning.Plan.from_json: malformed plan ({e!r})") from e
@@ -128,6 +133,11 @@ class Plan:
                              f"(missing in model: {missing[:5]}, not in plan: {extra[:5]}, channel counts differ: {wrong[:5]})")
 
 
+def _is_int(v) -> bool:
+    """A true integer: JSON 3 or 3.0-free; bools and floats are refused rather than truncated."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def model_config(model: nn.Module) -> dict:
     """The build configuration of a slimops model (``model.config()``); models of other origins have none."""
     if not hasattr(model, "config") or not hasattr(model, "slim_groups"):
@@ -139,6 +149,7 @@ def model_config(model: nn.Module) -> dict:
 def bn_scores(model: nn.Module, xi: Optional[Sequence[Tensor]] = None) -> dict:
     """BN name -> channel score: |gamma|, or |xi| (proximal network slimming) given per group in
     ``model.slim_groups()`` order."""
+    model_config(model)  # a TypeError naming the problem for models that are not slimops models
     groups = model.slim_groups()
     if xi is not None and len(xi) != len(groups):
         raise ValueError(f"slimops.pruning.plan_from_bn: xi has {len(xi)} tensors, the model has {len(groups)} BN layers")

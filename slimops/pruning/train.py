@@ -1,11 +1,17 @@
 """The training loop shared by the slimming and fine-tuning stages: SGD + the method's sparsity updates,
 a per-epoch atomic checkpoint, exact resume, and data parallelism under ``torchrun``.
 
-Exact resume: the sample order of epoch ``e`` comes from a ``DistributedSampler`` seeded with
-``seed + e``, each sample's augmentation from ``(seed, e, index)`` (``ImageData.train_batch``), and the
-checkpoint holds the model, optimizer, LR scheduler, method state (xi) and RNG states. A run killed at
-any point and resumed from its last checkpoint therefore replays the remaining epochs bit for bit on
-the same machine and thread count.
+Exact resume: the sample order of epoch ``e`` is a permutation seeded with ``seed + e`` (what
+``DistributedSampler`` draws), each sample's augmentation a function of ``(seed, e, index)``
+(``ImageData.train_batch``), and the checkpoint holds the model, optimizer, LR scheduler, method state
+(xi) and RNG states. A run killed at any point and resumed from its last checkpoint therefore replays
+the remaining epochs bit for bit on the same machine and thread count.
+
+Data parallelism: every global batch of that order is dealt to the ranks round-robin (rank r takes
+positions r, r+N, ...: ``DistributedSampler``'s split, applied per batch). ``DistributedSampler``
+itself pads the epoch by repeating samples when N does not divide the data set, which would make the
+last batch differ from the 1-process run; dealing per batch never pads, and each rank's loss is
+weighted by its share of the global batch, so DDP's gradient average is the global batch mean.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -104,6 +111,13 @@ def recalibrate_bn(model: nn.Module, data, device: torch.device, *, batches: int
     return len(order)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of an epoch: ``DistributedSampler``'s permutation (seeded with seed + epoch)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
+
+
 def _milestone_epochs(cfg: TrainConfig) -> list:
     return sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones if 0 < f < 1})
 
@@ -143,11 +157,7 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
         D.convert_batchnorm(model, device)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(data.y_train)
-    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist_info.world, rank=dist_info.rank,
-                                                  shuffle=True, seed=cfg.seed, drop_last=False)
-    local_batch = cfg.batch // dist_info.world
-    if local_batch * dist_info.world != cfg.batch:
-        raise ValueError(f"slimops.pruning: batch {cfg.batch} is not divisible by the {dist_info.world} processes")
+    world, rank = dist_info.world, dist_info.rank
 
     bar = None
     if progress and dist_info.is_main:
@@ -157,28 +167,33 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+            order = epoch_order(n, cfg.seed, epoch)
             net.train()
-            tot_loss = torch.zeros((), dtype=torch.float64)
-            tot_correct, seen = 0, 0
-            for i in range(0, len(order), local_batch):
-                idx = order[i:i + local_batch]
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
+            for i in range(0, n, cfg.batch):
+                gidx = order[i:i + cfg.batch]
+                # A last global batch smaller than the world leaves some ranks an empty share: they still
+                # step (zero loss; GlobalBatchNorm2d counts no samples for them), so nothing is dropped.
+                idx = gidx[rank::world]
                 x, y = data.train_batch(idx, epoch, cfg.seed, augment=cfg.augment)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 out = net(x)
-                loss = F.cross_entropy(out, y)
+                # sum / global size * world: DDP's average over ranks is then the global-batch mean
+                loss = F.cross_entropy(out, y, reduction="sum") * (world / len(gidx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 method.after_backward()
                 opt.step()
                 method.after_step()
-                tot_loss += loss.detach().double().cpu() * len(idx)
-                tot_correct += int((out.detach().argmax(1) == y).sum())
-                seen += len(idx)
+                totals += torch.tensor([loss.detach().double().item() * len(gidx) / world,
+                                        float((out.detach().argmax(1) == y).sum()), float(len(idx))],
+                                       dtype=torch.float64)
+            if dist_info.enabled:  # the history describes the global batch, not rank 0's share
+                dist.all_reduce(totals)
+            tot_loss, tot_correct, seen = totals.tolist()
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
+            rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": tot_loss / max(seen, 1),
                    "train_acc": tot_correct / max(seen, 1), "test_acc": evaluate(model, data, device),
                    "zero_fraction": method.zero_fraction(), "seconds": time.perf_counter() - t0}
             result.history.append(rec)
