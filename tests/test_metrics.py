@@ -103,3 +103,14 @@ def test_accuracy_on_trivial_models():
         always_zero[1].weight.zero_()
         always_zero[1].bias.copy_(torch.arange(10, 0, -1).float())
     assert accuracy(always_zero.eval(), data) == pytest.approx(3 / 23) and not always_zero.training
+
+
+def test_compare_latency_measures_both_side_by_side():
+    from slimops.pruning.metrics import compare_latency
+
+    a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    r = compare_latency(a, b, (3, 8, 8), batch=2, rounds=3, reps=2, warmup=1)
+    assert set(r) >= {"baseline_ms", "candidate_ms", "speedup", "batch", "threads", "rounds", "reps"}
+    assert r["baseline_ms"] > 0 and r["candidate_ms"] > 0 and r["speedup"] > 0
+    assert r["batch"] == 2 and r["rounds"] == 3

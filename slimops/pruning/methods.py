@@ -39,8 +39,11 @@ T_REF = 125_120
 # lam at T_REF steps, per method (prox-sgd per penalty), calibrated on digits (vgg11 width 0.5, 15 epochs,
 # 330 steps: docs/slimming.md) and rescaled by T_REF/330. For comparison, the papers' CIFAR values are
 # s = 1e-4 (ns, VGG) and lam = 0.0045 with beta = 100 (proximal NS, VGG-19).
+# The subgradient methods add s*dR/dgamma to the gradient, which SGD's momentum (0.9) then
+# accumulates into a step 1/(1 - 0.9) = 10 times larger than the prox's lr*lam: their s is a tenth of
+# prox-sgd's lam (s = 0.05 at 330 steps stops training on digits altogether).
 LAM_AT_T_REF = {
-    "ns": 0.05 * 330 / T_REF, "ns-tl1": 0.05 * 330 / T_REF, "ns-lp": 0.05 * 330 / T_REF,
+    "ns": 0.005 * 330 / T_REF, "ns-tl1": 0.005 * 330 / T_REF, "ns-lp": 0.005 * 330 / T_REF,
     "prox-sgd": {"l1": 0.05 * 330 / T_REF, "l0": 0.05 * 330 / T_REF, "tl1": 0.025 * 330 / T_REF,
                  "l1_2": 0.05 * 330 / T_REF},
     "proximal-ns": 0.4 * 330 / T_REF,
@@ -78,6 +81,7 @@ class MethodConfig:
     lam: float = 0.0
     beta: float = DEFAULT_BETA
     a: float = 1.0
+    eps: float = 1e-3   # ns-lp: |gamma| is clamped to >= eps, so the p/|gamma|^(1-p) kick stays <= p/eps^(1-p)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -90,6 +94,8 @@ class MethodConfig:
             raise ValueError(f"slimops.pruning: method 'ns-lp' needs the exponent p = a in (0, 1), got a={self.a}")
         if self.method in ("ns-tl1", "prox-sgd") and self.penalty == "tl1" and not self.a > 0:
             raise ValueError(f"slimops.pruning: the tl1 penalty needs a > 0, got a={self.a}")
+        if not self.eps > 0:
+            raise ValueError(f"slimops.pruning: eps must be > 0, got {self.eps}")
         if not self.lam >= 0 or not self.beta >= 0:
             raise ValueError(f"slimops.pruning: lam and beta must be >= 0, got lam={self.lam}, beta={self.beta}")
 
@@ -121,7 +127,8 @@ class SlimMethod:
         if self.cfg.method in ("ns", "ns-tl1", "ns-lp"):
             params = [g for g in self.gammas if g.grad is not None]
             if params:
-                penalty_grad_([g.grad for g in params], params, penalty=self.cfg.penalty, s=self.cfg.lam, a=self.cfg.a)
+                penalty_grad_([g.grad for g in params], params, penalty=self.cfg.penalty, s=self.cfg.lam, a=self.cfg.a,
+                              eps=self.cfg.eps)
 
     def after_step(self) -> None:
         if self.slim is not None:

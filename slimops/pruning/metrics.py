@@ -119,6 +119,30 @@ def measure_latency(model: nn.Module, input_size, batch: int = 1, warmup: int = 
             "threads": used_threads, "reps": reps, "device": str(device)}
 
 
+def compare_latency(baseline: nn.Module, candidate: nn.Module, input_size, batch: int = 64, rounds: int = 7,
+                    reps: int = 5, warmup: int = 3) -> dict:
+    """Latency of two models measured side by side: ``rounds`` alternating rounds of ``reps`` timed
+    passes each (after ``warmup`` untimed passes of both), so drift in clock speed or background load
+    hits both alike. Returns each model's median over all passes and the median of the per-round
+    ratios ``baseline / candidate`` (the speed-up), with the batch and thread count."""
+    for m in (baseline, candidate):
+        measure_latency(m, input_size, batch=batch, warmup=warmup, reps=1)
+    per = {"baseline": [], "candidate": []}
+    ratios = []
+    for _ in range(rounds):
+        a = measure_latency(baseline, input_size, batch=batch, warmup=0, reps=reps)
+        b = measure_latency(candidate, input_size, batch=batch, warmup=0, reps=reps)
+        per["baseline"].append(a["median_ms"])
+        per["candidate"].append(b["median_ms"])
+        ratios.append(a["median_ms"] / max(b["median_ms"], 1e-9))
+
+    def med(v):
+        return torch.tensor(v, dtype=torch.float64).median().item()
+
+    return {"baseline_ms": med(per["baseline"]), "candidate_ms": med(per["candidate"]), "speedup": med(ratios),
+            "batch": batch, "threads": a["threads"], "rounds": rounds, "reps": reps, "device": a["device"]}
+
+
 def accuracy(model: nn.Module, data, batch_size: int = 256, device=None) -> float:
     """Top-1 accuracy of ``model`` on ``data``'s test split (an :class:`~slimops.data.ImageData`), in
     eval mode without autograd; the model's train/eval flag is restored. ``device`` defaults to the

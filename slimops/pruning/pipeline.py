@@ -97,14 +97,17 @@ def _masked_copy(model: nn.Module, plan: Plan) -> nn.Module:
     return m
 
 
-def model_report(model: nn.Module, data, device: torch.device, *, latency_batch: int = 64) -> dict:
+def model_report(model: nn.Module, data, device: torch.device, *, latency_batch: int = 64,
+                 latency: bool = True) -> dict:
     from slimops.pruning.metrics import count_macs, count_params, measure_latency
 
     shape = (data.in_channels, data.size, data.size)
     macs = count_macs(model, shape)
-    lat = measure_latency(model, shape, batch=latency_batch)
-    return {"params": count_params(model), "macs": macs, "flops": 2 * macs, "latency_ms": lat["median_ms"],
-            "latency": lat}
+    rep = {"params": count_params(model), "macs": macs, "flops": 2 * macs}
+    if latency:
+        lat = measure_latency(model, shape, batch=latency_batch)
+        rep.update(latency_ms=lat["median_ms"], latency=lat)
+    return rep
 
 
 def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn_recal: int = 100) -> tuple:
@@ -118,7 +121,10 @@ def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn
               "compaction_vs_masked": compaction_error(_masked_copy(dense, plan), pruned, x)}
     acc_stale = evaluate(pruned, data, device)
     images = recalibrate_bn(pruned, data, device, batches=bn_recal)
-    rd, rp = model_report(dense, data, device), model_report(pruned, data, device)
+    from slimops.pruning.metrics import compare_latency
+
+    rd, rp = model_report(dense, data, device, latency=False), model_report(pruned, data, device, latency=False)
+    lat = compare_latency(dense, pruned, (data.in_channels, data.size, data.size), batch=64)
     return pruned, {
         "acc_pruned_no_finetune": evaluate(pruned, data, device),
         "acc_pruned_trained_bn_stats": acc_stale, "bn_recalibration_images": images,
@@ -127,9 +133,8 @@ def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn
         "params_dense": rd["params"], "params_pruned": rp["params"],
         "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
         "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
-        "latency_ms_dense": rd["latency_ms"], "latency_ms_pruned": rp["latency_ms"],
-        "latency_speedup": rd["latency_ms"] / max(rp["latency_ms"], 1e-9),
-        "latency_batch": rd["latency"]["batch"], "latency_threads": rd["latency"]["threads"],
+        "latency_ms_dense": lat["baseline_ms"], "latency_ms_pruned": lat["candidate_ms"],
+        "latency_speedup": lat["speedup"], "latency_batch": lat["batch"], "latency_threads": lat["threads"],
         **errors,
         "constant_channels": len(plan.constant),
         "layers": {k: {"total": plan.channels[k], "kept": len(v)} for k, v in plan.layers.items()},
