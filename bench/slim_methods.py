@@ -86,14 +86,17 @@ def write(args, rows) -> None:
              "",
              f"{datetime.date.today()}, git {sha}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads. Command: `python bench/slim_methods.py {' '.join(sys.argv[1:])}`.",
-             "SGD lr 0.1 (/10 at 50% and 75%), momentum 0.9, wd 1e-4, batch 64. `acc pruned` is the compacted "
-             "model with no fine-tuning; FLOPs are 2 x MACs per 32x32 image; latency is the measured CPU speed-up "
-             "of the compacted model (batch 64).", "",
+             "SGD lr 0.1 (/10 at 50% and 75%), momentum 0.9, wd 1e-4, batch 64; lam and beta are the CLI defaults "
+             "unless the run names them. `acc pruned` is the compacted model with no fine-tuning, its BN statistics "
+             "re-estimated from 100 training batches (`--bn-recal`); `acc before prune` is the dense model as "
+             "trained. FLOPs are 2 x MACs per 32x32 image; the latency speed-up is dense / compacted, eval mode, "
+             "batch 64, both timed in alternating rounds.", "",
              "| run | seed | lam | beta | prune rule | acc before prune | acc pruned | channels kept | params | FLOPs | latency speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rule = "exact zeros" if r["percent"] is None else f"lowest {r['percent']:.0%}"
-        lines.append(f"| {r['run']} | {r['seed']} | {r['lam']:.3g} | {r['beta']:g} | {rule} | {r['acc_before_prune']:.2%} | "
+        rule = "exact zeros" if r["percent"] in (None, "") else f"lowest {float(r['percent']):.0%}"
+        beta = f"{float(r['beta']):g}" if r["method"] == "proximal-ns" else "–"
+        lines.append(f"| {r['run']} | {r['seed']} | {float(r['lam']):.3g} | {beta} | {rule} | {r['acc_before_prune']:.2%} | "
                      f"{r['acc']:.2%} | {r['channels_kept']}/{r['channels_total']} ({r['channels_kept'] / r['channels_total']:.0%}) | "
                      f"{r['params_pruned'] / 1e6:.3f}M / {r['params_dense'] / 1e6:.3f}M | "
                      f"{r['flops_pruned'] / 1e6:.1f}M / {r['flops_dense'] / 1e6:.1f}M | {r['latency_speedup']:.2f}x |")
