@@ -4,14 +4,26 @@ VGG-11 at width 0.5 on digits (32x32), 15 epochs: proximal network slimming with
 must keep at most half of the BN channels and lose at most one point of test accuracy against the
 unpruned baseline trained the same way. Two full 15-epoch runs: about two minutes on two cores.
 """
+import os
+
 import pytest
+import torch
 
 from slimops.pruning.pipeline import slim
 
 pytest.importorskip("sklearn")
 
 
-def test_proximal_ns_defaults_keep_half_the_channels_within_one_point(tmp_path):
+@pytest.fixture
+def all_threads():
+    """Other tests pin torch to one thread; these two real trainings use every core (then restore)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_proximal_ns_defaults_keep_half_the_channels_within_one_point(tmp_path, all_threads):
     common = dict(model="vgg11", width=0.5, data="digits", epochs=15, seed=0, progress=False, plots=False)
     base = slim(method="none", out=str(tmp_path / "none"), **common)
     pns = slim(method="proximal-ns", out=str(tmp_path / "pns"), **common)
