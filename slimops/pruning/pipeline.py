@@ -37,6 +37,18 @@ EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
 DEFAULT_NS_PERCENT = 0.5
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm so log lines and a live progress bar do not overwrite each other."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(out: str, is_main: bool) -> None:
     logger = logging.getLogger("slimops")
     logger.setLevel(logging.INFO)
@@ -48,7 +60,7 @@ def setup_logging(out: str, is_main: bool) -> None:
         return
     os.makedirs(out, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.FileHandler(os.path.join(out, "log.txt")), logging.StreamHandler()):
+    for h in (logging.FileHandler(os.path.join(out, "log.txt")), _ConsoleHandler()):
         h.setFormatter(fmt)
         h._slimops = True
         logger.addHandler(h)
