@@ -28,7 +28,8 @@ from slimops.pruning.checkpoint import FORMAT_VERSION, MODEL_FORMAT, atomic_save
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.methods import METHODS, MethodConfig, default_lam
 from slimops.pruning.plan import Plan, plan_from_bn
-from slimops.pruning.train import TrainConfig, evaluate, recalibrate_bn, run_config_of, train_stage
+from slimops.pruning.metrics import accuracy
+from slimops.pruning.train import TrainConfig, recalibrate_bn, run_config_of, train_stage
 
 log = logging.getLogger("slimops.pruning")
 
@@ -131,14 +132,14 @@ def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn
     x = data.normalise(data.x_test[probe]).to(device)
     errors = {"compaction_vs_dense": compaction_error(dense, pruned, x),
               "compaction_vs_masked": compaction_error(_masked_copy(dense, plan), pruned, x)}
-    acc_stale = evaluate(pruned, data, device)
+    acc_stale = accuracy(pruned, data, device=device)
     images = recalibrate_bn(pruned, data, device, batches=bn_recal)
     from slimops.pruning.metrics import compare_latency
 
     rd, rp = model_report(dense, data, device, latency=False), model_report(pruned, data, device, latency=False)
     lat = compare_latency(dense, pruned, (data.in_channels, data.size, data.size), batch=64)
     return pruned, {
-        "acc_pruned_no_finetune": evaluate(pruned, data, device),
+        "acc_pruned_no_finetune": accuracy(pruned, data, device=device),
         "acc_pruned_trained_bn_stats": acc_stale, "bn_recalibration_images": images,
         "channels_total": plan.channels_total, "channels_kept": plan.channels_kept,
         "kept_fraction": plan.kept_fraction,
@@ -208,7 +209,7 @@ def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Opti
         res = train_stage(net, ds, mcfg, tcfg, stage="train", ckpt_path=os.path.join(out, "checkpoint-train.pt"),
                           resume=resume, device=dev, dist_info=info, run_config=run_cfg, progress=progress)
         xi = res.method.scores()
-        acc_dense = evaluate(net, ds, dev)
+        acc_dense = accuracy(net, ds, device=dev)
         plan = plan_from_bn(net, percent, xi=xi, fold=fold)
         plan.meta.update(method=method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
         metrics = {"model": net.config(), "data": data, "method": asdict(mcfg), "train": run_cfg["train"],
@@ -227,7 +228,7 @@ def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Opti
                              dist_info=info, run_config=ft_run, progress=progress)
             history += ft.history
         metrics["finetune_epochs"] = finetune_epochs
-        metrics["acc"] = evaluate(pruned, ds, dev)
+        metrics["acc"] = accuracy(pruned, ds, device=dev)
         metrics["history"] = history
         if info.is_main:
             save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
@@ -266,7 +267,7 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
     plan.save(os.path.join(out, "plan.json"))
     metrics = {"model": net.config(), "data": data, "percent": percent, "source": weights,
-               "acc_before_prune": evaluate(net, ds, dev)}
+               "acc_before_prune": accuracy(net, ds, device=dev)}
     pruned, rep = prune_report(net, plan, ds, dev, bn_recal=bn_recal)
     metrics.update(rep)
     metrics["acc"] = metrics["acc_pruned_no_finetune"]
@@ -291,12 +292,12 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
         ds = load_data(data, data_dir)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
         run = run_config_of(net.config(), data, MethodConfig("none"), cfg, plan=obj.get("plan"), source=weights)
-        acc0 = evaluate(net, ds, dev)
+        acc0 = accuracy(net, ds, device=dev)
         res = train_stage(net, ds, MethodConfig("none"), cfg, stage="finetune",
                           ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
                           dist_info=info, run_config=run, progress=progress)
         metrics = {"model": net.config(), "data": data, "source": weights, "acc_before": acc0,
-                   "acc": evaluate(net, ds, dev), "history": res.history}
+                   "acc": accuracy(net, ds, device=dev), "history": res.history}
         if info.is_main:
             save_model_file(os.path.join(out, "finetuned.pt"), net, kind=obj["kind"], plan=plan, xi=obj.get("xi"))
             write_metrics(out, metrics)
@@ -316,5 +317,5 @@ def evaluate_file(*, weights: str, data: str = "digits", data_dir: Optional[str]
     ds = load_data(data, data_dir)
     rep = model_report(net, ds, dev, latency_batch=latency_batch)
     return {"weights": weights, "kind": obj["kind"], "model": net.config(), "data": data,
-            "acc": evaluate(net, ds, dev), "params": rep["params"], "flops": rep["flops"],
+            "acc": accuracy(net, ds, device=dev), "params": rep["params"], "flops": rep["flops"],
             "latency_ms": rep["latency_ms"], "latency": rep["latency"]}

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch import nn
 from slimops.pruning import distributed as D
 from slimops.pruning.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, load_file, rng_state, set_rng_state
 from slimops.pruning.methods import MethodConfig, SlimMethod
+from slimops.pruning.metrics import accuracy
 
 log = logging.getLogger("slimops.pruning")
 
@@ -63,17 +64,6 @@ class StageResult:
     history: list = field(default_factory=list)
     method: Optional[SlimMethod] = None
     resumed_from: int = 0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, device: torch.device, batch: int = 512) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for x, y in data.test_batches(batch):
-        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-    model.train(was)
-    return correct / len(data.y_test)
 
 
 @torch.no_grad()
@@ -124,8 +114,7 @@ def _milestone_epochs(cfg: TrainConfig) -> list:
 
 def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConfig, *, stage: str,
                 ckpt_path: Optional[str], resume: bool, device: torch.device, dist_info: D.DistInfo,
-                run_config: dict, progress: bool = True,
-                on_epoch: Optional[Callable[[dict], None]] = None) -> StageResult:
+                run_config: dict, progress: bool = True) -> StageResult:
     """Trains ``model`` in place for ``cfg.epochs`` epochs with ``method_cfg``'s sparsity updates.
 
     ``ckpt_path`` (rank 0 writes it) receives a checkpoint after every epoch; with ``resume`` an
@@ -194,7 +183,7 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
             lr = opt.param_groups[0]["lr"]
             sched.step()
             rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": tot_loss / max(seen, 1),
-                   "train_acc": tot_correct / max(seen, 1), "test_acc": evaluate(model, data, device),
+                   "train_acc": tot_correct / max(seen, 1), "test_acc": accuracy(model, data, device=device),
                    "zero_fraction": method.zero_fraction(), "seconds": time.perf_counter() - t0}
             result.history.append(rec)
             if dist_info.is_main:
@@ -214,8 +203,6 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['test_acc']:.3f}",
                                     zero=f"{rec['zero_fraction']:.2f}")
-                if on_epoch is not None:
-                    on_epoch(rec)
             D.barrier(dist_info)
     finally:
         if bar is not None:
