@@ -401,3 +401,27 @@ def test_prune_and_finetune_reject_wrong_files(run4, tmp_path):
         main_prune(["--weights", ck, "--out", str(tmp_path / "p")])
     with pytest.raises(ValueError, match=re.escape(f"'{ck}' is not a slimops-model file")):
         main_finetune(["--weights", ck, "--epochs", "1", "--no-progress", "--out", str(tmp_path / "f")])
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR-format data through the whole pipeline (3 channels, flips, 100 classes, stream BNs)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data,model,classes", [("cifar10", "densenet40", 10), ("cifar100", "preresnet20", 100)])
+def test_slim_on_cifar_format_files(tmp_path, data, model, classes):
+    from test_data import _fake_cifar10, _fake_cifar100
+
+    torch.set_num_threads(1)
+    (_fake_cifar10 if data == "cifar10" else _fake_cifar100)(tmp_path / "d", n=40)
+    out = tmp_path / "o"
+    m = main_slim(["--model", model, "--width", "0.25", "--data", data, "--data-dir", str(tmp_path / "d"),
+                   "--method", "prox-sgd", "--lam", "3", "--epochs", "1", "--batch", "16", "--threads", "1",
+                   "--no-progress", "--out", str(out)])
+    assert m["model"] == {"arch": model, "width": 0.25, "num_classes": classes, "in_channels": 3}
+    assert 0 < m["channels_kept"] <= m["channels_total"]
+    # the written files replay: plan -> fresh compacted architecture -> the saved weights, same outputs
+    pruned, _ = load_model_file(str(out / "pruned.pt"))
+    replay = build_pruned(Plan.load(str(out / "plan.json")))
+    replay.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    pruned.eval(), replay.eval()
+    torch.testing.assert_close(replay(x), pruned(x))
