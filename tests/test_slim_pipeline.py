@@ -425,3 +425,17 @@ def test_slim_on_cifar_format_files(tmp_path, data, model, classes):
     x = torch.randn(2, 3, 32, 32)
     pruned.eval(), replay.eval()
     torch.testing.assert_close(replay(x), pruned(x))
+
+
+def test_every_method_runs_with_its_cli_defaults(tmp_path):
+    """No method needs a flag to start (ns-lp takes p = 1/2, tl1 a = 1), and lam defaults to the calibration."""
+    from slimops.pruning.methods import METHODS, default_lam
+
+    torch.set_num_threads(1)
+    for method in METHODS:
+        m = main_slim(["--model", "vgg11", "--width", "0.125", "--method", method, "--epochs", "1", "--threads", "1",
+                       "--no-progress", "--bn-recal", "2", "--out", str(tmp_path / method)])
+        assert m["method"]["method"] == method
+        assert m["method"]["lam"] == pytest.approx(default_lam(method, m["steps"], m["method"]["penalty"]))
+        assert m["method"]["a"] == (0.5 if method == "ns-lp" else 1.0)
+        assert 0 < m["channels_kept"] <= m["channels_total"]

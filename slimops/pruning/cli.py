@@ -56,7 +56,8 @@ def main_slim(argv=None) -> dict:
         ap.add_argument("--lam", type=float, default=None,
                         help="sparsity strength; default: calibrated to the run's length (slimops.pruning.methods)")
         ap.add_argument("--beta", type=float, default=None, help="proximal-ns coupling beta (default 100)")
-        ap.add_argument("--a", type=float, default=1.0, help="tl1 shape a, or the exponent p of ns-lp")
+        ap.add_argument("--a", type=float, default=None,
+                        help="tl1 shape a (default 1), or the exponent p of ns-lp (default 0.5)")
         ap.add_argument("--percent", type=float, default=-1.0,
                         help="fraction of channels to remove by global |score| rank; default: the exact zeros "
                              "(none / prox-sgd / proximal-ns) or 0.5 (ns-*)")

@@ -158,11 +158,14 @@ def write_metrics(out: str, metrics: dict) -> None:
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2, default=str))
 
 
-def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], beta: Optional[float], a: float,
-                   steps: int) -> MethodConfig:
-    """A MethodConfig whose unset lam/beta take the calibrated defaults for a run of ``steps`` steps."""
+def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], beta: Optional[float],
+                   a: Optional[float], steps: int) -> MethodConfig:
+    """A MethodConfig whose unset lam/beta/a take the defaults for a run of ``steps`` steps (a: the
+    exponent p = 1/2 for ns-lp, the tl1 shape 1 otherwise)."""
     if method not in METHODS:
         raise ValueError(f"slimops.pruning: unknown method '{method}' (expected one of: {', '.join(METHODS)})")
+    if a is None:
+        a = 0.5 if method == "ns-lp" else 1.0
     cfg = MethodConfig(method=method, penalty=penalty, a=a)
     cfg.lam = default_lam(method, steps, cfg.penalty) if lam is None else float(lam)
     if beta is not None:
@@ -173,7 +176,7 @@ def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], be
 
 def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Optional[str] = None,
          method: str = "proximal-ns", penalty: Optional[str] = None, lam: Optional[float] = None,
-         beta: Optional[float] = None, a: float = 1.0, percent: Optional[float] = -1.0, epochs: int = 15,
+         beta: Optional[float] = None, a: Optional[float] = None, percent: Optional[float] = -1.0, epochs: int = 15,
          finetune_epochs: int = 0, batch: int = 64, lr: float = 0.1, seed: int = 0, out: str = "runs/slim",
          resume: bool = False, device: str = "cpu", augment: bool = True, fold: bool = True,
          bn_recal: int = 100, progress: bool = True, plots: bool = True) -> dict:
