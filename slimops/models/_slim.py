@@ -11,7 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
+
+from slimops.nn import ChannelSelect
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,23 @@ class SlimmableModel(nn.Module):
     def slim_groups(self) -> list[SlimGroup]:
         """Every ``BatchNorm2d`` of the model exactly once, in module order."""
         raise NotImplementedError(f"slimops.models.{type(self).__name__}.slim_groups")
+
+    # -- the classifier head of a model whose last features are a shared stream ----------------
+    def add_stream_head(self, channels: int, num_classes: int) -> None:
+        """``select → bn → relu → global average pool → fc`` (pre-ResNet, DenseNet): the last stream
+        cannot be cut, so its BN is pruned through the selection (:meth:`stream_head_group`)."""
+        self.select = ChannelSelect(channels)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def stream_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.relu(self.bn(self.select(x)))), 1))
+
+    @staticmethod
+    def stream_head_group() -> SlimGroup:
+        return SlimGroup("bn", None, "select", ("fc",))
 
     def init_weights(self, linear_std: Optional[float] = None) -> None:
         """Liu et al.'s initialisation: convs He-normal (fan_out, i.e. N(0, 2/(k²·C_out))), BN γ = 0.5 and

@@ -67,18 +67,13 @@ class DenseNet(SlimmableModel):
             setattr(self, f"dense{b}", nn.Sequential(*layers))
             if b < 3:
                 setattr(self, f"trans{b}", Transition(c, c))
-        self.select = ChannelSelect(c)
-        self.bn = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
+        self.add_stream_head(c, num_classes)
         self.init_weights(linear_std=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.trans1(self.dense1(self.conv1(x)))
         x = self.dense3(self.trans2(self.dense2(x)))
-        x = self.relu(self.bn(self.select(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.stream_head(x)
 
     def slim_groups(self) -> list[SlimGroup]:
         groups = []
@@ -89,5 +84,5 @@ class DenseNet(SlimmableModel):
             if b < 3:
                 p = f"trans{b}."
                 groups.append(SlimGroup(f"{p}bn", None, f"{p}select", (f"{p}conv",)))
-        groups.append(SlimGroup("bn", None, "select", ("fc",)))
+        groups.append(self.stream_head_group())
         return groups

@@ -103,22 +103,17 @@ class PreResNet(SlimmableModel):
                 blocks.append(block(c, planes, stride if i == 0 else 1))
                 c = planes * block.expansion
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
-        self.select = ChannelSelect(c)
-        self.bn = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
+        self.add_stream_head(c, num_classes)
         self.init_weights(linear_std=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = self.relu(self.bn(self.select(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.stream_head(x)
 
     def slim_groups(self) -> list[SlimGroup]:
         groups = []
         for stage in (1, 2, 3):
             for i, blk in enumerate(getattr(self, f"layer{stage}")):
                 groups += blk.slim_groups(f"layer{stage}.{i}.")
-        groups.append(SlimGroup("bn", None, "select", ("fc",)))
+        groups.append(self.stream_head_group())
         return groups
