@@ -50,4 +50,26 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "split_step_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] us, float lr, float beta, "
       "str penalty, float lam, float a=1.0) -> ()");
+
+  // ---- channel_conv family: sparse channel convolution ----------------------------------------
+  // y = conv2d(x[:, in_idx], weight[out_idx][:, in_idx], bias[out_idx]) without materialising either
+  // gather (groups = 1, zero padding). input_gathered: x already holds the channels in_idx, in that
+  // order (x.size(1) == in_idx.size(0)); only the weight is indexed (a chain of sparse convs).
+  m.def(
+      "channel_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor in_idx, Tensor out_idx, "
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, bool input_gathered=False) -> Tensor");
+  // (grad_x, grad_weight, grad_bias) of channel_conv2d, full-size (zero outside the kept channels);
+  // a gradient not asked for in output_mask is returned as an empty tensor.
+  m.def(
+      "channel_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor in_idx, Tensor out_idx, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool input_gathered, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  // y = conv2d(x, weight, bias) * out_mask[:, :, None, None]; out_mask (N, C_out) bool: per sample, only
+  // the kept output channels are computed (dynamic channel gating).
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor out_mask, int[2] stride=1, "
+      "int[2] padding=0, int[2] dilation=1) -> Tensor");
+  m.def(
+      "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out_mask, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -33,9 +33,15 @@ AUTO_CUDA = {
     "palm_slimming_": "cuda",
     "penalty_grad_": "cuda",
     "split_step_": "cuda",
+    # The channel_conv family has no CUDA C++ kernel: Triton's implicit GEMM is its GPU backend.
+    "channel_conv2d": "triton",
+    "channel_conv2d_backward": "triton",
+    "masked_conv2d": "triton",
+    "masked_conv2d_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
+_TRITON_MODULES.update({op: "slimops.triton.channel_conv" for op in AUTO_CUDA if "conv2d" in op})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops

@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-CPU_ONLY: set = set()  # none yet
+# Ops whose GPU backend is Triton (slimops/triton), not a CUDA C++ kernel.
+CPU_ONLY: set = {"channel_conv2d", "channel_conv2d_backward", "masked_conv2d", "masked_conv2d_backward"}
 
 
 def main(path: str) -> int:

@@ -1,4 +1,5 @@
 """Public functional ops (``slimops.ops.<name>``): argument checks, backend choice, fake kernels, autograd."""
+from slimops.ops.channel_conv import channel_conv2d, masked_conv2d
 from slimops.ops.prox import (
     palm_slimming_,
     penalty_grad_,
@@ -9,4 +10,5 @@ from slimops.ops.prox import (
     split_step_,
 )
 
-__all__ = ["prox", "prox_backward", "prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_"]
+__all__ = ["prox", "prox_backward", "prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_",
+           "channel_conv2d", "masked_conv2d"]

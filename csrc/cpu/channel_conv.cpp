@@ -1,0 +1,631 @@
+// CPU kernels of the channel_conv family (schemas in csrc/registration.cpp): convolutions that compute
+// only the channels a slimmed (static index sets) or gated (per-sample mask) network keeps.
+//
+// Scheme: per sample, im2col of the kept input channels only, read through the index list (so
+// x[:, in_idx] is never built), then one GEMM against the kept block of the weight. The weight block is
+// packed once per call into a (C_out_kept, C_in_kept * kh * kw) panel in the accumulation dtype: that is
+// O(weight) work, the packing any GEMM does to its operands, against O(N * OH * OW) times more for the
+// conv itself. So the work is proportional to |out| * |in|, as for a conv on pre-compacted weights.
+// masked_conv2d packs, per sample, only the weight rows of that sample's kept output channels.
+//
+// Threads: with at least as many samples as threads, samples are split across threads and each GEMM is
+// single-threaded (MKL runs sequentially inside a parallel region); with fewer samples (inference at
+// batch 1), samples run one after another with the GEMM and im2col threaded instead.
+// Accumulation in float32 for float32/bfloat16/float16 (float64 for float64): im2col converts as it
+// copies, the GEMM runs in the accumulation dtype, the result is rounded once when stored.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <tuple>
+#include <vector>
+
+#include "slimops/channel_conv_checks.h"
+
+namespace slimops {
+namespace cpu {
+namespace {
+
+// ---- im2col / col2im over an index list of channels -------------------------------------------------
+
+// Output columns [lo, hi) of row `oy` read input column ox * sw + off, which lies inside [0, w).
+inline void valid_cols(int64_t off, int64_t sw, int64_t w, int64_t ow, int64_t& lo, int64_t& hi) {
+  lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+  hi = (w - off) <= 0 ? 0 : std::min<int64_t>(ow, (w - off + sw - 1) / sw);
+  lo = std::min(lo, hi);
+}
+
+// For the output rows [oy0, oy1) (P = (oy1 - oy0) * ow pixels): cols[(c * taps + t) * P + p] = x_n[chans[c]]
+// at the input position of tap t for pixel p (0 in the padding), c in [0, nc). Threaded over channels.
+template <typename scalar_t, typename acc_t>
+void im2col(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, int64_t oy0, int64_t oy1,
+            acc_t* cols) {
+  const int64_t ohw = (oy1 - oy0) * g.ow, taps = g.taps();
+  at::parallel_for(0, nc, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t* xc = xn + chans[c] * g.hw();
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          acc_t* row = cols + (c * taps + i * g.kw + j) * ohw;
+          const int64_t off = j * g.dw - g.pw;
+          int64_t lo, hi;
+          valid_cols(off, g.sw, g.w, g.ow, lo, hi);
+          for (int64_t oy = oy0; oy < oy1; ++oy) {
+            acc_t* r = row + (oy - oy0) * g.ow;
+            const int64_t iy = oy * g.sh - g.ph + i * g.dh;
+            if (iy < 0 || iy >= g.h) {
+              std::fill(r, r + g.ow, acc_t(0));
+              continue;
+            }
+            const scalar_t* xr = xc + iy * g.w + off;
+            std::fill(r, r + lo, acc_t(0));
+            if (g.sw == 1) {
+              for (int64_t ox = lo; ox < hi; ++ox) r[ox] = static_cast<acc_t>(xr[ox]);
+            } else {
+              for (int64_t ox = lo; ox < hi; ++ox) r[ox] = static_cast<acc_t>(xr[ox * g.sw]);
+            }
+            std::fill(r + hi, r + g.ow, acc_t(0));
+          }
+        }
+      }
+    }
+  });
+}
+
+// The adjoint of im2col over the output rows [oy0, oy1): gx[chans[c]] += the columns of channel c, each
+// added at its input position. Channels are distinct, so threads over channels never write the same element.
+template <typename acc_t>
+void col2im_add(const acc_t* cols, const int64_t* chans, int64_t nc, const ConvGeom& g, int64_t oy0, int64_t oy1,
+                acc_t* gx) {
+  const int64_t ohw = (oy1 - oy0) * g.ow, taps = g.taps();
+  at::parallel_for(0, nc, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* gc = gx + chans[c] * g.hw();
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const acc_t* row = cols + (c * taps + i * g.kw + j) * ohw;
+          const int64_t off = j * g.dw - g.pw;
+          int64_t lo, hi;
+          valid_cols(off, g.sw, g.w, g.ow, lo, hi);
+          for (int64_t oy = oy0; oy < oy1; ++oy) {
+            const int64_t iy = oy * g.sh - g.ph + i * g.dh;
+            if (iy < 0 || iy >= g.h) continue;
+            const acc_t* r = row + (oy - oy0) * g.ow;
+            acc_t* gr = gc + iy * g.w + off;
+            for (int64_t ox = lo; ox < hi; ++ox) gr[ox * g.sw] += r[ox];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- GEMM ----------------------------------------------------------------------------------------------
+// The GEMMs are small (one tile of one sample) and many, so the per-call cost of at::mm (dispatcher,
+// tensor wrappers: several microseconds) is measurable. When the BLAS torch links (MKL on x86 wheels)
+// exports the Fortran sgemm_/dgemm_, they are called directly; otherwise at::mm_out. Inside a parallel
+// region MKL runs single-threaded; outside it uses torch's thread count.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                          const int*, const double*, const int*, const double*, double*, const int*);
+
+template <typename T>
+void* blas_symbol() {
+  static void* sym = dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "sgemm_" : "dgemm_");
+  return sym;
+}
+
+// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const int64_t big = std::numeric_limits<int>::max();
+  void* sym = blas_symbol<T>();
+  if (sym && m < big && n < big && k < big && lda < big && ldb < big && ldc < big) {
+    // Column-major view: C^T (n x m) = op(B)^T op(A)^T.
+    const char tb_c = tb ? 'T' : 'N', ta_c = ta ? 'T' : 'N';
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int lb = static_cast<int>(ldb), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same_v<T, float>) {
+      reinterpret_cast<sgemm_fn>(sym)(&tb_c, &ta_c, &mi, &ni, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    } else {
+      reinterpret_cast<dgemm_fn>(sym)(&tb_c, &ta_c, &mi, &ni, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    }
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor am = ta ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
+                           : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
+  const at::Tensor bm = tb ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                           : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (k == 0) {
+    cm.mul_(beta);
+    return;
+  }
+  at::addmm_out(cm, cm, am, bm, beta, alpha);
+}
+
+// ---- shared plumbing ---------------------------------------------------------------------------------
+
+// Output rows per tile: the im2col tile (k x rows * ow) stays within ~256 KB (L2), at least 64 pixels.
+int64_t tile_rows(const ConvGeom& g, int64_t k, size_t elem) {
+  const int64_t budget = 256 * 1024;
+  int64_t t = budget / std::max<int64_t>(1, k * g.ow * static_cast<int64_t>(elem));
+  t = std::max(t, (64 + g.ow - 1) / g.ow);
+  return std::max<int64_t>(1, std::min(t, g.oh));
+}
+
+std::vector<int64_t> iota(int64_t n) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[i] = i;
+  return v;
+}
+
+// Runs body(n, slot) for every sample: split across threads (slot = thread index, single-threaded
+// GEMMs) when there are enough samples, else in order with slot 0 (threaded GEMMs and im2col).
+template <typename F>
+int64_t for_samples(int64_t n, F body) {
+  const int64_t threads = at::get_num_threads();
+  if (n >= threads && threads > 1) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      const int64_t slot = at::get_thread_num();
+      for (int64_t i = b; i < e; ++i) body(i, slot);
+    });
+    return threads;
+  }
+  for (int64_t i = 0; i < n; ++i) body(i, 0);
+  return 1;
+}
+
+int64_t slots() { return at::get_num_threads(); }
+
+// The kept rows of a per-sample mask, as index lists.
+std::vector<std::vector<int64_t>> rows_of_mask(const at::Tensor& mask) {
+  const at::Tensor m = mask.contiguous();
+  const bool* p = m.const_data_ptr<bool>();
+  const int64_t n = m.size(0), c = m.size(1);
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c; ++j)
+      if (p[i * c + j]) rows[i].push_back(j);
+  return rows;
+}
+
+// Packs weight[rows][:, chans] as a (|rows|, |chans| * taps) panel in acc_t.
+template <typename scalar_t, typename acc_t>
+void pack_weight(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
+                 const int64_t* chans, int64_t nc, acc_t* out) {
+  at::parallel_for(0, nr, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* wr = w + rows[r] * c_in * taps;
+      acc_t* o = out + r * nc * taps;
+      for (int64_t c = 0; c < nc; ++c)
+        for (int64_t t = 0; t < taps; ++t) o[c * taps + t] = static_cast<acc_t>(wr[chans[c] * taps + t]);
+    }
+  });
+}
+
+// ---- the engine: one sample, a set of output rows, a set of input channels ----------------------------
+
+// Forward of one sample: y_rows = W_panel (nr x K) @ im2col(x_n, chans) (K x ohw), plus bias, stored into
+// the output rows `dst_rows` of y_n. The pixels go in tiles of output rows whose im2col block stays in
+// cache; a float32 (float64) output whose rows are all of y_n is written in place by the GEMM.
+template <typename scalar_t, typename acc_t>
+struct ForwardWork {
+  const ConvGeom& g;
+  int64_t k, rows;
+  std::vector<acc_t> cols, tmp;
+
+  ForwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
+      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
+        cols(static_cast<size_t>(k * rows * geom.ow)) {
+    if (!std::is_same_v<acc_t, scalar_t>) tmp.resize(static_cast<size_t>(nr * geom.ohw()));
+  }
+
+  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, int64_t nr,
+           const int64_t* dst_rows, bool dst_is_all, const scalar_t* bias_full, const int64_t* bias_rows,
+           scalar_t* yn) {
+    const int64_t ohw = g.ohw();
+    if (nr == 0) return;
+    // In place when the result is already in the storage dtype and fills y_n's rows in order.
+    const bool direct = std::is_same_v<acc_t, scalar_t> && dst_is_all;
+    if (!direct && tmp.size() < static_cast<size_t>(nr * ohw)) tmp.resize(static_cast<size_t>(nr * ohw));
+    acc_t* res = direct ? reinterpret_cast<acc_t*>(yn) : tmp.data();
+    if (k == 0) std::fill(res, res + nr * ohw, acc_t(0));
+    for (int64_t oy0 = 0; k > 0 && oy0 < g.oh; oy0 += rows) {
+      const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
+      im2col<scalar_t, acc_t>(xn, chans, nc, g, oy0, oy1, cols.data());
+      gemm<acc_t>(false, false, nr, np, k, acc_t(1), panel, k, cols.data(), np, acc_t(0), res + oy0 * g.ow, ohw);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const acc_t b = bias_full ? static_cast<acc_t>(bias_full[bias_rows[r]]) : acc_t(0);
+      const acc_t* src = res + r * ohw;
+      scalar_t* d = yn + dst_rows[r] * ohw;
+      if (direct) {
+        if (bias_full)
+          for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p] + b);
+      } else {
+        for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p] + b);
+      }
+    }
+  }
+};
+
+// Backward of one sample: given dy rows (nr x ohw, acc_t), adds W_panel^T dy into gx (via col2im) and
+// dy @ im2col(x_n)^T into the weight-panel gradient gw (nr x K), and row sums of dy into gb; in tiles of
+// output rows, like the forward.
+template <typename scalar_t, typename acc_t>
+struct BackwardWork {
+  const ConvGeom& g;
+  int64_t k, rows;
+  std::vector<acc_t> cols, dy;
+
+  BackwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
+      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
+        cols(static_cast<size_t>(k * rows * geom.ow)), dy(static_cast<size_t>(nr * geom.ohw())) {}
+
+  // Loads the rows `src_rows` of grad_out[n] into dy (acc_t).
+  void load_dy(const scalar_t* go_n, const int64_t* src_rows, int64_t nr) {
+    const int64_t ohw = g.ohw();
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* s = go_n + src_rows[r] * ohw;
+      acc_t* d = dy.data() + r * ohw;
+      for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<acc_t>(s[p]);
+    }
+  }
+
+  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, int64_t nr, acc_t* gx_n,
+           acc_t* gw, acc_t* gb) {
+    const int64_t ohw = g.ohw();
+    if (nr == 0) return;
+    if (gb) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t* d = dy.data() + r * ohw;
+        acc_t s = 0;
+        for (int64_t p = 0; p < ohw; ++p) s += d[p];
+        gb[r] += s;
+      }
+    }
+    if (k == 0 || !(gx_n || gw)) return;
+    for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
+      const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
+      const acc_t* dyt = dy.data() + oy0 * g.ow;
+      if (gx_n) {  // cols = panel^T (k x nr) @ dy tile (nr x np)
+        gemm<acc_t>(true, false, k, np, nr, acc_t(1), panel, k, dyt, ohw, acc_t(0), cols.data(), np);
+        col2im_add<acc_t>(cols.data(), chans, nc, g, oy0, oy1, gx_n);
+      }
+      if (gw) {  // gw (nr x k) += dy tile (nr x np) @ cols^T (np x k)
+        im2col<scalar_t, acc_t>(xn, chans, nc, g, oy0, oy1, cols.data());
+        gemm<acc_t>(false, true, nr, k, np, acc_t(1), dyt, ohw, cols.data(), np, acc_t(1), gw, k);
+      }
+    }
+  }
+};
+
+// ---- channel_conv2d -----------------------------------------------------------------------------------
+
+struct ChannelCall {
+  ConvGeom g;
+  at::Tensor in_idx, out_idx;  // int64, CPU, checked
+  int64_t c_out, c_in;
+};
+
+ChannelCall prepare_channel(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& in_idx, const at::Tensor& out_idx,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            bool input_gathered) {
+  ChannelCall c;
+  c.g = conv_geometry(op, x, weight, bias, stride, padding, dilation);
+  c.c_out = weight.size(0), c.c_in = weight.size(1);
+  c.in_idx = checked_index(op, "in_idx", in_idx, c.c_in, "input channels of weight", x.device());
+  c.out_idx = checked_index(op, "out_idx", out_idx, c.c_out, "output channels of weight", x.device());
+  if (input_gathered) {
+    TORCH_CHECK_VALUE(x.size(1) == c.in_idx.numel(), "slimops.", op, ": input_gathered: x has ", x.size(1),
+                      " channels but in_idx has ", c.in_idx.numel());
+  } else {
+    TORCH_CHECK_VALUE(x.size(1) == c.c_in, "slimops.", op, ": x has ", x.size(1), " channels but weight has ",
+                      c.c_in, " input channels");
+  }
+  return c;
+}
+
+at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool input_gathered) {
+  const char* op = "channel_conv2d";
+  const ChannelCall c = prepare_channel(op, x, weight, bias, in_idx, out_idx, stride, padding, dilation, input_gathered);
+  const ConvGeom& g = c.g;
+  const int64_t nc = c.in_idx.numel(), nr = c.out_idx.numel();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({g.n, nr, g.oh, g.ow}, x.options());
+  if (y.numel() == 0) return y;
+  // The channels im2col reads from x: in_idx, or 0..nc-1 when x is already compact.
+  const std::vector<int64_t> compact = iota(nc);
+  const int64_t* chans = input_gathered ? compact.data() : c.in_idx.const_data_ptr<int64_t>();
+  const std::vector<int64_t> rows = iota(nr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.channel_conv2d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> panel(static_cast<size_t>(nr * nc * g.taps()));
+    pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
+                                 nr, c.in_idx.const_data_ptr<int64_t>(), nc, panel.data());
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    std::vector<std::unique_ptr<ForwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(slots()));
+    for_samples(g.n, [&](int64_t n, int64_t slot) {
+      auto& w = work[slot];
+      if (!w) w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, nc, nr);
+      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), nr, rows.data(), true, bp,
+             c.out_idx.const_data_ptr<int64_t>(), yp + n * nr * g.ohw());
+    });
+  });
+  return y;
+}
+
+// Scatters a reduced (nr, nc * taps) panel gradient into the full weight gradient.
+template <typename scalar_t, typename acc_t>
+void scatter_weight_grad(const acc_t* panel, const int64_t* rows, int64_t nr, const int64_t* chans, int64_t nc,
+                         int64_t c_in, int64_t taps, scalar_t* gw) {
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t ci = 0; ci < nc; ++ci)
+      for (int64_t t = 0; t < taps; ++t)
+        gw[(rows[r] * c_in + chans[ci]) * taps + t] = static_cast<scalar_t>(panel[(r * nc + ci) * taps + t]);
+}
+
+// Sums the per-slot accumulators into slot 0.
+template <typename acc_t>
+void reduce_slots(std::vector<std::vector<acc_t>>& acc, int64_t used) {
+  for (int64_t s = 1; s < used; ++s) {
+    if (acc[s].empty()) continue;
+    for (size_t i = 0; i < acc[0].size(); ++i) acc[0][i] += acc[s][i];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& in_idx,
+    const at::Tensor& out_idx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    bool input_gathered, std::array<bool, 3> output_mask) {
+  const char* op = "channel_conv2d_backward";
+  const ChannelCall c =
+      prepare_channel(op, x, weight, std::nullopt, in_idx, out_idx, stride, padding, dilation, input_gathered);
+  const ConvGeom& g = c.g;
+  const int64_t nc = c.in_idx.numel(), nr = c.out_idx.numel(), taps = g.taps(), k = nc * taps;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.n, nr, g.oh, g.ow}), "slimops.", op,
+                    ": grad_out has shape ", grad_out.sizes(), " but the output has shape (", g.n, ", ", nr, ", ",
+                    g.oh, ", ", g.ow, ")");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "slimops.", op, ": grad_out has dtype ",
+                   grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  at::Tensor gx = need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  at::Tensor gw = need_w ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
+  at::Tensor gb = need_b ? at::zeros({c.c_out}, weight.options()) : weight.new_empty({0});
+  if (g.n == 0 || nr == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
+  const std::vector<int64_t> compact = iota(nc), rows = iota(nr);
+  const int64_t* chans = input_gathered ? compact.data() : c.in_idx.const_data_ptr<int64_t>();
+  const int64_t* in_p = c.in_idx.const_data_ptr<int64_t>();
+  const int64_t* out_p = c.out_idx.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.channel_conv2d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
+    std::vector<acc_t> panel(static_cast<size_t>(nr * k));
+    pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
+    const int64_t ns = slots();
+    std::vector<std::vector<acc_t>> gw_acc(ns), gb_acc(ns), gx_buf(ns);
+    std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* gop = goc.const_data_ptr<scalar_t>();
+    const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
+      auto& w = work[slot];
+      if (!w) {
+        w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, nc, nr);
+        if (need_w) gw_acc[slot].assign(static_cast<size_t>(nr * k), acc_t(0));
+        if (need_b) gb_acc[slot].assign(static_cast<size_t>(nr), acc_t(0));
+        if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(g.cx * g.hw()));
+      }
+      w->load_dy(gop + n * nr * g.ohw(), rows.data(), nr);
+      acc_t* gx_n = nullptr;
+      if (need_x) {
+        if constexpr (same) {
+          gx_n = reinterpret_cast<acc_t*>(gx.mutable_data_ptr<scalar_t>()) + n * g.cx * g.hw();
+        } else {
+          gx_n = gx_buf[slot].data();
+          for (int64_t ci = 0; ci < nc; ++ci) std::fill_n(gx_n + chans[ci] * g.hw(), g.hw(), acc_t(0));
+        }
+      }
+      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), nr, gx_n, need_w ? gw_acc[slot].data() : nullptr,
+             need_b ? gb_acc[slot].data() : nullptr);
+      if constexpr (!same) {
+        if (need_x) {
+          scalar_t* d = gx.mutable_data_ptr<scalar_t>() + n * g.cx * g.hw();
+          for (int64_t ci = 0; ci < nc; ++ci)
+            for (int64_t p = 0; p < g.hw(); ++p)
+              d[chans[ci] * g.hw() + p] = static_cast<scalar_t>(gx_n[chans[ci] * g.hw() + p]);
+        }
+      }
+    });
+    if (need_w) {
+      reduce_slots(gw_acc, used);
+      scatter_weight_grad<scalar_t, acc_t>(gw_acc[0].data(), out_p, nr, in_p, nc, c.c_in, taps,
+                                           gw.mutable_data_ptr<scalar_t>());
+    }
+    if (need_b) {
+      reduce_slots(gb_acc, used);
+      scalar_t* d = gb.mutable_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < nr; ++r) d[out_p[r]] = static_cast<scalar_t>(gb_acc[0][r]);
+    }
+  });
+  return {gx, gw, gb};
+}
+
+// ---- masked_conv2d ------------------------------------------------------------------------------------
+
+ConvGeom prepare_masked(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& out_mask, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  ConvGeom g = conv_geometry(op, x, weight, bias, stride, padding, dilation);
+  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "slimops.", op, ": x has ", x.size(1), " channels but weight has ",
+                    weight.size(1), " input channels");
+  check_out_mask(op, out_mask, g.n, weight.size(0), x.device());
+  return g;
+}
+
+at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& out_mask, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const char* op = "masked_conv2d";
+  const ConvGeom g = prepare_masked(op, x, weight, bias, out_mask, stride, padding, dilation);
+  const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
+  at::Tensor y = at::empty({g.n, c_out, g.oh, g.ow}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto rows = rows_of_mask(out_mask);
+  const std::vector<int64_t> chans = iota(c_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.masked_conv2d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t ns = slots();
+    std::vector<std::unique_ptr<ForwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
+    std::vector<std::vector<acc_t>> panels(static_cast<size_t>(ns));
+    for_samples(g.n, [&](int64_t n, int64_t slot) {
+      const auto& r = rows[n];
+      const int64_t nr = static_cast<int64_t>(r.size());
+      // Masked channels are exactly 0 (written here, so the output is touched once).
+      scalar_t* yn = yp + n * c_out * g.ohw();
+      for (int64_t j = 0, i = 0; j < c_out; ++j) {
+        if (i < nr && r[i] == j) ++i;
+        else std::fill_n(yn + j * g.ohw(), g.ohw(), scalar_t(0));
+      }
+      if (nr == 0) return;
+      auto& w = work[slot];
+      if (!w) {
+        w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, c_in, c_out);
+        panels[slot].resize(static_cast<size_t>(c_out * k));
+      }
+      pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
+      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), nr, r.data(), nr == c_out, bp,
+             r.data(), yp + n * c_out * g.ohw());
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out_mask,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  const char* op = "masked_conv2d_backward";
+  const ConvGeom g = prepare_masked(op, x, weight, std::nullopt, out_mask, stride, padding, dilation);
+  const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.n, c_out, g.oh, g.ow}), "slimops.", op,
+                    ": grad_out has shape ", grad_out.sizes(), " but the output has shape (", g.n, ", ", c_out, ", ",
+                    g.oh, ", ", g.ow, ")");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "slimops.", op, ": grad_out has dtype ",
+                   grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  at::Tensor gx = need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  at::Tensor gw = need_w ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
+  at::Tensor gb = need_b ? at::zeros({c_out}, weight.options()) : weight.new_empty({0});
+  if (g.n == 0 || c_out == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
+  const auto rows = rows_of_mask(out_mask);
+  const std::vector<int64_t> chans = iota(c_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.masked_conv2d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
+    const int64_t ns = slots();
+    // Per slot: a packed panel of this sample's rows, the full-size weight and bias accumulators (a
+    // sample's rows are scattered into them), and a float image for the input gradient of low precision.
+    std::vector<std::vector<acc_t>> panels(ns), gw_acc(ns), gb_acc(ns), gx_buf(ns), gw_rows(ns);
+    std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* gop = goc.const_data_ptr<scalar_t>();
+    const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
+      const auto& r = rows[n];
+      const int64_t nr = static_cast<int64_t>(r.size());
+      auto& w = work[slot];
+      if (!w) {
+        w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, c_in, c_out);
+        panels[slot].resize(static_cast<size_t>(c_out * k));
+        if (need_w) gw_acc[slot].assign(static_cast<size_t>(c_out * k), acc_t(0)), gw_rows[slot].resize(c_out * k);
+        if (need_b) gb_acc[slot].assign(static_cast<size_t>(c_out), acc_t(0));
+        if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(c_in * g.hw()));
+      }
+      if (nr == 0) return;
+      w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
+      pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
+      acc_t* gx_n = nullptr;
+      if (need_x) {
+        if constexpr (same) {
+          gx_n = reinterpret_cast<acc_t*>(gx.mutable_data_ptr<scalar_t>()) + n * c_in * g.hw();
+        } else {
+          gx_n = gx_buf[slot].data();
+          std::fill(gx_buf[slot].begin(), gx_buf[slot].end(), acc_t(0));
+        }
+      }
+      acc_t* gwr = nullptr;
+      std::vector<acc_t> gbr(need_b ? nr : 0, acc_t(0));
+      if (need_w) {
+        gwr = gw_rows[slot].data();
+        std::fill_n(gwr, nr * k, acc_t(0));
+      }
+      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), nr, gx_n, gwr,
+             need_b ? gbr.data() : nullptr);
+      for (int64_t i = 0; i < nr; ++i) {
+        if (need_w) {
+          acc_t* d = gw_acc[slot].data() + r[i] * k;
+          const acc_t* s = gwr + i * k;
+          for (int64_t j = 0; j < k; ++j) d[j] += s[j];
+        }
+        if (need_b) gb_acc[slot][r[i]] += gbr[i];
+      }
+      if constexpr (!same) {
+        if (need_x) {
+          scalar_t* d = gx.mutable_data_ptr<scalar_t>() + n * c_in * g.hw();
+          for (int64_t p = 0; p < c_in * g.hw(); ++p) d[p] = static_cast<scalar_t>(gx_n[p]);
+        }
+      }
+    });
+    if (need_w) {
+      reduce_slots(gw_acc, used);
+      scalar_t* d = gw.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c_out * k; ++i) d[i] = static_cast<scalar_t>(gw_acc[0][i]);
+    }
+    if (need_b) {
+      reduce_slots(gb_acc, used);
+      scalar_t* d = gb.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c_out; ++i) d[i] = static_cast<scalar_t>(gb_acc[0][i]);
+    }
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimops, CPU, m) {
+  m.impl("channel_conv2d", &channel_conv2d_cpu);
+  m.impl("channel_conv2d_backward", &channel_conv2d_backward_cpu);
+  m.impl("masked_conv2d", &masked_conv2d_cpu);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace slimops
