@@ -5,10 +5,12 @@
     plan = slimops.pruning.plan_from_bn(model)            # the exact zeros; or percent=0.5
     small = slimops.pruning.compact(model, plan)          # a physically smaller dense model
     same_arch = slimops.pruning.build_pruned(Plan.from_json(plan.to_json()))
+    fast = slimops.pruning.sparsify(model, plan)          # same outputs, full tensors, kept channels only
 """
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.methods import METHODS, MethodConfig, SlimMethod, default_lam
 from slimops.pruning.plan import Plan, plan_from_bn
+from slimops.pruning.sparsify import sparsify
 
-__all__ = ["Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "METHODS", "MethodConfig",
+__all__ = ["Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "sparsify", "METHODS", "MethodConfig",
            "SlimMethod", "default_lam"]
