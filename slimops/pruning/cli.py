@@ -5,6 +5,7 @@
     python -m slimops prune --weights runs/ns/dense.pt --percent 0.5 --out runs/ns-p50
     python -m slimops finetune --weights runs/ns/pruned.pt --epochs 5 --out runs/ns-ft
     python -m slimops eval --weights runs/ns/pruned.pt
+    python -m slimops eval --weights runs/ns/dense.pt --sparse   # kept channels of the full model, timed
 """
 from __future__ import annotations
 
@@ -116,9 +117,13 @@ def main_eval(argv=None) -> dict:
         ap.add_argument("--weights", required=True, help="a dense.pt / pruned.pt / finetuned.pt")
         _common(ap)
         ap.add_argument("--latency-batch", type=int, default=64)
+        ap.add_argument("--sparse", action="store_true",
+                        help="run a dense.pt channel-sparse by its plan (slimops.pruning.sparsify) and time it "
+                             "against the dense and the compacted model")
+        ap.add_argument("--plan", default=None, help="plan for --sparse (default: plan.json beside --weights)")
 
     a = _parse("eval", build, argv)
     m = evaluate_file(weights=a.weights, data=a.data, data_dir=a.data_dir, device=a.device,
-                      latency_batch=a.latency_batch)
+                      latency_batch=a.latency_batch, sparse=a.sparse, plan=a.plan)
     print(json.dumps({k: v for k, v in m.items() if k != "latency"}, indent=1))
     return m

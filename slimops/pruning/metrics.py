@@ -63,10 +63,25 @@ def count_macs(model: nn.Module, input_size) -> int:
         nonlocal total
         total += out.numel() * m.in_features
 
+    def sparse_conv_hook(m, _inp, out):  # slimops.nn.ChannelSparseConv2d: only the kept channels
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() * m.in_idx.numel() * kh * kw
+
+    def sparse_linear_hook(m, _inp, out):
+        nonlocal total
+        total += out.numel() * m.in_idx.numel()
+
+    from slimops.nn import ChannelSparseConv2d, ChannelSparseLinear
+
     handles = []
     try:
         for m in model.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, ChannelSparseConv2d):
+                handles.append(m.register_forward_hook(sparse_conv_hook))
+            elif isinstance(m, ChannelSparseLinear):
+                handles.append(m.register_forward_hook(sparse_linear_hook))
+            elif isinstance(m, nn.Conv2d):
                 handles.append(m.register_forward_hook(conv_hook))
             elif isinstance(m, nn.Linear):
                 handles.append(m.register_forward_hook(linear_hook))

@@ -311,14 +311,44 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
 
 
 def evaluate_file(*, weights: str, data: str = "digits", data_dir: Optional[str] = None, seed: int = 0,
-                  device: str = "cpu", latency_batch: int = 64) -> dict:
-    """Accuracy, params, FLOPs and latency of a model file."""
+                  device: str = "cpu", latency_batch: int = 64, sparse: bool = False,
+                  plan: Optional[str] = None) -> dict:
+    """Accuracy, params, FLOPs and latency of a model file.
+
+    ``sparse``: evaluate the dense model file (``dense.pt``) run channel-sparse by ``plan`` (default: the
+    ``plan.json`` beside it) through :func:`slimops.pruning.sparsify`, and time it side by side with the
+    dense model (what a masked network costs) and with the compacted one (``compact``, the ideal).
+    """
     from slimops.data import load as load_data
 
     dev = torch.device(device)
     net, obj = load_model_file(weights, dev)
     ds = load_data(data, data_dir)
-    rep = model_report(net, ds, dev, latency_batch=latency_batch)
-    return {"weights": weights, "kind": obj["kind"], "model": net.config(), "data": data,
-            "acc": accuracy(net, ds, device=dev), "params": rep["params"], "flops": rep["flops"],
-            "latency_ms": rep["latency_ms"], "latency": rep["latency"]}
+    if not sparse:
+        rep = model_report(net, ds, dev, latency_batch=latency_batch)
+        return {"weights": weights, "kind": obj["kind"], "model": net.config(), "data": data,
+                "acc": accuracy(net, ds, device=dev), "params": rep["params"], "flops": rep["flops"],
+                "latency_ms": rep["latency_ms"], "latency": rep["latency"]}
+    from slimops.pruning.metrics import compare_latency
+    from slimops.pruning.sparsify import sparsify
+
+    if obj["kind"] != "dense":
+        raise ValueError(f"slimops.pruning.evaluate_file: --sparse runs a dense model file on its kept channels; "
+                         f"'{weights}' holds a {obj['kind']} model")
+    plan_path = plan or os.path.join(os.path.dirname(os.path.abspath(weights)), "plan.json")
+    if not os.path.exists(plan_path):
+        raise FileNotFoundError(f"slimops.pruning.evaluate_file: no plan at '{plan_path}' (pass --plan)")
+    p = Plan.load(plan_path)
+    net.eval()
+    fast = sparsify(net, p).eval()
+    small = compact(net, p).eval()
+    rep = model_report(fast, ds, dev, latency=False)
+    shape = (ds.in_channels, ds.size, ds.size)
+    vs_dense = compare_latency(net, fast, shape, batch=latency_batch)
+    vs_compact = compare_latency(small, fast, shape, batch=latency_batch)
+    return {"weights": weights, "plan": plan_path, "kind": "sparse", "model": net.config(), "data": data,
+            "acc": accuracy(fast, ds, device=dev), "acc_compact": accuracy(small, ds, device=dev),
+            "params": rep["params"], "flops": rep["flops"], "latency_ms": vs_dense["candidate_ms"],
+            "dense_latency_ms": vs_dense["baseline_ms"], "speedup_vs_dense": vs_dense["speedup"],
+            "compact_latency_ms": vs_compact["baseline_ms"], "speed_vs_compact": vs_compact["speedup"],
+            "latency": {"vs_dense": vs_dense, "vs_compact": vs_compact}}
