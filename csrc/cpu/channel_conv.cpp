@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -30,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "direct_conv_avx2.h"
 #include "slimops/channel_conv_checks.h"
 
 namespace slimops {
@@ -162,7 +164,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 
 // Output rows per tile: the im2col tile (k x rows * ow) stays within ~256 KB (L2), at least 64 pixels.
 int64_t tile_rows(const ConvGeom& g, int64_t k, size_t elem) {
-  const int64_t budget = 256 * 1024;
+  static const int64_t budget = std::getenv("SLIMOPS_TILE_KB") ? std::atoi(std::getenv("SLIMOPS_TILE_KB")) * 1024 : 256 * 1024;
   int64_t t = budget / std::max<int64_t>(1, k * g.ow * static_cast<int64_t>(elem));
   t = std::max(t, (64 + g.ow - 1) / g.ow);
   return std::max<int64_t>(1, std::min(t, g.oh));
@@ -228,6 +230,7 @@ struct ForwardWork {
   const ConvGeom& g;
   int64_t k, rows;
   std::vector<acc_t> cols, tmp;
+  std::vector<float> xp;  // the padded input of the direct microkernel
 
   ForwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
@@ -235,7 +238,8 @@ struct ForwardWork {
     if (!std::is_same_v<acc_t, scalar_t>) tmp.resize(static_cast<size_t>(nr * geom.ohw()));
   }
 
-  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, int64_t nr,
+  // dpanel: the weight rows packed for the direct microkernel (float accumulation only), or nullptr.
+  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, const float* dpanel, int64_t nr,
            const int64_t* dst_rows, bool dst_is_all, const scalar_t* bias_full, const int64_t* bias_rows,
            scalar_t* yn) {
     const int64_t ohw = g.ohw();
@@ -245,7 +249,14 @@ struct ForwardWork {
     if (!direct && tmp.size() < static_cast<size_t>(nr * ohw)) tmp.resize(static_cast<size_t>(nr * ohw));
     acc_t* res = direct ? reinterpret_cast<acc_t*>(yn) : tmp.data();
     if (k == 0) std::fill(res, res + nr * ohw, acc_t(0));
-    for (int64_t oy0 = 0; k > 0 && oy0 < g.oh; oy0 += rows) {
+    bool done = k == 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!done && dpanel) {
+        if (xp.empty()) xp.resize(static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPX));
+        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp.data(), res);
+      }
+    }
+    for (int64_t oy0 = 0; !done && oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
       im2col<scalar_t, acc_t>(xn, chans, nc, g, oy0, oy1, cols.data());
       gemm<acc_t>(false, false, nr, np, k, acc_t(1), panel, k, cols.data(), np, acc_t(0), res + oy0 * g.ow, ohw);
@@ -362,6 +373,13 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
     std::vector<acc_t> panel(static_cast<size_t>(nr * nc * g.taps()));
     pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
                                  nr, c.in_idx.const_data_ptr<int64_t>(), nc, panel.data());
+    std::vector<float> dpanel;
+    if (std::is_same_v<acc_t, float> && direct_conv_applies(g, nc)) {
+      dpanel.resize(static_cast<size_t>((nr + kRB - 1) / kRB * kRB * nc * g.taps()));
+      pack_weight_direct<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
+                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data());
+    }
+    const float* dp = dpanel.empty() ? nullptr : dpanel.data();
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -369,7 +387,7 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
     for_samples(g.n, [&](int64_t n, int64_t slot) {
       auto& w = work[slot];
       if (!w) w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, nc, nr);
-      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), nr, rows.data(), true, bp,
+      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), dp, nr, rows.data(), true, bp,
              c.out_idx.const_data_ptr<int64_t>(), yp + n * nr * g.ohw());
     });
   });
@@ -505,6 +523,8 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     const int64_t ns = slots();
     std::vector<std::unique_ptr<ForwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
     std::vector<std::vector<acc_t>> panels(static_cast<size_t>(ns));
+    std::vector<std::vector<float>> dpanels(static_cast<size_t>(ns));
+    const bool direct = std::is_same_v<acc_t, float> && direct_conv_applies(g, c_in);
     for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
       const int64_t nr = static_cast<int64_t>(r.size());
@@ -518,10 +538,14 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       auto& w = work[slot];
       if (!w) {
         w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, c_in, c_out);
-        panels[slot].resize(static_cast<size_t>(c_out * k));
+        if (direct) dpanels[slot].resize(static_cast<size_t>((c_out + kRB - 1) / kRB * kRB * k));
+        else panels[slot].resize(static_cast<size_t>(c_out * k));
       }
-      pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), nr, r.data(), nr == c_out, bp,
+      // Only this sample's kept rows are packed (and then computed).
+      if (direct) pack_weight_direct<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, dpanels[slot].data());
+      else pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
+      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), direct ? dpanels[slot].data() : nullptr,
+             nr, r.data(), nr == c_out, bp,
              r.data(), yp + n * c_out * g.ohw());
     });
   });
