@@ -66,6 +66,7 @@ cuda-check: $(CUDA_VENV)/.ready
 
 bench: build
 	$(VPY) bench/bench_prox.py
+	$(VPY) bench/bench_channel_conv.py
 
 info: build
 	$(VPY) -m slimops info

@@ -34,6 +34,16 @@ def _index(where: str, name: str, idx, limit: int, device) -> Tensor:
     return check_index(op, name, idx.to(device), limit, "channels", torch.device(device)).clone()
 
 
+def _frozen(*params: Optional[Tensor]) -> bool:
+    """No autograd graph is needed through ``params`` (eval / inference): derived tensors may be cached."""
+    return not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in params)
+
+
+def _key(*ts: Optional[Tensor]) -> tuple:
+    """Identity and in-place version of tensors: a cached value derived from them is stale when it changes."""
+    return tuple((id(t), t._version) if t is not None else None for t in ts)
+
+
 def _const(where: str, const_in, n: int, device, dtype) -> Optional[Tensor]:
     if const_in is None:
         return None
@@ -122,7 +132,18 @@ class ChannelSparseConv2d(nn.Module):
             self.const_in = _const(_CONV, const_in, self.in_channels, dev, self.weight.dtype)
 
     def constant_term(self, height: int, width: int) -> Tensor:
-        """(1, len(out_idx), OH, OW): what the removed input channels' constant outputs add."""
+        """(1, len(out_idx), OH, OW): what the removed input channels' constant outputs add. Cached while
+        no gradient is needed (inference), until the weight, the indices or const_in change."""
+        if not _frozen(self.weight):
+            return self._constant_term(height, width)
+        key = (height, width) + _key(self.weight, self.out_idx, self.const_in)
+        cache = getattr(self, "_const_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self._constant_term(height, width).detach())
+            self._const_cache = cache
+        return cache[1]
+
+    def _constant_term(self, height: int, width: int) -> Tensor:
         w = self.weight.index_select(0, self.out_idx)
         folded = (w * self.const_in.to(w.dtype).view(1, -1, 1, 1)).sum(1, keepdim=True)
         ones = w.new_ones((1, 1, height, width))
@@ -164,19 +185,31 @@ class ChannelSparseBatchNorm2d(nn.Module):
                                              bn.weight.device))
         self.train(bn.training)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _gathered(self):
         idx = self.index
-        w, b = self.weight.index_select(0, idx), self.bias.index_select(0, idx)
-        rm, rv = self.running_mean.index_select(0, idx), self.running_var.index_select(0, idx)
+        return (self.weight.index_select(0, idx), self.bias.index_select(0, idx),
+                self.running_mean.index_select(0, idx), self.running_var.index_select(0, idx))
+
+    def forward(self, x: Tensor) -> Tensor:
         if not self.training:
+            if _frozen(self.weight, self.bias):  # inference: gather the kept entries once, not per call
+                key = _key(self.index, self.weight, self.bias, self.running_mean, self.running_var)
+                cache = getattr(self, "_cache", None)
+                if cache is None or cache[0] != key:
+                    cache = (key, tuple(t.detach() for t in self._gathered()))
+                    self._cache = cache
+                w, b, rm, rv = cache[1]
+            else:
+                w, b, rm, rv = self._gathered()
             return F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
+        w, b, rm, rv = self._gathered()
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         y = F.batch_norm(x, rm, rv, w, b, True, factor, self.eps)  # updates the gathered copies
         with torch.no_grad():
-            self.running_mean.index_copy_(0, idx, rm)
-            self.running_var.index_copy_(0, idx, rv)
+            self.running_mean.index_copy_(0, self.index, rm)
+            self.running_var.index_copy_(0, self.index, rv)
         return y
 
     def extra_repr(self) -> str:

@@ -98,8 +98,9 @@ def check_index(op: str, name: str, idx, limit: int, what: str, device: torch.de
     if idx.device != device:
         _fail(op, f"{name} is on {idx.device} but x is on {device}")
     idx = idx.long()
-    # Value checks read the data: skipped while tracing (the C++ kernel still checks on the CPU).
-    if values and idx.numel() and not torch.compiler.is_compiling():
+    # Value checks read the data: skipped while tracing and for meta tensors (shape-only calls); the C++
+    # kernel still checks on the CPU.
+    if values and idx.numel() and idx.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= limit:
             bad = lo if lo < 0 else hi

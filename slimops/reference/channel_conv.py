@@ -7,7 +7,8 @@ Each function mirrors the ``torch.ops.slimops`` op of the same name (schemas in
   ``input_gathered=True`` x already holds the channels ``in_idx`` (in that order), so only the weight is
   indexed: this is how a chain of sparse convs passes compact activations from layer to layer.
 - ``masked_conv2d``: ``F.conv2d(x, weight, bias, ...) * out_mask[:, :, None, None]``, ``out_mask`` (N, C_out)
-  bool, one set of kept output channels per sample (dynamic channel gating, ManiDP).
+  bool, one set of kept output channels per sample (dynamic channel gating, ManiDP). Masked channels are
+  exactly 0, also where the conv would give inf/NaN (the kernels never compute them).
 
 Empty index sets are allowed: no input channel leaves the bias (broadcast over the output), no output
 channel gives an (N, 0, OH, OW) result. Low-precision inputs are convolved in float32 and rounded once,
@@ -62,8 +63,10 @@ def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Te
 
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor,
                   stride=1, padding=0, dilation=1) -> Tensor:
+    # where, not a product: a masked channel is never computed, so it is 0 even where the conv would be
+    # inf/NaN (the kernels skip it).
     y = _conv(x, weight, bias, stride, padding, dilation)
-    return (y * out_mask[:, :, None, None].to(y.dtype)).to(x.dtype)
+    return torch.where(out_mask[:, :, None, None], y, y.new_zeros(())).to(x.dtype)
 
 
 def _grads(fn, x: Tensor, weight: Tensor, output_mask: Sequence[bool], grad_out: Tensor):
