@@ -163,6 +163,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 // ---- shared plumbing ---------------------------------------------------------------------------------
 
 // Output rows per tile: the im2col tile (k x rows * ow) stays within ~256 KB (L2), at least 64 pixels.
+// SLIMOPS_TILE_KB overrides the budget (read once; for tuning, and to force many tiles in tests).
 int64_t tile_rows(const ConvGeom& g, int64_t k, size_t elem) {
   static const int64_t budget = std::getenv("SLIMOPS_TILE_KB") ? std::atoi(std::getenv("SLIMOPS_TILE_KB")) * 1024 : 256 * 1024;
   int64_t t = budget / std::max<int64_t>(1, k * g.ow * static_cast<int64_t>(elem));
@@ -375,7 +376,7 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
                                  nr, c.in_idx.const_data_ptr<int64_t>(), nc, panel.data());
     std::vector<float> dpanel;
     if (std::is_same_v<acc_t, float> && direct_conv_applies(g, nc)) {
-      dpanel.resize(static_cast<size_t>((nr + kRB - 1) / kRB * kRB * nc * g.taps()));
+      dpanel.resize(static_cast<size_t>(direct_panel_size(nr, nc, g.taps())));
       pack_weight_direct<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
                                    nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data());
     }
@@ -538,7 +539,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       auto& w = work[slot];
       if (!w) {
         w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, c_in, c_out);
-        if (direct) dpanels[slot].resize(static_cast<size_t>((c_out + kRB - 1) / kRB * kRB * k));
+        if (direct) dpanels[slot].resize(static_cast<size_t>(direct_panel_size(c_out, c_in, taps)));
         else panels[slot].resize(static_cast<size_t>(c_out * k));
       }
       // Only this sample's kept rows are packed (and then computed).

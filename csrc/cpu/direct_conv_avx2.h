@@ -54,19 +54,35 @@ struct DirectGeom {
   int64_t plane() const { return hp * wp; }
 };
 
-// weight[rows][:, chans] as [rb][c][tap][kRB] floats, rows padded with zeros to a multiple of kRB.
+// How many rows the block starting at row r0 of nr takes: 6, except that a remainder of 7..11 rows is split
+// in two blocks of 4..6 (e.g. 8 = 4 + 4, not 6 + 2) so that no block runs with fewer than 4 accumulator
+// pairs unless nr itself is smaller.
+inline int64_t direct_block_rows(int64_t r0, int64_t nr) {
+  const int64_t left = nr - r0;
+  if (left <= kRB) return left;
+  if (left < 2 * kRB) return (left + 1) / 2;
+  return kRB;
+}
+// Floats of a direct panel: one [c][tap][kRB] slab per row block (at most ceil(nr / 6) + 1 blocks).
+inline int64_t direct_panel_size(int64_t nr, int64_t nc, int64_t taps) {
+  return ((nr + kRB - 1) / kRB + 1) * nc * taps * kRB;
+}
+
+// weight[rows][:, chans] as one [c][tap][kRB] slab per row block (blocks from direct_block_rows, lanes past
+// a block's rows zero).
 template <typename scalar_t>
 void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
                         const int64_t* chans, int64_t nc, float* out) {
-  const int64_t nrb = (nr + kRB - 1) / kRB;
-  for (int64_t rb = 0; rb < nrb; ++rb)
+  for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
+    const int64_t nb = direct_block_rows(r0, nr);
+    float* slab = out + b * nc * taps * kRB;
     for (int64_t c = 0; c < nc; ++c)
       for (int64_t t = 0; t < taps; ++t)
-        for (int64_t q = 0; q < kRB; ++q) {
-          const int64_t r = rb * kRB + q;
-          out[((rb * nc + c) * taps + t) * kRB + q] =
-              r < nr ? static_cast<float>(w[(rows[r] * c_in + chans[c]) * taps + t]) : 0.f;
-        }
+        for (int64_t q = 0; q < kRB; ++q)
+          slab[(c * taps + t) * kRB + q] =
+              q < nb ? static_cast<float>(w[(rows[r0 + q] * c_in + chans[c]) * taps + t]) : 0.f;
+    r0 += nb;
+  }
 }
 
 // Copies x_n's channels chans[0..nc) into the zero-padded buffer (converting to float).
@@ -89,24 +105,22 @@ void pad_input(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvG
 }
 
 #if SLIMOPS_DIRECT_CONV
-// out[q][oy * ow + ox] = sum_{c, t} panel[c][t][q] * xp[c][oy*sh*wp + ox + off[t]] for the nrows (<= kRB)
-// rows q of one row block, off[t] = i*dh*wp + j*dw for tap t = (i, j); out[q] are float rows of oh*ow.
+// out[q][oy * ow + ox] = sum_{c, t} panel[c][t][q] * xp[c][oy*sh*wp + ox + off[t]] for the R (<= kRB) rows q
+// of one row block, off[t] = i*dh*wp + j*dw for tap t = (i, j); out[q] are float rows of oh*ow. R < kRB
+// serves the last rows of a block list (32 rows = 4 x 6 + 2 x 4, not 6 x 6 with 4 wasted).
 // TAPS > 0 fixes the tap count at compile time (1x1, 3x3, 5x5: the tap loop unrolls); 0 reads `taps`.
-template <int TAPS>
+template <int R, int TAPS>
 __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restrict xp, int64_t nc, int64_t taps_rt,
                                                           const int64_t* __restrict off, int64_t oy0, int64_t oy1,
-                                                          int64_t ow,
-                                                          int64_t row_step, int64_t plane,
-                                                          const float* __restrict panel, float* const* out,
-                                                          int64_t nrows) {
+                                                          int64_t ow, int64_t row_step, int64_t plane,
+                                                          const float* __restrict panel, float* const* out) {
+  static_assert(R >= 1 && R <= kRB, "row block");
   const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
-  alignas(32) float tail[kRB][kPX];
+  alignas(32) float tail[kPX];
   for (int64_t oy = oy0; oy < oy1; ++oy) {
     for (int64_t ox0 = 0; ox0 < ow; ox0 += kPX) {
-      __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(),
-             a11 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(),
-             a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps(), a40 = _mm256_setzero_ps(),
-             a41 = _mm256_setzero_ps(), a50 = _mm256_setzero_ps(), a51 = _mm256_setzero_ps();
+      __m256 a[R][2];
+      for (int q = 0; q < R; ++q) a[q][0] = _mm256_setzero_ps(), a[q][1] = _mm256_setzero_ps();
       const float* xc = xp + oy * row_step + ox0;
       const float* wt = panel;
       for (int64_t c = 0; c < nc; ++c, xc += plane) {
@@ -114,36 +128,51 @@ __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restric
         for (int64_t t = 0; t < taps; ++t, wt += kRB) {
           const float* xx = xc + off[t];
           const __m256 x0 = _mm256_loadu_ps(xx), x1 = _mm256_loadu_ps(xx + 8);
-          __m256 w = _mm256_broadcast_ss(wt + 0);
-          a00 = _mm256_fmadd_ps(w, x0, a00), a01 = _mm256_fmadd_ps(w, x1, a01);
-          w = _mm256_broadcast_ss(wt + 1);
-          a10 = _mm256_fmadd_ps(w, x0, a10), a11 = _mm256_fmadd_ps(w, x1, a11);
-          w = _mm256_broadcast_ss(wt + 2);
-          a20 = _mm256_fmadd_ps(w, x0, a20), a21 = _mm256_fmadd_ps(w, x1, a21);
-          w = _mm256_broadcast_ss(wt + 3);
-          a30 = _mm256_fmadd_ps(w, x0, a30), a31 = _mm256_fmadd_ps(w, x1, a31);
-          w = _mm256_broadcast_ss(wt + 4);
-          a40 = _mm256_fmadd_ps(w, x0, a40), a41 = _mm256_fmadd_ps(w, x1, a41);
-          w = _mm256_broadcast_ss(wt + 5);
-          a50 = _mm256_fmadd_ps(w, x0, a50), a51 = _mm256_fmadd_ps(w, x1, a51);
+#pragma GCC unroll 6
+          for (int q = 0; q < R; ++q) {
+            const __m256 w = _mm256_broadcast_ss(wt + q);
+            a[q][0] = _mm256_fmadd_ps(w, x0, a[q][0]);
+            a[q][1] = _mm256_fmadd_ps(w, x1, a[q][1]);
+          }
         }
       }
-      const __m256 acc[kRB][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
       const int64_t n = std::min(kPX, ow - ox0);
-      for (int64_t q = 0; q < nrows; ++q) {
+#pragma GCC unroll 6
+      for (int q = 0; q < R; ++q) {
         float* dst = out[q] + oy * ow + ox0;
         if (n == kPX) {
-          _mm256_storeu_ps(dst, acc[q][0]);
-          _mm256_storeu_ps(dst + 8, acc[q][1]);
+          _mm256_storeu_ps(dst, a[q][0]);
+          _mm256_storeu_ps(dst + 8, a[q][1]);
         } else {
-          _mm256_store_ps(tail[q], acc[q][0]);
-          _mm256_store_ps(tail[q] + 8, acc[q][1]);
-          std::copy(tail[q], tail[q] + n, dst);
+          _mm256_store_ps(tail, a[q][0]);
+          _mm256_store_ps(tail + 8, a[q][1]);
+          std::copy(tail, tail + n, dst);
         }
       }
     }
   }
 }
+
+using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, const float*, float* const*);
+
+template <int TAPS>
+DirectRowsFn direct_rows_for(int64_t rows) {
+  switch (rows) {
+    case 6: return &direct_conv_rows<6, TAPS>;
+    case 5: return &direct_conv_rows<5, TAPS>;
+    case 4: return &direct_conv_rows<4, TAPS>;
+    case 3: return &direct_conv_rows<3, TAPS>;
+    case 2: return &direct_conv_rows<2, TAPS>;
+    default: return &direct_conv_rows<1, TAPS>;
+  }
+}
+
+inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
+  return taps == 9 ? direct_rows_for<9>(rows) : taps == 1 ? direct_rows_for<1>(rows)
+       : taps == 25 ? direct_rows_for<25>(rows) : direct_rows_for<0>(rows);
+}
+
 #endif
 
 // The forward of one sample through the microkernel: res rows r (float, oh*ow each, row stride ohw)
@@ -162,19 +191,18 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   int64_t* offp = taps <= 64 ? off : (off_big.resize(static_cast<size_t>(taps)), off_big.data());
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) offp[i * g.kw + j] = i * g.dh * d.wp + j * g.dw;
-  auto kernel = taps == 9 ? &direct_conv_rows<9> : taps == 1 ? &direct_conv_rows<1>
-              : taps == 25 ? &direct_conv_rows<25> : &direct_conv_rows<0>;
   // Output rows in bands: every row block of the band reuses the same input rows from L1/L2, instead of
   // sweeping the whole padded input once per row block.
   const int64_t band = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, nc * g.kh * d.wp));
   for (int64_t oy0 = 0; oy0 < g.oh; oy0 += band) {
     const int64_t oy1 = std::min(g.oh, oy0 + band);
-    for (int64_t rb = 0; rb * kRB < nr; ++rb) {
+    for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
+      const int64_t nrows = direct_block_rows(r0, nr);
       float* rows[kRB];
-      const int64_t nrows = std::min(kRB, nr - rb * kRB);
-      for (int64_t q = 0; q < nrows; ++q) rows[q] = res + (rb * kRB + q) * ohw;
-      kernel(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(), dpanel + rb * nc * taps * kRB, rows,
-             nrows);
+      for (int64_t q = 0; q < nrows; ++q) rows[q] = res + (r0 + q) * ohw;
+      direct_rows_kernel(taps, nrows)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
+                                      dpanel + b * nc * taps * kRB, rows);
+      r0 += nrows;
     }
   }
   return true;
