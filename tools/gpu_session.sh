@@ -17,5 +17,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 $PY -m pytest tests -q -x -rs 2>&1 | tee "$OUT/tests.log" | tail -30
 for dt in float32 bfloat16; do
   $PY bench/bench_prox.py --device cuda --dtype "$dt" 2>&1 | tee -a "$OUT/bench.log"
+  # Triton implicit GEMM (auto on CUDA) against cuDNN dense / gather+conv / pre-compacted, and dense x mask
+  $PY bench/bench_channel_conv.py --device cuda --dtype "$dt" --rounds 30 2>&1 | tee -a "$OUT/bench.log"
 done
 cp bench/results/* "$OUT/" 2>/dev/null || true
