@@ -4,14 +4,14 @@ Usage: python tools/cuda_check.py path/to/_C.abi3.so
 
 Loads the library (no GPU needed: registration happens at load time), lists the ops its
 TORCH_LIBRARY(slimops) block declared, and fails listing every op without a CUDA kernel, unless the
-op is in CPU_ONLY (ops that by design have no CUDA kernel: a GPU backend may still exist in Triton).
+op is in TRITON_GPU_ONLY (ops that by design have no CUDA C++ kernel: their GPU backend is Triton).
 """
 import sys
 
 import torch
 
 # Ops whose GPU backend is Triton (slimops/triton), not a CUDA C++ kernel.
-CPU_ONLY: set = {"channel_conv2d", "channel_conv2d_backward", "masked_conv2d", "masked_conv2d_backward"}
+TRITON_GPU_ONLY: set = {"channel_conv2d", "channel_conv2d_backward", "masked_conv2d", "masked_conv2d_backward"}
 
 
 def main(path: str) -> int:
@@ -20,13 +20,15 @@ def main(path: str) -> int:
     if not ops:
         print(f"cuda-check: {path} registered no slimops ops")
         return 1
-    missing = [op for op in ops if op not in CPU_ONLY
-               and not torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA")]
+    has = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA") for op in ops}
+    missing = [op for op in ops if op not in TRITON_GPU_ONLY and not has[op]]
     for op in ops:
-        state = "CUDA kernel" if op not in missing else ("CPU only (by design)" if op in CPU_ONLY else "MISSING")
-        print(f"  slimops::{op:<20} {state}")
+        state = ("CUDA kernel" if has[op] else "no CUDA C++ kernel by design (GPU backend: Triton)"
+                 if op in TRITON_GPU_ONLY else "MISSING")
+        print(f"  slimops::{op:<24} {state}")
     print(f"cuda-check: torch {torch.__version__} (CUDA {torch.version.cuda}), {len(ops)} ops, "
-          f"{len(ops) - len(missing)} with CUDA kernels, {len(missing)} missing")
+          f"{sum(has.values())} with CUDA kernels, {len(ops) - sum(has.values()) - len(missing)} Triton-only by design, "
+          f"{len(missing)} missing")
     return 1 if missing else 0
 
 
