@@ -42,11 +42,11 @@ def report() -> str:
         f"threads {torch.get_num_threads()}",
         "build   " + ", ".join(f"{k}={v}" for k, v in build_info().items()),
         "",
-        f"{'op':<18} {'CPU kernel':<11} {'CUDA kernel':<12} {'backends on cpu':<28} auto on cuda",
+        f"{'op':<24} {'CPU kernel':<11} {'CUDA kernel':<12} {'backends on cpu':<28} auto on cuda",
     ]
     cpu = torch.device("cpu")
     for op in ops():
-        lines.append(f"{op:<18} {str(_backend.has_kernel(op, 'CPU')):<11} {str(_backend.has_kernel(op, 'CUDA')):<12} "
+        lines.append(f"{op:<24} {str(_backend.has_kernel(op, 'CPU')):<11} {str(_backend.has_kernel(op, 'CUDA')):<12} "
                      f"{','.join(_backend.available(op, cpu)):<28} {_backend.AUTO_CUDA.get(op, '-')}")
     return "\n".join(lines)
 
