@@ -216,3 +216,30 @@ def test_cli_eval_sparse(tmp_path, capsys):
     assert printed["plan"].endswith("plan.json")
     with pytest.raises(ValueError, match="dense model file"):
         main_eval(["--weights", str(out / "pruned.pt"), "--sparse"])
+
+
+def test_bn_recalibration_of_sparse_model_equals_compacted():
+    """recalibrate_bn re-estimates a sparsified model's statistics at the kept entries of the full tensors,
+    to what it gives the compacted model; the removed entries are left alone."""
+    from slimops.data import load
+    from slimops.pruning.train import recalibrate_bn
+
+    g = torch.Generator().manual_seed(5)
+    model = build("vgg11", width=0.25, in_channels=1)
+    randomise_bn(model, g)
+    silence_half(model, g)
+    model.eval()
+    plan = plan_from_bn(model)
+    ds = load("digits")
+    fast, small = sparsify(model, plan), compact(model, plan)
+    removed_before = fast.features.bn2.running_mean.clone()
+    for m in (fast, small):
+        recalibrate_bn(m, ds, torch.device("cpu"), batches=3, batch=16)
+    keep = torch.tensor(plan.layers["features.bn2"])
+    assert torch.allclose(fast.features.bn2.running_mean[keep], small.features.bn2.running_mean[: len(keep)], atol=1e-5)
+    assert torch.allclose(fast.features.bn2.running_var[keep], small.features.bn2.running_var[: len(keep)], atol=1e-5)
+    rest = ~torch.isin(torch.arange(fast.features.bn2.num_features), keep)
+    assert torch.equal(fast.features.bn2.running_mean[rest], removed_before[rest])
+    x = ds.normalise(ds.x_test[:8])
+    with torch.no_grad():
+        assert _rel(small.eval()(x), fast.eval()(x)) < 1e-5

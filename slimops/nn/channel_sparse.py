@@ -177,6 +177,7 @@ class ChannelSparseBatchNorm2d(nn.Module):
             raise TypeError("slimops.nn.ChannelSparseBatchNorm2d: expected an affine nn.BatchNorm2d that tracks "
                             "running statistics")
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.track_running_stats = True
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
@@ -184,6 +185,14 @@ class ChannelSparseBatchNorm2d(nn.Module):
         self.register_buffer("index", _index("slimops.nn.ChannelSparseBatchNorm2d", "index", index, bn.num_features,
                                              bn.weight.device))
         self.train(bn.training)
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """Resets the kept entries of the running statistics (mean 0, var 1) and the batch count, like
+        ``BatchNorm2d.reset_running_stats`` (used by BN re-estimation after pruning)."""
+        self.running_mean.index_fill_(0, self.index, 0.0)
+        self.running_var.index_fill_(0, self.index, 1.0)
+        self.num_batches_tracked.zero_()
 
     def _gathered(self):
         idx = self.index

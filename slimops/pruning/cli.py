@@ -121,9 +121,11 @@ def main_eval(argv=None) -> dict:
                         help="run a dense.pt channel-sparse by its plan (slimops.pruning.sparsify) and time it "
                              "against the dense and the compacted model")
         ap.add_argument("--plan", default=None, help="plan for --sparse (default: plan.json beside --weights)")
+        ap.add_argument("--bn-recal", type=int, default=100,
+                        help="--sparse: training batches to re-estimate BN statistics, as prune does (0: off)")
 
     a = _parse("eval", build, argv)
     m = evaluate_file(weights=a.weights, data=a.data, data_dir=a.data_dir, device=a.device,
-                      latency_batch=a.latency_batch, sparse=a.sparse, plan=a.plan)
+                      latency_batch=a.latency_batch, sparse=a.sparse, plan=a.plan, bn_recal=a.bn_recal)
     print(json.dumps({k: v for k, v in m.items() if k != "latency"}, indent=1))
     return m

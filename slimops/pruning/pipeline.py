@@ -312,12 +312,14 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
 
 def evaluate_file(*, weights: str, data: str = "digits", data_dir: Optional[str] = None, seed: int = 0,
                   device: str = "cpu", latency_batch: int = 64, sparse: bool = False,
-                  plan: Optional[str] = None) -> dict:
+                  plan: Optional[str] = None, bn_recal: int = 100) -> dict:
     """Accuracy, params, FLOPs and latency of a model file.
 
     ``sparse``: evaluate the dense model file (``dense.pt``) run channel-sparse by ``plan`` (default: the
     ``plan.json`` beside it) through :func:`slimops.pruning.sparsify`, and time it side by side with the
     dense model (what a masked network costs) and with the compacted one (``compact``, the ideal).
+    Both have their BN statistics re-estimated from ``bn_recal`` training batches first, as ``prune``
+    does (0: the statistics of the file), so the accuracy is that of the pruned model.
     """
     from slimops.data import load as load_data
 
@@ -342,11 +344,14 @@ def evaluate_file(*, weights: str, data: str = "digits", data_dir: Optional[str]
     net.eval()
     fast = sparsify(net, p).eval()
     small = compact(net, p).eval()
+    for m in (fast, small):
+        recalibrate_bn(m, ds, dev, batches=bn_recal, seed=seed)
     rep = model_report(fast, ds, dev, latency=False)
     shape = (ds.in_channels, ds.size, ds.size)
     vs_dense = compare_latency(net, fast, shape, batch=latency_batch)
     vs_compact = compare_latency(small, fast, shape, batch=latency_batch)
     return {"weights": weights, "plan": plan_path, "kind": "sparse", "model": net.config(), "data": data,
+            "bn_recal_batches": bn_recal,
             "acc": accuracy(fast, ds, device=dev), "acc_compact": accuracy(small, ds, device=dev),
             "params": rep["params"], "flops": rep["flops"], "latency_ms": vs_dense["candidate_ms"],
             "dense_latency_ms": vs_dense["baseline_ms"], "speedup_vs_dense": vs_dense["speedup"],

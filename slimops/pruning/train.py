@@ -79,7 +79,10 @@ def recalibrate_bn(model: nn.Module, data, device: torch.device, *, batches: int
     no weight is touched (the "BN calibration" of Yu & Huang 2019 and the adaptive BN of Li et al.
     2020). Returns the number of images used.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    from slimops.nn import ChannelSparseBatchNorm2d
+
+    bns = [m for m in model.modules()
+           if isinstance(m, (nn.modules.batchnorm._BatchNorm, ChannelSparseBatchNorm2d)) and m.track_running_stats]
     if not bns or batches <= 0:
         return 0
     saved = [(m, m.momentum) for m in bns]
