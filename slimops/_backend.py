@@ -113,6 +113,17 @@ def available(op: str, device: torch.device) -> list[str]:
     return [b for b in BACKENDS[1:] if why_not(op, b, device) is None]
 
 
+def pick(op: str, backend: str, device: torch.device, reference_module):
+    """(backend name, callable) for ``op``: the C++ op, the Triton op or the reference twin in
+    ``reference_module``; raises with the reason when ``backend`` cannot run."""
+    b = resolve(op, backend, device)
+    if b in ("cpu", "cuda"):
+        return b, getattr(torch.ops.slimops, op)
+    if b == "triton":
+        return b, triton_op(op)
+    return b, getattr(reference_module, op)
+
+
 def triton_op(op: str):
     """``torch.ops.slimops_triton.<op>``, importing its kernel module on first use (never at package import,
     so that TRITON_INTERPRET can still be set by the caller and importing slimops stays cheap)."""

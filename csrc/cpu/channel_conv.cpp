@@ -327,6 +327,25 @@ struct BackwardWork {
   }
 };
 
+// ---- backward preamble shared by both ops ------------------------------------------------------------
+
+// grad_out must be the forward output's shape (N, c_out, OH, OW) and x's dtype.
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const ConvGeom& g, int64_t c_out) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.n, c_out, g.oh, g.ow}), "slimops.", op,
+                    ": grad_out has shape ", grad_out.sizes(), " but the output has shape (", g.n, ", ", c_out, ", ",
+                    g.oh, ", ", g.ow, ")");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "slimops.", op, ": grad_out has dtype ",
+                   grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+}
+
+// Full-size zero gradients of x, weight and bias (C_out), an empty tensor for each one not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_grads(const at::Tensor& x, const at::Tensor& weight,
+                                                          std::array<bool, 3> need) {
+  return {need[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0}),
+          need[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0}),
+          need[2] ? at::zeros({weight.size(0)}, weight.options()) : weight.new_empty({0})};
+}
+
 // ---- channel_conv2d -----------------------------------------------------------------------------------
 
 struct ChannelCall {
@@ -423,15 +442,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
       prepare_channel(op, x, weight, std::nullopt, in_idx, out_idx, stride, padding, dilation, input_gathered);
   const ConvGeom& g = c.g;
   const int64_t nc = c.in_idx.numel(), nr = c.out_idx.numel(), taps = g.taps(), k = nc * taps;
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.n, nr, g.oh, g.ow}), "slimops.", op,
-                    ": grad_out has shape ", grad_out.sizes(), " but the output has shape (", g.n, ", ", nr, ", ",
-                    g.oh, ", ", g.ow, ")");
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "slimops.", op, ": grad_out has dtype ",
-                   grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+  check_grad_out(op, grad_out, x, g, nr);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  at::Tensor gx = need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
-  at::Tensor gb = need_b ? at::zeros({c.c_out}, weight.options()) : weight.new_empty({0});
+  at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
+  std::tie(gx, gw, gb) = zero_grads(x, weight, output_mask);
   if (g.n == 0 || nr == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
   const std::vector<int64_t> compact = iota(nc), rows = iota(nr);
@@ -559,15 +573,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const char* op = "masked_conv2d_backward";
   const ConvGeom g = prepare_masked(op, x, weight, std::nullopt, out_mask, stride, padding, dilation);
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({g.n, c_out, g.oh, g.ow}), "slimops.", op,
-                    ": grad_out has shape ", grad_out.sizes(), " but the output has shape (", g.n, ", ", c_out, ", ",
-                    g.oh, ", ", g.ow, ")");
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "slimops.", op, ": grad_out has dtype ",
-                   grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+  check_grad_out(op, grad_out, x, g, c_out);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  at::Tensor gx = need_x ? at::zeros_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
-  at::Tensor gb = need_b ? at::zeros({c_out}, weight.options()) : weight.new_empty({0});
+  at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
+  std::tie(gx, gw, gb) = zero_grads(x, weight, output_mask);
   if (g.n == 0 || c_out == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
   const auto rows = rows_of_mask(out_mask);

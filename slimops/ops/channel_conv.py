@@ -141,12 +141,7 @@ def _masked_args(op, x, weight, bias, out_mask, stride, padding, dilation):
 
 
 def _pick(op: str, backend: str, device: torch.device):
-    b = _backend.resolve(op, backend, device)
-    if b in ("cpu", "cuda"):
-        return b, getattr(torch.ops.slimops, op)
-    if b == "triton":
-        return b, _backend.triton_op(op)
-    return b, getattr(ref, op)
+    return _backend.pick(op, backend, device, ref)
 
 
 # ---- public ops -----------------------------------------------------------------------------------------

@@ -60,13 +60,7 @@ def _device(op: str, tensors: Sequence[Tensor]) -> torch.device:
 
 
 def _pick(op: str, backend: str, device: torch.device):
-    """Returns (backend name, callable) for ``op``: C++ op, Triton op or reference function."""
-    b = _backend.resolve(op, backend, device)
-    if b in ("cpu", "cuda"):
-        return b, getattr(torch.ops.slimops, op)
-    if b == "triton":
-        return b, _backend.triton_op(op)
-    return b, getattr(ref, op)
+    return _backend.pick(op, backend, device, ref)
 
 
 def _pick_list(op: str, backend: str, tensors: Sequence[Tensor]):

@@ -75,6 +75,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from slimops.triton.prox import _cvt_store  # accumulator -> storage dtype, RNE for bf16 under the interpreter
+
 __all__ = [
     "channel_conv2d",
     "channel_conv2d_backward",
@@ -92,19 +94,6 @@ _DW_TARGET_PROGRAMS = 1024
 # ---------------------------------------------------------------------------------------------------
 # Device helpers and kernels
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cvt_out(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """Accumulator -> storage dtype, round to nearest even (the interpreter truncates fp32 -> bf16)."""
-    if EMULATE_RNE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        r = tl.where(x != x, x.to(DTYPE), r)
-    else:
-        r = x.to(DTYPE)
-    return r
 
 
 @triton.jit
@@ -182,7 +171,7 @@ def _conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=j_mask, other=0.0).to(ACC)
         acc = acc + bias[None, :]
     y_off = (img * C_Y * OHW + p)[:, None] + y_ch.to(tl.int64)[None, :] * OHW
-    tl.store(y_ptr + y_off, _cvt_out(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & j_mask[None, :])
+    tl.store(y_ptr + y_off, _cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -262,7 +251,7 @@ def _conv_dx_kernel(
                             mask=r_mask[:, None] & c_mask[None, :], other=0.0)
                 acc = tl.dot(a.to(DOT_T), b.to(DOT_T), acc, input_precision=PREC)
     dx_off = (img * C_DX * HW + q)[:, None] + xc[None, :] * HW
-    tl.store(dx_ptr + dx_off, _cvt_out(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & c_mask[None, :])
+    tl.store(dx_ptr + dx_off, _cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -471,20 +460,22 @@ class _on_device:
             self.ctx.__exit__(*exc)
 
 
+def _pixel_grid(n: int, pixels: int, cols: int, block_cols: int, masked: bool):
+    """(M, pixel blocks per sample, grid) of an implicit GEMM over ``n`` samples of ``pixels`` each: masked
+    tiles stay within one sample (its kept channels differ), unmasked ones run over all N * pixels."""
+    if masked:
+        n_pblk = _cdiv(pixels, _BLOCK_M)
+        return pixels, n_pblk, (n * n_pblk, _cdiv(cols, block_cols))
+    return n * pixels, 1, (_cdiv(n * pixels, _BLOCK_M), _cdiv(cols, block_cols))
+
+
 def _launch_fwd(g: _Geom, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_sel: Optional[Tensor],
                 out_sel: Tensor, counts: Optional[Tensor], y: Tensor, k_in: int, n_out: int,
                 masked: bool, x_gathered: bool):
     dot_t, acc_t, prec, _ = _compute_dtypes(x, weight)
     block_n = _pow2(n_out, 16, 64)
     block_k = _pow2(k_in, 16, 32)
-    if masked:
-        m = g.OH * g.OW
-        n_pblk = _cdiv(m, _BLOCK_M)
-        grid = (g.N * n_pblk, _cdiv(n_out, block_n))
-    else:
-        m = g.N * g.OH * g.OW
-        n_pblk = 1
-        grid = (_cdiv(m, _BLOCK_M), _cdiv(n_out, block_n))
+    m, n_pblk, grid = _pixel_grid(g.N, g.OH * g.OW, n_out, block_n, masked)
     dummy = out_sel
     with _on_device(x.device):
         _conv_fwd_kernel[grid](
@@ -502,14 +493,7 @@ def _launch_dx(g: _Geom, grad_out: Tensor, weight: Tensor, in_sel: Optional[Tens
     dot_t, acc_t, prec, _ = _compute_dtypes(grad_out, weight)
     block_n = _pow2(k_in, 16, 64)
     block_r = _pow2(n_out, 16, 32)
-    if masked:
-        m = g.H * g.W
-        n_pblk = _cdiv(m, _BLOCK_M)
-        grid = (g.N * n_pblk, _cdiv(k_in, block_n))
-    else:
-        m = g.N * g.H * g.W
-        n_pblk = 1
-        grid = (_cdiv(m, _BLOCK_M), _cdiv(k_in, block_n))
+    m, n_pblk, grid = _pixel_grid(g.N, g.H * g.W, k_in, block_n, masked)
     dummy = out_sel
     with _on_device(dx.device):
         _conv_dx_kernel[grid](
