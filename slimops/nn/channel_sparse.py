@@ -79,11 +79,7 @@ class ChannelSparseConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels) + self.kernel_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
-        self.register_buffer("in_idx", torch.arange(in_channels, device=device))
-        self.register_buffer("out_idx", torch.arange(out_channels, device=device))
-        self.register_buffer("const_in", None)
-        self.input_gathered = False
-        self.set_index(in_idx, out_idx, input_gathered=input_gathered, const_in=const_in)
+        self._init_index(in_idx, out_idx, input_gathered, const_in)
 
     def reset_parameters(self) -> None:
         # nn.Conv2d's initialisation.
@@ -109,14 +105,18 @@ class ChannelSparseConv2d(nn.Module):
         new.kernel_size, new.stride = tuple(conv.kernel_size), tuple(conv.stride)
         new.padding, new.dilation = tuple(conv.padding), tuple(conv.dilation)
         new.weight, new.bias = conv.weight, conv.bias
-        dev = conv.weight.device
-        new.register_buffer("in_idx", torch.arange(conv.in_channels, device=dev))
-        new.register_buffer("out_idx", torch.arange(conv.out_channels, device=dev))
-        new.register_buffer("const_in", None)
-        new.input_gathered = False
-        new.set_index(in_idx, out_idx, input_gathered=input_gathered, const_in=const_in)
+        new._init_index(in_idx, out_idx, input_gathered, const_in)
         new.train(conv.training)
         return new
+
+    def _init_index(self, in_idx, out_idx, input_gathered: bool, const_in) -> None:
+        """The index buffers (default: every channel) and flags, on the weight's device."""
+        dev = self.weight.device
+        self.register_buffer("in_idx", torch.arange(self.in_channels, device=dev))
+        self.register_buffer("out_idx", torch.arange(self.out_channels, device=dev))
+        self.register_buffer("const_in", None)
+        self.input_gathered = False
+        self.set_index(in_idx, out_idx, input_gathered=input_gathered, const_in=const_in)
 
     @torch.no_grad()
     def set_index(self, in_idx=None, out_idx=None, *, input_gathered: Optional[bool] = None, const_in=None) -> None:

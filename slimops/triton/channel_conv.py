@@ -75,7 +75,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slimops.triton.prox import _cvt_store  # accumulator -> storage dtype, RNE for bf16 under the interpreter
+# Shared with the prox kernels: the bf16-rounding store, and the argument errors / device check.
+from slimops.triton.prox import _check_device, _cvt_store, _fail
 
 __all__ = [
     "channel_conv2d",
@@ -349,20 +350,6 @@ except Exception:  # pragma: no cover - depends on the triton version
 _EMULATE_RNE = _INTERPRETED
 if _INTERPRETED:
     _DW_TARGET_PROGRAMS = 8  # each program is Python work: split the reduction only a little
-
-
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops.{op}: {msg}")
-
-
-def _check_device(op: str, device: torch.device):
-    """Where Triton can run: CUDA tensors, or CPU tensors under the interpreter."""
-    if _INTERPRETED:
-        if device.type != "cpu":
-            _fail(op, f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {device}")
-    elif device.type != "cuda":
-        _fail(op, f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before triton "
-                  f"is imported), got {device}")
 
 
 def _pair(v) -> Tuple[int, int]:
