@@ -72,4 +72,22 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out_mask, int[2] stride, "
       "int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- spectral family: Fourier-domain filtering (ALGORITHMS.md §7) ---------------------------
+  // x (B, H, W, C) real, channels last; spectra are rfft2 over (H, W), orthonormal.
+  // GFNet global filter: y = irfft2(rfft2(x) * view_as_complex(weight), s=(H, W)); weight (H, W//2+1, C, 2).
+  m.def("spectral_filter(Tensor x, Tensor weight) -> Tensor");
+  // (grad_x, grad_weight); one not asked for in output_mask is an empty tensor.
+  m.def(
+      "spectral_filter_backward(Tensor grad, Tensor x, Tensor weight, bool[2] output_mask) -> (Tensor, Tensor)");
+  // AFF adaptive frequency filter: y = irfft2(M(X) * X) + x, X = rfft2(x), M = softshrink(complex
+  // block-diagonal two-layer channel MLP of X); w1 (2, blocks, C/blocks, Hb), b1 (2, blocks, Hb),
+  // w2 (2, blocks, Hb, C/blocks), b2 (2, blocks, C/blocks) (index 0 real, 1 imaginary).
+  m.def(
+      "adaptive_spectral_filter(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int blocks, "
+      "float shrink) -> Tensor");
+  // (grad_x, grad_w1, grad_b1, grad_w2, grad_b2); one not asked for in output_mask is an empty tensor.
+  m.def(
+      "adaptive_spectral_filter_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "int blocks, float shrink, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

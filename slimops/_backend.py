@@ -38,10 +38,17 @@ AUTO_CUDA = {
     "channel_conv2d_backward": "triton",
     "masked_conv2d": "triton",
     "masked_conv2d_backward": "triton",
+    # The spectral family: Triton's fused dense-DFT kernel for grids up to 64x64 (slimops.ops.spectral.pick
+    # sends larger grids to the CUDA cuFFT kernel).
+    "spectral_filter": "triton",
+    "spectral_filter_backward": "triton",
+    "adaptive_spectral_filter": "triton",
+    "adaptive_spectral_filter_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
 _TRITON_MODULES.update({op: "slimops.triton.channel_conv" for op in AUTO_CUDA if "conv2d" in op})
+_TRITON_MODULES.update({op: "slimops.triton.spectral" for op in AUTO_CUDA if "spectral" in op})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops

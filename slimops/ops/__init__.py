@@ -9,6 +9,7 @@ from slimops.ops.prox import (
     prox_sgd_,
     split_step_,
 )
+from slimops.ops.spectral import adaptive_spectral_filter, spectral_filter
 
 __all__ = ["prox", "prox_backward", "prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_",
-           "channel_conv2d", "masked_conv2d"]
+           "channel_conv2d", "masked_conv2d", "spectral_filter", "adaptive_spectral_filter"]
