@@ -67,6 +67,7 @@ cuda-check: $(CUDA_VENV)/.ready
 bench: build
 	$(VPY) bench/bench_prox.py
 	$(VPY) bench/bench_channel_conv.py
+	$(VPY) bench/bench_spectral.py
 
 info: build
 	$(VPY) -m slimops info

@@ -182,6 +182,13 @@ int64_t filter_block(const SpectralGeom& g, size_t elem) {
 
 at::Tensor empty_grad(const at::Tensor& t) { return at::empty({0}, t.options()); }
 
+// Tiles per task: enough that a task is worth waking a thread for (~2 MFLOP of transforms), so small calls
+// (one image, a handful of channels) run on the calling thread.
+int64_t tile_grain(const SpectralGeom& g, int64_t n) {
+  const int64_t flops = 8 * g.h * g.w * n * (g.h + g.w);
+  return std::max<int64_t>(1, (2000000 + flops - 1) / flops);
+}
+
 // ---- spectral_filter -----------------------------------------------------------------------------------
 
 // Z = X * K (or X * conj(K)) over one tile's spectrum; k_acc (H, Wr, C, 2) in the accumulation dtype.
@@ -204,7 +211,7 @@ void filter_multiply(const Dft<T>& d, const SpectralGeom& g, const Tile& t, cons
 template <typename F>
 void for_tiles(const SpectralGeom& g, int64_t n, const F& f) {
   const int64_t nblk = (g.c + n - 1) / n;
-  at::parallel_for(0, g.b * nblk, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, g.b * nblk, tile_grain(g, n), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t c0 = (i % nblk) * n;
       f(Tile{i / nblk, c0, std::min(n, g.c - c0), n});
@@ -426,7 +433,7 @@ at::Tensor adaptive_spectral_filter_cpu(const at::Tensor& x_in, const at::Tensor
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t n = aw.n, pts = d.points();
-    at::parallel_for(0, g.b * blocks, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, g.b * blocks, tile_grain(g, n), [&](int64_t lo, int64_t hi) {
       std::vector<T> buf = aff_buffer(d, g, aw, 0);
       const AffTile<T> s = aff_views(buf.data(), d, g, aw);
       T* out = s.tile + g.h * g.w * n;
@@ -481,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptive_
     // Per block: gW1big (2n x 2hp), gb1big (2hp), gW2big (2hp x 2n), gb2big (2n).
     const int64_t per_blk = 2 * sw + 2 * hp + 2 * n;
     ThreadSums<T> sums(need_w ? blocks * per_blk : 0);
-    at::parallel_for(0, g.b * blocks, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, g.b * blocks, tile_grain(g, n), [&](int64_t lo, int64_t hi) {
       std::vector<T> buf = aff_buffer(d, g, aw, 2);
       const AffTile<T> s = aff_views(buf.data(), d, g, aw);
       T* gtile = s.tile + g.h * g.w * n;
