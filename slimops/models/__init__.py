@@ -1,4 +1,5 @@
-"""The CIFAR model zoo of network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2).
+"""The model zoo: the CIFAR networks of network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2) and the
+Fourier-domain backbones (ALGORITHMS.md §7: AFIDAF-T, AFIDAF, GFNet-Ti).
 
 ``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS`. Every model is a
 :class:`SlimmableModel`: it knows its build configuration (``config()``) and lists its prunable
@@ -10,7 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from slimops.models._slim import SlimGroup, SlimmableModel, arch_summary, check_config
+from slimops.models.afidaf import AFIDAFNet
 from slimops.models.densenet import DenseNet
+from slimops.models.gfnet import GFNet
 from slimops.models.preresnet import PreResNet
 from slimops.models.vgg import VGG
 
@@ -23,6 +26,10 @@ _FACTORIES = {
     "preresnet56": lambda **kw: PreResNet(56, bottleneck=False, **kw),
     "preresnet164": lambda **kw: PreResNet(164, bottleneck=True, **kw),
     "densenet40": lambda **kw: DenseNet(40, growth=12, **kw),
+    # Fourier-domain backbones (ImageNet-sized: the papers' parameter counts at 1000 classes); any input size.
+    "afidaf_t": lambda **kw: AFIDAFNet("afidaf_t", **kw),
+    "afidaf": lambda **kw: AFIDAFNet("afidaf", **kw),
+    "gfnet_ti": lambda **kw: GFNet("gfnet_ti", **kw),
 }
 
 MODELS: tuple[str, ...] = tuple(_FACTORIES)
@@ -32,7 +39,9 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float =
     """Build model ``name`` (one of :data:`MODELS`) with Liu et al.'s initialisation (BN γ = 0.5).
 
     ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
-    rate and the stem's channels). Raises ``ValueError`` naming the bad argument.
+    rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding). The
+    Fourier-domain models initialise their spectral and transformer parts as their papers do (see their
+    docstrings). Raises ``ValueError`` naming the bad argument.
     """
     if name not in _FACTORIES:
         raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
@@ -40,7 +49,8 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float =
     return _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-__all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel", "VGG", "PreResNet", "DenseNet"]
+__all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel", "VGG", "PreResNet",
+           "DenseNet", "AFIDAFNet", "GFNet"]
 
 
 def build_from_config(config: dict) -> nn.Module:

@@ -1,7 +1,11 @@
-"""Drop-in ``torch.nn`` modules: channel selection and sparse / dynamically gated convolutions."""
+"""Drop-in ``torch.nn`` modules: channel selection, sparse / dynamically gated convolutions, and the
+Fourier-domain token mixers (global filter, adaptive frequency filter) with the blocks built on them."""
 from slimops.nn.channel_select import ChannelSelect
 from slimops.nn.channel_sparse import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
 from slimops.nn.dynamic_gate import DynamicGatedConv2d
+from slimops.nn.spectral import (AdaptiveFrequencyFilter, AFIDAFBlock, ConvMlp, GlobalFilter, GlobalFilterBlock,
+                                 ImageDomainAdaptiveFilter, set_spectral_backend)
 
 __all__ = ["ChannelSelect", "ChannelSparseConv2d", "ChannelSparseBatchNorm2d", "ChannelSparseLinear",
-           "DynamicGatedConv2d"]
+           "DynamicGatedConv2d", "GlobalFilter", "AdaptiveFrequencyFilter", "ImageDomainAdaptiveFilter", "ConvMlp",
+           "GlobalFilterBlock", "AFIDAFBlock", "set_spectral_backend"]
