@@ -38,8 +38,8 @@ AUTO_CUDA = {
     "channel_conv2d_backward": "triton",
     "masked_conv2d": "triton",
     "masked_conv2d_backward": "triton",
-    # The spectral family: Triton's fused dense-DFT kernel for grids up to 64x64 (slimops.ops.spectral.pick
-    # sends larger grids to the CUDA cuFFT kernel).
+    # The spectral family: Triton's fused dense-DFT kernel where it fits (slimops.ops.spectral.pick sends
+    # larger grids and wide AFF channel blocks to the CUDA cuFFT kernel).
     "spectral_filter": "triton",
     "spectral_filter_backward": "triton",
     "adaptive_spectral_filter": "triton",

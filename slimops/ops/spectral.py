@@ -32,7 +32,8 @@ Backends (``backend=``):
 - ``"cuda"``: cuFFT (``at::fft``) with fused CUDA kernels for the filter multiply and the weight-gradient
   reduction; any grid size.
 - ``"reference"``: torch.fft, :mod:`slimops.reference.spectral`.
-- ``"auto"``: the C++ kernel on CPU; on CUDA, Triton for grids up to 64x64 and cuFFT beyond.
+- ``"auto"``: the C++ kernel on CPU; on CUDA, Triton where its fused kernels fit (grids up to 32x32; AFF
+  channel blocks up to 32), cuFFT elsewhere (see :data:`AUTO_TRITON_GRID`).
 """
 from __future__ import annotations
 
@@ -139,17 +140,34 @@ def _why_not_fused(x: Tensor) -> Optional[str]:
     return None
 
 
-def pick(op: str, backend: str, x: Tensor):
-    """(backend name, callable) for ``op`` on ``x``: on CUDA ``auto`` takes Triton's fused kernel for grids up
-    to :data:`MAX_FUSED_GRID` and the cuFFT kernel beyond; a forced backend that cannot run says why."""
+# Where ``auto`` prefers the fused Triton kernel on CUDA. Nothing has been timed on a GPU yet, so this follows
+# what the sm_90 compiles showed (slimops/triton/spectral.py): up to 32x32 the fused kernels fit in registers
+# without spilling; beyond that they spill, and the AFF backward cannot launch for channel blocks wider than 32
+# (shared memory). Elsewhere ``auto`` takes cuFFT. To be replaced by bench/bench_spectral.py's GPU figures.
+AUTO_TRITON_GRID = 32
+AUTO_TRITON_AFF_BLOCK = 32
+
+
+def _auto_prefers_triton(x: Tensor, blocks: Optional[int]) -> bool:
+    if max(x.shape[1], x.shape[2]) > AUTO_TRITON_GRID:
+        return False
+    return blocks is None or x.shape[3] // blocks <= AUTO_TRITON_AFF_BLOCK
+
+
+def pick(op: str, backend: str, x: Tensor, blocks: Optional[int] = None):
+    """(backend name, callable) for ``op`` on ``x`` (``blocks``: the AFF channel blocks): on CUDA ``auto`` takes
+    Triton's fused kernel where it fits (grids up to :data:`AUTO_TRITON_GRID`, AFF channel blocks up to
+    :data:`AUTO_TRITON_AFF_BLOCK`) and the cuFFT kernel elsewhere; a forced backend that cannot run says why."""
     dev = x.device
     if backend == "triton":
         reason = _why_not_fused(x)
         if reason is not None:
             raise RuntimeError(f"slimops.{op}: backend 'triton' cannot run: {reason}")
     if backend == "auto" and dev.type == "cuda":
-        order = ("triton", "cuda") if _why_not_fused(x) is None else ("cuda",)
+        order = ("triton", "cuda") if _auto_prefers_triton(x, blocks) else ("cuda", "triton")
         for cand in order:
+            if cand == "triton" and _why_not_fused(x) is not None:
+                continue
             if _backend.why_not(op, cand, dev) is None:
                 return _backend.pick(op, cand, dev, ref)
     return _backend.pick(op, backend, dev, ref)
@@ -174,7 +192,7 @@ def adaptive_spectral_filter(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: 
     shared by every frequency; see the module docstring for the weight layout). Differentiable in all tensors."""
     op = "adaptive_spectral_filter"
     check_adaptive(op, x, w1, b1, w2, b2, blocks, shrink)
-    _, fn = pick(op, backend, x)
+    _, fn = pick(op, backend, x, blocks)
     return fn(x, w1, b1, w2, b2, int(blocks), float(shrink))
 
 

@@ -75,11 +75,12 @@ Precision: the DFTs need float32 accuracy; TF32 (10-bit mantissa) costs about th
 (numpy simulation of the forward transform, error relative to the largest coefficient: TF32 1e-3,
 3xTF32 5e-7 - 1e-6, IEEE fp32 2e-7). So on CUDA, float32 dots use ``input_precision="tf32x3"`` (3xTF32 on
 tensor cores), whatever torch's TF32 flags say, never plain TF32; ``_FP32_DOT = "ieee"`` switches to IEEE
-FMA dots (exact fp32 products, no tensor cores, about twice the registers). The interpreter ignores the
-precision (numpy fp32 matmuls). float64 dots are float64. bfloat16/float16 tensors are converted to
-float32 on load (nothing is multiplied in half precision, so the interpreter's wrong bf16 ``tl.dot`` does
-not arise); stores go through ``_cvt_store`` (round to nearest even, which the interpreter's fp32 -> bf16
-conversion does not do). Offsets along the batch axis (and of the partial buffers) are int64.
+FMA dots (exact fp32 products, no tensor cores; ptxas at 14x14: forward 219 registers instead of 91, fused
+backward 856 B of spill, AFF backward 36 KB). The interpreter ignores the precision (numpy fp32
+matmuls). float64 dots are float64. bfloat16/float16 tensors are converted to float32 on load (nothing is
+multiplied in half precision, so the interpreter's wrong bf16 ``tl.dot`` does not arise); stores go
+through ``_cvt_store`` (round to nearest even, which the interpreter's fp32 -> bf16 conversion does not
+do). Offsets along the batch axis (and of the partial buffers) are int64.
 
 Launches per call: ``spectral_filter`` 1 kernel; ``spectral_filter_backward`` 1 kernel (the forward kernel
 for grad_x alone; with grad_weight the fused backward, plus one torch sum over splits and a cast);
@@ -93,15 +94,27 @@ C, any hidden size, ``shrink >= 0``.
 
 Verified: correctness through the interpreter (tests/test_spectral_triton.py). Every kernel variant (each
 dtype, CONJ, NEED_DX / NEED_P, 3xTF32 and IEEE) was compiled for sm_90 with ``triton.compile`` on a machine
-without a GPU, over grids 5x7 .. 64x64 and AFF blocks of 2 .. 48 channels; ptxas (sm_90a, 3xTF32, fp32):
-spectral_filter forward 89-91 registers and no spill up to 16x16 grids (187 at 32x32; spills beyond),
-the fused backward 255 registers with 88 B of spill stores at 16x16 (1.5 KB at 32x32), the AFF forward
-(14x14, 16 lanes) 220 registers without spill, the AFF backward about 3.5 KB of spill stores. Not
-verified: nothing was run on a GPU; performance was never measured; tile budgets and warp counts are
-first guesses from those register counts. Known limits: register pressure grows with the grid (the DFT
-matrices are [64, 64] at 64x64) and, for the AFF ops, with the block width (``BC`` lanes, 64 for 48-channel
-blocks); those configurations spill and may well lose to cuFFT, which ``slimops.ops.spectral.pick`` does
-not yet take into account below 64x64.
+without a GPU, over grids 5x7 .. 64x64 and AFF blocks of 1 .. 48 channels. ptxas (sm_90a, fp32 math,
+3xTF32; registers / spill stores / shared memory per CTA):
+
+- spectral_filter forward, grids up to 16x16: 86-91 / 0 / 20 KB (wgmma); 32x32: 187 / 0 / 32 KB;
+  64x33 and 64x64: 255 / 0.7-2.6 KB / 112 KB.
+- fused backward, up to 16x16: 255 / 76-88 B / 18 KB (182 / 0 without grad_x); 32x32: 255 / 1.5 KB / 56 KB;
+  64x64: 255 / 5.4 KB / 176-192 KB.
+- AFF forward, 14x14 with 16 lanes (blocks of 8 channels): 237 / 0 / 36 KB; 7x7 with 32 lanes (24-channel
+  blocks): 255 / 1.4 KB / 86 KB; 14x14 with 64 lanes (48-channel blocks): 255 / 7.5 KB / 198 KB.
+- AFF backward, same cases: 255 / 3.5 KB / 86 KB; 10.6 KB / 198 KB; 41 KB / **518 KB**, more shared memory
+  than any GPU has: such calls fail at launch with an error naming the op (``_launching``). 28x28 with 16
+  lanes: 9.4 KB / 168 KB.
+- float64: 14x14 fine (188 registers forward, mma.sync); at 64x64 ptxas falls back to 32 registers and
+  85-126 KB of spill. bfloat16 / float16 as float32 (86-87 registers forward at 14x14).
+- AFF on a 64x64 grid (16 lanes, 64K-element tiles) did not finish compiling within 8 minutes.
+
+Not verified: nothing was run on a GPU; performance was never measured; the tile budgets and warp counts
+are first guesses from the register counts above. Known limits: register and shared-memory pressure grow
+with the grid (the DFT matrices are [64, 64] at 64x64) and, for the AFF ops, with the block width (``BC``
+lanes); those configurations spill, the widest AFF backward does not fit at all, and beyond 16x16 they may
+well lose to cuFFT, which ``slimops.ops.spectral.pick`` does not yet take into account below 64x64.
 """
 from __future__ import annotations
 
@@ -116,9 +129,10 @@ from triton.runtime.errors import OutOfResources
 
 from slimops.ops import spectral as _ops
 from slimops.ops.spectral import MAX_FUSED_GRID
-# Shared with the other Triton families: argument errors, device check, bf16-rounding store, launch context.
-from slimops.triton.prox import (_EMULATE_RNE, _INTERPRETED, _TL_DTYPES, _check_device, _cvt_store, _fail,
-                                 _next_pow2, _on_device, _to_acc)
+# Shared with the other Triton families: argument errors, device check, bf16-rounding store, launch context
+# (_INTERPRETED is re-exported for the tests, as the other family modules have it).
+from slimops.triton.prox import (_EMULATE_RNE, _INTERPRETED, _TL_DTYPES, _check_device, _cvt_store,  # noqa: F401
+                                 _fail, _next_pow2, _on_device, _to_acc)
 
 __all__ = [
     "spectral_filter",
@@ -128,8 +142,8 @@ __all__ = [
 ]
 
 # Tile budgets (elements of one [HP*BC, WP] tile; they set the channel block BC), from ptxas for sm_90 with
-# 3xTF32 dots on a 16x16 grid: forward BC=8, 8 warps: 89 registers; fused backward BC=4, 4 warps: 255
-# registers and 120 B of spill stores (it holds two spectra and the weight-gradient accumulators).
+# 3xTF32 dots on a 16x16 grid: forward BC=8, 8 warps: 91 registers; fused backward BC=4, 4 warps: 255
+# registers and 88 B of spill stores (it holds two spectra and the weight-gradient accumulators).
 _TILE_FWD = 2048
 _TILE_BWD = 1024
 # input_precision of float32 dots on CUDA: "tf32x3" (fp32-class accuracy on tensor cores) or "ieee" (FMA).
