@@ -113,6 +113,16 @@ def compare(actual: torch.Tensor, ref_same: torch.Tensor, ref_f64: torch.Tensor 
         assert_close(actual, ref_same, msg)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: more threads only add fork/join and spin overhead (badly
+    so on a busy 2-core CI machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def cuda_or_skip():
     if not HAS_CUDA:

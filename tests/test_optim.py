@@ -22,14 +22,7 @@ import slimops  # noqa: F401
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD, batchnorm_weights
 from slimops.reference import prox as ref
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only add fork/join and spin overhead (badly so on a
-    busy 2-core CI machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FP64 = dict(rtol=1e-9, atol=1e-11)  # trajectory-level tolerance of float64 runs (60 steps)

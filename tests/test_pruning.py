@@ -31,12 +31,7 @@ from slimops.pruning.methods import LAM_AT_T_REF, T_REF
 EXACT_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _num_params(m: nn.Module) -> int:

@@ -32,12 +32,7 @@ SPECTRAL = ("afidaf_t", "afidaf", "gfnet_ti")
 PARAMS = {"afidaf_t": (2_848_792, 3.0e6), "afidaf": (5_995_192, 6.5e6), "gfnet_ti": (7_524_072, 7.0e6)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
