@@ -68,6 +68,7 @@ bench: build
 	$(VPY) bench/bench_prox.py
 	$(VPY) bench/bench_channel_conv.py
 	$(VPY) bench/bench_spectral.py
+	$(VPY) bench/bench_sema.py
 
 info: build
 	$(VPY) -m slimops info

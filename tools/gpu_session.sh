@@ -21,5 +21,7 @@ for dt in float32 bfloat16; do
   $PY bench/bench_channel_conv.py --device cuda --dtype "$dt" --rounds 30 2>&1 | tee -a "$OUT/bench.log"
   # Triton fused dense-DFT kernel and the cuFFT kernel against torch.fft (and its torch.compile)
   $PY bench/bench_spectral.py --device cuda --dtype "$dt" --compile 2>&1 | tee -a "$OUT/bench.log"
+  # Triton flash-style SEMA kernels against partition + SDPA, FlexAttention (window block mask) and global SDPA
+  $PY bench/bench_sema.py --device cuda --dtype "$dt" 2>&1 | tee -a "$OUT/bench.log"
 done
 cp bench/results/* "$OUT/" 2>/dev/null || true
