@@ -349,7 +349,7 @@ def test_build_bad_arguments(kwargs, arg):
 
 def test_build_unknown_name():
     with pytest.raises(ValueError, match=r"slimops\.models\.build: unknown model 'resnet50' "
-                                         r"\(expected one of: vgg11, .*gfnet_ti\)"):
+                                         r"\(expected one of: vgg11, .*gfnet_ti, sema_t\)"):
         build("resnet50")
     assert MODELS == ("vgg11", "vgg13", "vgg16", "vgg19", "preresnet20", "preresnet56",
-                      "preresnet164", "densenet40", "afidaf_t", "afidaf", "gfnet_ti")
+                      "preresnet164", "densenet40", "afidaf_t", "afidaf", "gfnet_ti", "sema_t")

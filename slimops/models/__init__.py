@@ -1,5 +1,6 @@
 """The model zoo: the CIFAR networks of network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2) and the
-Fourier-domain backbones (ALGORITHMS.md §7: AFIDAF-T, AFIDAF, GFNet-Ti).
+Fourier-domain backbones (ALGORITHMS.md §7: AFIDAF-T, AFIDAF, GFNet-Ti) and the SEMA attention backbone
+(ALGORITHMS.md §8: SEMA-T).
 
 ``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS`. Every model is a
 :class:`SlimmableModel`: it knows its build configuration (``config()``) and lists its prunable
@@ -15,6 +16,7 @@ from slimops.models.afidaf import AFIDAFNet
 from slimops.models.densenet import DenseNet
 from slimops.models.gfnet import GFNet
 from slimops.models.preresnet import PreResNet
+from slimops.models.sema import SEMANet
 from slimops.models.vgg import VGG
 
 _FACTORIES = {
@@ -30,6 +32,8 @@ _FACTORIES = {
     "afidaf_t": lambda **kw: AFIDAFNet("afidaf_t", **kw),
     "afidaf": lambda **kw: AFIDAFNet("afidaf", **kw),
     "gfnet_ti": lambda **kw: GFNet("gfnet_ti", **kw),
+    # SEMA attention in Mamba-like blocks (MLLA-T's layout); any input size.
+    "sema_t": lambda **kw: SEMANet("sema_t", **kw),
 }
 
 MODELS: tuple[str, ...] = tuple(_FACTORIES)
@@ -39,9 +43,9 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float =
     """Build model ``name`` (one of :data:`MODELS`) with Liu et al.'s initialisation (BN γ = 0.5).
 
     ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
-    rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding). The
-    Fourier-domain models initialise their spectral and transformer parts as their papers do (see their
-    docstrings). Raises ``ValueError`` naming the bad argument.
+    rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding; for SEMA-T
+    the head dim, to the nearest multiple of 8). The Fourier-domain and SEMA models initialise their spectral
+    and transformer parts as their papers do (see their docstrings). Raises ``ValueError`` naming the bad argument.
     """
     if name not in _FACTORIES:
         raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
@@ -50,7 +54,7 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float =
 
 
 __all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel", "VGG", "PreResNet",
-           "DenseNet", "AFIDAFNet", "GFNet"]
+           "DenseNet", "AFIDAFNet", "GFNet", "SEMANet"]
 
 
 def build_from_config(config: dict) -> nn.Module:
