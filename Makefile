@@ -14,7 +14,7 @@ CUDA_ARCH  ?= 9.0
 MAX_JOBS   ?= 2
 # Triton kernels run through the interpreter on CPU tensors when no GPU is visible.
 TRITON_INTERPRET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
-SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
+SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc')
 EXT        := slimops/_C.abi3.so
 
 .PHONY: all venv build demo test test-py test-cpp cuda-check bench info clean

@@ -90,4 +90,15 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "adaptive_spectral_filter_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
       "int blocks, float shrink, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- sema family: SEMA localised attention (ALGORITHMS.md §8) -------------------------------
+  // q, k, v (B, heads, N, d), N = grid[0]*grid[1] tokens row-major: softmax attention (scale d^-1/2)
+  // inside the non-overlapping window[0] x window[1] windows (the last ones smaller when the grid is
+  // not a multiple of the window), or with neighborhood=True inside the window centred on each query
+  // (shifted to stay in the grid), plus the mean of v over all N tokens. fp32 softmax statistics.
+  m.def("sema_attention(Tensor q, Tensor k, Tensor v, int[2] grid, int[2] window, bool neighborhood=False) -> Tensor");
+  // (grad_q, grad_k, grad_v), recomputing the softmax; one not asked for in output_mask is an empty tensor.
+  m.def(
+      "sema_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, int[2] grid, int[2] window, "
+      "bool neighborhood, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

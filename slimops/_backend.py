@@ -44,11 +44,15 @@ AUTO_CUDA = {
     "spectral_filter_backward": "triton",
     "adaptive_spectral_filter": "triton",
     "adaptive_spectral_filter_backward": "triton",
+    # The sema family has no CUDA C++ kernel: Triton's flash-style kernel is its GPU backend.
+    "sema_attention": "triton",
+    "sema_attention_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
 _TRITON_MODULES.update({op: "slimops.triton.channel_conv" for op in AUTO_CUDA if "conv2d" in op})
 _TRITON_MODULES.update({op: "slimops.triton.spectral" for op in AUTO_CUDA if "spectral" in op})
+_TRITON_MODULES.update({op: "slimops.triton.sema" for op in AUTO_CUDA if op.startswith("sema")})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops
