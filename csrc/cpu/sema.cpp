@@ -60,14 +60,8 @@ namespace sema_avx2 {
 
 namespace {
 
-bool use_avx2() {
-#if SLIMOPS_SEMA_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+// The AVX2 + FMA copy runs where the CPU has both (the check small_mm.h makes for its own kernels).
+bool use_avx2() { return small_mm_avx2(); }
 
 template <typename T>
 void attend_forward(const T* qs, const T* kp, const T* vp, const int32_t* keys, int64_t nk, int64_t dp,
