@@ -40,19 +40,21 @@
 namespace slimops {
 namespace cpu {
 
-// The base-ISA copy passes 32-byte vectors between inline functions of this file only: no ABI to keep.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#define SLIMOPS_SEMA_VBYTES 16
 namespace sema_base {
 #include "sema_core.inc"
 }  // namespace sema_base
+#undef SLIMOPS_SEMA_VBYTES
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SLIMOPS_SEMA_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define SLIMOPS_SEMA_VBYTES 32
 namespace sema_avx2 {
 #include "sema_core.inc"
 }  // namespace sema_avx2
+#undef SLIMOPS_SEMA_VBYTES
 #pragma GCC pop_options
 #else
 #define SLIMOPS_SEMA_AVX2 0
