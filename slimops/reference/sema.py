@@ -32,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(q: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other float dtype (the kernels' accumulation dtype)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+from slimops.reference._common import compute_dtype, vjp
 
 
 def neighborhood_start(pos: Tensor, size: int, extent: int) -> Tensor:
@@ -114,17 +111,4 @@ def sema_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, grid:
     g the incoming gradient: ``D_i = sum_j P_ij (g_i . v_j)``, ``dS_ij = P_ij (g_i . v_j - D_i)``,
     ``grad_q_i = sum_j dS_ij k_j / sqrt(d)``, ``grad_k_j = sum_i dS_ij q_i / sqrt(d)``,
     ``grad_v_j = sum_i P_ij g_i + (1/N) sum_i g_i``."""
-    dt = compute_dtype(q)
-    with torch.enable_grad():
-        leaves = [t.detach().to(dt).requires_grad_(bool(m)) for t, m in zip((q, k, v), output_mask)]
-        out = sema_attention(*leaves, grid, window, neighborhood)
-        wanted = [t for t, m in zip(leaves, output_mask) if m]
-        grads = iter(torch.autograd.grad(out, wanted, grad.to(dt), allow_unused=True) if wanted else ())
-    res = []
-    for t, m in zip((q, k, v), output_mask):
-        if not m:
-            res.append(t.new_empty(0))
-            continue
-        g = next(grads)
-        res.append((torch.zeros_like(t) if g is None else g).to(t.dtype).contiguous())
-    return tuple(res)
+    return vjp(lambda *qkv: sema_attention(*qkv, grid, window, neighborhood), (q, k, v), grad, output_mask)

@@ -35,16 +35,13 @@ floating dtype than ``x`` (a float32 parameter under bf16 autocast).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other float dtype (the kernels' accumulation dtype)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from slimops.reference._common import compute_dtype, vjp as _vjp
 
 
 def _complex(w: Tensor, dt: torch.dtype) -> Tensor:
@@ -58,25 +55,6 @@ def spectral_filter(x: Tensor, weight: Tensor) -> Tensor:
     xf = torch.fft.rfft2(x.to(dt), dim=(1, 2), norm="ortho")
     y = torch.fft.irfft2(xf * _complex(weight, dt), s=(h, w), dim=(1, 2), norm="ortho")
     return y.to(x.dtype)
-
-
-def _vjp(fn, primals: Sequence[Tensor], grad: Tensor, output_mask: Sequence[bool]) -> Tuple[Tensor, ...]:
-    """Gradients of ``fn`` at ``primals`` (computed in the compute dtype, returned in each primal's dtype);
-    a gradient not asked for in ``output_mask`` is an empty tensor, as the kernels return it."""
-    dt = compute_dtype(primals[0])
-    with torch.enable_grad():
-        leaves = [p.detach().to(dt).requires_grad_(bool(m)) for p, m in zip(primals, output_mask)]
-        out = fn(*leaves)
-        wanted = [t for t, m in zip(leaves, output_mask) if m]
-        grads = iter(torch.autograd.grad(out, wanted, grad.to(dt), allow_unused=True) if wanted else ())
-    res = []
-    for p, m in zip(primals, output_mask):
-        if not m:
-            res.append(p.new_empty(0))
-            continue
-        g = next(grads)
-        res.append((torch.zeros_like(p) if g is None else g).to(p.dtype))
-    return tuple(res)
 
 
 def spectral_filter_backward(grad: Tensor, x: Tensor, weight: Tensor, output_mask: Sequence[bool]):
