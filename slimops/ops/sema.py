@@ -36,15 +36,10 @@ import torch
 from torch import Tensor
 
 from slimops import _backend
+from slimops.ops._checks import FLOATS as _FLOATS, fail as _fail
 from slimops.reference import sema as ref
 
 __all__ = ["sema_attention", "check_sema", "pair"]
-
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops.{op}: {msg}")
 
 
 def pair(op: str, name: str, value) -> Tuple[int, int]:
