@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend
+from slimops.ops._checks import FLOATS as _FLOATS, fail as _fail
 from slimops.reference import spectral as ref
 
 __all__ = ["spectral_filter", "adaptive_spectral_filter", "MAX_FUSED_GRID"]
@@ -52,11 +53,6 @@ __all__ = ["spectral_filter", "adaptive_spectral_filter", "MAX_FUSED_GRID"]
 # a dense DFT costs O(H + W) per element against the FFT's O(log HW), so the FFT paths take over.
 MAX_FUSED_GRID = 64
 
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops.{op}: {msg}")
 
 
 def _check_float(op: str, name: str, t, device: Optional[torch.device] = None):
