@@ -176,8 +176,6 @@ void neighborhood_keys(const SemaGeom& g, int64_t tok, int32_t* keys) {
 // Work items per parallel chunk: about 64k multiply-adds each, so small calls stay on one thread.
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item)); }
 
-int64_t padded_keys(int64_t n) { return (n + 7) / 8 * 8 + 8; }
-
 // ---- forward ------------------------------------------------------------------------------------------
 
 // Window mode works on matrices: S = Qs K^T (queries x keys), P = softmax(S), O = P V, with the register-
@@ -253,7 +251,7 @@ void forward_neighborhood(const SemaGeom& g, const Plane<S>& q, const Plane<S>& 
   const T scale = T(1) / std::sqrt(static_cast<T>(g.d));
   const std::vector<int64_t> toks = all_tokens(g);
   at::parallel_for(0, g.b * g.heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> buf(static_cast<size_t>(2 * g.n * dp + 2 * dp + padded_keys(wsz)));
+    std::vector<T> buf(static_cast<size_t>(2 * g.n * dp + 2 * dp + wsz));
     T *kp = buf.data(), *vp = kp + g.n * dp, *qs = vp + g.n * dp, *o = qs + dp, *p = o + dp;
     std::vector<int32_t> keys(static_cast<size_t>(wsz));
     for (int64_t bh = lo; bh < hi; ++bh) {
@@ -341,9 +339,9 @@ void backward_neighborhood(const SemaGeom& g, const Plane<S>& gr, const Plane<S>
   const T scale = T(1) / std::sqrt(static_cast<T>(g.d));
   const std::vector<int64_t> toks = all_tokens(g);
   at::parallel_for(0, g.b * g.heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> buf(static_cast<size_t>(4 * g.n * dp + 3 * dp + 2 * padded_keys(wsz)));
+    std::vector<T> buf(static_cast<size_t>(4 * g.n * dp + 3 * dp + 2 * wsz));
     T *kp = buf.data(), *vp = kp + g.n * dp, *dk = vp + g.n * dp, *dv = dk + g.n * dp;
-    T *qs = dv + g.n * dp, *gi = qs + dp, *dq = gi + dp, *p = dq + dp, *dpv = p + padded_keys(wsz);
+    T *qs = dv + g.n * dp, *gi = qs + dp, *dq = gi + dp, *p = dq + dp, *dpv = p + wsz;
     std::vector<int32_t> keys(static_cast<size_t>(wsz));
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / g.heads, h = bh % g.heads;
