@@ -26,7 +26,7 @@ all: build
 $(VENV)/.ready:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_PIN)"
-	$(VPY) -m pip install -q triton numpy ninja pytest expecttest scikit-learn tqdm matplotlib setuptools wheel
+	$(VPY) -m pip install -q triton numpy ninja pytest pytest-timeout expecttest scikit-learn tqdm matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.ready

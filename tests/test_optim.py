@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import sys
 
 import pytest
 import torch
@@ -21,6 +21,8 @@ import torch._dynamo
 import slimops  # noqa: F401
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD, batchnorm_weights
 from slimops.reference import prox as ref
+
+from _proc import run_with_deadline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -502,11 +504,16 @@ def _global_batch(step):
     return torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
 
 
-def _ddp_worker(rank, world, init_file, out_file):
+def _ddp_worker(out_file):
+    """One torchrun worker (rank, world size and rendezvous from the environment torchrun sets)."""
+    import datetime
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a dead peer turns into an error after 60 s rather than gloo's default 30-minute wait
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         model = nn.parallel.DistributedDataParallel(_ddp_model())
         opt = _ddp_opt(model)
@@ -523,16 +530,19 @@ def _ddp_worker(rank, world, init_file, out_file):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process():
+def test_ddp_two_processes_match_one_process(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with tempfile.TemporaryDirectory() as d:
-        init_file, out_file = os.path.join(d, "init"), os.path.join(d, "params.pt")
-        mp.spawn(_ddp_worker, args=(2, init_file, out_file), nprocs=2, join=True)
-        ddp_params = torch.load(out_file)
+    # The workers run this file as a script under torchrun, in their own process group with a deadline (not
+    # mp.spawn(join=True), which once hung for 24 minutes on a gloo shutdown deadlock); see tests/_proc.py.
+    out_file = tmp_path / "params.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, str(out_file)], timeout=180, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    ddp_params = torch.load(out_file, weights_only=True)
     model = _ddp_model()
     opt = _ddp_opt(model)
     for step in range(DDP_STEPS):
@@ -543,3 +553,7 @@ def test_ddp_two_processes_match_one_process():
     for p, q in zip(model.parameters(), ddp_params):
         torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12)
     assert any((p == 0).any() for p in model.parameters()), "l1 prox should zero some weights"
+
+
+if __name__ == "__main__":  # a torchrun worker of test_ddp_two_processes_match_one_process
+    _ddp_worker(sys.argv[1])

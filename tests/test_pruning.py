@@ -855,8 +855,9 @@ DDP_SIZES = (640, 641)  # 640 = 10 global batches of 64; 641 leaves one sample f
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     import runpy
-    import subprocess
     import sys
+
+    from _proc import run_with_deadline
 
     import torch.distributed as dist
 
@@ -867,9 +868,8 @@ def ddp_runs(tmp_path_factory):
     helper.write_text(DDP_HELPER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(helper), str(d / "two"), *map(str, DDP_SIZES)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(helper), str(d / "two"), *map(str, DDP_SIZES)], env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     old_argv = sys.argv
     sys.argv = [str(helper), str(d / "one"), *map(str, DDP_SIZES)]
@@ -991,7 +991,7 @@ def test_atomic_save_never_leaves_partial_files(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ckpt._atomic_write(str(target), writer)
+        ckpt.atomic_write(str(target), writer)
     assert target.read_bytes() == old
     assert sorted(os.listdir(target.parent)) == ["model.pt"]
 
