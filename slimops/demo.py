@@ -43,9 +43,10 @@ def table(base: dict, pns: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    from slimops.pruning.checkpoint import atomic_write_text
     from slimops.pruning.pipeline import slim
 
-    ap = argparse.ArgumentParser(prog="python -m slimops demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="slimops demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vgg11")
     ap.add_argument("--width", type=float, default=0.5)
@@ -69,8 +70,7 @@ def main(argv=None) -> dict:
     print("\ntest accuracy of the compacted model is measured after re-estimating its BN statistics from training "
           "images (no labels, no weight changes): docs/slimming.md")
     summary = {"args": vars(args), "runs": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in runs.items()}}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, default=str))
     print(f"\nwrote {args.out}/summary.json and, per run, metrics.json, plan.json, pruned.pt and plots "
           f"(scores.png, channels.png, curves.png)")
     return runs

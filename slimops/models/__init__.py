@@ -9,6 +9,9 @@ BatchNorms with the layers they touch (``slim_groups()``), which is what the com
 """
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import nn
 
 from slimops.models._slim import SlimGroup, SlimmableModel, arch_summary, check_config
@@ -57,10 +60,33 @@ __all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", 
            "DenseNet", "AFIDAFNet", "GFNet", "SEMANet"]
 
 
+# The largest model a configuration read from a file may ask for (parameters + buffers, elements): a plan or
+# model file is data from anywhere, and `width: 1e6` must be an error, not a terabyte allocation.
+# SLIMOPS_MAX_MODEL_ELEMENTS raises it for real models bigger than this (8 GiB of float32).
+MAX_MODEL_ELEMENTS = 2**31
+
+
 def build_from_config(config: dict) -> nn.Module:
-    """Rebuilds a model from its ``model.config()`` (as stored in plans and model files)."""
+    """Rebuilds a model from its ``model.config()`` (as stored in plans and model files).
+
+    The configuration is untrusted data: the model is first built on the ``meta`` device (shapes, no
+    memory) and refused when it would hold more than ``MAX_MODEL_ELEMENTS`` elements."""
+    where = "slimops.models.build_from_config"
     try:
-        return build(config["arch"], num_classes=config["num_classes"], in_channels=config["in_channels"],
-                     width=config["width"])
+        kw = dict(num_classes=config["num_classes"], in_channels=config["in_channels"], width=config["width"])
+        name = config["arch"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"slimops.models.build_from_config: not a model config: {config!r}") from e
+        raise ValueError(f"{where}: not a model config: {config!r}") from e
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: not a model config (arch {name!r}): {config!r}")
+    limit = int(os.environ.get("SLIMOPS_MAX_MODEL_ELEMENTS", MAX_MODEL_ELEMENTS))
+    try:
+        with torch.device("meta"):
+            shape_only = build(name, **kw)
+        size = sum(t.numel() for t in shape_only.state_dict().values())
+    except (TypeError, RuntimeError, OverflowError, MemoryError) as e:
+        raise ValueError(f"{where}: cannot build {config!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if size > limit:
+        raise ValueError(f"{where}: {config!r} asks for a model of {size:,} elements, more than the limit of "
+                         f"{limit:,} (SLIMOPS_MAX_MODEL_ELEMENTS raises it)")
+    return build(name, **kw)

@@ -28,10 +28,13 @@ def _train_opts(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-<stage>.pt")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
+                    help="a NaN/inf loss or gradient stops the run (default; the last checkpoint stays good) or "
+                         "skips that step")
 
 
 def _parse(prog: str, build, argv):
-    ap = argparse.ArgumentParser(prog=f"python -m slimops {prog}", description=__doc__,
+    ap = argparse.ArgumentParser(prog=f"slimops {prog}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     build(ap)
     args = ap.parse_args(argv)
@@ -76,7 +79,8 @@ def main_slim(argv=None) -> dict:
     return slim(model=a.model, width=a.width, data=a.data, data_dir=a.data_dir, method=a.method, penalty=a.penalty,
                 lam=a.lam, beta=a.beta, a=a.a, percent=a.percent, epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                 batch=a.batch, lr=a.lr, seed=a.seed, out=a.out, resume=a.resume, device=a.device,
-                augment=a.augment, fold=a.fold, bn_recal=a.bn_recal, progress=a.progress)
+                augment=a.augment, fold=a.fold, bn_recal=a.bn_recal, progress=a.progress,
+                on_nonfinite=a.on_nonfinite)
 
 
 def main_prune(argv=None) -> dict:
@@ -107,7 +111,8 @@ def main_finetune(argv=None) -> dict:
 
     a = _parse("finetune", build, argv)
     return finetune(weights=a.weights, epochs=a.epochs, data=a.data, data_dir=a.data_dir, lr=a.lr, batch=a.batch,
-                    seed=a.seed, out=a.out, resume=a.resume, device=a.device, augment=a.augment, progress=a.progress)
+                    seed=a.seed, out=a.out, resume=a.resume, device=a.device, augment=a.augment, progress=a.progress,
+                    on_nonfinite=a.on_nonfinite)
 
 
 def main_eval(argv=None) -> dict:

@@ -8,12 +8,16 @@ all-reduce. With both, N processes reproduce the 1-process run on the same globa
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+DIST_TIMEOUT_S = 600.0  # SLIMOPS_DIST_TIMEOUT overrides (seconds)
 
 
 @dataclass
@@ -37,7 +41,11 @@ def init_from_env(device: torch.device) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A peer that dies or hangs turns into an error on the others after this long, not gloo's/NCCL's default
+        # 30 minutes (torchrun also tears the group down when a worker exits with an error). It bounds the
+        # longest gap between two collectives: an epoch's checkpoint write on rank 0 while the others wait.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("SLIMOPS_DIST_TIMEOUT", DIST_TIMEOUT_S)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from slimops.pruning import distributed as D
-from slimops.pruning.checkpoint import FORMAT_VERSION, MODEL_FORMAT, atomic_save, atomic_write_text, load_file
+from slimops.pruning.checkpoint import (FORMAT_VERSION, MODEL_FORMAT, atomic_save, atomic_write_text, check_free_space,
+                                        load_file, prepare_output_dir)
+from slimops.pruning.guard import check_finite_state, check_on_nonfinite
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.methods import METHODS, MethodConfig, default_lam
-from slimops.pruning.plan import Plan, plan_from_bn
+from slimops.pruning.plan import Plan, check_percent, plan_from_bn
 from slimops.pruning.metrics import accuracy
 from slimops.pruning.train import TrainConfig, recalibrate_bn, run_config_of, train_stage
 
@@ -70,6 +72,7 @@ def setup_logging(out: str, is_main: bool) -> None:
 
 def save_model_file(path: str, model: nn.Module, *, kind: str, plan: Optional[Plan] = None,
                     xi=None, extra: Optional[dict] = None) -> None:
+    check_finite_state(model, f"model file '{path}'")
     obj = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "kind": kind, "config": dict(model.config()),
            "state_dict": model.state_dict(), "plan": None if plan is None else plan.to_dict(),
            "xi": None if xi is None else [t.detach().cpu().clone() for t in xi], "extra": extra or {}}
@@ -179,38 +182,49 @@ def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Opti
          beta: Optional[float] = None, a: Optional[float] = None, percent: Optional[float] = -1.0, epochs: int = 15,
          finetune_epochs: int = 0, batch: int = 64, lr: float = 0.1, seed: int = 0, out: str = "runs/slim",
          resume: bool = False, device: str = "cpu", augment: bool = True, fold: bool = True,
-         bn_recal: int = 100, progress: bool = True, plots: bool = True) -> dict:
+         bn_recal: int = 100, progress: bool = True, plots: bool = True, on_nonfinite: str = "stop") -> dict:
     """Train -> plan -> compact -> (fine-tune) -> report, writing everything to ``out``.
 
     ``percent=-1`` (the default) picks per method: remove the exact zeros for none / prox-sgd /
     proximal-ns, the lowest 50% of |gamma| for the subgradient methods (whose gammas never reach 0).
     The compacted model's BN statistics are re-estimated from ``bn_recal`` training batches
-    (:func:`slimops.pruning.train.recalibrate_bn`; 0 keeps the trained ones).
+    (:func:`slimops.pruning.train.recalibrate_bn`; 0 keeps the trained ones). ``on_nonfinite``: what a
+    NaN/inf loss or gradient does, ``"stop"`` or ``"skip"`` the step (:mod:`slimops.pruning.guard`).
+    Everything that can be checked before training is: the arguments, the data, that ``out`` is writable
+    and has room for the files.
     """
     from slimops.data import load as load_data
     from slimops.models import build
 
+    # The arguments first (before the output folder is touched), then the data, the folder, the model's size.
+    check_on_nonfinite(on_nonfinite)
+    if percent is not None and percent < 0:
+        percent = None if method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
+    check_percent(percent, "slimops.pruning.plan_from_bn")  # known now: not an error after training
+    tcfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
+    resolve_method(method, penalty, lam, beta, a, steps=1)
     dev = torch.device(device)
     info = D.init_from_env(dev)
     if info.enabled and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
-    setup_logging(out, info.is_main)
     try:
         ds = load_data(data, data_dir)
-        if percent is not None and percent < 0:
-            percent = None if method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
-        tcfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
         steps = epochs * tcfg.steps_per_epoch(len(ds.y_train))
         mcfg = resolve_method(method, penalty, lam, beta, a, steps)
         torch.manual_seed(seed)
         net = build(model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=width)
         run_cfg = run_config_of(net.config(), data, mcfg, tcfg)
         if info.is_main:
+            prepare_output_dir(out, "slimops.pruning.slim")
+            check_free_space(out, run_bytes(net), "slimops.pruning.slim")
+        setup_logging(out, info.is_main)
+        if info.is_main:
             log.info("slim: %s (width %g) on %s: %d train / %d test images; method %s; %d steps", model, width,
                      data, len(ds.y_train), len(ds.y_test), json.dumps(asdict(mcfg)), steps)
         res = train_stage(net, ds, mcfg, tcfg, stage="train", ckpt_path=os.path.join(out, "checkpoint-train.pt"),
-                          resume=resume, device=dev, dist_info=info, run_config=run_cfg, progress=progress)
+                          resume=resume, device=dev, dist_info=info, run_config=run_cfg, progress=progress,
+                          on_nonfinite=on_nonfinite)
         xi = res.method.scores()
         acc_dense = accuracy(net, ds, device=dev)
         plan = plan_from_bn(net, percent, xi=xi, fold=fold)
@@ -228,7 +242,7 @@ def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Opti
             ft_run = run_config_of(pruned.config(), data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
             ft = train_stage(pruned, ds, MethodConfig("none"), ft_cfg, stage="finetune",
                              ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
-                             dist_info=info, run_config=ft_run, progress=progress)
+                             dist_info=info, run_config=ft_run, progress=progress, on_nonfinite=on_nonfinite)
             history += ft.history
         metrics["finetune_epochs"] = finetune_epochs
         metrics["acc"] = accuracy(pruned, ds, device=dev)
@@ -248,6 +262,13 @@ def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Opti
         D.shutdown(info)
 
 
+def run_bytes(model: nn.Module) -> int:
+    """What a run writes, at most: a checkpoint (weights, momentum, scores) and the dense and pruned model
+    files, each at most the size of the weights; 5x the weights' bytes plus 1 MiB of JSON, logs and plots."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 5 * weights + 2**20
+
+
 def summary_line(m: dict) -> str:
     return (f"acc {m['acc']:.4f} (before pruning {m['acc_before_prune']:.4f}, pruned without fine-tuning "
             f"{m['acc_pruned_no_finetune']:.4f}); channels {m['channels_kept']}/{m['channels_total']}; "
@@ -262,8 +283,10 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     from slimops.data import load as load_data
 
     dev = torch.device(device)
-    setup_logging(out, True)
     net, obj = load_model_file(weights, dev)
+    prepare_output_dir(out, "slimops.pruning.prune")
+    check_free_space(out, run_bytes(net), "slimops.pruning.prune")
+    setup_logging(out, True)
     if obj["kind"] != "dense":
         raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt")
     ds = load_data(data, data_dir)
@@ -282,15 +305,19 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
 
 def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optional[str] = None, lr: float = 0.1,
              batch: int = 64, seed: int = 0, out: str = "runs/finetune", resume: bool = False,
-             device: str = "cpu", augment: bool = True, progress: bool = True) -> dict:
+             device: str = "cpu", augment: bool = True, progress: bool = True, on_nonfinite: str = "stop") -> dict:
     """Fine-tunes a model file (usually ``pruned.pt``) with plain SGD; writes ``finetuned.pt``."""
     from slimops.data import load as load_data
 
+    check_on_nonfinite(on_nonfinite)
     dev = torch.device(device)
     info = D.init_from_env(dev)
-    setup_logging(out, info.is_main)
     try:
         net, obj = load_model_file(weights, dev)
+        if info.is_main:
+            prepare_output_dir(out, "slimops.pruning.finetune")
+            check_free_space(out, run_bytes(net), "slimops.pruning.finetune")
+        setup_logging(out, info.is_main)
         plan = Plan.from_dict(obj["plan"]) if obj.get("plan") else None
         ds = load_data(data, data_dir)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
@@ -298,7 +325,7 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
         acc0 = accuracy(net, ds, device=dev)
         res = train_stage(net, ds, MethodConfig("none"), cfg, stage="finetune",
                           ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
-                          dist_info=info, run_config=run, progress=progress)
+                          dist_info=info, run_config=run, progress=progress, on_nonfinite=on_nonfinite)
         metrics = {"model": net.config(), "data": data, "source": weights, "acc_before": acc0,
                    "acc": accuracy(net, ds, device=dev), "history": res.history}
         if info.is_main:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 PLAN_FORMAT = "slimops-plan"
 PLAN_VERSION = 1
+MAX_PLAN_BYTES = 64 * 2**20  # a million-channel plan is ~10 MiB of JSON; anything bigger is not a plan
 
 
 @dataclass
@@ -114,8 +115,18 @@ class Plan:
 
     @classmethod
     def load(cls, path: str) -> "Plan":
-        with open(path) as f:
-            return cls.from_json(f.read())
+        """Reads a plan file; errors name the path. Files above ``MAX_PLAN_BYTES`` are refused unread."""
+        import os
+
+        size = os.path.getsize(path)  # FileNotFoundError names the path
+        if size > MAX_PLAN_BYTES:
+            raise ValueError(f"slimops.pruning.Plan.load: '{path}' is {size:,} bytes; a plan is at most "
+                             f"{MAX_PLAN_BYTES:,} (its kept-index lists are bounded by the model's channels)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{e} (in '{path}')".replace("slimops.pruning.Plan.from_json", "slimops.pruning.Plan.load")) from None
 
     # -- compatibility ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -163,6 +174,12 @@ def bn_scores(model: nn.Module, xi: Optional[Sequence[Tensor]] = None) -> dict:
     return out
 
 
+def check_percent(percent: Optional[float], where: str) -> None:
+    """``percent`` is None (remove the exact zeros) or a fraction in [0, 1); ValueError naming ``where`` otherwise."""
+    if percent is not None and not 0.0 <= float(percent) < 1.0:
+        raise ValueError(f"{where}: percent must be None or in [0, 1), got {percent}")
+
+
 @torch.no_grad()
 def plan_from_bn(model: nn.Module, percent: Optional[float] = None, *, xi: Optional[Sequence[Tensor]] = None,
                  min_keep: int = 1, fold: bool = True) -> Plan:
@@ -176,8 +193,7 @@ def plan_from_bn(model: nn.Module, percent: Optional[float] = None, *, xi: Optio
     With ``fold`` a layer whose removed channels have some ``relu(beta) > 0`` gets a constant channel
     in the compacted model that carries them (exact removal; see :func:`slimops.pruning.compact`).
     """
-    if percent is not None and not 0.0 <= float(percent) < 1.0:
-        raise ValueError(f"slimops.pruning.plan_from_bn: percent must be None or in [0, 1), got {percent}")
+    check_percent(percent, "slimops.pruning.plan_from_bn")
     if min_keep < 1:
         raise ValueError(f"slimops.pruning.plan_from_bn: min_keep must be >= 1, got {min_keep}")
     scores = bn_scores(model, xi)

@@ -1,6 +1,12 @@
-"""PNG plots of a slimming run: the channel-score histogram, per-layer channels kept, training curves."""
+"""PNG plots of a slimming run: the channel-score histogram, per-layer channels kept, training curves.
+
+matplotlib is optional (the ``demo`` extra installs it): it is a large install that headless training
+servers and slim images often leave out, and every number a plot shows is also in metrics.json. Without
+it, :func:`plot_run` logs one warning and returns no paths; the run itself is unaffected.
+"""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -10,12 +16,34 @@ from torch import Tensor, nn
 from slimops.pruning.plan import Plan, bn_scores
 
 
-def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tensor]], history: list) -> list:
-    """Writes scores.png, channels.png and curves.png into ``out``; returns their paths."""
-    import matplotlib
+log = logging.getLogger("slimops.pruning")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with one warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("plots skipped: matplotlib is not installed (pip install matplotlib, or slimops[demo])")
+        return None
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    """PNG through a temporary file and a rename, like every file a run writes (never a torn image)."""
+    from slimops.pruning.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tensor]], history: list) -> list:
+    """Writes scores.png, channels.png and curves.png into ``out``; returns their paths ([] without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return []
 
     paths = []
     scores = torch.cat(list(bn_scores(model, xi).values())).numpy()
@@ -31,7 +59,7 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
            xlabel=label, ylabel="channels", yscale="log")
     fig.tight_layout()
     paths.append(os.path.join(out, "scores.png"))
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     names = list(plan.layers)
@@ -44,7 +72,7 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
     ax.legend()
     fig.tight_layout()
     paths.append(os.path.join(out, "channels.png"))
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     if history:
@@ -64,6 +92,6 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         axes[2].set(title="fraction of scores exactly 0", xlabel="epoch", ylim=(-0.02, 1.02))
         fig.tight_layout()
         paths.append(os.path.join(out, "curves.png"))
-        fig.savefig(paths[-1], dpi=110)
+        _save(fig, paths[-1])
         plt.close(fig)
     return paths

@@ -29,6 +29,7 @@ from torch import nn
 
 from slimops.pruning import distributed as D
 from slimops.pruning.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, load_file, rng_state, set_rng_state
+from slimops.pruning.guard import NonFiniteGuard, check_finite_state
 from slimops.pruning.methods import MethodConfig, SlimMethod
 from slimops.pruning.metrics import accuracy
 
@@ -117,17 +118,21 @@ def _milestone_epochs(cfg: TrainConfig) -> list:
 
 def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConfig, *, stage: str,
                 ckpt_path: Optional[str], resume: bool, device: torch.device, dist_info: D.DistInfo,
-                run_config: dict, progress: bool = True) -> StageResult:
+                run_config: dict, progress: bool = True, on_nonfinite: str = "stop") -> StageResult:
     """Trains ``model`` in place for ``cfg.epochs`` epochs with ``method_cfg``'s sparsity updates.
 
     ``ckpt_path`` (rank 0 writes it) receives a checkpoint after every epoch; with ``resume`` an
     existing one is loaded first and must have been written by the same ``run_config`` and ``stage``.
+    A NaN/inf loss or gradient stops the stage or skips the step (``on_nonfinite``, see
+    :mod:`slimops.pruning.guard`); it is not part of the run's identity, so a stopped run can be resumed
+    with ``on_nonfinite="skip"``.
     """
     model.to(device)
     method = SlimMethod(method_cfg, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opt = method.optimizer
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestone_epochs(cfg), gamma=0.1)
     result = StageResult(method=method)
+    guard = NonFiniteGuard(model, on_nonfinite, distributed=dist_info.enabled)
     start = 0
     if resume and ckpt_path and os.path.exists(ckpt_path):
         ck = load_file(ckpt_path, CHECKPOINT_FORMAT, "slimops.pruning.resume")
@@ -162,18 +167,24 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
             order = epoch_order(n, cfg.seed, epoch)
             net.train()
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
-            for i in range(0, n, cfg.batch):
+            skipped0 = guard.skipped
+            for step, i in enumerate(range(0, n, cfg.batch)):
                 gidx = order[i:i + cfg.batch]
                 # A last global batch smaller than the world leaves some ranks an empty share: they still
                 # step (zero loss; GlobalBatchNorm2d counts no samples for them), so nothing is dropped.
                 idx = gidx[rank::world]
                 x, y = data.train_batch(idx, epoch, cfg.seed, augment=cfg.augment)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                guard.before_forward()
                 out = net(x)
                 # sum / global size * world: DDP's average over ranks is then the global-batch mean
                 loss = F.cross_entropy(out, y, reduction="sum") * (world / len(gidx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                saved = (f" (the checkpoint after epoch {epoch} is intact: --resume continues from it)"
+                         if ckpt_path and epoch > 0 else "")
+                if guard.step_is_bad(loss, f"{stage} epoch {epoch + 1}, step {step + 1} of the epoch", saved):
+                    continue
                 method.after_backward()
                 opt.step()
                 method.after_step()
@@ -187,13 +198,15 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
             sched.step()
             rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": tot_loss / max(seen, 1),
                    "train_acc": tot_correct / max(seen, 1), "test_acc": accuracy(model, data, device=device),
-                   "zero_fraction": method.zero_fraction(), "seconds": time.perf_counter() - t0}
+                   "zero_fraction": method.zero_fraction(), "skipped_steps": guard.skipped - skipped0,
+                   "seconds": time.perf_counter() - t0}
             result.history.append(rec)
             if dist_info.is_main:
                 log.info("%s epoch %d/%d: loss %.4f, train %.4f, test %.4f, lr %.4g, zero %.3f, %.1fs", stage,
                          rec["epoch"], cfg.epochs, rec["loss"], rec["train_acc"], rec["test_acc"], lr,
                          rec["zero_fraction"], rec["seconds"])
                 if ckpt_path:
+                    check_finite_state(model, f"the {stage} checkpoint of epoch {epoch + 1}")
                     D.restore_batchnorm(model)  # the checkpoint holds a plain model
                     atomic_save({"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "stage": stage,
                                  "epoch": epoch + 1, "run_config": run_config, "model": model.state_dict(),
