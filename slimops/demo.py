@@ -44,15 +44,17 @@ def table(base: dict, pns: dict) -> str:
 
 def main(argv=None) -> dict:
     from slimops.pruning.checkpoint import atomic_write_text
+    from slimops.models import MODELS
+    from slimops.pruning.cli import count, positive_float, seed
     from slimops.pruning.pipeline import slim
 
     ap = argparse.ArgumentParser(prog="slimops demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vgg11")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--model", default="vgg11", choices=MODELS)
+    ap.add_argument("--width", type=positive_float, default=0.5)
+    ap.add_argument("--epochs", type=count, default=15)
+    ap.add_argument("--seed", type=seed, default=0)
+    ap.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
     if args.threads:

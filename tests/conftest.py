@@ -137,6 +137,37 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """Files the CLI bad-input tests point commands at, made without training: a freshly built digits VGG-11
+    (width 0.25) as dense.pt, its 50% plan and pruned.pt, a plan of another model, garbage, an empty file, a
+    folder named like a file, a JSON that is not a plan, and a crafted pickle whose payload would create
+    ``PWNED`` in the folder."""
+    from slimops.models import build
+    from slimops.pruning import compact, plan_from_bn
+    from slimops.pruning.pipeline import save_model_file
+
+    d = tmp_path_factory.mktemp("cli_files")
+    torch.manual_seed(0)
+    net = build("vgg11", num_classes=10, in_channels=1, width=0.25)
+    save_model_file(str(d / "dense.pt"), net, kind="dense")
+    plan = plan_from_bn(net, 0.5)
+    plan.save(str(d / "plan.json"))
+    save_model_file(str(d / "pruned.pt"), compact(net, plan), kind="pruned", plan=plan)
+    plan_from_bn(build("vgg13", num_classes=10, in_channels=1, width=0.25), 0.5).save(str(d / "other-plan.json"))
+    (d / "garbage.pt").write_bytes(b"\x00not a torch file" * 40)
+    (d / "empty.pt").write_bytes(b"")
+    (d / "folder.pt").mkdir()
+    (d / "not-a-plan.json").write_text('{"format": "slimops-plan", "version": 1, "layers": 3}')
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {d / 'PWNED'}",))
+
+    torch.save({"format": "slimops-model", "version": 1, "kind": "dense", "x": Payload()}, d / "evil.pt")
+    return d
+
+
 @pytest.fixture
 def cuda_or_skip():
     if not HAS_CUDA:

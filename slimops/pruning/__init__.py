@@ -8,9 +8,10 @@
     fast = slimops.pruning.sparsify(model, plan)          # same outputs, full tensors, kept channels only
 """
 from slimops.pruning.compact import build_pruned, compact, compaction_error
+from slimops.pruning.config import SlimConfig
 from slimops.pruning.methods import METHODS, MethodConfig, SlimMethod, default_lam
 from slimops.pruning.plan import Plan, plan_from_bn
 from slimops.pruning.sparsify import sparsify
 
-__all__ = ["Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "sparsify", "METHODS", "MethodConfig",
+__all__ = ["SlimConfig", "Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "sparsify", "METHODS", "MethodConfig",
            "SlimMethod", "default_lam"]

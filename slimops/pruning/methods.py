@@ -23,6 +23,7 @@ reference values below, which were themselves chosen on digits (see docs/slimmin
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,6 +90,11 @@ class MethodConfig:
             self.penalty = DEFAULT_PENALTY.get(self.method)
         if self.method == "prox-sgd" and self.penalty not in PROX_SGD_PENALTIES:
             raise ValueError(f"slimops.pruning: method 'prox-sgd' takes penalty in {PROX_SGD_PENALTIES}, got '{self.penalty}'")
+        if self.method != "prox-sgd" and self.penalty != DEFAULT_PENALTY.get(self.method):
+            # every other method has its penalty built in: a different one would be silently ignored
+            raise ValueError(f"slimops.pruning: method '{self.method}' uses penalty "
+                             f"{DEFAULT_PENALTY.get(self.method)!r}; penalty {self.penalty!r} does not apply to it "
+                             "(penalties are chosen with method 'prox-sgd')")
         if self.method == "ns-lp" and not 0 < self.a < 1:
             raise ValueError(f"slimops.pruning: method 'ns-lp' needs the exponent p = a in (0, 1), got a={self.a}")
         if self.method in ("ns-tl1", "prox-sgd") and self.penalty == "tl1" and not self.a > 0:
@@ -97,6 +103,9 @@ class MethodConfig:
             raise ValueError(f"slimops.pruning: eps must be > 0, got {self.eps}")
         if not self.lam >= 0 or not self.beta >= 0:
             raise ValueError(f"slimops.pruning: lam and beta must be >= 0, got lam={self.lam}, beta={self.beta}")
+        for name in ("lam", "beta", "a", "eps"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"slimops.pruning: {name} must be a finite number, got {getattr(self, name)}")
 
 
 class SlimMethod:

@@ -28,16 +28,14 @@ from slimops.pruning.checkpoint import (FORMAT_VERSION, MODEL_FORMAT, atomic_sav
                                         load_file, prepare_output_dir)
 from slimops.pruning.guard import check_finite_state, check_on_nonfinite
 from slimops.pruning.compact import build_pruned, compact, compaction_error
+from slimops.pruning.config import SlimConfig
 from slimops.pruning.methods import METHODS, MethodConfig, default_lam
-from slimops.pruning.plan import Plan, check_percent, plan_from_bn
+from slimops.pruning.plan import Plan, plan_from_bn
 from slimops.pruning.metrics import accuracy
 from slimops.pruning.train import TrainConfig, recalibrate_bn, run_config_of, train_stage
 
 log = logging.getLogger("slimops.pruning")
 
-# Methods whose scores become exactly zero: the plan removes the zeros, no percentile to pick.
-EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
-DEFAULT_NS_PERCENT = 0.5
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -177,80 +175,85 @@ def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], be
     return cfg
 
 
-def slim(*, model: str, width: float = 1.0, data: str = "digits", data_dir: Optional[str] = None,
-         method: str = "proximal-ns", penalty: Optional[str] = None, lam: Optional[float] = None,
-         beta: Optional[float] = None, a: Optional[float] = None, percent: Optional[float] = -1.0, epochs: int = 15,
-         finetune_epochs: int = 0, batch: int = 64, lr: float = 0.1, seed: int = 0, out: str = "runs/slim",
-         resume: bool = False, device: str = "cpu", augment: bool = True, fold: bool = True,
-         bn_recal: int = 100, progress: bool = True, plots: bool = True, on_nonfinite: str = "stop") -> dict:
-    """Train -> plan -> compact -> (fine-tune) -> report, writing everything to ``out``.
+def slim(config: Optional[SlimConfig] = None, /, **fields) -> dict:
+    """Train -> plan -> compact -> (fine-tune) -> report, writing everything to ``config.out``.
 
-    ``percent=-1`` (the default) picks per method: remove the exact zeros for none / prox-sgd /
-    proximal-ns, the lowest 50% of |gamma| for the subgradient methods (whose gammas never reach 0).
-    The compacted model's BN statistics are re-estimated from ``bn_recal`` training batches
-    (:func:`slimops.pruning.train.recalibrate_bn`; 0 keeps the trained ones). ``on_nonfinite``: what a
-    NaN/inf loss or gradient does, ``"stop"`` or ``"skip"`` the step (:mod:`slimops.pruning.guard`).
-    Everything that can be checked before training is: the arguments, the data, that ``out`` is writable
-    and has room for the files.
+    Takes a :class:`~slimops.pruning.config.SlimConfig`, or its fields as keywords (``slim(model="vgg11",
+    epochs=15, ...)``); the configuration is validated before anything runs. ``percent="auto"`` (the
+    default) picks per method: remove the exact zeros for none / prox-sgd / proximal-ns, the lowest 50% of
+    |gamma| for the subgradient methods (whose gammas never reach 0). The compacted model's BN statistics
+    are re-estimated from ``bn_recal`` training batches (:func:`slimops.pruning.train.recalibrate_bn`; 0
+    keeps the trained ones). ``on_nonfinite``: what a NaN/inf loss or gradient does, ``"stop"`` or
+    ``"skip"`` the step (:mod:`slimops.pruning.guard`). Everything that can be checked before training is:
+    the arguments, the data, that ``out`` is writable and has room for the files. ``metrics.json`` is
+    written when the run starts (its ``config``, ``status: "running"``) and completed at the end.
     """
+    if config is not None and fields:
+        raise TypeError("slimops.pruning.slim: pass a SlimConfig or keyword fields, not both")
+    cfg = config if config is not None else SlimConfig(**fields)
+    if not isinstance(cfg, SlimConfig):
+        raise TypeError(f"slimops.pruning.slim: expected a SlimConfig, got {type(cfg).__name__}")
+    return _run_slim(cfg)
+
+
+def _run_slim(cfg: SlimConfig) -> dict:
     from slimops.data import load as load_data
     from slimops.models import build
 
-    # The arguments first (before the output folder is touched), then the data, the folder, the model's size.
-    check_on_nonfinite(on_nonfinite)
-    if percent is not None and percent < 0:
-        percent = None if method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
-    check_percent(percent, "slimops.pruning.plan_from_bn")  # known now: not an error after training
-    tcfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
-    resolve_method(method, penalty, lam, beta, a, steps=1)
-    dev = torch.device(device)
+    out, percent = cfg.out, cfg.resolved_percent()
+    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, augment=cfg.augment)
+    dev = torch.device(cfg.device)
     info = D.init_from_env(dev)
     if info.enabled and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
     try:
-        ds = load_data(data, data_dir)
-        steps = epochs * tcfg.steps_per_epoch(len(ds.y_train))
-        mcfg = resolve_method(method, penalty, lam, beta, a, steps)
-        torch.manual_seed(seed)
-        net = build(model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=width)
-        run_cfg = run_config_of(net.config(), data, mcfg, tcfg)
+        ds = load_data(cfg.data, cfg.data_dir)
+        steps = cfg.epochs * tcfg.steps_per_epoch(len(ds.y_train))
+        mcfg = cfg.method_config(steps)
+        torch.manual_seed(cfg.seed)
+        net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width)
+        run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.slim")
             check_free_space(out, run_bytes(net), "slimops.pruning.slim")
+            write_metrics(out, {"status": "running", "config": cfg.to_dict()})
         setup_logging(out, info.is_main)
         if info.is_main:
-            log.info("slim: %s (width %g) on %s: %d train / %d test images; method %s; %d steps", model, width,
-                     data, len(ds.y_train), len(ds.y_test), json.dumps(asdict(mcfg)), steps)
+            log.info("slim: %s (width %g) on %s: %d train / %d test images; method %s; %d steps", cfg.model,
+                     cfg.width, cfg.data, len(ds.y_train), len(ds.y_test), json.dumps(asdict(mcfg)), steps)
         res = train_stage(net, ds, mcfg, tcfg, stage="train", ckpt_path=os.path.join(out, "checkpoint-train.pt"),
-                          resume=resume, device=dev, dist_info=info, run_config=run_cfg, progress=progress,
-                          on_nonfinite=on_nonfinite)
+                          resume=cfg.resume, device=dev, dist_info=info, run_config=run_cfg, progress=cfg.progress,
+                          on_nonfinite=cfg.on_nonfinite)
         xi = res.method.scores()
         acc_dense = accuracy(net, ds, device=dev)
-        plan = plan_from_bn(net, percent, xi=xi, fold=fold)
-        plan.meta.update(method=method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
-        metrics = {"model": net.config(), "data": data, "method": asdict(mcfg), "train": run_cfg["train"],
+        plan = plan_from_bn(net, percent, xi=xi, fold=cfg.fold)
+        plan.meta.update(method=cfg.method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
+        metrics = {"model": net.config(), "data": cfg.data, "method": asdict(mcfg), "train": run_cfg["train"],
                    "steps": steps, "percent": percent, "acc_before_prune": acc_dense}
         if info.is_main:
             save_model_file(os.path.join(out, "dense.pt"), net, kind="dense", xi=xi, extra={"method": asdict(mcfg)})
             plan.save(os.path.join(out, "plan.json"))
-        pruned, rep = prune_report(net, plan, ds, dev, bn_recal=bn_recal)
+        pruned, rep = prune_report(net, plan, ds, dev, bn_recal=cfg.bn_recal)
         metrics.update(rep)
         history = list(res.history)
-        if finetune_epochs > 0:
-            ft_cfg = TrainConfig(epochs=finetune_epochs, lr=lr, batch=batch, seed=seed + 1, augment=augment)
-            ft_run = run_config_of(pruned.config(), data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
+        if cfg.finetune_epochs > 0:
+            ft_cfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed + 1,
+                                 augment=cfg.augment)
+            ft_run = run_config_of(pruned.config(), cfg.data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
             ft = train_stage(pruned, ds, MethodConfig("none"), ft_cfg, stage="finetune",
-                             ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
-                             dist_info=info, run_config=ft_run, progress=progress, on_nonfinite=on_nonfinite)
+                             ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=cfg.resume, device=dev,
+                             dist_info=info, run_config=ft_run, progress=cfg.progress, on_nonfinite=cfg.on_nonfinite)
             history += ft.history
-        metrics["finetune_epochs"] = finetune_epochs
+        metrics["finetune_epochs"] = cfg.finetune_epochs
         metrics["acc"] = accuracy(pruned, ds, device=dev)
         metrics["history"] = history
+        metrics["config"] = cfg.to_dict()
+        metrics["status"] = "done"
         if info.is_main:
             save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
             write_metrics(out, metrics)
-            if plots:
+            if cfg.plots:
                 from slimops.pruning.plots import plot_run
 
                 metrics["plots"] = plot_run(out, net, plan, xi, history)

@@ -50,8 +50,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 0:
             raise ValueError(f"slimops.pruning: epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"slimops.pruning: lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"slimops.pruning: lr must be a finite number > 0, got {self.lr}")
         if self.batch < 1:
             raise ValueError(f"slimops.pruning: batch must be >= 1, got {self.batch}")
         self.milestones = tuple(self.milestones)

@@ -1,0 +1,165 @@
+"""The configuration of a slimming run as one validated object: what the CLI builds, what ``slim`` takes, what
+``metrics.json`` and ``config.json`` record, and what ``--resume`` reads back.
+
+    cfg = SlimConfig(model="vgg11", width=0.5, method="proximal-ns", epochs=15, out="runs/pns")
+    slimops.pruning.slim(cfg)                      # or slim(**fields): the same thing
+    SlimConfig.load("runs/pns/config.json")        # the run's own record, validated again
+
+Every field is checked once, in ``__post_init__``, with an error that names the field: the run never starts
+with an argument it would only refuse after training. ``percent`` is ``"auto"`` (per method: remove the
+exact zeros for none / prox-sgd / proximal-ns, the lowest 50% of scores for the subgradient ns-* methods),
+``None`` (the exact zeros), or a fraction in [0, 1); the old spelling ``-1`` means ``"auto"``.
+
+The quantise / distil / search commands to come follow the same pattern: one dataclass per command,
+validated once, saved with the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Union
+
+CONFIG_FORMAT = "slimops-slim-config"
+CONFIG_VERSION = 1
+COUNT_MAX = 2**31 - 1
+EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
+DEFAULT_NS_PERCENT = 0.5
+
+
+def _bad(name: str, what: str, value) -> ValueError:
+    return ValueError(f"slimops.pruning.SlimConfig: {name} must be {what}, got {value!r}")
+
+
+def _number(name, value, *, lo=-math.inf, lo_open=False, optional=False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= lo if lo_open else value < lo):
+        what = "a finite number" + (f" > {lo:g}" if lo_open else (f" >= {lo:g}" if lo > -math.inf else ""))
+        raise _bad(name, what + (" (or None)" if optional else ""), value)
+
+
+def _count(name, value, lo=0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= COUNT_MAX:
+        raise _bad(name, f"an integer in [{lo}, {COUNT_MAX}]", value)
+
+
+@dataclass
+class SlimConfig:
+    """Everything a ``slim`` run depends on (see :func:`slimops.pruning.pipeline.slim` for the meaning)."""
+
+    model: str = "vgg11"
+    width: float = 1.0
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    method: str = "proximal-ns"
+    penalty: Optional[str] = None
+    lam: Optional[float] = None          # None: calibrated to the run's length (methods.default_lam)
+    beta: Optional[float] = None         # None: the method's default (proximal-ns: 100)
+    a: Optional[float] = None            # None: 1 (the tl1 shape), or the exponent p = 1/2 for ns-lp
+    percent: Union[str, float, None] = "auto"
+    epochs: int = 15
+    finetune_epochs: int = 0
+    batch: int = 64
+    lr: float = 0.1
+    seed: int = 0
+    out: str = "runs/slim"
+    resume: bool = False
+    device: str = "cpu"
+    augment: bool = True
+    fold: bool = True
+    bn_recal: int = 100
+    progress: bool = True
+    plots: bool = True
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self):
+        from slimops.models import MODELS
+        from slimops.pruning.guard import check_on_nonfinite
+        from slimops.pruning.methods import METHODS
+
+        if self.model not in MODELS:
+            raise _bad("model", f"one of {', '.join(MODELS)}", self.model)
+        if self.data not in ("digits", "cifar10", "cifar100"):
+            raise _bad("data", "one of digits, cifar10, cifar100", self.data)
+        if self.method not in METHODS:
+            raise _bad("method", f"one of {', '.join(METHODS)}", self.method)
+        if self.percent is not None and not isinstance(self.percent, str) and self.percent == -1:
+            self.percent = "auto"  # the old spelling
+        if self.percent != "auto" and self.percent is not None:
+            if isinstance(self.percent, bool) or not isinstance(self.percent, (int, float)) \
+                    or not 0.0 <= self.percent < 1.0:
+                raise _bad("percent", "'auto', None or a fraction in [0, 1)", self.percent)
+        _number("width", self.width, lo=0.0, lo_open=True)
+        _number("lr", self.lr, lo=0.0, lo_open=True)
+        _number("lam", self.lam, lo=0.0, optional=True)
+        _number("beta", self.beta, lo=0.0, optional=True)
+        _number("a", self.a, optional=True)
+        for name in ("epochs", "finetune_epochs", "bn_recal"):
+            _count(name, getattr(self, name))
+        _count("batch", self.batch, lo=1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise _bad("seed", "an integer in [0, 2**63)", self.seed)
+        for name in ("resume", "augment", "fold", "progress", "plots"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "True or False", getattr(self, name))
+        for name in ("out", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise _bad(name, "a non-empty string", getattr(self, name))
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise _bad("data_dir", "a path or None", self.data_dir)
+        check_on_nonfinite(self.on_nonfinite)
+        # The method's own rules (penalty, a, lam) with the values this run resolves to.
+        self.method_config(steps=1)
+
+    # -- derived -------------------------------------------------------------------------------------
+    def resolved_percent(self) -> Optional[float]:
+        """The fraction the plan removes: None for the exact zeros."""
+        if self.percent == "auto":
+            return None if self.method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
+        return None if self.percent is None else float(self.percent)
+
+    def method_config(self, steps: int):
+        """The :class:`~slimops.pruning.methods.MethodConfig` of a run of ``steps`` SGD steps (lam calibrated)."""
+        from slimops.pruning.pipeline import resolve_method
+
+        return resolve_method(self.method, self.penalty, self.lam, self.beta, self.a, steps)
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SlimConfig":
+        if not isinstance(d, dict) or d.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"slimops.pruning.SlimConfig: not a slim configuration (format {CONFIG_FORMAT!r})")
+        if d.get("version") != CONFIG_VERSION:
+            raise ValueError(f"slimops.pruning.SlimConfig: unsupported version {d.get('version')!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"format", "version"})
+        if unknown:
+            raise ValueError(f"slimops.pruning.SlimConfig: unknown fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str) -> None:
+        from slimops.pruning.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str) -> "SlimConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"slimops.pruning.SlimConfig.load: no such file '{path}'")
+        if os.path.getsize(path) > 2**20:
+            raise ValueError(f"slimops.pruning.SlimConfig.load: '{path}' is larger than a configuration can be")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"slimops.pruning.SlimConfig.load: '{path}' is not JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{e} (in '{path}')") from None
