@@ -12,7 +12,7 @@ forward, and forward+backward (grads of x, weight and bias). Times are medians o
 (bench/common.py). GFLOP/s counts the kept work (2 * N * OH * OW * |out| * |in| * 9). On a GPU the
 table also gives that rate as a fraction of the measured dense-GEMM ceiling of the dtype.
 
-Targets (issue 4): CPU (2 threads) at 50% ``channel_conv2d`` >= 2.5x dense and >= 0.9x compact,
+Targets: CPU (2 threads) at 50% ``channel_conv2d`` >= 2.5x dense and >= 0.9x compact,
 ``masked_conv2d`` >= 1.4x dense x mask; GPU >= 0.9x compact (cuDNN) and dynamic >= 0.7/keep over
 dense x mask; never slower than dense at 90%.
 

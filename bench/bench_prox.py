@@ -153,7 +153,7 @@ def main():
         print("  ".join(common._fmt(v).ljust(w) for v, w in zip(r, widths)))
     if not args.no_write:
         path = common.write_results(device, f"prox_sgd_ (SGD momentum 0.9 + l1 prox), {args.dtype}", header, rows,
-                                    notes="Targets (issue 2): CPU 2 threads >= 2x on (a), >= 1.3x on (b); GPU >= 85% "
+                                    notes="Targets: CPU 2 threads >= 2x on (a), >= 1.3x on (b); GPU >= 85% "
                                           "of copy bandwidth on (b) and >= 1.8x over torch fused SGD + separate prox.")
         print("appended to", path)
 

@@ -15,7 +15,7 @@ q, k and v):
     (if materialised) would not fit in memory. Not counted as a baseline of the same op.
 
 Shapes (B, heads, grid, window 7, d = 32): SEMA-T (head dim 32, widths 64/128/256) at a 224x224 input:
-stage 1 56x56 tokens 2 heads, the issue's CPU target (16, 4 heads, 56x56), stage 2 28x28 4 heads, stage 3
+stage 1 56x56 tokens 2 heads, the CPU target (16, 4 heads, 56x56), stage 2 28x28 4 heads, stage 3
 14x14 8 heads, B = 16; and stage 1 at 512x512 (128x128 tokens, B = 4) and 1024x1024 (256x256 tokens, B = 1),
 where the windows are padded (128 % 7 != 0). The table gives medians, the ratio to the reference and to the
 strongest same-op baseline (reference, flex), tokens/s (B * N / time) and, on a GPU, the achieved rate of the
@@ -24,7 +24,7 @@ grads written: 11) as a fraction of the measured copy bandwidth. A scaling sweep
 14..224) is plotted log-log next to the results (``<device>-sema-scaling.png``): the windowed ops are linear
 in N, global attention quadratic.
 
-CPU target (issue): >= 1.5x fwd+bwd over the reference at (16, 4, 56x56, d = 32) on 2 threads.
+CPU target: >= 1.5x fwd+bwd over the reference at (16, 4, 56x56, d = 32) on 2 threads.
 
     python bench/bench_sema.py                                   # this machine's threads, float32
     python bench/bench_sema.py --threads 2 --backends reference,flex,sdpa

@@ -14,7 +14,7 @@ Shapes (B, H, W, C) are GFNet/AFFNet stages: (64, 14, 14, 384), (32, 56, 56, 96)
 achieved memory rate as a fraction of the measured copy bandwidth for the ideal traffic of the op: x read
 and y written once in the input dtype (forward), plus grad read, x re-read and grad_x written (backward).
 
-Targets (issue 5): CPU (2 threads) >= 1.5x fwd+bwd over torch.fft at (64, 14, 14, 384); GPU >= 3x over the
+Targets: CPU (2 threads) >= 1.5x fwd+bwd over torch.fft at (64, 14, 14, 384); GPU >= 3x over the
 torch.fft fp32 path and >= 70% of the memory roofline, bf16 included.
 
     python bench/bench_spectral.py                       # CPU, 2 threads, float32, both ops
