@@ -4,7 +4,8 @@ for dtypes), like the C++ checks in csrc/include/slimops/checks.h."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import numbers
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,14 +19,29 @@ def fail(op: str, msg: str, exc=ValueError):
     raise exc(f"slimops.{op}: {msg}")
 
 
+def real(op: str, name: str, v) -> float:
+    """A float argument as a Python float: a real number (not a bool) or a one-element tensor, else a TypeError
+    naming it (``float()`` would accept strings, ``math.isfinite`` fails without saying which op)."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            fail(op, f"{name} must be a real number, got a tensor of shape {tuple(v.shape)} and dtype {v.dtype}",
+                 TypeError)
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        fail(op, f"{name} must be a real number, got {v!r}", TypeError)
+    return float(v)
+
+
 def check_penalty(op: str, penalty: str, allowed: Sequence[str], lam: float, a: float, lam_name: str = "lam"):
-    if penalty not in allowed:
+    if not isinstance(penalty, str) or penalty not in allowed:
         fail(op, f"unknown penalty '{penalty}' (expected one of: {', '.join(allowed)})")
+    lam, a = real(op, lam_name, lam), real(op, "a", a)
     if not (math.isfinite(lam) and lam >= 0):
         fail(op, f"{lam_name} must be finite and >= 0, got {lam}")
-    if penalty == "tl1" and not a > 0:
+    # the same conditions as the C++ check_penalty_args (NaN and inf fail them)
+    if penalty == "tl1" and not (math.isfinite(a) and a > 0):
         fail(op, f"a must be > 0 for penalty 'tl1', got {a}")
-    if penalty == "l0_l21" and not a >= 0:
+    if penalty == "l0_l21" and not (math.isfinite(a) and a >= 0):
         fail(op, f"a (the group weight mu) must be >= 0 for penalty 'l0_l21', got {a}")
     if penalty == "lp" and not 0 < a < 1:
         fail(op, f"a (the exponent p) must be in (0, 1) for penalty 'lp', got {a}")
@@ -51,6 +67,8 @@ def check_list(op: str, name: str, lst: Sequence[Tensor], params: Sequence[Tenso
     if len(lst) != len(params):
         fail(op, f"{name} has {len(lst)} tensors but {pname} has {len(params)}")
     for i, (t, p) in enumerate(zip(lst, params)):
+        if not isinstance(t, Tensor):
+            fail(op, f"{name}[{i}] is not a tensor", TypeError)
         if t.layout != torch.strided:
             fail(op, f"{name}[{i}] is sparse; sparse gradients are not supported")
         if t.device != p.device:
@@ -74,6 +92,64 @@ def check_amp(op: str, name: str, t: Optional[Tensor], params: Sequence[Tensor])
         fail(op, f"{name} is on {t.device} but params are on {params[0].device}")
 
 
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - older torch
+    def _is_fake(t):
+        return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _span(t: Tensor):
+    """(storage address, first byte, one past the last byte) of the memory ``t`` can touch; None when it has none
+    that can be compared (no elements, meta or fake tensors)."""
+    if not isinstance(t, Tensor) or t.is_meta or t.layout != torch.strided:
+        return None
+    if type(t) not in _PLAIN_TENSORS and _is_fake(t):  # the fake kernels (tracing) run these checks too
+        return None
+    start = t.data_ptr()
+    if t.is_contiguous():
+        nbytes = t.numel() * t.element_size()
+    elif t.numel():
+        nbytes = (1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))) * t.element_size()
+    else:
+        nbytes = 0
+    if nbytes == 0:
+        return None
+    base = start - t.storage_offset() * t.element_size()  # the storage's address: views of one storage share it
+    return base, start, start + nbytes
+
+
+def check_no_overlap(op: str, written: Dict[str, Sequence[Tensor]], read: Dict[str, Sequence[Tensor]]):
+    """No tensor the op updates in place shares memory with another argument: one tensor twice in a list, a
+    buffer that is also a parameter, or partly overlapping views would make the result depend on the order of
+    the (parallel) updates. Read-only arguments may overlap each other."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for is_written, group in ((True, written), (False, read)):
+        for name, lst in group.items():
+            for i, t in enumerate(lst):
+                sp = _span(t)
+                if sp is not None:
+                    spans.append((sp[0], sp[1], sp[2], name, i, is_written))
+    spans.sort(key=lambda e: (e[0], e[1]))
+    base = None
+    for b, lo, hi, name, i, is_written in spans:
+        if b != base:  # a new storage
+            base, end_all, end_written = b, (-1, None), (-1, None)
+        other = end_all if is_written else end_written  # the furthest-reaching earlier span it must not meet
+        if other[0] > lo:
+            fail(op, f"{other[1]} and {name}[{i}] overlap in memory; a tensor updated in place must not share "
+                     "memory with another argument")
+        if hi > end_all[0]:
+            end_all = (hi, f"{name}[{i}]")
+        if is_written and hi > end_written[0]:
+            end_written = (hi, f"{name}[{i}]")
+
+
 def check_prox_input(op: str, name: str, x):
     if not isinstance(x, Tensor):
         fail(op, f"{name} must be a tensor", TypeError)
@@ -94,28 +170,47 @@ def check_prox_backward_inputs(grad, x):
 
 
 
+def _reals(op: str, **values) -> Dict[str, float]:
+    return {name: real(op, name, v) for name, v in values.items()}
+
+
+# The scalar checks below are the C++ ones of csrc/include/slimops/prox_checks.h, with their messages: NaN fails
+# every one of them (a NaN learning rate would silently turn every parameter into NaN).
+
+
 def validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
                        init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
     op = "prox_sgd_"
     check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    if lr < 0 or momentum < 0:
-        fail(op, f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
-    if nesterov and (momentum <= 0 or dampening != 0):
+    v = _reals(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    if not v["lr"] >= 0:
+        fail(op, f"lr must be >= 0, got {v['lr']}")
+    if not v["momentum"] >= 0:
+        fail(op, f"momentum must be >= 0, got {v['momentum']}")
+    if nesterov and (v["momentum"] <= 0 or v["dampening"] != 0):
         fail(op, "nesterov needs momentum > 0 and dampening = 0")
     check_params(op, "params", params)
     check_list(op, "grads", grads, params, "params", False)
-    if momentum != 0:
+    if v["momentum"] != 0:
         check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
     check_amp(op, "grad_scale", grad_scale, params)
     check_amp(op, "found_inf", found_inf, params)
+    check_no_overlap(op, {"params": params, "momentum_buffers": momentum_buffers if v["momentum"] != 0 else []},
+                     {"grads": grads, "grad_scale": [grad_scale], "found_inf": [found_inf]})
 
 
 def validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                          weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
     op = "prox_adamw_"
     check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or lr < 0 or eps < 0:
-        fail(op, f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, betas=({beta1}, {beta2}), eps={eps}")
+    v = _reals(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if not v["lr"] >= 0:
+        fail(op, f"lr must be >= 0, got {v['lr']}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= v[name] < 1:
+            fail(op, f"{name} must be in [0, 1), got {v[name]}")
+    if not v["eps"] >= 0:
+        fail(op, f"eps must be >= 0, got {v['eps']}")
     check_params(op, "params", params)
     check_list(op, "grads", grads, params, "params", False)
     check_list(op, "exp_avgs", exp_avgs, params, "params", True)
@@ -125,37 +220,50 @@ def validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
     if len(state_steps) != len(params):
         fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
     for i, (st, p) in enumerate(zip(state_steps, params)):
-        if st.numel() != 1 or st.device != p.device:
+        if not isinstance(st, Tensor) or st.numel() != 1 or st.device != p.device:
             fail(op, f"state_steps[{i}] must be a one-element tensor on its parameter's device")
         if st.dtype != torch.float32:
             fail(op, f"state_steps[{i}] has dtype {st.dtype}; expected float32", TypeError)
     check_amp(op, "grad_scale", grad_scale, params)
     check_amp(op, "found_inf", found_inf, params)
+    check_no_overlap(op, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                          "max_exp_avg_sqs": max_exp_avg_sqs if amsgrad else [], "state_steps": state_steps},
+                     {"grads": grads, "grad_scale": [grad_scale], "found_inf": [found_inf]})
 
 
 def validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
     op = "palm_slimming_"
     check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    if not (alpha > 0 and math.isfinite(alpha)) or not (beta >= 0 and math.isfinite(beta)):
-        fail(op, f"need alpha (= 1/lr) > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+    v = _reals(op, alpha=alpha, beta=beta)
+    if not (v["alpha"] > 0 and math.isfinite(v["alpha"])):
+        fail(op, f"alpha (= 1/lr) must be > 0, got {v['alpha']}")
+    if not (v["beta"] >= 0 and math.isfinite(v["beta"])):
+        fail(op, f"beta must be >= 0, got {v['beta']}")
     check_params(op, "gammas", gammas)
     check_list(op, "xis", xis, gammas, "gammas", True)
+    check_no_overlap(op, {"gammas": gammas, "xis": xis}, {})
 
 
 def validate_penalty_grad(grads, params, penalty, s, a=1.0, eps=1e-8):
     op = "penalty_grad_"
     check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="s")
+    eps = real(op, "eps", eps)
     if not eps > 0:
         fail(op, f"eps must be > 0, got {eps}")
     check_params(op, "grads", grads)
     check_list(op, "params", params, grads, "grads", False)
+    check_no_overlap(op, {"grads": grads}, {"params": params})
 
 
 def validate_split_step(weights, grads, us, lr, beta, penalty, lam, a=1.0):
     op = "split_step_"
     check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    if lr < 0 or not (beta > 0 and math.isfinite(beta)):
-        fail(op, f"need lr >= 0 and beta > 0, got lr={lr}, beta={beta}")
+    v = _reals(op, lr=lr, beta=beta)
+    if not v["lr"] >= 0:
+        fail(op, f"lr must be >= 0, got {v['lr']}")
+    if not (v["beta"] > 0 and math.isfinite(v["beta"])):
+        fail(op, f"beta must be > 0, got {v['beta']}")
     check_params(op, "weights", weights)
     check_list(op, "grads", grads, weights, "weights", False)
     check_list(op, "us", us, weights, "weights", True)
+    check_no_overlap(op, {"weights": weights, "us": us}, {"grads": grads})

@@ -20,7 +20,9 @@ number of kept output channels for ``masked_conv2d``. Both are differentiable in
 (gradients are full-size, zero outside the kept block), with float32 accumulation for bf16/fp16.
 ``groups = 1`` and zero padding only. Index sets are 1-D integer tensors without repeats, in any order;
 they are checked (range and repeats) on every call unless ``check_indices=False`` (the modules check
-once when their indices are set: on a GPU the check synchronises).
+once when their indices are set: on a GPU the check synchronises; the reference backend always checks, and the
+C++ CPU kernel reads them on the host anyway). An index set longer than the channels it indexes is refused from
+its shape alone.
 
 Backends (``backend=``): ``"cpu"`` (C++: per-sample im2col of the kept channels read through the index,
 one GEMM against the packed kept weight block, tiled to stay in cache), ``"triton"`` (implicit GEMM whose
@@ -97,6 +99,8 @@ def check_index(op: str, name: str, idx, limit: int, what: str, device: torch.de
         _fail(op, f"{name} must be 1-D, got shape {tuple(idx.shape)}")
     if idx.device != device:
         _fail(op, f"{name} is on {idx.device} but x is on {device}")
+    if idx.numel() > limit:  # a metadata check: also for huge stride-0 views, whose values are never read
+        _fail(op, f"{name} has {idx.numel()} entries but there are {limit} {what}: it holds a channel more than once")
     idx = idx.long()
     # Value checks read the data: skipped while tracing and for meta tensors (shape-only calls); the C++
     # kernel still checks on the CPU.
@@ -155,7 +159,11 @@ def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Te
     op = "channel_conv2d"
     ii, oi, s, p, d, _ = _channel_args(op, x, weight, bias, in_idx, out_idx, stride, padding, dilation,
                                        input_gathered, check_indices)
-    _, fn = _pick(op, backend, x.device)
+    b, fn = _pick(op, backend, x.device)
+    if b == "reference" and not check_indices:
+        # The reference gathers by indexing, which fails on a bad index without naming the op (on a GPU: a
+        # device-side assert): it checks the values whatever check_indices says (it synchronises anyway).
+        _channel_args(op, x, weight, bias, in_idx, out_idx, stride, padding, dilation, input_gathered, True)
     return fn(x, weight, bias, ii, oi, list(s), list(p), list(d), bool(input_gathered))
 
 

@@ -55,6 +55,9 @@ PROX_PENALTIES = ref.PROX_PENALTIES
 STEP_PENALTIES = ref.STEP_PENALTIES
 GRAD_PENALTIES = ref.GRAD_PENALTIES
 
+_reals = _checks._reals  # the float arguments as floats, or a TypeError naming the op and the argument
+
+
 def _device(op: str, tensors: Sequence[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) else torch.device("cpu")
 
@@ -189,8 +192,9 @@ def prox_sgd_(
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
         _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
                            maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
-    fn(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
-       float(weight_decay), bool(nesterov), bool(maximize), bool(init_momentum), penalty, float(lam), float(a),
+    r = _reals(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, lam=lam, a=a)
+    fn(list(params), list(grads), list(momentum_buffers), r["lr"], r["momentum"], r["dampening"],
+       r["weight_decay"], bool(nesterov), bool(maximize), bool(init_momentum), penalty, r["lam"], r["a"],
        grad_scale, found_inf)
 
 
@@ -231,9 +235,10 @@ def prox_adamw_(
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
         _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                              weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
+    r = _reals(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, lam=lam, a=a)
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
-       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
-       penalty, float(lam), float(a), grad_scale, found_inf)
+       r["lr"], r["beta1"], r["beta2"], r["eps"], r["weight_decay"], bool(amsgrad), bool(maximize),
+       penalty, r["lam"], r["a"], grad_scale, found_inf)
 
 
 def palm_slimming_(
@@ -260,7 +265,8 @@ def palm_slimming_(
     b, fn = _pick_list(op, backend, gammas)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
         _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
-    fn(list(gammas), list(xis), float(alpha), float(beta), float(lam), penalty, float(a))
+    r = _reals(op, alpha=alpha, beta=beta, lam=lam, a=a)
+    fn(list(gammas), list(xis), r["alpha"], r["beta"], r["lam"], penalty, r["a"])
 
 
 def penalty_grad_(
@@ -283,7 +289,8 @@ def penalty_grad_(
     b, fn = _pick_list(op, backend, grads)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
         _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
-    fn(list(grads), list(params), penalty, float(s), float(a), float(eps))
+    r = _reals(op, s=s, a=a, eps=eps)
+    fn(list(grads), list(params), penalty, r["s"], r["a"], r["eps"])
 
 
 def split_step_(
@@ -308,7 +315,8 @@ def split_step_(
     b, fn = _pick_list(op, backend, weights)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
         _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
-    fn(list(weights), list(grads), list(us), float(lr), float(beta), penalty, float(lam), float(a))
+    r = _reals(op, lr=lr, beta=beta, lam=lam, a=a)
+    fn(list(weights), list(grads), list(us), r["lr"], r["beta"], penalty, r["lam"], r["a"])
 
 
 # Fake kernels of the in-place list ops: they return nothing and only mutate their inputs, after the

@@ -49,13 +49,18 @@ def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride, padding, dilation) 
         oh, ow = out_size(h, wd, w.shape[2:], stride, padding, dilation)
         y = _acc(x).new_zeros((n, w.shape[0], oh, ow))
         return y if b is None else y + _acc(b)[None, :, None, None]
+    if h == 0 or wd == 0:  # F.conv2d refuses an empty grid; with padding, every output reads only zeros
+        (ph, pw) = pair(padding)
+        x, padding = F.pad(x, (pw, pw, ph, ph)), 0
     return F.conv2d(_acc(x), _acc(w), _acc(b), pair(stride), pair(padding), pair(dilation))
 
 
 def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Tensor, out_idx: Tensor,
                    stride=1, padding=0, dilation=1, input_gathered: bool = False) -> Tensor:
     in_idx, out_idx = in_idx.long(), out_idx.long()
-    xs = x if input_gathered else x.index_select(1, in_idx)
+    # x[:, in_idx], not index_select: index_select makes a non-contiguous x contiguous first (a stride-0 view of a
+    # huge batch would be materialised whole)
+    xs = x if input_gathered else x[:, in_idx]
     w = weight.index_select(0, out_idx).index_select(1, in_idx)
     b = None if bias is None else bias.index_select(0, out_idx)
     return _conv(xs, w, b, stride, padding, dilation).to(x.dtype)

@@ -140,7 +140,8 @@ def _skip(found_inf: Optional[Tensor]) -> bool:
 
 def _unscale(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
     # the scale is one element, whatever its shape ((), (1,)): it must not broadcast a 0-d gradient up
-    return g / _acc(grad_scale).reshape(()) if grad_scale is not None else g
+    # in g's dtype: a float64 scale must not promote a 0-d float32 gradient (type promotion of two 0-d tensors)
+    return g / grad_scale.reshape(()).to(g.dtype) if grad_scale is not None else g
 
 
 def prox_sgd_(

@@ -52,6 +52,8 @@ def spectral_filter(x: Tensor, weight: Tensor) -> Tensor:
     """``irfft2(rfft2(x) * view_as_complex(weight), s=(H, W))`` over dims (1, 2), orthonormal."""
     dt = compute_dtype(x)
     h, w = x.shape[1], x.shape[2]
+    if x.shape[0] == 0:  # MKL's FFT refuses an empty batch
+        return x * 0
     xf = torch.fft.rfft2(x.to(dt), dim=(1, 2), norm="ortho")
     y = torch.fft.irfft2(xf * _complex(weight, dt), s=(h, w), dim=(1, 2), norm="ortho")
     return y.to(x.dtype)
@@ -89,6 +91,8 @@ def adaptive_spectral_filter(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: 
     """``irfft2(M(X) * X, s=(H, W)) + x`` with ``X = rfft2(x)`` and ``M`` the AFF filter (module docstring)."""
     dt = compute_dtype(x)
     h, w = x.shape[1], x.shape[2]
+    if x.shape[0] == 0:  # MKL's FFT refuses an empty batch
+        return x * 0
     xs = x.to(dt)
     xf = torch.fft.rfft2(xs, dim=(1, 2), norm="ortho")
     m = aff_mask(xf, w1, b1, w2, b2, blocks, shrink)

@@ -816,8 +816,14 @@ def prox(x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
     return out
 
 
+# The fake kernels check like the slimops:: ones (slimops/ops/prox.py): they also run for real calls that mix a
+# device with 'meta', which must fail loudly instead of returning without doing anything.
+
+
 @prox.register_fake
 def _prox_fake(x, penalty, lam, a=1.0):
+    _checks.check_prox_input("prox", "x", x)
+    _checks.check_penalty("prox", penalty, _PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -848,6 +854,8 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, a: float = 
 
 @prox_backward.register_fake
 def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
+    _checks.check_prox_backward_inputs(grad, x)
+    _checks.check_penalty("prox_backward", penalty, _PROX_PENALTIES, lam, a)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -888,6 +896,8 @@ def prox_sgd_(
 @prox_sgd_.register_fake
 def _prox_sgd_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
                    init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
+    _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                              maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
     return None
 
 
@@ -942,6 +952,8 @@ def prox_adamw_(
 @prox_adamw_.register_fake
 def _prox_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                      weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
+    _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                eps, weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
     return None
 
 
@@ -968,6 +980,7 @@ def palm_slimming_(
 
 @palm_slimming_.register_fake
 def _palm_slimming_fake(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
+    _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
     return None
 
 
@@ -1005,6 +1018,7 @@ def penalty_grad_(
 
 @penalty_grad_.register_fake
 def _penalty_grad_fake(grads, params, penalty, s, a=1.0, eps=1e-8):
+    _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
     return None
 
 
@@ -1031,6 +1045,7 @@ def split_step_(
 
 @split_step_.register_fake
 def _split_step_fake(weights, grads, us, lr, beta, penalty, lam, a=1.0):
+    _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
     return None
 
 
