@@ -376,8 +376,13 @@ def test_optimizer_bad_penalty_settings(name, backend):
     w = nn.Parameter(_t(3))
     with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: unknown penalty 'l3'"):
         make([w], penalty="l3", backend=backend)
-    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be finite and >= 0, got -0.1"):
         make([w], penalty="l1", lam=-0.1, backend=backend)
+    # the one penalty table's rules (slimops.penalties): also an infinite lam, and a for l0_l21
+    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be finite and >= 0, got inf"):
+        make([w], penalty="l1", lam=float("inf"), backend=backend)
+    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: a \(the group weight mu\) must be >= 0"):
+        make([w], penalty="l0_l21", lam=0.1, a=-1.0, backend=backend)
     with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: a must be > 0 for penalty 'tl1', got 0"):
         make([w], penalty="tl1", lam=0.1, a=0, backend=backend)
     # per param group, including groups added later (checked when they are added)
@@ -390,7 +395,7 @@ def test_optimizer_bad_penalty_settings(name, backend):
     # settings edited in place after construction are checked again when the group is stepped
     opt.param_groups[0]["lam"] = -1.0
     w.grad = _t(3)
-    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be >= 0"):
+    with pytest.raises(ValueError, match=rf"slimops\.optim\.{name}: lam must be finite and >= 0"):
         opt.step()
 
 

@@ -4,13 +4,13 @@ for dtypes), like the C++ checks in csrc/include/slimops/checks.h."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from slimops.reference.prox import GRAD_PENALTIES, PROX_PENALTIES, STEP_PENALTIES
+from slimops import penalties
+from slimops.penalties import GRAD as GRAD_PENALTIES, PROX as PROX_PENALTIES, STEP as STEP_PENALTIES
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -22,29 +22,13 @@ def fail(op: str, msg: str, exc=ValueError):
 def real(op: str, name: str, v) -> float:
     """A float argument as a Python float: a real number (not a bool) or a one-element tensor, else a TypeError
     naming it (``float()`` would accept strings, ``math.isfinite`` fails without saying which op)."""
-    if isinstance(v, Tensor):
-        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
-            fail(op, f"{name} must be a real number, got a tensor of shape {tuple(v.shape)} and dtype {v.dtype}",
-                 TypeError)
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        fail(op, f"{name} must be a real number, got {v!r}", TypeError)
-    return float(v)
+    return penalties.real(f"slimops.{op}", name, v)
 
 
 def check_penalty(op: str, penalty: str, allowed: Sequence[str], lam: float, a: float, lam_name: str = "lam"):
-    if not isinstance(penalty, str) or penalty not in allowed:
-        fail(op, f"unknown penalty '{penalty}' (expected one of: {', '.join(allowed)})")
-    lam, a = real(op, lam_name, lam), real(op, "a", a)
-    if not (math.isfinite(lam) and lam >= 0):
-        fail(op, f"{lam_name} must be finite and >= 0, got {lam}")
-    # the same conditions as the C++ check_penalty_args (NaN and inf fail them)
-    if penalty == "tl1" and not (math.isfinite(a) and a > 0):
-        fail(op, f"a must be > 0 for penalty 'tl1', got {a}")
-    if penalty == "l0_l21" and not (math.isfinite(a) and a >= 0):
-        fail(op, f"a (the group weight mu) must be >= 0 for penalty 'l0_l21', got {a}")
-    if penalty == "lp" and not 0 < a < 1:
-        fail(op, f"a (the exponent p) must be in (0, 1) for penalty 'lp', got {a}")
+    """``penalty``/``lam``/``a`` of ``op`` by the one penalty table (:mod:`slimops.penalties`: the C++
+    check_penalty_args' rules and words)."""
+    penalties.check(f"slimops.{op}", penalty, lam, a, allowed, lam_name)
 
 
 def check_params(op: str, name: str, params: Sequence[Tensor]):

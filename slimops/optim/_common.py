@@ -7,19 +7,13 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from slimops.reference.prox import STEP_PENALTIES
+from slimops import penalties
 
 
 def check_penalty_settings(owner: str, penalty: Optional[str], lam: float, a: float) -> str:
-    """Validates a param group's penalty settings; returns the penalty name ("none" for None)."""
-    name = "none" if penalty is None else penalty
-    if name not in STEP_PENALTIES:
-        raise ValueError(f"slimops.optim.{owner}: unknown penalty '{name}' (expected None or one of: {', '.join(STEP_PENALTIES[1:])})")
-    if not lam >= 0:
-        raise ValueError(f"slimops.optim.{owner}: lam must be >= 0, got {lam}")
-    if name == "tl1" and not a > 0:
-        raise ValueError(f"slimops.optim.{owner}: a must be > 0 for penalty 'tl1', got {a}")
-    return name
+    """Validates a param group's penalty settings by the one penalty table (:mod:`slimops.penalties`); returns
+    the penalty name ("none" for None)."""
+    return penalties.check(f"slimops.optim.{owner}", "none" if penalty is None else penalty, lam, a, penalties.STEP)
 
 
 def grads_of(owner: str, params: Iterable[Tensor]) -> list[Tensor]:

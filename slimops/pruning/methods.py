@@ -12,7 +12,7 @@ and every update goes through slimops' fused kernels:
 ``proximal-ns``       proximal network slimming (Bui et al. 2023): the gamma/xi scheme, xi exactly sparse
 ====================  ==========================================================================
 
-(ALGORITHMS.md §2-§4.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
+(docs/algorithms.md §2-§4.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
 ``prox_sgd_`` call per param group, proximal network slimming through ``palm_slimming_``.
 
 Strength calibration. Every method's total shrinkage of gamma grows with the number of SGD steps
@@ -30,6 +30,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from slimops.ops.prox import penalty_grad_
+from slimops.penalties import ELEMENTWISE_PROX
 from slimops.optim import ProximalSlimming, ProxSGD
 
 METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns")
@@ -50,7 +51,7 @@ LAM_AT_T_REF = {
 }
 DEFAULT_BETA = 100.0
 DEFAULT_PENALTY = {"prox-sgd": "l1", "proximal-ns": "l1", "ns": "l1", "ns-tl1": "tl1", "ns-lp": "lp"}
-PROX_SGD_PENALTIES = ("l1", "l0", "tl1", "l1_2")
+PROX_SGD_PENALTIES = ELEMENTWISE_PROX  # the elementwise ones: a BN scale vector has no groups
 
 
 # The shortest run the defaults were calibrated on; shorter runs get that run's lam, not more: a lam

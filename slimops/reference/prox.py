@@ -1,7 +1,7 @@
 """Readable pure-PyTorch twins of the ``prox`` family: the test oracle and the fallback backend.
 
 Every function here mirrors one ``torch.ops.slimops`` op of the same name (schemas in
-``csrc/registration.cpp``). The maths is ALGORITHMS.md §1-§5; low-precision storage is computed in
+``csrc/registration.cpp``). The maths is docs/algorithms.md §1-§5; low-precision storage is computed in
 float32 (float64 stays float64), exactly as the kernels do.
 
 Convention: ``prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x)``.
@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-PROX_PENALTIES = ("l1", "l0", "tl1", "l1_2", "l21", "l0_l21")
-STEP_PENALTIES = ("none",) + PROX_PENALTIES
-GRAD_PENALTIES = ("l1", "tl1", "lp", "l21")
-GROUP_PENALTIES = ("l21", "l0_l21")
+# The names each kind of op takes, from the one penalty table (slimops.penalties).
+from slimops.penalties import GRAD as GRAD_PENALTIES  # noqa: E402
+from slimops.penalties import GROUP as GROUP_PENALTIES  # noqa: E402
+from slimops.penalties import PROX as PROX_PENALTIES  # noqa: E402
+from slimops.penalties import STEP as STEP_PENALTIES  # noqa: E402
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -100,7 +101,7 @@ def prox_acc(y: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
 
 
 def prox(x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
-    """prox_{lam R}(x) (ALGORITHMS.md §1), returned in x's dtype."""
+    """prox_{lam R}(x) (docs/algorithms.md §1), returned in x's dtype."""
     return prox_acc(_acc(x), penalty, lam, a).to(x.dtype)
 
 
@@ -240,7 +241,7 @@ def palm_slimming_(
     penalty: str = "l1",
     a: float = 1.0,
 ) -> None:
-    """Proximal network slimming (ALGORITHMS.md §4), the gamma/xi half of the step, in place."""
+    """Proximal network slimming (docs/algorithms.md §4), the gamma/xi half of the step, in place."""
     for gam, xi in zip(gammas, xis):
         g, x = _acc(gam), _acc(xi)
         g_new = (alpha * g + beta * x) / (alpha + beta)
@@ -257,7 +258,7 @@ def penalty_grad_(
     a: float = 1.0,
     eps: float = 1e-8,
 ) -> None:
-    """grads += s * dR/dp (ALGORITHMS.md §2-§3 and the weighted l21 of §5), in place."""
+    """grads += s * dR/dp (docs/algorithms.md §2-§3 and the weighted l21 of §5), in place."""
     for g, p in zip(grads, params):
         w = _acc(p)
         sg = torch.sign(w)
@@ -285,7 +286,7 @@ def split_step_(
     lam: float,
     a: float = 1.0,
 ) -> None:
-    """Variable splitting (ALGORITHMS.md §5): u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u)."""
+    """Variable splitting (docs/algorithms.md §5): u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u)."""
     for w_t, g_t, u_t in zip(weights, grads, us):
         w = _acc(w_t)
         u = prox_acc(w, penalty, lam / beta, a)
