@@ -2,7 +2,7 @@
 // Backends only implement (TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu); the Python
 // layer (slimops/ops/*.py) registers fake kernels and autograd next to the public functions.
 //
-// Penalty names (ALGORITHMS.md §1-§3): "none", "l1", "l0", "tl1", "l1_2", "l21", "l0_l21"
+// Penalty names (docs/algorithms.md §1-§3): "none", "l1", "l0", "tl1", "l1_2", "l21", "l0_l21"
 // (prox penalties; "l21" groups are slices along dim 0) and "lp" (penalty_grad_ only).
 #include <torch/library.h>
 
@@ -33,20 +33,20 @@ TORCH_LIBRARY(slimops, m) {
       "float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
       "str penalty, float lam, float a, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
-  // Proximal network slimming (ALGORITHMS.md §4), after the SGD step produced gamma~ in place:
+  // Proximal network slimming (docs/algorithms.md §4), after the SGD step produced gamma~ in place:
   //   gamma <- (alpha gamma~ + beta xi) / (alpha + beta)
   //   xi    <- prox_{lam/(alpha+beta) R}((alpha xi + beta gamma) / (alpha + beta))   (R = l1 in the paper)
   m.def(
       "palm_slimming_(Tensor(a!)[] gammas, Tensor(b!)[] xis, float alpha, float beta, float lam, "
       "str penalty=\"l1\", float a=1.0) -> ()");
 
-  // grads += s * dR/dp for the sparsity penalties of ALGORITHMS.md §2-§3 ("l1", "tl1", "lp" with
+  // grads += s * dR/dp for the sparsity penalties of docs/algorithms.md §2-§3 ("l1", "tl1", "lp" with
   // p = a, |p| clamped to >= eps) and "l21" (s sqrt(n_g) p_g / ||p_g||, groups along dim 0).
   m.def(
       "penalty_grad_(Tensor(a!)[] grads, Tensor[] params, str penalty, float s, float a=1.0, "
       "float eps=1e-8) -> ()");
 
-  // Variable splitting (ALGORITHMS.md §5): u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u).
+  // Variable splitting (docs/algorithms.md §5): u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u).
   m.def(
       "split_step_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] us, float lr, float beta, "
       "str penalty, float lam, float a=1.0) -> ()");
@@ -73,7 +73,7 @@ TORCH_LIBRARY(slimops, m) {
       "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out_mask, int[2] stride, "
       "int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  // ---- spectral family: Fourier-domain filtering (ALGORITHMS.md §7) ---------------------------
+  // ---- spectral family: Fourier-domain filtering (docs/algorithms.md §7) ---------------------------
   // x (B, H, W, C) real, channels last; spectra are rfft2 over (H, W), orthonormal.
   // GFNet global filter: y = irfft2(rfft2(x) * view_as_complex(weight), s=(H, W)); weight (H, W//2+1, C, 2).
   m.def("spectral_filter(Tensor x, Tensor weight) -> Tensor");
@@ -91,7 +91,7 @@ TORCH_LIBRARY(slimops, m) {
       "adaptive_spectral_filter_backward(Tensor grad, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
       "int blocks, float shrink, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ---- sema family: SEMA localised attention (ALGORITHMS.md §8) -------------------------------
+  // ---- sema family: SEMA localised attention (docs/algorithms.md §8) -------------------------------
   // q, k, v (B, heads, N, d), N = grid[0]*grid[1] tokens row-major: softmax attention (scale d^-1/2)
   // inside the non-overlapping window[0] x window[1] windows (the last ones smaller when the grid is
   // not a multiple of the window), or with neighborhood=True inside the window centred on each query

@@ -3,7 +3,7 @@
 - ProxSGD == torch.optim.SGD followed by the reference prox on the penalised groups; ProxAdamW ==
   torch.optim.AdamW followed by the reference prox (small MLP+BN model, float64, 60 steps, several
   param groups, an LR scheduler, a parameter whose first gradient arrives at step 5).
-- state_dict round trips; ProximalSlimming against a hand-written loop of ALGORITHMS.md §4.
+- state_dict round trips; ProximalSlimming against a hand-written loop of docs/algorithms.md §4.
 - torch.amp.GradScaler (CPU), torch.compile(fullgraph=True) of ``opt.step()``, DDP with 2 gloo processes.
 """
 from __future__ import annotations
@@ -259,7 +259,7 @@ def test_state_dict_round_trip(kind, save_at):
 
 
 # =============================================================================================
-# ProximalSlimming (ALGORITHMS.md §4)
+# ProximalSlimming (docs/algorithms.md §4)
 # =============================================================================================
 
 SLIM = dict(lam=0.6, beta=2.0)
@@ -286,7 +286,7 @@ def test_proximal_slimming_matches_hand_written_loop():
             loss_fn(n, step).backward()
             o.step()
         slim.step()
-        # ALGORITHMS.md §4 written out: alpha = 1/lr, read every step (the scheduler changes lr)
+        # docs/algorithms.md §4 written out: alpha = 1/lr, read every step (the scheduler changes lr)
         alpha = 1.0 / opt_r.param_groups[0]["lr"]
         with torch.no_grad():
             for gam, xi in zip(gammas, xis):

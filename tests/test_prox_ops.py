@@ -1,4 +1,4 @@
-"""The ``prox`` op family (ALGORITHMS.md §1-§5): maths, C++ CPU kernels vs the reference, opcheck,
+"""The ``prox`` op family (docs/algorithms.md §1-§5): maths, C++ CPU kernels vs the reference, opcheck,
 AMP scalars and backend selection.
 
 1. Every closed-form prox reaches the brute-force minimum of ``1/2 (x - y)^2 + lam R(x)`` (objective

@@ -1,5 +1,5 @@
 """Unit tests of ``slimops.pruning``: plans, compaction, the slimming methods, global BatchNorm and
-atomic checkpoint files (ALGORITHMS.md §2-§4).
+atomic checkpoint files (docs/algorithms.md §2-§4).
 
 Compaction is checked against its defining property: with gamma = beta = 0 on every removed channel
 the removed channels contribute nothing, so the compacted model must reproduce the original's
@@ -658,7 +658,7 @@ def test_proximal_ns_updates_and_keeps_xi():
     alpha = 1.0 / LR
 
     @torch.no_grad()
-    def gamma_xi_step():  # Bui et al. 2023: the gamma/xi half step (ALGORITHMS.md §4)
+    def gamma_xi_step():  # Bui et al. 2023: the gamma/xi half step (docs/algorithms.md §4)
         for g, xi in zip(gam2, xi2):
             g_new = (alpha * g + beta * xi) / (alpha + beta)
             v = (alpha * xi + beta * g_new) / (alpha + beta)

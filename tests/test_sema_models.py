@@ -4,7 +4,7 @@
   all N tokens plus the mean (independent of the op's partition), on grids that are not multiples of the
   window, 1 x 1 grids and odd sizes, in both window modes; it hands the op strided views of its qkv
   projection (no copy);
-- SEMABlock equals the formula of ALGORITHMS.md §8 written with torch.nn.functional;
+- SEMABlock equals the formula of docs/algorithms.md §8 written with torch.nn.functional;
 - gradients reach every parameter; argument errors name the class and the argument; the block compiles
   with ``fullgraph=True``;
 - SEMA-T: exact parameter count at 1000 classes, the width rule, any input resolution (also larger than it
@@ -85,7 +85,7 @@ def _ln(x, norm):
 
 
 def _block(x, blk: SEMABlock, scale=(1.0, 1.0)):
-    """ALGORITHMS.md §8: x += dwconv3(x); h = LN(x); g = SiLU(Linear(h)); h = SiLU(dwconv3(Linear(h)));
+    """docs/algorithms.md §8: x += dwconv3(x); h = LN(x); g = SiLU(Linear(h)); h = SiLU(dwconv3(Linear(h)));
     h = SEMA(h); x = x + Linear(h * g); x += dwconv3(x); x += MLP(LN(x)). ``scale``: the factors of the
     attention and MLP branches (stochastic depth's per-sample masks)."""
     x = x + _dw(x, blk.cpe1)

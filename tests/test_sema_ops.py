@@ -2,7 +2,7 @@
 naive oracle, then the public op and the C++ CPU kernel (slimops/ops/sema.py, csrc/cpu/sema.cpp) against the
 reference twin.
 
-1. The reference itself: an explicit N x N boolean mask built from the definition (ALGORITHMS.md §8), masked
+1. The reference itself: an explicit N x N boolean mask built from the definition (docs/algorithms.md §8), masked
    softmax attention in float64 plus the mean of v; values and gradients on square, non-square and padded grids
    (9x11 with 7x7 windows, 5x3 with 2x2), 1x1 and whole-grid windows, both modes (neighbourhood: even windows,
    borders, window == grid).

@@ -1,6 +1,6 @@
 """Tests of the Fourier-domain modules (``slimops.nn.spectral``) and backbones (AFIDAF-T, AFIDAF, GFNet-Ti).
 
-- parameter counts at 1000 classes, exact and within 10% of the papers' (ALGORITHMS.md §7);
+- parameter counts at 1000 classes, exact and within 10% of the papers' (docs/algorithms.md §7);
 - forward shapes at 32x32 and 224x224 and on a non-square grid other than the training one;
 - gradients reach every parameter;
 - every module equals a straightforward composition of ``slimops.reference.spectral`` and ``torch.nn.functional``

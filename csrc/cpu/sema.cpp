@@ -1,4 +1,4 @@
-// CPU kernels of the sema family (schemas in csrc/registration.cpp; maths in ALGORITHMS.md §8 and
+// CPU kernels of the sema family (schemas in csrc/registration.cpp; maths in docs/algorithms.md §8 and
 // slimops/reference/sema.py): SEMA localised attention, out = A_W(q, k, v) + mean_N(v).
 //
 // Scheme, windows (default): one work item is (sample, head, window). Its q, k, v rows (at most

@@ -1,6 +1,6 @@
-"""The model zoo: the CIFAR networks of network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2) and the
-Fourier-domain backbones (ALGORITHMS.md §7: AFIDAF-T, AFIDAF, GFNet-Ti) and the SEMA attention backbone
-(ALGORITHMS.md §8: SEMA-T).
+"""The model zoo: the CIFAR networks of network slimming (Liu et al., ICCV 2017; docs/algorithms.md §2) and the
+Fourier-domain backbones (docs/algorithms.md §7: AFIDAF-T, AFIDAF, GFNet-Ti) and the SEMA attention backbone
+(docs/algorithms.md §8: SEMA-T).
 
 ``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS`. Every model is a
 :class:`SlimmableModel`: it knows its build configuration (``config()``) and lists its prunable

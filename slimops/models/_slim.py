@@ -1,6 +1,6 @@
 """The slimming spec shared by the model zoo: which BatchNorms can be pruned and what they touch.
 
-Network slimming (Liu et al., ICCV 2017; ALGORITHMS.md §2) prunes channels by the magnitude of
+Network slimming (Liu et al., ICCV 2017; docs/algorithms.md §2) prunes channels by the magnitude of
 their BatchNorm scale γ. A compaction engine needs, for every BN, the layers whose shapes change with
 it; :class:`SlimGroup` records exactly that, and every model of :mod:`slimops.models` lists its groups
 through :meth:`SlimmableModel.slim_groups`.

@@ -1,5 +1,5 @@
 """AFIDAF backbones: MobileViT-style hybrids whose token mixers alternate Fourier- and image-domain adaptive
-filters (ALGORITHMS.md §7).
+filters (docs/algorithms.md §7).
 
 The macro-architecture is AFFNet's (Huang et al., ICCV 2023; its official configurations "x_small" and
 "small"), itself MobileViT-v2's: a 3x3 stride-2 conv stem, MobileNetV2 inverted-residual blocks (stages 1-2),

@@ -1,4 +1,4 @@
-"""GFNet: global filter networks (Rao et al., NeurIPS 2021; ALGORITHMS.md §7).
+"""GFNet: global filter networks (Rao et al., NeurIPS 2021; docs/algorithms.md §7).
 
 An isotropic ViT whose self-attention is replaced by a learned global filter in the Fourier domain
 (:class:`slimops.nn.GlobalFilterBlock`). GFNet-Ti (``"gfnet_ti"``): 16 x 16 patches, embedding 256, depth

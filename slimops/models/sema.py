@@ -1,4 +1,4 @@
-"""SEMANet: a hierarchical backbone of SEMA attention in Mamba-like blocks (ALGORITHMS.md §8; Tran, Xue,
+"""SEMANet: a hierarchical backbone of SEMA attention in Mamba-like blocks (docs/algorithms.md §8; Tran, Xue,
 Zhang et al. 2025, on MLLA's macro-architecture, Han et al. 2024).
 
 Four stages of :class:`slimops.nn.SEMABlock` on channels-last tokens, MLLA-T's layout::

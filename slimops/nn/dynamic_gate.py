@@ -1,6 +1,6 @@
 """``DynamicGatedConv2d``: per-sample (dynamic) channel pruning with a real speed-up.
 
-ManiDP (Tang et al., "Manifold Regularized Dynamic Network Pruning", CVPR 2021; ALGORITHMS.md §9) gives
+ManiDP (Tang et al., "Manifold Regularized Dynamic Network Pruning", CVPR 2021; docs/algorithms.md §11) gives
 every sample its own set of output channels: a small gate reads the input and predicts a saliency per
 output channel,
 

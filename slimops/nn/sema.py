@@ -1,4 +1,4 @@
-"""SEMA attention as a module and the Mamba-like block built on it (ALGORITHMS.md §8; Tran, Xue, Zhang et al.
+"""SEMA attention as a module and the Mamba-like block built on it (docs/algorithms.md §8; Tran, Xue, Zhang et al.
 2025, on the MLLA block of Han et al. 2024).
 
 Every module here works on channels-last tokens ``x`` (B, H, W, C), row-major over the H x W grid, the token
@@ -118,7 +118,7 @@ class DepthwiseConv3(nn.Conv2d):
 
 class SEMABlock(nn.Module):
     """The Mamba-like (MLLA-style) block with SEMA as its token mixer, on tokens ``x`` (B, H, W, C),
-    exactly ALGORITHMS.md §8::
+    exactly docs/algorithms.md §8::
 
         x = x + cpe1(x)                                  cpe1: dwconv3 (conditional position encoding)
         h = norm1(x)

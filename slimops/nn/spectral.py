@@ -1,4 +1,4 @@
-"""Fourier-domain token mixers and the blocks built from them (ALGORITHMS.md §7): GFNet's global filter
+"""Fourier-domain token mixers and the blocks built from them (docs/algorithms.md §7): GFNet's global filter
 (Rao et al., NeurIPS 2021), the adaptive frequency filter of AFFNet (Huang et al., ICCV 2023) and the AFIDAF
 block, which puts an image-domain adaptive filter in front of it.
 
@@ -172,7 +172,7 @@ class ImageDomainAdaptiveFilter(nn.Module):
     taps that only read padding on small grids, :class:`GridCroppedConv2d`). The channel shuffle interleaves
     the groups, so the gate of every channel is computed from another group's features: with the grouped
     1x1 conv it mixes information across groups at 1/groups of a dense 1x1 conv's cost (kernel sizes, groups
-    and the shuffle's place are not published; ALGORITHMS.md §7 gives the 5x5 / 7x7-dilation-3 choice).
+    and the shuffle's place are not published; docs/algorithms.md §7 gives the 5x5 / 7x7-dilation-3 choice).
     """
 
     def __init__(self, dim: int, groups: int = 2, kernel_size: int = 5, dilated_kernel_size: int = 7,
@@ -207,7 +207,7 @@ class ConvMlp(nn.Module):
 
     A ViT MLP (Linear -> GELU -> Linear) written in the pattern the slimming engine prunes: the hidden
     dimension is one slim group (:meth:`slim_spec`; network slimming on the MLP's hidden dimension, which
-    is what ViT dimension pruning removes too, ALGORITHMS.md §6). ReLU replaces GELU because the
+    is what ViT dimension pruning removes too, docs/algorithms.md §6). ReLU replaces GELU because the
     compaction's constant-channel fold of a removed channel is ``relu(beta)`` (``slimops.pruning.compact``).
     """
 

@@ -1,4 +1,4 @@
-"""Fused proximal updates: the ``prox`` op family (ALGORITHMS.md §1-§5).
+"""Fused proximal updates: the ``prox`` op family (docs/algorithms.md §1-§5).
 
 Convention: ``prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x)``, with R chosen by ``penalty``:
 
@@ -14,7 +14,7 @@ Convention: ``prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x)``, with R chos
                                                         threshold at lam*a of the survivors
 ============ ========================================== ==============================================
 
-``l0_l21`` is the composition ``prox_{lam a l21} o prox_{lam l0}`` named in ALGORITHMS.md §1 (hard
+``l0_l21`` is the composition ``prox_{lam a l21} o prox_{lam l0}`` named in docs/algorithms.md §1 (hard
 threshold first, then the block soft threshold of the survivors). It is the exact prox of
 ``lam (||x||_0 + a sum_g ||x_g||_2)`` when ``a = 0``; for ``a > 0`` it is that splitting, not the joint
 argmin (which keeps the top-k entries of a group for the best k).
@@ -279,7 +279,7 @@ def penalty_grad_(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> None:
-    """Adds the sparsity (sub)gradient ``s dR/dp`` to every gradient, in place (ALGORITHMS.md §2-§3, §5).
+    """Adds the sparsity (sub)gradient ``s dR/dp`` to every gradient, in place (docs/algorithms.md §2-§3, §5).
 
     ``l1``: s sign(p) (network slimming); ``tl1``: s a(a+1) sign(p)/(a+|p|)^2; ``lp``: s p sign(x)/|x|^{1-p}
     with p = a in (0, 1) and |x| clamped to >= eps; ``l21``: s sqrt(n_g) p_g/||p_g|| with groups along
@@ -305,7 +305,7 @@ def split_step_(
     a: float = 1.0,
     backend: str = "auto",
 ) -> None:
-    """One relaxed variable-splitting step (RVSM, ALGORITHMS.md §5), in place::
+    """One relaxed variable-splitting step (RVSM, docs/algorithms.md §5), in place::
 
         u <- prox_{(lam/beta) R}(w);   w <- w - lr g - lr beta (w - u)
 

@@ -1,4 +1,4 @@
-"""SEMA localised attention: the ``sema`` op family (ALGORITHMS.md §8; Tran, Xue, Zhang et al. 2025).
+"""SEMA localised attention: the ``sema`` op family (docs/algorithms.md §8; Tran, Xue, Zhang et al. 2025).
 
 ``sema_attention(q, k, v, grid, window, *, neighborhood=False)``
     q, k, v (B, heads, N, d), N = grid[0]·grid[1] tokens in row-major order::

@@ -1,4 +1,4 @@
-"""Fourier-domain filtering: the ``spectral`` op family (ALGORITHMS.md §7).
+"""Fourier-domain filtering: the ``spectral`` op family (docs/algorithms.md §7).
 
 Global filters (GFNet, Rao et al. 2021) and adaptive frequency filters (AFFNet, Huang et al. 2023; AFIDAF)
 replace attention by ``rfft2 -> multiply by a filter -> irfft2``. In PyTorch that is three or more kernels

@@ -13,7 +13,7 @@ class ProxAdamW(ProxOptimizer):
     r"""AdamW with a proximal step.
 
     Exactly ``torch.optim.AdamW``'s update (decoupled weight decay, bias correction, amsgrad,
-    maximize), then ``p <- prox_{lr lam R}(p)`` with the group's ``penalty`` (ALGORITHMS.md §1).
+    maximize), then ``p <- prox_{lr lam R}(p)`` with the group's ``penalty`` (docs/algorithms.md §1).
     Per-param-group ``penalty``/``lam``/``a``; one fused kernel call per (device, dtype) bucket; the
     state keys match AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), with ``step`` a
     float32 tensor kept on the parameter's device so that the GPU kernels read it without a sync.

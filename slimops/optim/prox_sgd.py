@@ -18,7 +18,7 @@ class ProxSGD(ProxOptimizer):
     .. math::  p \leftarrow \operatorname{prox}_{\mathrm{lr}\,\lambda R}\big(p - \mathrm{lr}\, d(p, g)\big)
 
     so that ``penalty="l1"`` on BatchNorm scales is the "proximal SGD" form of network slimming
-    (ALGORITHMS.md §4) and ``l0``/``tl1``/``l1_2``/``l21``/``l0_l21`` give the nonconvex and group
+    (docs/algorithms.md §4) and ``l0``/``tl1``/``l1_2``/``l21``/``l0_l21`` give the nonconvex and group
     variants (§1). ``penalty``, ``lam`` and ``a`` are per-param-group settings, so one optimizer can
     threshold the BN scales and leave the conv weights dense::
 

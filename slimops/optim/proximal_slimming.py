@@ -16,7 +16,7 @@ def batchnorm_weights(model: nn.Module) -> list[Tensor]:
 
 
 class ProximalSlimming:
-    r"""Proximal network slimming (Bui, Xue, Park, Qi, Xin 2023; ALGORITHMS.md §4).
+    r"""Proximal network slimming (Bui, Xue, Park, Qi, Xin 2023; docs/algorithms.md §4).
 
     Minimises ``L(W, gamma) + lam ||xi||_1 + (beta/2) ||gamma - xi||^2`` with xi an auxiliary, exactly
     sparse copy of the BN scales gamma. Call :meth:`step` right after the ordinary optimizer step of

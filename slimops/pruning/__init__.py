@@ -1,4 +1,4 @@
-"""Slimming pipelines: train toward sparse channels, plan, compact, fine-tune (ALGORITHMS.md §2-§5).
+"""Slimming pipelines: train toward sparse channels, plan, compact, fine-tune (docs/algorithms.md §2-§5).
 
     model = slimops.models.build("vgg11", width=0.5)
     ...train with a method (slimops.pruning.methods / the CLI `python -m slimops slim`)...

@@ -1,6 +1,6 @@
 """Compaction: turn a slimmed model and its :class:`Plan` into a physically smaller dense model.
 
-Liu et al. (2017, ALGORITHMS.md §2) cut, for every pruned BN channel, the producing conv's output
+Liu et al. (2017, docs/algorithms.md §2) cut, for every pruned BN channel, the producing conv's output
 channel, the BN's parameters and running statistics, and the consuming layer's input channel; where
 the BN reads a shared stream (pre-activation ResNet, DenseNet) a channel-selection gather picks the
 kept channels instead of cutting the stream. :func:`compact` does that from the ``slim_groups()`` spec

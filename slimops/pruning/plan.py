@@ -1,6 +1,6 @@
 """A slimming plan: which channels of every prunable BatchNorm survive, as plain data.
 
-Network slimming (Liu et al. 2017, ALGORITHMS.md §2) ranks channels by their BN scale |gamma| and
+Network slimming (Liu et al. 2017, docs/algorithms.md §2) ranks channels by their BN scale |gamma| and
 removes those below a global percentile; proximal network slimming (Bui et al. 2023, §4) removes
 exactly the channels whose auxiliary variable xi is zero. Either way the result is a :class:`Plan`:
 the kept channel indices per BN layer plus the model configuration it was made for. It is JSON, not a

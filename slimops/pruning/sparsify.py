@@ -1,7 +1,7 @@
 """Sparsify: run a slimmed model on its full-size tensors, computing only the kept channels.
 
 :func:`slimops.pruning.compact` copies the kept channels into a physically smaller model;
-:func:`sparsify` keeps every tensor where it is and swaps the layers of each slim group (ALGORITHMS.md
+:func:`sparsify` keeps every tensor where it is and swaps the layers of each slim group (docs/algorithms.md
 §2) for channel-sparse ones (``slimops.nn.ChannelSparseConv2d`` and friends), so that
 
 - the producer conv computes only the kept output channels (``out_idx``) and the BN normalises them

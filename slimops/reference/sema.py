@@ -1,6 +1,6 @@
 """Readable pure-PyTorch twin of the ``sema`` family (SEMA localised attention): the test oracle, the
 fallback backend and the benchmarks' "partition + SDPA + mean" baseline. Mirrors ``torch.ops.slimops``'s
-``sema_attention`` and ``sema_attention_backward`` (schemas in ``csrc/registration.cpp``). ALGORITHMS.md §8.
+``sema_attention`` and ``sema_attention_backward`` (schemas in ``csrc/registration.cpp``). docs/algorithms.md §8.
 
 SEMA (Tran, Xue, Zhang et al. 2025), per sample and head, over N = grid[0]·grid[1] tokens in row-major
 order (token ``t = r·grid[1] + c``)::

@@ -1,6 +1,6 @@
 """Readable pure-PyTorch twins of the ``spectral`` family (Fourier-domain filtering): the test oracle and
 the fallback backend. Each function mirrors the ``torch.ops.slimops`` op of the same name (schemas in
-``csrc/registration.cpp``). ALGORITHMS.md §7.
+``csrc/registration.cpp``). docs/algorithms.md §7.
 
 Layout: tokens are channels-last, ``x`` (B, H, W, C) real; spectra are the half spectrum
 ``rfft2(x, dim=(1, 2), norm="ortho")`` of shape (B, H, W//2+1, C).

@@ -1,6 +1,6 @@
 """Triton kernels of the ``sema`` family (SEMA localised attention), registered as ``torch.ops.slimops_triton.*``.
 
-Same schemas as ``csrc/registration.cpp`` and the same semantics as :mod:`slimops.reference.sema` (ALGORITHMS.md
+Same schemas as ``csrc/registration.cpp`` and the same semantics as :mod:`slimops.reference.sema` (docs/algorithms.md
 §8; SEMA: Tran, Xue, Zhang et al. 2025). q, k, v (B, heads, N, d), N = grid[0]·grid[1] tokens in row-major order
 (token ``t = r·W + c`` on an H x W grid), per (sample, head)::
 

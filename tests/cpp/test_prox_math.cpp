@@ -57,7 +57,7 @@ const char* name_of(Penalty p) {
   }
 }
 
-// R(x) of the elementwise penalties (ALGORITHMS.md §1).
+// R(x) of the elementwise penalties (docs/algorithms.md §1).
 double penalty_value(Penalty p, double x, double a) {
   const double ax = std::fabs(x);
   switch (p) {
