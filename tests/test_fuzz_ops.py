@@ -1706,31 +1706,7 @@ def evaluate(op: str, mut: Mut, rep: int, backend: str):
 
 # Cases only a change of the C++ kernels (csrc/) or of the Triton kernels fixes: (op, mutator, backend) -> why.
 # Strict: each must still fail, so that the entry goes when the kernel is fixed.
-_ALIAS = ("C++ validate_* (csrc/include/slimops/prox_checks.h) does not check that the tensors updated in place "
-          "share no memory with another argument (slimops.ops._checks.check_no_overlap does, for the reference "
-          "and Triton backends): the update runs, its result depends on the order of the parallel chunks")
 XFAIL: dict = {
-    **{(op, m.name, "cpu"): _ALIAS for op in ("prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_",
-                                              "split_step_")
-       for m in MUTATORS[op] if m.name.startswith("alias_") and m.expect == "error"},
-    ("prox_adamw_", "state_steps_bool", "cpu"):
-        "C++ validate_prox_adamw does not check the dtype of state_steps (Python: float32), so state_steps[i].add_(1) "
-        "fails with torch's 'result type Long can't be cast to ... Bool', naming no op",
-    ("prox_adamw_", "inf_grad_beta1_half", "cpu"):
-        "the C++ AdamW update computes m + (1 - beta1) (g - m) where torch.optim.AdamW's lerp_ uses "
-        "g - (g - m) beta1 for 1 - beta1 >= 0.5: an infinite gradient gives exp_avg = inf instead of NaN",
-    ("prox_adamw_", "amsgrad_nan_grad", "cpu"):
-        "the C++ amsgrad step takes std::max(vmax, v), which drops a NaN v (torch.maximum propagates it): "
-        "max_exp_avg_sqs stays finite where torch.optim.AdamW's is NaN",
-    ("adaptive_spectral_filter", "x_nan", "cpu"):
-        "csrc/cpu/spectral.cpp softshrink() maps NaN to 0 (torch's F.softshrink keeps NaN): a NaN spectrum gives a "
-        "zero filter M, so the other channels of its block come out finite where the reference is NaN",
-    ("adaptive_spectral_filter", "w1_nan", "cpu"):
-        "csrc/cpu/spectral.cpp softshrink() maps NaN to 0: a NaN weight gives a zero filter and a finite result "
-        "(the reference: NaN)",
-    ("adaptive_spectral_filter", "x_nan", "triton"):
-        "slimops/triton/spectral.py: _softshrink and the ReLU of _aff_mlp (tl.where(p > 0, p, 0)) map NaN to 0, "
-        "unlike torch's F.softshrink / F.relu",
     ("channel_conv2d", "x_huge_small_result", "cpu"):
         "csrc/cpu/channel_conv.cpp makes x contiguous (x.contiguous()) before gathering the kept channels: a "
         "stride-0 view of 2**31 elements needs 4-8 GiB for a 1 MiB result",

@@ -170,6 +170,11 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t b1 = beta1, b2 = beta2, eps_ = eps, decay = 1.0 - lr * weight_decay;
     const acc_t gscale = maximize ? -inv_scale : inv_scale;
+    // m <- lerp(m, g, 1 - b1) as torch's lerp_ computes it (so that inf/NaN come out as in torch.optim.AdamW):
+    // m + w (g - m) for a weight w < 0.5, else g - (g - m) (1 - w) = g + (w - 1) (g - m).
+    const acc_t lw = acc_t(1) - b1;
+    const bool lerp_small = std::abs(lw) < acc_t(0.5);
+    const acc_t lerp_coeff = lerp_small ? lw : lw - acc_t(1);
     dispatch_bool(amsgrad, [&](auto kAmsgrad) {  // a compile-time option: no branch in the loop
       auto make_update = [&](int64_t i, const scalar_t* wp) {
         const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
@@ -180,12 +185,14 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         return [=](int64_t j) {
           const acc_t gj = load<acc_t>(gp[j]) * gscale;
           const acc_t w = load<acc_t>(wp[j]) * decay;
-          const acc_t m = load<acc_t>(mp[j]) + (acc_t(1) - b1) * (gj - load<acc_t>(mp[j]));
+          const acc_t m_old = load<acc_t>(mp[j]);
+          const acc_t m = (lerp_small ? m_old : gj) + lerp_coeff * (gj - m_old);
           acc_t v = b2 * load<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
           put(mp[j], m);
           put(vp[j], v);
           if constexpr (decltype(kAmsgrad)::value) {
-            const acc_t vm = std::max(load<acc_t>(vmaxp[j]), v);
+            const acc_t v_old = load<acc_t>(vmaxp[j]);
+            const acc_t vm = (v_old < v || v != v) ? v : v_old;  // torch.maximum: a NaN on either side wins
             put(vmaxp[j], vm);
             v = vm;
           }

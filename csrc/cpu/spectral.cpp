@@ -380,8 +380,8 @@ void dense_layer(int64_t pts, int64_t kdim, int64_t cols, const T* in, const T* 
 }
 
 template <typename T>
-T softshrink(T v, T l) {
-  return v > l ? v - l : (v < -l ? v + l : T(0));
+T softshrink(T v, T l) {  // NaN stays NaN, as in torch's softshrink
+  return v > l ? v - l : (v < -l ? v + l : (v != v ? v : T(0)));
 }
 
 // The forward of one AFF tile up to the filter: spectrum X, post-ReLU hidden O1, pre-shrink O2.

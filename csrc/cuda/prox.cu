@@ -227,13 +227,17 @@ struct AdamWUpdate : UpdateBase<scalar_t> {
     const acc_t g = static_cast<acc_t>(e[1]) * c.gscale;
     const acc_t w = static_cast<acc_t>(e[0]) * decay;
     const acc_t m_old = static_cast<acc_t>(e[2]);
-    const acc_t m = m_old + (acc_t(1) - b1) * (g - m_old);
+    // m <- lerp(m, g, 1 - b1) as torch's lerp_ computes it (so that inf/NaN come out as in torch.optim.AdamW):
+    // m + w (g - m) for a weight w < 0.5, else g - (g - m) (1 - w) = g + (w - 1) (g - m). As on the CPU.
+    const acc_t lw = acc_t(1) - b1;
+    const bool lerp_small = ::fabs(lw) < acc_t(0.5);
+    const acc_t m = (lerp_small ? m_old : g) + (lerp_small ? lw : lw - acc_t(1)) * (g - m_old);
     acc_t v = b2 * static_cast<acc_t>(e[3]) + (acc_t(1) - b2) * g * g;
     e[2] = static_cast<scalar_t>(m);
     e[3] = static_cast<scalar_t>(v);
     if (amsgrad) {
       const acc_t v_old = static_cast<acc_t>(e[4]);
-      const acc_t vm = v_old < v ? v : v_old;  // std::max(v_old, v), NaN handling included
+      const acc_t vm = (v_old < v || v != v) ? v : v_old;  // torch.maximum: a NaN on either side wins
       e[4] = static_cast<scalar_t>(vm);
       v = vm;
     }

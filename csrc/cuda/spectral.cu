@@ -88,8 +88,8 @@ __device__ __forceinline__ Cx<T> cmul_conj(Cx<T> a, Cx<T> b) {
 }
 
 template <typename T>
-__device__ __forceinline__ T softshrink(T v, T lam) {
-  return v > lam ? v - lam : (v < -lam ? v + lam : T(0));
+__device__ __forceinline__ T softshrink(T v, T lam) {  // NaN stays NaN, as in torch's softshrink
+  return v > lam ? v - lam : (v < -lam ? v + lam : (v != v ? v : T(0)));
 }
 
 // d softshrink / dv as torch takes it: 0 on [-lam, lam], kinks included.

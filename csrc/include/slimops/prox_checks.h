@@ -56,6 +56,10 @@ inline Penalty validate_prox_sgd(at::TensorList params, at::TensorList grads, at
   if (momentum != 0.0) check_tensor_list(op, "momentum_buffers", momentum_buffers, params, /*inplace=*/true);
   check_amp_scalar(op, "grad_scale", grad_scale, params);
   check_amp_scalar(op, "found_inf", found_inf, params);
+  // (without momentum the buffers are neither used nor checked)
+  const at::TensorList buffers = momentum != 0.0 ? momentum_buffers : at::TensorList();
+  check_no_overlap(op, {{"params", params}, {"momentum_buffers", buffers}},
+                   {{"grads", grads}, {"grad_scale", grad_scale}, {"found_inf", found_inf}});
   return p;
 }
 
@@ -82,9 +86,15 @@ inline Penalty validate_prox_adamw(at::TensorList params, at::TensorList grads, 
   for (size_t i = 0; i < state_steps.size(); ++i) {
     TORCH_CHECK_VALUE(state_steps[i].numel() == 1 && state_steps[i].device() == params[i].device(), "slimops.", op,
                       ": state_steps[", i, "] must be a one-element tensor on its parameter's device");
+    TORCH_CHECK_TYPE(state_steps[i].scalar_type() == at::kFloat, "slimops.", op, ": state_steps[", i, "] has dtype ",
+                     state_steps[i].scalar_type(), "; expected float32");
   }
   check_amp_scalar(op, "grad_scale", grad_scale, params);
   check_amp_scalar(op, "found_inf", found_inf, params);
+  check_no_overlap(op,
+                   {{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}, {"state_steps", state_steps}},
+                   {{"grads", grads}, {"grad_scale", grad_scale}, {"found_inf", found_inf}});
   return p;
 }
 
@@ -97,6 +107,7 @@ inline Penalty validate_palm_slimming(at::TensorList gammas, at::TensorList xis,
   TORCH_CHECK_VALUE(beta >= 0.0 && std::isfinite(beta), "slimops.", op, ": beta must be >= 0, got ", beta);
   check_param_list(op, "gammas", gammas);
   check_tensor_list(op, "xis", xis, gammas, true, true, "gammas");
+  check_no_overlap(op, {{"gammas", gammas}, {"xis", xis}}, {});
   return p;
 }
 
@@ -108,6 +119,7 @@ inline Penalty validate_penalty_grad(at::TensorList grads, at::TensorList params
   TORCH_CHECK_VALUE(eps > 0.0, "slimops.", op, ": eps must be > 0, got ", eps);
   check_param_list(op, "grads", grads);
   check_tensor_list(op, "params", params, grads, false, true, "grads");
+  check_no_overlap(op, {{"grads", grads}}, {{"params", params}});
   return p;
 }
 
@@ -121,6 +133,7 @@ inline Penalty validate_split_step(at::TensorList weights, at::TensorList grads,
   check_param_list(op, "weights", weights);
   check_tensor_list(op, "grads", grads, weights, false, true, "weights");
   check_tensor_list(op, "us", us, weights, true, true, "weights");
+  check_no_overlap(op, {{"weights", weights}, {"us", us}}, {{"grads", grads}});
   return p;
 }
 
