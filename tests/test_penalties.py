@@ -13,7 +13,7 @@ from torch import nn
 
 import slimops  # noqa: F401  (registers torch.ops.slimops)
 from slimops import penalties as P
-from slimops.ops import _checks
+from slimops.opdefs import _checks
 from slimops.optim import ProxAdamW, ProxSGD
 
 NAMES = list(P.PENALTIES) + ["L1", "l2", "", "l1 ", "none_", "l0l21", "lp "]

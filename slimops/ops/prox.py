@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend
-from slimops.ops import _checks
+from slimops.opdefs import _checks
 from slimops.reference import prox as ref
 
 __all__ = [

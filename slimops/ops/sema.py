@@ -30,65 +30,13 @@ Backends (``backend=``):
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
-
-import torch
 from torch import Tensor
 
 from slimops import _backend
-from slimops.ops._checks import FLOATS as _FLOATS, fail as _fail
+from slimops.opdefs.sema import check_sema, pair
 from slimops.reference import sema as ref
 
 __all__ = ["sema_attention", "check_sema", "pair"]
-
-
-def pair(op: str, name: str, value) -> Tuple[int, int]:
-    """``value`` (an int or a sequence of two ints) as a pair of positive ints, or a clear error."""
-    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        items = tuple(value)
-    except TypeError:
-        _fail(op, f"{name} must be an int or a pair of ints, got {value!r}", TypeError)
-    if len(items) != 2 or any(isinstance(i, bool) or not isinstance(i, (int, torch.SymInt)) for i in items):
-        _fail(op, f"{name} must be an int or a pair of ints, got {value!r}", TypeError)
-    if items[0] < 1 or items[1] < 1:
-        _fail(op, f"{name} must be positive, got {tuple(items)}")
-    return int(items[0]), int(items[1])
-
-
-def check_sema(op: str, q, k, v, grid, window, neighborhood=False) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """Validates the arguments of ``sema_attention`` (shared with its backward, the fake kernels and the
-    Triton launchers, so that every backend fails the same way); returns (grid, window) as int pairs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            _fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
-        if t.dtype not in _FLOATS:
-            _fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
-                  TypeError)
-        if t.layout != torch.strided:
-            _fail(op, f"{name} must be a strided (dense) tensor")
-    if q.dim() != 4:
-        _fail(op, f"q must be 4-D (B, heads, N, d), got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            _fail(op, f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k and v must share one dtype",
-                  TypeError)
-        if t.device != q.device:
-            _fail(op, f"{name} is on {t.device} but q is on {q.device}")
-        if t.shape != q.shape:
-            _fail(op, f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
-    if not isinstance(neighborhood, bool):
-        _fail(op, f"neighborhood must be a bool, got {neighborhood!r}", TypeError)
-    g, w = pair(op, "grid", grid), pair(op, "window", window)
-    n, d = q.shape[2], q.shape[3]
-    if d < 1:
-        _fail(op, f"q must have a head dim d >= 1, got shape {tuple(q.shape)}")
-    if n != g[0] * g[1]:
-        _fail(op, f"q has N = {n} tokens but grid {g} holds grid[0]*grid[1] = {g[0] * g[1]}")
-    if w[0] > g[0] or w[1] > g[1]:
-        _fail(op, f"window {w} is larger than the grid {g}")
-    return g, w
 
 
 # ---- public op ------------------------------------------------------------------------------------------
@@ -102,65 +50,3 @@ def sema_attention(q: Tensor, k: Tensor, v: Tensor, grid, window, *, neighborhoo
     g, w = check_sema(op, q, k, v, grid, window, neighborhood)
     _, fn = _backend.pick(op, backend, q.device, ref)
     return fn(q, k, v, list(g), list(w), neighborhood)
-
-
-# ---- fake kernels ---------------------------------------------------------------------------------------
-
-
-def _sema_fake(q, k, v, grid, window, neighborhood=False):
-    check_sema("sema_attention", q, k, v, grid, window, neighborhood)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def check_grad(op: str, grad, q: Tensor):
-    if not isinstance(grad, Tensor) or grad.dtype not in _FLOATS:
-        _fail(op, "grad must be a floating-point tensor", TypeError)
-    if grad.device != q.device:
-        _fail(op, f"grad is on {grad.device} but q is on {q.device}")
-    if grad.shape != q.shape:
-        _fail(op, f"grad must have the shape of q {tuple(q.shape)}, got {tuple(grad.shape)}")
-
-
-def _sema_backward_fake(grad, q, k, v, grid, window, neighborhood, output_mask):
-    op = "sema_attention_backward"
-    check_sema(op, q, k, v, grid, window, neighborhood)
-    check_grad(op, grad, q)
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if m else t.new_empty(0)
-                 for t, m in zip((q, k, v), output_mask))
-
-
-# ---- autograd: the backward is the family's own backward op, of the same backend ------------------------
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, grid, window, neighborhood = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.args = (grid, window, neighborhood)
-
-
-def _make_backward(backward_op):
-    def _backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        m = [bool(x) for x in ctx.needs_input_grad[:3]]
-        gq, gk, gv = backward_op(grad.contiguous(), q, k, v, *ctx.args, m)
-        return gq if m[0] else None, gk if m[1] else None, gv if m[2] else None, None, None, None
-
-    return _backward
-
-
-def _register(ns: str):
-    ops = getattr(torch.ops, ns)
-    torch.library.register_autograd(f"{ns}::sema_attention", _make_backward(ops.sema_attention_backward),
-                                    setup_context=_setup)
-
-
-FAKES = (("sema_attention", _sema_fake), ("sema_attention_backward", _sema_backward_fake))
-
-for _name, _fake in FAKES:
-    torch.library.register_fake(f"slimops::{_name}")(_fake)
-_register("slimops")
-
-
-def register_triton_autograd():
-    """Called by ``slimops.triton.sema`` once its custom ops exist: they are differentiable too."""
-    _register("slimops_triton")

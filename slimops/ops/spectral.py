@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend
-from slimops.ops._checks import FLOATS as _FLOATS, fail as _fail
+from slimops.opdefs._checks import FLOATS as _FLOATS, fail as _fail
 from slimops.reference import spectral as ref
 
 __all__ = ["spectral_filter", "adaptive_spectral_filter", "MAX_FUSED_GRID"]

@@ -76,6 +76,8 @@ import triton.language as tl
 from torch import Tensor
 
 # Shared with the prox kernels: the bf16-rounding store, and the argument errors / device check.
+from slimops.opdefs import wire
+from slimops.opdefs.channel_conv import DEFS
 from slimops.triton.prox import _check_device, _cvt_store, _fail
 
 __all__ = [
@@ -567,15 +569,6 @@ def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Te
     return y
 
 
-@channel_conv2d.register_fake
-def _channel_conv2d_fake(x, weight, bias, in_idx, out_idx, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                         input_gathered=False):
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return x.new_empty((x.shape[0], out_idx.shape[0], oh, ow))
-
 
 @torch.library.custom_op(
     "slimops_triton::channel_conv2d_backward", mutates_args=(),
@@ -625,13 +618,6 @@ def channel_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, in_idx:
             gb if want_b else weight.new_empty(0))
 
 
-@channel_conv2d_backward.register_fake
-def _channel_conv2d_backward_fake(grad_out, x, weight, in_idx, out_idx, stride, padding, dilation,
-                                  input_gathered, output_mask):
-    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
-            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
-            weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty(0))
-
 
 @torch.library.custom_op(
     "slimops_triton::masked_conv2d", mutates_args=(),
@@ -661,14 +647,6 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: T
                 masked=True, x_gathered=False)
     return y
 
-
-@masked_conv2d.register_fake
-def _masked_conv2d_fake(x, weight, bias, out_mask, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
 
 
 @torch.library.custom_op(
@@ -713,16 +691,5 @@ def masked_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, out_mask
             gb if want_b else weight.new_empty(0))
 
 
-@masked_conv2d_backward.register_fake
-def _masked_conv2d_backward_fake(grad_out, x, weight, out_mask, stride, padding, dilation, output_mask):
-    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
-            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
-            weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty(0))
-
-
-try:  # autograd through slimops.ops.channel_conv (its backward calls the *_backward ops above)
-    from slimops.ops.channel_conv import register_triton_autograd
-
-    register_triton_autograd()
-except ImportError:
-    pass
+# The fakes and autograd every backend shares (the backward calls the *_backward custom ops above).
+wire(DEFS, "slimops_triton")

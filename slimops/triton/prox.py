@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slimops.ops import _checks
-from slimops.reference.prox import GROUP_PENALTIES, PROX_PENALTIES
+from slimops.opdefs import _checks
+from slimops.penalties import GROUP as GROUP_PENALTIES, PROX as PROX_PENALTIES
 
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
     from triton.language.extra import libdevice
@@ -352,13 +352,17 @@ def _update(OP: tl.constexpr, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4
         gj = tl.load(b1 + offs, mask=mask, other=0.0).to(ACC) * gscale
         w = tl.load(b0 + offs, mask=mask, other=0.0).to(ACC) * c4
         mp = tl.load(b2 + offs, mask=mask, other=0.0).to(ACC)
-        m = mp + (1.0 - c1) * (gj - mp)
+        # m <- lerp(m, g, 1 - beta1) as torch's lerp_ (and the C++ kernels): m + w (g - m) for w < 0.5, else
+        # g + (w - 1) (g - m), so that inf/NaN come out as in torch.optim.AdamW
+        lw = 1.0 - c1
+        m = tl.where(lw < 0.5, mp, gj) + tl.where(lw < 0.5, lw, lw - 1.0) * (gj - mp)
         vv = c2 * tl.load(b3 + offs, mask=mask, other=0.0).to(ACC) + (1.0 - c2) * gj * gj
         if WRITE:
             tl.store(b2 + offs, _cvt_store(m, DTYPE, EMULATE_RNE), mask=mask)
             tl.store(b3 + offs, _cvt_store(vv, DTYPE, EMULATE_RNE), mask=mask)
         if F0:  # amsgrad
-            vm = tl.maximum(tl.load(b4 + offs, mask=mask, other=0.0).to(ACC), vv)
+            vm = tl.maximum(tl.load(b4 + offs, mask=mask, other=0.0).to(ACC), vv,
+                            propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
             if WRITE:
                 tl.store(b4 + offs, _cvt_store(vm, DTYPE, EMULATE_RNE), mask=mask)
             vv = vm
@@ -632,7 +636,7 @@ def _fail(op: str, msg: str, exc=ValueError):
 
 def _check_device(op: str, device: Optional[torch.device]):
     """Where Triton can run: CUDA tensors, or CPU tensors under the interpreter (nothing to check for an
-    empty list). The other argument checks are the shared ones of slimops.ops._checks."""
+    empty list). The other argument checks are the shared ones of slimops.opdefs._checks."""
     if device is None:
         return
     if _INTERPRETED:
@@ -1051,13 +1055,12 @@ def _split_step_fake(weights, grads, us, lr, beta, penalty, lam, a=1.0):
 
 def _register_autograd():
     """Make the Triton prox differentiable (its backward is prox_backward), via slimops.ops.prox."""
-    try:
-        from slimops.ops import prox as _ops_prox
-    except Exception:  # the compiled extension or the ops layer is unavailable: no autograd, kernels work
-        return
-    register = getattr(_ops_prox, "register_triton_prox_autograd", None)
-    if register is not None:
-        register()
+    import importlib
+
+    # importlib, not `from slimops.ops import prox`: that name is the public *function* slimops.ops.prox (the
+    # package re-exports it over its submodule), which has no register_triton_prox_autograd, so the Triton prox
+    # silently had no backward (found by tests/test_op_anatomy.py).
+    importlib.import_module("slimops.ops.prox").register_triton_prox_autograd()
 
 
 _register_autograd()

@@ -131,7 +131,8 @@ from triton.runtime.errors import OutOfResources
 # interpreter (any other combine function is called element by element there, ~1000x slower).
 from triton.language.standard import _elementwise_max, _sum_combine
 
-from slimops.ops import sema as _ops
+from slimops.opdefs import sema as _defs
+from slimops.opdefs import wire
 # Shared with the other Triton families: device check, bf16-rounding store, launch context and the fp64-argument
 # conversion (_INTERPRETED is re-exported for the tests, as the other family modules have it).
 from slimops.triton.prox import (_EMULATE_RNE, _INTERPRETED, _TL_DTYPES, _check_device, _cvt_store,  # noqa: F401
@@ -675,7 +676,7 @@ def sema_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], window:
                    neighborhood: bool = False) -> Tensor:
     """Windowed (or neighbourhood) softmax attention + mean(v); 1 launch plus the torch sum of v."""
     op = "sema_attention"
-    g, w = _ops.check_sema(op, q, k, v, grid, window, neighborhood)
+    g, w = _defs.check_sema(op, q, k, v, grid, window, neighborhood)
     _check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
     return _launch_fwd(op, p, _rows(q), _rows(k), _rows(v))
@@ -689,15 +690,13 @@ def sema_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, grid:
                             output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v), recomputing the softmax; an entry not asked for is an empty tensor."""
     op = "sema_attention_backward"
-    g, w = _ops.check_sema(op, q, k, v, grid, window, neighborhood)
-    _ops.check_grad(op, grad, q)
+    g, w = _defs.check_sema(op, q, k, v, grid, window, neighborhood)
+    _defs.check_grad(op, grad, q)
     _check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
     mask = [bool(m) for m in output_mask]
     return _launch_bwd(op, p, _rows(grad), _rows(q), _rows(k), _rows(v), mask)
 
 
-for _name, _fake in _ops.FAKES:
-    torch.library.register_fake(f"slimops_triton::{_name}")(_fake)
-
-_ops.register_triton_autograd()
+# The fakes and autograd every backend shares (the backward calls sema_attention_backward above).
+wire(_defs.DEFS, "slimops_triton")

@@ -248,8 +248,8 @@ def _irdft2(zr, zi, dft_ptr, HP: tl.constexpr, WP: tl.constexpr, KWP: tl.constex
 
 
 @triton.jit
-def _softshrink(v, lam):
-    return tl.where(v > lam, v - lam, tl.where(v < -lam, v + lam, 0.0))
+def _softshrink(v, lam):  # NaN stays NaN, as in torch's softshrink
+    return tl.where(v > lam, v - lam, tl.where(v < -lam, v + lam, tl.where(v != v, v, 0.0)))
 
 
 @triton.jit
@@ -312,8 +312,8 @@ def _aff_mlp(xr, xi, w1r, w1i, b1r, b1i, w2r, w2i, b2r, b2i, PREC: tl.constexpr)
     p1r, p1i = _cmm(xr, xi, w1r, w1i, PREC)
     p1r += b1r[None, :]
     p1i += b1i[None, :]
-    o1r = tl.where(p1r > 0, p1r, 0.0)
-    o1i = tl.where(p1i > 0, p1i, 0.0)
+    o1r = tl.where(p1r < 0, 0.0, p1r)  # ReLU that keeps NaN, as torch's relu
+    o1i = tl.where(p1i < 0, 0.0, p1i)
     o2r, o2i = _cmm(o1r, o1i, w2r, w2i, PREC)
     return p1r, p1i, o1r, o1i, o2r + b2r[None, :], o2i + b2i[None, :]
 
