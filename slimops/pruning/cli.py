@@ -15,11 +15,10 @@ import json
 import math
 import os
 
-from slimops.pruning.config import SlimConfig
+from slimops.pruning.config import COUNT_MAX, SlimConfig
 
 # Typed option values: argparse turns a ValueError/ArgumentTypeError of these into
 # "slimops <command>: error: argument --x: <message>" (status 2) before any work starts.
-COUNT_MAX = 2**31 - 1  # epochs, batches, threads: anything larger is a typo, and would overflow int32 indexing
 
 
 def _number(text: str, kind, what: str, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):

@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 CONFIG_FORMAT = "slimops-slim-config"
 CONFIG_VERSION = 1
-COUNT_MAX = 2**31 - 1
+COUNT_MAX = 2**31 - 1  # epochs, batches, threads: anything larger is a typo, and would overflow int32 indexing
 EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
 DEFAULT_NS_PERCENT = 0.5
 
