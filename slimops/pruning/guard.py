@@ -16,11 +16,16 @@ model whose parameters or buffers are not all finite.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from slimops.optim._common import group_by_device_dtype
+
+log = logging.getLogger("slimops.pruning")
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -37,13 +42,10 @@ def check_on_nonfinite(value: str) -> str:
 
 def _grads_nonfinite(model: nn.Module, flag: Tensor) -> None:
     """Adds 1 to ``flag`` when some gradient of ``model`` holds a NaN or inf (fused, one pass per device/dtype)."""
-    groups: dict = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for (device, _), grads in groups.items():
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for (device, _), bucket in group_by_device_dtype(grads).items():
         found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(bucket, found, torch.ones(1, device=device))
         flag += found.to(flag.device)
 
 
@@ -79,9 +81,7 @@ class NonFiniteGuard:
             for b, s in zip(self.model.buffers(), self._saved or []):
                 b.copy_(s)
         self.skipped += 1
-        import logging
-
-        logging.getLogger("slimops.pruning").warning("skipped step: %s", what)
+        log.warning("skipped step: %s", what)
         return True
 
 

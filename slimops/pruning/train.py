@@ -168,6 +168,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
             net.train()
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
             skipped0 = guard.skipped
+            saved = (f" (the checkpoint after epoch {epoch} is intact: --resume continues from it)"
+                     if ckpt_path and epoch > 0 else "")  # for the non-finite guard's message
             for step, i in enumerate(range(0, n, cfg.batch)):
                 gidx = order[i:i + cfg.batch]
                 # A last global batch smaller than the world leaves some ranks an empty share: they still
@@ -181,8 +183,6 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                 loss = F.cross_entropy(out, y, reduction="sum") * (world / len(gidx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                saved = (f" (the checkpoint after epoch {epoch} is intact: --resume continues from it)"
-                         if ckpt_path and epoch > 0 else "")
                 if guard.step_is_bad(loss, f"{stage} epoch {epoch + 1}, step {step + 1} of the epoch", saved):
                     continue
                 method.after_backward()
