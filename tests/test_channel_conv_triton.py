@@ -29,14 +29,14 @@ FP_TOL = {torch.float32: (1e-5, 2e-5), torch.float64: (1e-10, 1e-10)}
 def tc():
     """The kernel module (imported here, after conftest switched the interpreter on)."""
     mod = importlib.import_module("slimops.triton.channel_conv")
-    if not mod._INTERPRETED and not torch.cuda.is_available():
+    if not importlib.import_module("slimops.triton._common").INTERPRETED and not torch.cuda.is_available():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU")
     return mod
 
 
 @pytest.fixture(scope="module")
 def dev(tc):
-    return "cpu" if tc._INTERPRETED else "cuda"
+    return "cpu" if importlib.import_module("slimops.triton._common").INTERPRETED else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -406,11 +406,8 @@ def test_precision_policy(tc, dev):
 
 
 def test_autograd_through_ops_layer(tc, dev):
-    """The module registers autograd via slimops.ops.channel_conv.register_triton_autograd (when present):
-    gradients of a loss through the Triton ops match the reference's autograd."""
-    ops_mod = pytest.importorskip("slimops.ops.channel_conv")
-    if not hasattr(ops_mod, "register_triton_autograd"):
-        pytest.skip("slimops.ops.channel_conv has no register_triton_autograd")
+    """The module wires the autograd of slimops.opdefs.channel_conv: gradients of a loss through the Triton ops
+    match the reference's autograd."""
     x, w, b, ii, oo, geo, gathered = _channel_inputs(CHANNEL_CASES["stride2_pad1"], torch.float32, dev)
     m = _mask("mixed", x.shape[0], w.shape[0], dev)
     for masked in (False, True):

@@ -162,3 +162,59 @@ def test_opcheck_on_a_recorded_call(recorded, op):
     func, args, kwargs = recorded[op]
     torch.library.opcheck(func, args, kwargs,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ---- the import picture (issue 18 item 1): Triton is a peer backend of the C++ kernels, below nothing but opdefs -----
+
+
+def _imports(path):
+    """(module, names) of every import statement in ``path``, plus importlib.import_module("...") strings."""
+    import ast
+
+    tree = ast.parse(open(path).read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, []) for a in node.names)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.append((node.args[0].value, []))
+    return found
+
+
+def _modules(package):
+    folder = os.path.join(ROOT, "slimops", package)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("path", _modules("triton"), ids=os.path.basename)
+def test_triton_modules_import_no_ops_and_no_sibling(path):
+    """No module under slimops/triton imports slimops.ops; a kernel file takes shared helpers from
+    slimops.triton._common, never from a sibling kernel file."""
+    me = os.path.basename(path)[:-3]
+    for module, names in _imports(path):
+        assert not (module == "slimops.ops" or module.startswith("slimops.ops.")), f"{me} imports {module}"
+        if module == "slimops.triton":
+            siblings = [n for n in names if n not in ("_common", "interpreting", "is_available")]
+            assert not siblings, f"{me} imports the sibling kernel module(s) {siblings}"
+        elif module.startswith("slimops.triton."):
+            assert module == "slimops.triton._common", f"{me} imports the sibling kernel module {module}"
+
+
+@pytest.mark.parametrize("path", _modules("opdefs"), ids=os.path.basename)
+def test_opdefs_sit_below_ops_and_triton(path):
+    """slimops.opdefs is the layer both backends stand on: it imports neither of them."""
+    for module, _ in _imports(path):
+        for above in ("slimops.ops", "slimops.triton", "slimops.nn", "slimops.pruning"):
+            assert not (module == above or module.startswith(above + ".")), f"{os.path.basename(path)} imports {module}"
+
+
+def test_the_import_rule_test_can_fail(tmp_path):
+    """The checker above sees each form of the forbidden imports."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from slimops.ops import prox\nfrom slimops.triton.prox import _fail\n"
+                   "import importlib\nimportlib.import_module('slimops.ops.prox')\n")
+    modules = [m for m, _ in _imports(str(bad))]
+    assert modules == ["slimops.ops", "slimops.triton.prox", "importlib", "slimops.ops.prox"]

@@ -14,9 +14,9 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from slimops.reference import prox as ref  # noqa: E402
-from slimops.triton import prox as tp  # noqa: E402  (registers torch.ops.slimops_triton.*)
+from slimops.triton import _common as _tcommon, prox as tp  # noqa: E402  (registers torch.ops.slimops_triton.*)
 
-INTERPRETED = tp._INTERPRETED
+INTERPRETED = _tcommon.INTERPRETED
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
 pytestmark = pytest.mark.skipif(

@@ -30,8 +30,8 @@ from slimops.reference import sema as ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:  # (conftest switched the interpreter on before this import, when there is no GPU)
-    from slimops.triton import sema as ts
-INTERPRETED = HAS_TRITON and ts._INTERPRETED
+    from slimops.triton import _common as _tcommon, sema as ts
+INTERPRETED = HAS_TRITON and _tcommon.INTERPRETED
 DEV = "cpu" if INTERPRETED else "cuda"
 
 pytestmark = [

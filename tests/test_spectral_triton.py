@@ -22,8 +22,8 @@ from slimops.reference import spectral as ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:  # (conftest switched the interpreter on before this import, when there is no GPU)
-    from slimops.triton import spectral as ts
-INTERPRETED = HAS_TRITON and ts._INTERPRETED
+    from slimops.triton import _common as _tcommon, spectral as ts
+INTERPRETED = HAS_TRITON and _tcommon.INTERPRETED
 DEV = "cpu" if INTERPRETED else "cuda"
 
 pytestmark = pytest.mark.skipif(
@@ -285,7 +285,7 @@ def test_opcheck():
 
 
 def test_autograd():
-    """Autograd through the ops (registered by slimops.ops.spectral.register_triton_autograd): gradcheck of
+    """Autograd through the ops (wired from slimops.opdefs.spectral): gradcheck of
     spectral_filter in float64, and the AFF op's gradients against the reference's autograd."""
     x, wt, _ = _filter_inputs((1, 3, 4, 2), torch.float64)
     assert torch.autograd.gradcheck(_ops().spectral_filter, (x.requires_grad_(), wt.requires_grad_()),

@@ -1,16 +1,16 @@
-"""Argument checks of the prox family, shared by the public ops, the fake kernels and the Triton
+"""Argument checks shared by the op families (the error form, float dtypes, real scalars, penalties, and the
+tensor-list checks of the fused in-place ops), used by the public ops, the fake kernels and the Triton
 launchers, so that every backend fails the same way: ``slimops.<op>: <argument> ...``, ValueError (TypeError
-for dtypes), like the C++ checks in csrc/include/slimops/checks.h."""
+for dtypes), like the C++ checks in csrc/include/slimops/checks.h. Each family's own checks live in
+``slimops/opdefs/<family>.py``."""
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from slimops import penalties
-from slimops.penalties import GRAD as GRAD_PENALTIES, PROX as PROX_PENALTIES, STEP as STEP_PENALTIES
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -134,120 +134,6 @@ def check_no_overlap(op: str, written: Dict[str, Sequence[Tensor]], read: Dict[s
             end_written = (hi, f"{name}[{i}]")
 
 
-def check_prox_input(op: str, name: str, x):
-    if not isinstance(x, Tensor):
-        fail(op, f"{name} must be a tensor", TypeError)
-    if x.layout != torch.strided:
-        fail(op, f"{name} must be a strided (dense) tensor, got layout {x.layout}")
-    if x.dtype not in FLOATS:
-        fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}", TypeError)
-
-
-def check_prox_backward_inputs(grad, x):
-    op = "prox_backward"
-    check_prox_input(op, "x", x)
-    check_prox_input(op, "grad", grad)  # its dtype may differ from x's: it is converted to x's dtype
-    if grad.shape != x.shape:
-        fail(op, f"grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
-    if grad.device != x.device:
-        fail(op, f"grad is on {grad.device} but x is on {x.device}")
-
-
-
-def _reals(op: str, **values) -> Dict[str, float]:
+def reals(op: str, **values) -> Dict[str, float]:
+    """The float arguments as floats (:func:`real` each)."""
     return {name: real(op, name, v) for name, v in values.items()}
-
-
-# The scalar checks below are the C++ ones of csrc/include/slimops/prox_checks.h, with their messages: NaN fails
-# every one of them (a NaN learning rate would silently turn every parameter into NaN).
-
-
-def validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                       init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
-    op = "prox_sgd_"
-    check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    v = _reals(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
-    if not v["lr"] >= 0:
-        fail(op, f"lr must be >= 0, got {v['lr']}")
-    if not v["momentum"] >= 0:
-        fail(op, f"momentum must be >= 0, got {v['momentum']}")
-    if nesterov and (v["momentum"] <= 0 or v["dampening"] != 0):
-        fail(op, "nesterov needs momentum > 0 and dampening = 0")
-    check_params(op, "params", params)
-    check_list(op, "grads", grads, params, "params", False)
-    if v["momentum"] != 0:
-        check_list(op, "momentum_buffers", momentum_buffers, params, "params", True)
-    check_amp(op, "grad_scale", grad_scale, params)
-    check_amp(op, "found_inf", found_inf, params)
-    check_no_overlap(op, {"params": params, "momentum_buffers": momentum_buffers if v["momentum"] != 0 else []},
-                     {"grads": grads, "grad_scale": [grad_scale], "found_inf": [found_inf]})
-
-
-def validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                         weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
-    op = "prox_adamw_"
-    check_penalty(op, penalty, STEP_PENALTIES, lam, a)
-    v = _reals(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if not v["lr"] >= 0:
-        fail(op, f"lr must be >= 0, got {v['lr']}")
-    for name in ("beta1", "beta2"):
-        if not 0 <= v[name] < 1:
-            fail(op, f"{name} must be in [0, 1), got {v[name]}")
-    if not v["eps"] >= 0:
-        fail(op, f"eps must be >= 0, got {v['eps']}")
-    check_params(op, "params", params)
-    check_list(op, "grads", grads, params, "params", False)
-    check_list(op, "exp_avgs", exp_avgs, params, "params", True)
-    check_list(op, "exp_avg_sqs", exp_avg_sqs, params, "params", True)
-    if amsgrad:
-        check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, "params", True)
-    if len(state_steps) != len(params):
-        fail(op, f"state_steps has {len(state_steps)} tensors but params has {len(params)}")
-    for i, (st, p) in enumerate(zip(state_steps, params)):
-        if not isinstance(st, Tensor) or st.numel() != 1 or st.device != p.device:
-            fail(op, f"state_steps[{i}] must be a one-element tensor on its parameter's device")
-        if st.dtype != torch.float32:
-            fail(op, f"state_steps[{i}] has dtype {st.dtype}; expected float32", TypeError)
-    check_amp(op, "grad_scale", grad_scale, params)
-    check_amp(op, "found_inf", found_inf, params)
-    check_no_overlap(op, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                          "max_exp_avg_sqs": max_exp_avg_sqs if amsgrad else [], "state_steps": state_steps},
-                     {"grads": grads, "grad_scale": [grad_scale], "found_inf": [found_inf]})
-
-
-def validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
-    op = "palm_slimming_"
-    check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    v = _reals(op, alpha=alpha, beta=beta)
-    if not (v["alpha"] > 0 and math.isfinite(v["alpha"])):
-        fail(op, f"alpha (= 1/lr) must be > 0, got {v['alpha']}")
-    if not (v["beta"] >= 0 and math.isfinite(v["beta"])):
-        fail(op, f"beta must be >= 0, got {v['beta']}")
-    check_params(op, "gammas", gammas)
-    check_list(op, "xis", xis, gammas, "gammas", True)
-    check_no_overlap(op, {"gammas": gammas, "xis": xis}, {})
-
-
-def validate_penalty_grad(grads, params, penalty, s, a=1.0, eps=1e-8):
-    op = "penalty_grad_"
-    check_penalty(op, penalty, GRAD_PENALTIES, s, a, lam_name="s")
-    eps = real(op, "eps", eps)
-    if not eps > 0:
-        fail(op, f"eps must be > 0, got {eps}")
-    check_params(op, "grads", grads)
-    check_list(op, "params", params, grads, "grads", False)
-    check_no_overlap(op, {"grads": grads}, {"params": params})
-
-
-def validate_split_step(weights, grads, us, lr, beta, penalty, lam, a=1.0):
-    op = "split_step_"
-    check_penalty(op, penalty, PROX_PENALTIES, lam, a)
-    v = _reals(op, lr=lr, beta=beta)
-    if not v["lr"] >= 0:
-        fail(op, f"lr must be >= 0, got {v['lr']}")
-    if not (v["beta"] > 0 and math.isfinite(v["beta"])):
-        fail(op, f"beta must be > 0, got {v['beta']}")
-    check_params(op, "weights", weights)
-    check_list(op, "grads", grads, weights, "weights", False)
-    check_list(op, "us", us, weights, "weights", True)
-    check_no_overlap(op, {"weights": weights, "us": us}, {"grads": grads})

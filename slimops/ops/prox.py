@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend
-from slimops.opdefs import _checks
+from slimops.opdefs import _checks, prox as _defs  # importing opdefs.prox registers fakes and autograd
 from slimops.reference import prox as ref
 
 __all__ = [
@@ -55,7 +55,7 @@ PROX_PENALTIES = ref.PROX_PENALTIES
 STEP_PENALTIES = ref.STEP_PENALTIES
 GRAD_PENALTIES = ref.GRAD_PENALTIES
 
-_reals = _checks._reals  # the float arguments as floats, or a TypeError naming the op and the argument
+_reals = _checks.reals  # the float arguments as floats, or a TypeError naming the op and the argument
 
 
 def _device(op: str, tensors: Sequence[Tensor]) -> torch.device:
@@ -86,7 +86,7 @@ def prox(x: Tensor, penalty: str, lam: float, *, a: float = 1.0, backend: str = 
     ``prox_backward`` (the implicit-function derivative away from the thresholds, 0 on the zeroed set).
     """
     op = "prox"
-    _checks.check_prox_input(op, "x", x)
+    _defs.check_prox_input(op, "x", x)
     _checks.check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
@@ -102,55 +102,12 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, *, a: float
     ``J^T g = (1 - t/n) g + t (z.g) z / n^3`` for ``n = ||z|| > t``, else 0.
     """
     op = "prox_backward"
-    _checks.check_prox_backward_inputs(grad, x)
+    _defs.check_prox_backward_inputs(grad, x)
     _checks.check_penalty(op, penalty, PROX_PENALTIES, lam, a)
     b, fn = _pick(op, backend, x.device)
     if b == "reference":
         return fn(grad, x, penalty, lam, a)
     return fn(grad, x, penalty, float(lam), float(a))
-
-
-def _prox_setup_context(ctx, inputs, output):
-    x, penalty, lam, a = inputs
-    ctx.save_for_backward(x)
-    ctx.args = (penalty, lam, a)
-
-
-def _make_prox_backward(backward_op):
-    def _backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        penalty, lam, a = ctx.args
-        return backward_op(grad.contiguous(), x, penalty, lam, a), None, None, None
-
-    return _backward
-
-
-torch.library.register_autograd("slimops::prox", _make_prox_backward(torch.ops.slimops.prox_backward),
-                                setup_context=_prox_setup_context)
-
-
-def register_triton_prox_autograd():
-    """Called by slimops.triton.prox once its custom ops exist: the Triton prox is differentiable too."""
-    torch.library.register_autograd("slimops_triton::prox", _make_prox_backward(torch.ops.slimops_triton.prox_backward),
-                                    setup_context=_prox_setup_context)
-
-
-# The fake (meta) kernels check the same metadata as the C++ kernels: they also run for real calls whose
-# tensors mix a device with 'meta' (the dispatcher picks the Meta kernel then), which must fail loudly.
-
-
-@torch.library.register_fake("slimops::prox")
-def _prox_fake(x, penalty, lam, a=1.0):
-    _checks.check_prox_input("prox", "x", x)
-    _checks.check_penalty("prox", penalty, PROX_PENALTIES, lam, a)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("slimops::prox_backward")
-def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
-    _checks.check_prox_backward_inputs(grad, x)
-    _checks.check_penalty("prox_backward", penalty, PROX_PENALTIES, lam, a)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- fused optimizer steps ---------------------------------------------------------------------
@@ -190,8 +147,8 @@ def prox_sgd_(
     op = "prox_sgd_"
     b, fn = _pick_list(op, backend, params)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
-        _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-                           maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
+        _defs.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                                maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
     r = _reals(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, lam=lam, a=a)
     fn(list(params), list(grads), list(momentum_buffers), r["lr"], r["momentum"], r["dampening"],
        r["weight_decay"], bool(nesterov), bool(maximize), bool(init_momentum), penalty, r["lam"], r["a"],
@@ -233,8 +190,8 @@ def prox_adamw_(
     op = "prox_adamw_"
     b, fn = _pick_list(op, backend, params)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
-        _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                             weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
+        _defs.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                                  weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
     r = _reals(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, lam=lam, a=a)
     fn(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
        r["lr"], r["beta1"], r["beta2"], r["eps"], r["weight_decay"], bool(amsgrad), bool(maximize),
@@ -264,7 +221,7 @@ def palm_slimming_(
     op = "palm_slimming_"
     b, fn = _pick_list(op, backend, gammas)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
-        _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
+        _defs.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
     r = _reals(op, alpha=alpha, beta=beta, lam=lam, a=a)
     fn(list(gammas), list(xis), r["alpha"], r["beta"], r["lam"], penalty, r["a"])
 
@@ -288,7 +245,7 @@ def penalty_grad_(
     op = "penalty_grad_"
     b, fn = _pick_list(op, backend, grads)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
-        _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
+        _defs.validate_penalty_grad(grads, params, penalty, s, a, eps)
     r = _reals(op, s=s, a=a, eps=eps)
     fn(list(grads), list(params), penalty, r["s"], r["a"], r["eps"])
 
@@ -314,47 +271,6 @@ def split_step_(
     op = "split_step_"
     b, fn = _pick_list(op, backend, weights)
     if b == "reference":  # the C++ kernels and the Triton launchers check their own arguments
-        _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
+        _defs.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
     r = _reals(op, lr=lr, beta=beta, lam=lam, a=a)
     fn(list(weights), list(grads), list(us), r["lr"], r["beta"], penalty, r["lam"], r["a"])
-
-
-# Fake kernels of the in-place list ops: they return nothing and only mutate their inputs, after the
-# metadata checks of the C++ kernels (see the note above the fakes of prox).
-_VALIDATORS = {
-    "prox_sgd_": _checks.validate_prox_sgd,
-    "prox_adamw_": _checks.validate_prox_adamw,
-    "palm_slimming_": _checks.validate_palm_slimming,
-    "penalty_grad_": _checks.validate_penalty_grad,
-    "split_step_": _checks.validate_split_step,
-}
-
-
-def _make_fake(validate):
-    def _fake(*args, **kwargs):
-        validate(*args, **kwargs)
-        return None
-
-    return _fake
-
-
-for _name, _validate in _VALIDATORS.items():
-    torch.library.register_fake(f"slimops::{_name}")(_make_fake(_validate))
-
-
-# Sparse tensors dispatch to the Sparse* keys, where the C++ library registers nothing: give those calls
-# the same clear error as the dense checks instead of the dispatcher's "Could not run ... 'SparseCPU'".
-def _make_sparse_error(op, validate):
-    def _sparse(*args, **kwargs):
-        validate(*args, **kwargs)  # raises: some tensor is not strided
-        _checks.fail(op, "sparse tensors are not supported")
-
-    return _sparse
-
-
-_sparse_lib = torch.library.Library("slimops", "IMPL")  # noqa: the registrations live as long as the module
-for _name, _validate in {**_VALIDATORS,
-                         "prox": lambda x, *rest: _checks.check_prox_input("prox", "x", x),
-                         "prox_backward": lambda grad, x, *rest: _checks.check_prox_backward_inputs(grad, x)}.items():
-    for _key in ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"):
-        _sparse_lib.impl(_name, _make_sparse_error(_name, _validate), _key)

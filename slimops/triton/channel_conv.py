@@ -78,7 +78,7 @@ from torch import Tensor
 # Shared with the prox kernels: the bf16-rounding store, and the argument errors / device check.
 from slimops.opdefs import wire
 from slimops.opdefs.channel_conv import DEFS
-from slimops.triton.prox import _check_device, _cvt_store, _fail
+from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, fail, on_device)
 
 __all__ = [
     "channel_conv2d",
@@ -174,7 +174,7 @@ def _conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=j_mask, other=0.0).to(ACC)
         acc = acc + bias[None, :]
     y_off = (img * C_Y * OHW + p)[:, None] + y_ch.to(tl.int64)[None, :] * OHW
-    tl.store(y_ptr + y_off, _cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & j_mask[None, :])
+    tl.store(y_ptr + y_off, cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -254,7 +254,7 @@ def _conv_dx_kernel(
                             mask=r_mask[:, None] & c_mask[None, :], other=0.0)
                 acc = tl.dot(a.to(DOT_T), b.to(DOT_T), acc, input_precision=PREC)
     dx_off = (img * C_DX * HW + q)[:, None] + xc[None, :] * HW
-    tl.store(dx_ptr + dx_off, _cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & c_mask[None, :])
+    tl.store(dx_ptr + dx_off, cvt_store(acc, OUT_T, EMULATE_RNE), mask=m_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -336,21 +336,7 @@ def _conv_dw_kernel(
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-}
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-
-    _INTERPRETED = isinstance(_conv_fwd_kernel, _InterpretedFunction)
-except Exception:  # pragma: no cover - depends on the triton version
-    _INTERPRETED = False
-_EMULATE_RNE = _INTERPRETED
-if _INTERPRETED:
+if INTERPRETED:
     _DW_TARGET_PROGRAMS = 8  # each program is Python work: split the reduction only a little
 
 
@@ -375,25 +361,25 @@ class _Geom:
 
     def __init__(self, op: str, x: Tensor, weight: Tensor, stride, padding, dilation):
         if x.dim() != 4 or weight.dim() != 4:
-            _fail(op, f"x and weight must be 4-D (NCHW / (C_out, C_in, kh, kw)), got {tuple(x.shape)} and "
+            fail(op, f"x and weight must be 4-D (NCHW / (C_out, C_in, kh, kw)), got {tuple(x.shape)} and "
                       f"{tuple(weight.shape)}")
         for name, t in (("x", x), ("weight", weight)):
-            if t.dtype not in _TL_DTYPES:
-                _fail(op, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}", TypeError)
+            if t.dtype not in TL_DTYPES:
+                fail(op, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}", TypeError)
         if weight.dtype != x.dtype:
-            _fail(op, f"weight has dtype {weight.dtype} but x has {x.dtype}", TypeError)
+            fail(op, f"weight has dtype {weight.dtype} but x has {x.dtype}", TypeError)
         self.N, self.C_x, self.H, self.W = (int(s) for s in x.shape)
         self.C_out, self.C_w, self.KH, self.KW = (int(s) for s in weight.shape)
         (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = _pair(stride), _pair(padding), _pair(dilation)
         if min(self.sh, self.sw, self.dh, self.dw) < 1 or min(self.ph, self.pw) < 0:
-            _fail(op, f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
+            fail(op, f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
                       f"padding={padding}, dilation={dilation}")
         if self.KH <= 0 or self.KW <= 0:
-            _fail(op, f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
+            fail(op, f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
         self.OH = (self.H + 2 * self.ph - self.dh * (self.KH - 1) - 1) // self.sh + 1
         self.OW = (self.W + 2 * self.pw - self.dw * (self.KW - 1) - 1) // self.sw + 1
         if self.OH <= 0 or self.OW <= 0:
-            _fail(op, f"the output would be empty ({self.OH}x{self.OW}) for an input of {self.H}x{self.W}, "
+            fail(op, f"the output would be empty ({self.OH}x{self.OW}) for an input of {self.H}x{self.W}, "
                       f"kernel {self.KH}x{self.KW}, stride {(self.sh, self.sw)}, padding {(self.ph, self.pw)}, "
                       f"dilation {(self.dh, self.dw)}")
 
@@ -415,9 +401,9 @@ def _compute_dtypes(*ts: Tensor):
     prec = "ieee"
     if dot == torch.float32 and ts[0].device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         prec = "tf32"
-    if _INTERPRETED and dot == torch.bfloat16:
+    if INTERPRETED and dot == torch.bfloat16:
         dot = torch.float32  # the interpreter's bf16 tl.dot is wrong; fp32 products of bf16 are exact
-    return _TL_DTYPES[dot], _TL_DTYPES[acc], prec, acc
+    return TL_DTYPES[dot], TL_DTYPES[acc], prec, acc
 
 
 def _idx(t: Tensor, device: torch.device) -> Tensor:
@@ -427,14 +413,14 @@ def _idx(t: Tensor, device: torch.device) -> Tensor:
 def _mask_plan(out_mask: Tensor, g: _Geom, op: str, device: torch.device):
     """(counts int32 (N,), order int64 (N, C_out)): per sample, the kept output channels first."""
     if tuple(out_mask.shape) != (g.N, g.C_out):
-        _fail(op, f"out_mask must have shape (N, C_out) = {(g.N, g.C_out)}, got {tuple(out_mask.shape)}")
+        fail(op, f"out_mask must have shape (N, C_out) = {(g.N, g.C_out)}, got {tuple(out_mask.shape)}")
     keep = out_mask.to(device=device) != 0
     counts = keep.sum(1, dtype=torch.int32)
     order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
     return keep, counts, order.contiguous()
 
 
-class _on_device:
+class on_device:
     """``torch.cuda.device(dev)`` for CUDA tensors (Triton launches on the current device); a no-op on CPU."""
 
     def __init__(self, device: torch.device):
@@ -466,13 +452,13 @@ def _launch_fwd(g: _Geom, x: Tensor, weight: Tensor, bias: Optional[Tensor], in_
     block_k = _pow2(k_in, 16, 32)
     m, n_pblk, grid = _pixel_grid(g.N, g.OH * g.OW, n_out, block_n, masked)
     dummy = out_sel
-    with _on_device(x.device):
+    with on_device(x.device):
         _conv_fwd_kernel[grid](
             x, weight, bias if bias is not None else dummy, in_sel if in_sel is not None else dummy, out_sel,
             counts if counts is not None else dummy, y,
             g.C_x, g.C_w, *g.conv_args(), k_in, n_out, m, n_pblk, y.shape[1],
             MASKED=masked, IDX_IN=in_sel is not None, X_GATHERED=x_gathered, HAS_BIAS=bias is not None,
-            DOT_T=dot_t, ACC=acc_t, PREC=prec, OUT_T=_TL_DTYPES[y.dtype], EMULATE_RNE=_EMULATE_RNE,
+            DOT_T=dot_t, ACC=acc_t, PREC=prec, OUT_T=TL_DTYPES[y.dtype], EMULATE_RNE=EMULATE_RNE,
             BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_NUM_WARPS,
         )
 
@@ -484,13 +470,13 @@ def _launch_dx(g: _Geom, grad_out: Tensor, weight: Tensor, in_sel: Optional[Tens
     block_r = _pow2(n_out, 16, 32)
     m, n_pblk, grid = _pixel_grid(g.N, g.H * g.W, k_in, block_n, masked)
     dummy = out_sel
-    with _on_device(dx.device):
+    with on_device(dx.device):
         _conv_dx_kernel[grid](
             grad_out, weight, in_sel if in_sel is not None else dummy, out_sel,
             counts if counts is not None else dummy, dx,
             dx.shape[1], g.C_w, *g.conv_args(), k_in, n_out, m, n_pblk, grad_out.shape[1],
             MASKED=masked, IDX_IN=in_sel is not None, X_GATHERED=x_gathered,
-            DOT_T=dot_t, ACC=acc_t, PREC=prec, OUT_T=_TL_DTYPES[dx.dtype], EMULATE_RNE=_EMULATE_RNE,
+            DOT_T=dot_t, ACC=acc_t, PREC=prec, OUT_T=TL_DTYPES[dx.dtype], EMULATE_RNE=EMULATE_RNE,
             BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_NUM_WARPS,
         )
 
@@ -513,7 +499,7 @@ def _launch_dw(g: _Geom, grad_out: Tensor, x: Tensor, weight: Tensor, in_sel: Op
     split = _cdiv(m_blocks, iters)
     grid = ((g.N if masked else 1) * split, _cdiv(n_out, block_n) * n_cblk, taps)
     dummy = out_sel
-    with _on_device(x.device):
+    with on_device(x.device):
         _conv_dw_kernel[grid](
             grad_out, x, in_sel if in_sel is not None else dummy, out_sel,
             counts if counts is not None else dummy, dw,
@@ -528,9 +514,9 @@ def _launch_dw(g: _Geom, grad_out: Tensor, x: Tensor, weight: Tensor, in_sel: Op
 
 def _check_grad_out(op: str, grad_out: Tensor, shape):
     if tuple(grad_out.shape) != tuple(shape):
-        _fail(op, f"grad_out must have shape {tuple(shape)}, got {tuple(grad_out.shape)}")
-    if grad_out.dtype not in _TL_DTYPES:
-        _fail(op, f"grad_out must be a floating tensor, got {grad_out.dtype}", TypeError)
+        fail(op, f"grad_out must have shape {tuple(shape)}, got {tuple(grad_out.shape)}")
+    if grad_out.dtype not in TL_DTYPES:
+        fail(op, f"grad_out must be a floating tensor, got {grad_out.dtype}", TypeError)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,13 +534,13 @@ def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Te
                    dilation: Sequence[int] = (1, 1), input_gathered: bool = False) -> Tensor:
     """conv2d(x[:, in_idx], weight[out_idx][:, in_idx], bias[out_idx]) without either gather; 1 launch."""
     op = "channel_conv2d"
-    _check_device(op, x.device)
+    check_device(op, x.device)
     g = _Geom(op, x, weight, stride, padding, dilation)
     dev = x.device
     in_sel, out_sel = _idx(in_idx, dev), _idx(out_idx, dev)
     k_in, n_out = in_sel.numel(), out_sel.numel()
     if input_gathered and g.C_x != k_in:
-        _fail(op, f"input_gathered: x must have len(in_idx) = {k_in} channels, got {g.C_x}")
+        fail(op, f"input_gathered: x must have len(in_idx) = {k_in} channels, got {g.C_x}")
     y = torch.empty((g.N, n_out, g.OH, g.OW), dtype=x.dtype, device=dev)
     if y.numel() == 0:
         return y
@@ -581,13 +567,13 @@ def channel_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, in_idx:
                             input_gathered: bool, output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias) of channel_conv2d, full-size; 1 launch per requested x / weight grad."""
     op = "channel_conv2d_backward"
-    _check_device(op, x.device)
+    check_device(op, x.device)
     g = _Geom(op, x, weight, stride, padding, dilation)
     dev = x.device
     in_sel, out_sel = _idx(in_idx, dev), _idx(out_idx, dev)
     k_in, n_out = in_sel.numel(), out_sel.numel()
     if input_gathered and g.C_x != k_in:
-        _fail(op, f"input_gathered: x must have len(in_idx) = {k_in} channels, got {g.C_x}")
+        fail(op, f"input_gathered: x must have len(in_idx) = {k_in} channels, got {g.C_x}")
     _check_grad_out(op, grad_out, (g.N, n_out, g.OH, g.OW))
     go = grad_out.contiguous()
     want_x, want_w, want_b = (bool(m) for m in output_mask)
@@ -629,10 +615,10 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: T
                   dilation: Sequence[int] = (1, 1)) -> Tensor:
     """conv2d(x, weight, bias) * out_mask[..., None, None], computing only the kept channels; 1 launch."""
     op = "masked_conv2d"
-    _check_device(op, x.device)
+    check_device(op, x.device)
     g = _Geom(op, x, weight, stride, padding, dilation)
     if g.C_x != g.C_w:
-        _fail(op, f"x has {g.C_x} channels but weight expects {g.C_w}")
+        fail(op, f"x has {g.C_x} channels but weight expects {g.C_w}")
     dev = x.device
     keep, counts, order = _mask_plan(out_mask, g, op, dev)
     y = torch.zeros((g.N, g.C_out, g.OH, g.OW), dtype=x.dtype, device=dev)
@@ -659,10 +645,10 @@ def masked_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, out_mask
                            output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias) of masked_conv2d; per sample only kept channels are reduced over."""
     op = "masked_conv2d_backward"
-    _check_device(op, x.device)
+    check_device(op, x.device)
     g = _Geom(op, x, weight, stride, padding, dilation)
     if g.C_x != g.C_w:
-        _fail(op, f"x has {g.C_x} channels but weight expects {g.C_w}")
+        fail(op, f"x has {g.C_x} channels but weight expects {g.C_w}")
     _check_grad_out(op, grad_out, (g.N, g.C_out, g.OH, g.OW))
     dev = x.device
     keep, counts, order = _mask_plan(out_mask, g, op, dev)

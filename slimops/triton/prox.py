@@ -1,7 +1,7 @@
 """Triton kernels of the ``prox`` family, registered as ``torch.ops.slimops_triton.*``.
 
 Same schemas (argument names, order, defaults) and the same arithmetic as the C++ kernels
-(``csrc/cpu/prox.cpp``, ``csrc/include/slimops/prox_math.h``; maths in ALGORITHMS.md §1-§5):
+(``csrc/cpu/prox.cpp``, ``csrc/include/slimops/prox_math.h``; maths in docs/algorithms.md §1-§5):
 fp32 math for fp32/bf16/fp16 storage, fp64 math for fp64, scalars rounded from double to the math type
 exactly like ``static_cast<acc_t>(double)``, IEEE division and square root in fp32 (``div_rn`` /
 ``sqrt_rn``), and the SGD momentum update reading the buffer *as stored* (after rounding).
@@ -58,8 +58,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from slimops.opdefs import _checks
+from slimops.opdefs import _checks, wire
+from slimops.opdefs import prox as _defs
 from slimops.penalties import GROUP as GROUP_PENALTIES, PROX as PROX_PENALTIES
+from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, device_of,
+                                    next_pow2, on_device, rowsum, to_acc)
 
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
     from triton.language.extra import libdevice
@@ -97,26 +100,6 @@ _NUM_WARPS = 4
 # ---------------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_acc(x, ACC: tl.constexpr):
-    """An fp64 scalar argument (a Python float in the interpreter) in the math dtype."""
-    return (x + tl.full([], 0.0, ACC)).to(ACC)
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _rowsum(x):
-    """Sum over axis 1. (The kernels use only Triton builtins and their own @jit helpers, never the
-    @jit'd functions of triton.language.standard such as tl.sum / tl.zeros: those are compiled-mode
-    functions when triton was imported before TRITON_INTERPRET=1 was set, and the interpreter cannot
-    call them.)"""
-    return tl.reduce(x, 1, _add)
 
 
 @triton.jit
@@ -205,19 +188,6 @@ def _pow64(b, e, LIBDEVICE: tl.constexpr):
     else:
         pos = b > 0
         r = tl.where(pos, tl.exp2(e * tl.log2(tl.where(pos, b, 1.0))), 0.0)
-    return r
-
-
-@triton.jit
-def _cvt_store(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """Math dtype -> storage dtype, rounding to nearest even (the interpreter truncates to bf16)."""
-    if EMULATE_RNE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        r = tl.where(x != x, x.to(DTYPE), r)
-    else:
-        r = x.to(DTYPE)
     return r
 
 
@@ -339,7 +309,7 @@ def _update(OP: tl.constexpr, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4
                 b_new = d
             else:
                 b_new = c1 * tl.load(b2 + offs, mask=mask, other=0.0).to(ACC) + c2 * d
-            b_store = _cvt_store(b_new, DTYPE, EMULATE_RNE)
+            b_store = cvt_store(b_new, DTYPE, EMULATE_RNE)
             if WRITE:
                 tl.store(b2 + offs, b_store, mask=mask)
             b = b_store.to(ACC)  # SGD reads the stored buffer
@@ -358,20 +328,20 @@ def _update(OP: tl.constexpr, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4
         m = tl.where(lw < 0.5, mp, gj) + tl.where(lw < 0.5, lw, lw - 1.0) * (gj - mp)
         vv = c2 * tl.load(b3 + offs, mask=mask, other=0.0).to(ACC) + (1.0 - c2) * gj * gj
         if WRITE:
-            tl.store(b2 + offs, _cvt_store(m, DTYPE, EMULATE_RNE), mask=mask)
-            tl.store(b3 + offs, _cvt_store(vv, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(b2 + offs, cvt_store(m, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(b3 + offs, cvt_store(vv, DTYPE, EMULATE_RNE), mask=mask)
         if F0:  # amsgrad
             vm = tl.maximum(tl.load(b4 + offs, mask=mask, other=0.0).to(ACC), vv,
                             propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
             if WRITE:
-                tl.store(b4 + offs, _cvt_store(vm, DTYPE, EMULATE_RNE), mask=mask)
+                tl.store(b4 + offs, cvt_store(vm, DTYPE, EMULATE_RNE), mask=mask)
             vv = vm
         v = w - _div(ss * m, _sqrt(vv, ACC) * ibc2 + c3, ACC)
     elif OP == 3:  # palm slimming: b0 xi (target), b1 gamma; c0 alpha/(alpha+beta), c1 beta/(alpha+beta)
         x = tl.load(b0 + offs, mask=mask, other=0.0).to(ACC)
         gam = c0 * tl.load(b1 + offs, mask=mask, other=0.0).to(ACC) + c1 * x
         if WRITE:
-            tl.store(b1 + offs, _cvt_store(gam, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(b1 + offs, cvt_store(gam, DTYPE, EMULATE_RNE), mask=mask)
         v = c0 * x + c1 * gam
     else:  # split step: b0 u (target), b1 w, b2 g: u = prox(w)
         v = tl.load(b1 + offs, mask=mask, other=0.0).to(ACC)
@@ -385,7 +355,7 @@ def _post(OP: tl.constexpr, b1, b2, offs, mask, u, c0, c1, DTYPE: tl.constexpr, 
     if OP == 4:  # c0 lr, c1 lr*beta
         w = tl.load(b1 + offs, mask=mask, other=0.0).to(ACC)
         g = tl.load(b2 + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(b1 + offs, _cvt_store(w - c0 * g - c1 * (w - u), DTYPE, EMULATE_RNE), mask=mask)
+        tl.store(b1 + offs, cvt_store(w - c0 * g - c1 * (w - u), DTYPE, EMULATE_RNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,32 +394,32 @@ def _fused_step_kernel(
     else:
         b4 = b0
 
-    lam = _to_acc(lam_, ACC)
-    a = _to_acc(a_, ACC)
-    thresh = _to_acc(thresh_, ACC)
+    lam = to_acc(lam_, ACC)
+    a = to_acc(a_, ACC)
+    thresh = to_acc(thresh_, ACC)
     if PENALTY == 6:
         gt = lam * a  # group_threshold: lam * mu for l0_l21
     else:
         gt = lam
-    c0 = _to_acc(s0, ACC)
-    c1 = _to_acc(s1, ACC)
-    c2 = _to_acc(s2, ACC)
-    c3 = _to_acc(s3, ACC)
-    c4 = _to_acc(s4, ACC)
+    c0 = to_acc(s0, ACC)
+    c1 = to_acc(s1, ACC)
+    c2 = to_acc(s2, ACC)
+    c3 = to_acc(s3, ACC)
+    c4 = to_acc(s4, ACC)
 
     if HAS_FI:  # found_inf != 0: treat every tensor as empty, so that nothing is loaded or stored
         n = tl.where(tl.load(fi_ptr) == 0, n, 0)
     if HAS_GS:
-        gscale = _to_acc(sgn * (1.0 / tl.load(gs_ptr).to(tl.float64)), ACC)
+        gscale = to_acc(sgn * (1.0 / tl.load(gs_ptr).to(tl.float64)), ACC)
     else:
-        gscale = _to_acc(sgn, ACC)
+        gscale = to_acc(sgn, ACC)
     if OP == 2:  # per-tensor AdamW bias corrections from the (already incremented) step
         step_ptr = tl.load(meta + 5 * T + ti).to(tl.pointer_type(STEP_DTYPE))
         step = tl.load(step_ptr).to(tl.float64)
         bc1 = 1.0 - _pow64(s1 + tl.full([], 0.0, tl.float64), step, LIBDEVICE)
         bc2 = 1.0 - _pow64(s2 + tl.full([], 0.0, tl.float64), step, LIBDEVICE)
-        ss = _to_acc(s0 / bc1, ACC)  # lr / (1 - beta1^step)
-        ibc2 = _to_acc(1.0 / tl.sqrt(bc2), ACC)  # 1 / sqrt(1 - beta2^step)
+        ss = to_acc(s0 / bc1, ACC)  # lr / (1 - beta1^step)
+        ibc2 = to_acc(1.0 / tl.sqrt(bc2), ACC)  # 1 / sqrt(1 - beta2^step)
     else:
         ss = tl.full([], 0.0, ACC)
         ibc2 = tl.full([], 0.0, ACC)
@@ -462,7 +432,7 @@ def _fused_step_kernel(
             v = _update(OP, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4, gscale, ss, ibc2,
                         DTYPE, ACC, F0, F1, F2, EMULATE_RNE, True)
             v = _prox_elem(v, PENALTY, lam, a, thresh, ACC, LIBDEVICE)
-            tl.store(b0 + offs, _cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(b0 + offs, cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
             _post(OP, b1, b2, offs, mask, v, c0, c1, DTYPE, ACC, EMULATE_RNE)
     else:
         nrows = n // L
@@ -477,7 +447,7 @@ def _fused_step_kernel(
             v = _update(OP, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4, gscale, ss, ibc2,
                         DTYPE, ACC, F0, F1, F2, EMULATE_RNE, False)
             v = tl.where(mask, _prox_elem(v, PENALTY, lam, a, thresh, ACC, LIBDEVICE), 0.0)
-            sq += _rowsum(v * v)
+            sq += rowsum(v * v)
         scale = _group_scale(sq, gt, ACC)
         for k0 in tl.range(0, L, C):  # pass 2: recompute, write the state and the thresholded rows
             cc = k0 + cols
@@ -486,7 +456,7 @@ def _fused_step_kernel(
             v = _update(OP, b0, b1, b2, b3, b4, offs, mask, c0, c1, c2, c3, c4, gscale, ss, ibc2,
                         DTYPE, ACC, F0, F1, F2, EMULATE_RNE, True)
             v = _prox_elem(v, PENALTY, lam, a, thresh, ACC, LIBDEVICE) * scale[:, None]
-            tl.store(b0 + offs, _cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(b0 + offs, cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
             _post(OP, b1, b2, offs, mask, v, c0, c1, DTYPE, ACC, EMULATE_RNE)
 
 
@@ -502,9 +472,9 @@ def _prox_backward_kernel(
     bo = _load_base(meta, 0, T, ti, DTYPE, ALIGNED)
     bx = _load_base(meta, 1, T, ti, DTYPE, ALIGNED)
     bg = _load_base(meta, 2, T, ti, DTYPE, ALIGNED)
-    lam = _to_acc(lam_, ACC)
-    a = _to_acc(a_, ACC)
-    thresh = _to_acc(thresh_, ACC)
+    lam = to_acc(lam_, ACC)
+    a = to_acc(a_, ACC)
+    thresh = to_acc(thresh_, ACC)
     if PENALTY == 6:
         gt = lam * a
     else:
@@ -518,7 +488,7 @@ def _prox_backward_kernel(
             g = tl.load(bg + offs, mask=mask, other=0.0).to(ACC)
             z = _prox_elem(y, PENALTY, lam, a, thresh, ACC, LIBDEVICE)
             d = _prox_deriv(y, z, PENALTY, lam, a, thresh, ACC)
-            tl.store(bo + offs, _cvt_store(g * d, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(bo + offs, cvt_store(g * d, DTYPE, EMULATE_RNE), mask=mask)
     else:
         # Block soft threshold z -> (1 - t/n) z, n = ||z||: J^T g = (1 - t/n) g + t (z.g) z / n^3.
         nrows = n // L
@@ -534,8 +504,8 @@ def _prox_backward_kernel(
             y = tl.load(bx + offs, mask=mask, other=0.0).to(ACC)
             g = tl.load(bg + offs, mask=mask, other=0.0).to(ACC)
             z = tl.where(mask, _prox_elem(y, PENALTY, lam, a, thresh, ACC, LIBDEVICE), 0.0)
-            sq += _rowsum(z * z)
-            dot += _rowsum(z * g)
+            sq += rowsum(z * z)
+            dot += rowsum(z * g)
         nrm = _sqrt(sq, ACC)
         active = nrm > gt
         fac = 1.0 - _div(gt + tl.full(nrm.shape, 0.0, nrm.dtype), nrm, ACC)
@@ -551,7 +521,7 @@ def _prox_backward_kernel(
             d = _prox_deriv(y, z, PENALTY, lam, a, thresh, ACC)
             v = (fac[:, None] * g + _div(gd[:, None] * z, n3[:, None] + tl.full(z.shape, 0.0, z.dtype), ACC)) * d
             v = tl.where(active[:, None], v, 0.0)
-            tl.store(bo + offs, _cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(bo + offs, cvt_store(v, DTYPE, EMULATE_RNE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -565,9 +535,9 @@ def _penalty_grad_kernel(
     ti, tile, n, L = _locate(meta, T, 2, ALIGNED, VEC)
     bg = _load_base(meta, 0, T, ti, DTYPE, ALIGNED)
     bw = _load_base(meta, 1, T, ti, DTYPE, ALIGNED)
-    s = _to_acc(s_, ACC)
-    a = _to_acc(a_, ACC)
-    eps = _to_acc(eps_, ACC)
+    s = to_acc(s_, ACC)
+    a = to_acc(a_, ACC)
+    eps = to_acc(eps_, ACC)
     if not GROUP:
         start = tile * (BLOCK * ITERS)
         for it in tl.static_range(ITERS):
@@ -576,7 +546,7 @@ def _penalty_grad_kernel(
             w = tl.load(bw + offs, mask=mask, other=0.0).to(ACC)
             g = tl.load(bg + offs, mask=mask, other=0.0).to(ACC)
             d = _subgrad(w, PENALTY, a, eps, ACC, LIBDEVICE)
-            tl.store(bg + offs, _cvt_store(g + s * d, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(bg + offs, cvt_store(g + s * d, DTYPE, EMULATE_RNE), mask=mask)
     else:
         # Weighted group lasso: s sqrt(n_g) w_g / ||w_g|| (0 for an all-zero group).
         nrows = n // L
@@ -589,7 +559,7 @@ def _penalty_grad_kernel(
             offs = rows[:, None] * L + cc[None, :]
             mask = rmask[:, None] & (cc[None, :] < L)
             w = tl.load(bw + offs, mask=mask, other=0.0).to(ACC)
-            sq += _rowsum(w * w)
+            sq += rowsum(w * w)
         weight = _sqrt(L.to(ACC), ACC)
         f = tl.where(sq > 0, _div(s * weight + tl.full(sq.shape, 0.0, sq.dtype), _sqrt(sq, ACC), ACC), 0.0)
         for k0 in tl.range(0, L, C):
@@ -598,53 +568,19 @@ def _penalty_grad_kernel(
             mask = rmask[:, None] & (cc[None, :] < L)
             w = tl.load(bw + offs, mask=mask, other=0.0).to(ACC)
             g = tl.load(bg + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(bg + offs, _cvt_store(g + f[:, None] * w, DTYPE, EMULATE_RNE), mask=mask)
+            tl.store(bg + offs, cvt_store(g + f[:, None] * w, DTYPE, EMULATE_RNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-}
-_TL_STEP_DTYPES = {**_TL_DTYPES, torch.int32: tl.int32, torch.int64: tl.int64}
+_TL_STEP_DTYPES = {**TL_DTYPES, torch.int32: tl.int32, torch.int64: tl.int64}
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-
-    _INTERPRETED = isinstance(_fused_step_kernel, _InterpretedFunction)
-except Exception:  # pragma: no cover - depends on the triton version
-    _INTERPRETED = False
-# GPU builds call libdevice; the interpreter cannot (and truncates to bf16, see _cvt_store).
-_LIBDEVICE = (not _INTERPRETED) and libdevice is not None
-_EMULATE_RNE = _INTERPRETED
-if _INTERPRETED:
+# GPU builds call libdevice; the interpreter cannot (and truncates to bf16, see cvt_store).
+_LIBDEVICE = (not INTERPRETED) and libdevice is not None
+if INTERPRETED:
     _EW_ITERS = 1
-
-
-def _device_of(ts: Sequence[Tensor]) -> Optional[torch.device]:
-    return ts[0].device if len(ts) else None
-
-
-def _fail(op: str, msg: str, exc=ValueError):
-    raise exc(f"slimops.{op}: {msg}")
-
-
-def _check_device(op: str, device: Optional[torch.device]):
-    """Where Triton can run: CUDA tensors, or CPU tensors under the interpreter (nothing to check for an
-    empty list). The other argument checks are the shared ones of slimops.opdefs._checks."""
-    if device is None:
-        return
-    if _INTERPRETED:
-        if device.type != "cpu":
-            _fail(op, f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {device}")
-    elif device.type != "cuda":
-        _fail(op, f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before triton "
-                  f"is imported), got {device}")
 
 
 def _group_rows(t: Tensor) -> int:
@@ -652,10 +588,6 @@ def _group_rows(t: Tensor) -> int:
     if t.dim() == 0:
         return 1
     return 0 if t.numel() == 0 else t.shape[0]
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 _META_CACHE: "OrderedDict[tuple, Tuple[Tensor, int]]" = OrderedDict()
@@ -677,8 +609,8 @@ def _plan(lists: Sequence[Sequence[Tensor]], group: bool, n_data: Optional[int] 
         row_lens = [n // r if r else 1 for n, r in zip(numels, rows)]
         max_len = max([ln for ln, n in zip(row_lens, numels) if n] or [1])
         max_rows = max(rows or [1])
-        C = min(_next_pow2(max_len), _GROUP_MAX_C)
-        R = max(1, min(_next_pow2(max_rows), _GROUP_TILE // C))
+        C = min(next_pow2(max_len), _GROUP_MAX_C)
+        R = max(1, min(next_pow2(max_rows), _GROUP_TILE // C))
         tiles = [(r + R - 1) // R for r in rows]
     else:
         row_lens = [1] * T
@@ -712,32 +644,6 @@ def _plan(lists: Sequence[Sequence[Tensor]], group: bool, n_data: Optional[int] 
     while len(_META_CACHE) > _META_CACHE_SIZE:
         _META_CACHE.popitem(last=False)
     return meta, n_tiles, R, C, aligned, vec
-
-
-class _on_device:
-    """Launch context: ``torch.cuda.device(dev)`` for CUDA tensors (Triton launches on the current device);
-    in the interpreter, numpy's floating-point warnings off (padding lanes of a tile may divide by zero,
-    as they silently do on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-        self.np_ctx = None
-        if _INTERPRETED:
-            import numpy as np
-
-            self.np_ctx = np.errstate(all="ignore")
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        if self.np_ctx is not None:
-            self.np_ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.np_ctx is not None:
-            self.np_ctx.__exit__(*exc)
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _prox_params(penalty: str, lam: float, a: float) -> Tuple[int, float, float, float]:
@@ -777,12 +683,12 @@ def _launch_step(op_code: int, lists: Sequence[Sequence[Tensor]], penalty: str, 
     if n_tiles == 0:
         return
     target = lists[0][0]
-    dtype = _TL_DTYPES[target.dtype]
+    dtype = TL_DTYPES[target.dtype]
     acc = tl.float64 if target.dtype == torch.float64 else tl.float32
     step_dtype = _TL_STEP_DTYPES[steps[0].dtype] if steps is not None else tl.float32
     sc = [float(s) for s in scalars] + [0.0] * (5 - len(scalars))
     fl = [bool(f) for f in flags] + [False] * (3 - len(flags))
-    with _on_device(target.device):
+    with on_device(target.device):
         _fused_step_kernel[(n_tiles,)](
             meta, len(lists[0]),
             grad_scale if grad_scale is not None else meta,
@@ -793,7 +699,7 @@ def _launch_step(op_code: int, lists: Sequence[Sequence[Tensor]], penalty: str, 
             HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
             F0=fl[0], F1=fl[1], F2=fl[2],
             GROUP=group, BLOCK=_EW_BLOCK, ITERS=_EW_ITERS, R=R, C=C,
-            EMULATE_RNE=_EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
+            EMULATE_RNE=EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
             num_warps=_NUM_WARPS, enable_fp_fusion=False,
         )
 
@@ -809,35 +715,24 @@ def _contig(ts: Sequence[Tensor]) -> List[Tensor]:
 
 @torch.library.custom_op("slimops_triton::prox", mutates_args=())
 def prox(x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
-    """y = prox_{lam R}(x) (ALGORITHMS.md §1); one launch."""
+    """y = prox_{lam R}(x) (docs/algorithms.md §1); one launch."""
     op = "prox"
-    _checks.check_prox_input(op, "x", x)
+    _defs.check_prox_input(op, "x", x)
     _checks.check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    _check_device(op, x.device)
+    check_device(op, x.device)
     xc = x.contiguous()
     out = torch.empty_like(xc)
     _launch_step(_OP_PROX, [[out], [xc]], penalty, lam, a)
     return out
 
 
-# The fake kernels check like the slimops:: ones (slimops/ops/prox.py): they also run for real calls that mix a
-# device with 'meta', which must fail loudly instead of returning without doing anything.
-
-
-@prox.register_fake
-def _prox_fake(x, penalty, lam, a=1.0):
-    _checks.check_prox_input("prox", "x", x)
-    _checks.check_penalty("prox", penalty, _PROX_PENALTIES, lam, a)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("slimops_triton::prox_backward", mutates_args=())
 def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, a: float = 1.0) -> Tensor:
     """grad_x = (d prox / d x)^T grad; one launch."""
     op = "prox_backward"
-    _checks.check_prox_backward_inputs(grad, x)
+    _defs.check_prox_backward_inputs(grad, x)
     _checks.check_penalty(op, penalty, _PROX_PENALTIES, lam, a)
-    _check_device(op, x.device)
+    check_device(op, x.device)
     xc = x.contiguous()
     gc = grad.to(x.dtype).contiguous()
     out = torch.empty_like(xc)
@@ -845,22 +740,15 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, a: float = 
     group = penalty in _GROUP_PENALTIES
     meta, n_tiles, R, C, aligned, vec = _plan([[out], [xc], [gc]], group)
     if n_tiles:
-        with _on_device(x.device):
+        with on_device(x.device):
             _prox_backward_kernel[(n_tiles,)](
                 meta, 1, lam_d, a_d, thresh,
-                PENALTY=code, DTYPE=_TL_DTYPES[x.dtype], ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                PENALTY=code, DTYPE=TL_DTYPES[x.dtype], ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
                 GROUP=group, BLOCK=_EW_BLOCK, ITERS=_EW_ITERS, R=R, C=C,
-                EMULATE_RNE=_EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
-                num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                EMULATE_RNE=EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
+            num_warps=_NUM_WARPS, enable_fp_fusion=False,
             )
     return out
-
-
-@prox_backward.register_fake
-def _prox_backward_fake(grad, x, penalty, lam, a=1.0):
-    _checks.check_prox_backward_inputs(grad, x)
-    _checks.check_penalty("prox_backward", penalty, _PROX_PENALTIES, lam, a)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("slimops_triton::prox_sgd_", mutates_args=("params", "momentum_buffers"))
@@ -883,9 +771,9 @@ def prox_sgd_(
 ) -> None:
     """torch.optim.SGD's update, then p <- prox_{lr lam R}(p); one launch for the whole list."""
     op = "prox_sgd_"
-    _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-                              maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
-    _check_device(op, _device_of(params))
+    _defs.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                            maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
+    check_device(op, device_of(params))
     use_mom = momentum != 0
     if len(params) == 0:
         return
@@ -895,14 +783,6 @@ def prox_sgd_(
         scalars=(lr, momentum, 1.0 - dampening, weight_decay), sgn=-1.0 if maximize else 1.0,
         grad_scale=grad_scale, found_inf=found_inf, flags=(use_mom, nesterov, init_momentum),
     )
-
-
-@prox_sgd_.register_fake
-def _prox_sgd_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                   init_momentum, penalty, lam, a, grad_scale=None, found_inf=None):
-    _checks.validate_prox_sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-                              maximize, init_momentum, penalty, lam, a, grad_scale, found_inf)
-    return None
 
 
 @torch.library.custom_op(
@@ -934,9 +814,9 @@ def prox_adamw_(
     One launch for the whole list, plus ``_foreach_add_`` on the steps (and ``_foreach_sub_`` of
     ``found_inf != 0`` when found_inf is given)."""
     op = "prox_adamw_"
-    _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                                eps, weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
-    _check_device(op, _device_of(params))
+    _defs.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                              eps, weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
+    check_device(op, device_of(params))
     if len(params) == 0:
         return
     steps = list(state_steps)
@@ -953,14 +833,6 @@ def prox_adamw_(
         torch._foreach_sub_(steps, [skipped] * len(steps))
 
 
-@prox_adamw_.register_fake
-def _prox_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                     weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale=None, found_inf=None):
-    _checks.validate_prox_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                                eps, weight_decay, amsgrad, maximize, penalty, lam, a, grad_scale, found_inf)
-    return None
-
-
 @torch.library.custom_op("slimops_triton::palm_slimming_", mutates_args=("gammas", "xis"))
 def palm_slimming_(
     gammas: List[Tensor],
@@ -974,18 +846,12 @@ def palm_slimming_(
     """gamma <- (alpha gamma + beta xi) / (alpha + beta);
     xi <- prox_{lam/(alpha+beta) R}((alpha xi + beta gamma) / (alpha + beta)) (gamma the new value); one launch."""
     op = "palm_slimming_"
-    _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
-    _check_device(op, _device_of(gammas))
+    _defs.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
+    check_device(op, device_of(gammas))
     if len(gammas) == 0:
         return
     denom = alpha + beta
     _launch_step(_OP_PALM, [list(xis), list(gammas)], penalty, lam / denom, a, scalars=(alpha / denom, beta / denom))
-
-
-@palm_slimming_.register_fake
-def _palm_slimming_fake(gammas, xis, alpha, beta, lam, penalty="l1", a=1.0):
-    _checks.validate_palm_slimming(gammas, xis, alpha, beta, lam, penalty, a)
-    return None
 
 
 @torch.library.custom_op("slimops_triton::penalty_grad_", mutates_args=("grads",))
@@ -999,8 +865,8 @@ def penalty_grad_(
 ) -> None:
     """grads += s dR/dp (l1, tl1, lp with p = a, weighted l21); one launch."""
     op = "penalty_grad_"
-    _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
-    _check_device(op, _device_of(grads))
+    _defs.validate_penalty_grad(grads, params, penalty, s, a, eps)
+    check_device(op, device_of(grads))
     if len(grads) == 0:
         return
     group = penalty == "l21"
@@ -1009,21 +875,15 @@ def penalty_grad_(
     if n_tiles == 0:
         return
     g0 = grads[0]
-    with _on_device(g0.device):
+    with on_device(g0.device):
         _penalty_grad_kernel[(n_tiles,)](
             meta, len(grads), float(s), float(a), float(eps),
-            PENALTY=PENALTY_CODES[penalty], DTYPE=_TL_DTYPES[g0.dtype],
+            PENALTY=PENALTY_CODES[penalty], DTYPE=TL_DTYPES[g0.dtype],
             ACC=tl.float64 if g0.dtype == torch.float64 else tl.float32,
             GROUP=group, BLOCK=_EW_BLOCK, ITERS=_EW_ITERS, R=R, C=C,
-            EMULATE_RNE=_EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
-                num_warps=_NUM_WARPS, enable_fp_fusion=False,
+            EMULATE_RNE=EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
+            num_warps=_NUM_WARPS, enable_fp_fusion=False,
         )
-
-
-@penalty_grad_.register_fake
-def _penalty_grad_fake(grads, params, penalty, s, a=1.0, eps=1e-8):
-    _checks.validate_penalty_grad(grads, params, penalty, s, a, eps)
-    return None
 
 
 @torch.library.custom_op("slimops_triton::split_step_", mutates_args=("weights", "us"))
@@ -1039,28 +899,12 @@ def split_step_(
 ) -> None:
     """u <- prox_{(lam/beta) R}(w); w <- w - lr g - lr beta (w - u); one launch."""
     op = "split_step_"
-    _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
-    _check_device(op, _device_of(weights))
+    _defs.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
+    check_device(op, device_of(weights))
     if len(weights) == 0:
         return
     _launch_step(_OP_SPLIT, [list(us), list(weights), _contig(grads)], penalty, lam / beta, a,
                  scalars=(lr, lr * beta))
 
 
-@split_step_.register_fake
-def _split_step_fake(weights, grads, us, lr, beta, penalty, lam, a=1.0):
-    _checks.validate_split_step(weights, grads, us, lr, beta, penalty, lam, a)
-    return None
-
-
-def _register_autograd():
-    """Make the Triton prox differentiable (its backward is prox_backward), via slimops.ops.prox."""
-    import importlib
-
-    # importlib, not `from slimops.ops import prox`: that name is the public *function* slimops.ops.prox (the
-    # package re-exports it over its submodule), which has no register_triton_prox_autograd, so the Triton prox
-    # silently had no backward (found by tests/test_op_anatomy.py).
-    importlib.import_module("slimops.ops.prox").register_triton_prox_autograd()
-
-
-_register_autograd()
+wire(_defs.DEFS, "slimops_triton")  # the fakes and autograd of slimops.opdefs.prox, as for slimops::

@@ -82,7 +82,7 @@ stored; P and dS rounded to it, as FlashAttention does), float32 accumulation. f
 dots (DMMA). Division by l and ``exp2`` / ``log2`` use the GPU's approximate fp32 instructions (~2 ulp).
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): its bf16 ``tl.dot`` is wrong, so bf16 tiles are multiplied as
-float32 with P and dS first rounded to bf16 (round to nearest even, ``prox._cvt_store``): the same products as a
+float32 with P and dS first rounded to bf16 (round to nearest even, ``_common.cvt_store``): the same products as a
 bf16 MMA. Its fp32 -> bf16 conversion truncates, so bf16 stores round explicitly. Row sums and maxima use
 ``tl.reduce`` with tl.sum's / tl.max's own combine functions, which the interpreter runs as one numpy reduction
 (any other combine function is called per element: ~30x slower for these kernels).
@@ -127,16 +127,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
-# The combine functions of tl.sum / tl.max: tl.reduce with exactly these runs as one numpy reduction in the
-# interpreter (any other combine function is called element by element there, ~1000x slower).
-from triton.language.standard import _elementwise_max, _sum_combine
 
 from slimops.opdefs import sema as _defs
 from slimops.opdefs import wire
-# Shared with the other Triton families: device check, bf16-rounding store, launch context and the fp64-argument
-# conversion (_INTERPRETED is re-exported for the tests, as the other family modules have it).
-from slimops.triton.prox import (_EMULATE_RNE, _INTERPRETED, _TL_DTYPES, _check_device, _cvt_store,  # noqa: F401
-                                 _fail, _next_pow2, _on_device, _to_acc)
+from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, fail, next_pow2,
+                                    on_device, to_acc, rowsum, rowmax)
 
 __all__ = ["sema_attention", "sema_attention_backward"]
 
@@ -161,19 +156,6 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rowsum(x):
-    """Sum over axis 1: tl.sum's reduction, called through the builtin tl.reduce (not tl.sum itself, a
-    compiled-mode function when triton was imported before TRITON_INTERPRET=1 was set; see prox._rowsum)."""
-    return tl.reduce(x, 1, _sum_combine)
-
-
-@triton.jit
-def _rowmax(x):
-    """Max over axis 1 (tl.max's reduction, as _rowsum)."""
-    return tl.reduce(x, 1, _elementwise_max)
 
 
 @triton.jit
@@ -235,7 +217,7 @@ def _store_rows(ptr, base, tok, valid, sn, x, OUT_T: tl.constexpr, EMULATE_RNE: 
                 HEAD_D: tl.constexpr, D: tl.constexpr):
     d = tl.arange(0, D)
     off = base + tok.to(tl.int64)[:, None] * sn + d[None, :]
-    tl.store(ptr + off, _cvt_store(x, OUT_T, EMULATE_RNE), mask=valid[:, None] & (d < HEAD_D)[None, :])
+    tl.store(ptr + off, cvt_store(x, OUT_T, EMULATE_RNE), mask=valid[:, None] & (d < HEAD_D)[None, :])
 
 
 @triton.jit
@@ -252,7 +234,7 @@ def _operand(x, IN_T: tl.constexpr, DOT_T: tl.constexpr, EMULATE_RNE: tl.constex
     if IN_T == DOT_T:
         r = x.to(DOT_T)
     else:
-        r = _cvt_store(x, IN_T, EMULATE_RNE).to(DOT_T)
+        r = cvt_store(x, IN_T, EMULATE_RNE).to(DOT_T)
     return r
 
 
@@ -335,7 +317,7 @@ def _scores(q, qr, qc, qvalid, k_ptr, kbase, skn, v_ptr, vbase, svn, start, kr0,
 def _online(m_i, s):
     """Online-softmax step: (new running max, rescale factor of the old sums, unnormalised P), guarded so that
     rows with every logit -inf so far give 0, not NaN."""
-    m_new = tl.maximum(m_i, _rowmax(s))
+    m_new = tl.maximum(m_i, rowmax(s))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new, tl.exp2(m_i - m_use), tl.exp2(s - m_use[:, None])
 
@@ -361,7 +343,7 @@ def _fwd_kernel(
     nq = h * w
     if chunk * BM >= nq:  # (the last windows are smaller)
         return
-    scale = _to_acc(qk_scale, ACC)
+    scale = to_acc(qk_scale, ACC)
     qr, qc, qvalid = _lanes(chunk * BM + tl.arange(0, BM), r0, c0, w, nq)
     qtok = qr * GW + qc
     q = _load_rows(q_ptr, _base(b, hd, sqb, sqh), qtok, qvalid, sqn, HEAD_D, D).to(DOT_T)
@@ -375,7 +357,7 @@ def _fwd_kernel(
         s, k, v = _scores(q, qr, qc, qvalid, k_ptr, kbase, skn, v_ptr, vbase, svn, start, kr0, kc0, kw, kh * kw,
                           scale, GH, GW, WH, WW, NEIGH, HEAD_D, D, BN, DOT_T, PREC)
         m_i, alpha, p = _online(m_i, s)
-        l_i = l_i * alpha + _rowsum(p)
+        l_i = l_i * alpha + rowsum(p)
         acc = tl.dot(_operand(p, IN_T, DOT_T, EMULATE_RNE), v, acc * alpha[:, None], input_precision=PREC)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     out = acc * inv[:, None] + _head_vec(mean_ptr, bh, HEAD_D, D)
@@ -400,7 +382,7 @@ def _bwd_q_kernel(
     nq = h * w
     if chunk * BM >= nq:
         return
-    scale = _to_acc(qk_scale, ACC)
+    scale = to_acc(qk_scale, ACC)
     qr, qc, qvalid, qtok, q, do = _own_rows(q_ptr, sqb, sqh, sqn, g_ptr, sgb, sgh, sgn, b, hd, chunk, r0, c0, w, nq,
                                             GW, HEAD_D, D, BM, DOT_T)
     kr0, kc0, kh, kw = _key_region(r0, c0, h, w, GH, GW, WH, WW, NEIGH)
@@ -414,8 +396,8 @@ def _bwd_q_kernel(
                           scale, GH, GW, WH, WW, NEIGH, HEAD_D, D, BN, DOT_T, PREC)
         m_i, alpha, p = _online(m_i, s)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        l_i = l_i * alpha + _rowsum(p)
-        dd = dd * alpha + _rowsum(p * dp)
+        l_i = l_i * alpha + rowsum(p)
+        dd = dd * alpha + rowsum(p * dp)
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     delta = dd / l_safe
@@ -432,7 +414,7 @@ def _bwd_q_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(_operand(ds, IN_T, DOT_T, EMULATE_RNE), k, dq, input_precision=PREC)
-        dq = dq * _to_acc(sm_scale, ACC)
+        dq = dq * to_acc(sm_scale, ACC)
         _store_rows(dq_ptr, _base(b, hd, sob, soh), qtok, qvalid, son, dq, OUT_T, EMULATE_RNE, HEAD_D, D)
 
 
@@ -453,7 +435,7 @@ def _bwd_kv_kernel(
     nk = h * w
     if chunk * BN >= nk:
         return
-    scale = _to_acc(qk_scale, ACC)
+    scale = to_acc(qk_scale, ACC)
     kr, kc, kvalid, ktok, k, v = _own_rows(k_ptr, skb, skh, skn, v_ptr, svb, svh, svn, b, hd, chunk, r0, c0, w, nk,
                                            GW, HEAD_D, D, BN, DOT_T)
     qr0, qc0, qh, qw = _query_region(r0, c0, h, w, GH, GW, WH, WW, NEIGH)
@@ -483,7 +465,7 @@ def _bwd_kv_kernel(
             dk = tl.dot(_operand(dst, IN_T, DOT_T, EMULATE_RNE), q, dk, input_precision=PREC)
     obase = _base(b, hd, sob, soh)
     if NEED_DK:
-        _store_rows(dk_ptr, obase, ktok, kvalid, son, dk * _to_acc(sm_scale, ACC), OUT_T, EMULATE_RNE, HEAD_D, D)
+        _store_rows(dk_ptr, obase, ktok, kvalid, son, dk * to_acc(sm_scale, ACC), OUT_T, EMULATE_RNE, HEAD_D, D)
     if NEED_DV:
         dv = dv + _head_vec(gmean_ptr, bh, HEAD_D, D)
         _store_rows(dv_ptr, obase, ktok, kvalid, son, dv, OUT_T, EMULATE_RNE, HEAD_D, D)
@@ -507,15 +489,15 @@ def _bwd_fused_kernel(
                                         HEAD_D, D, BM, DOT_T)
     _, _, _, _, k, v = _own_rows(k_ptr, skb, skh, skn, v_ptr, svb, svh, svn, b, hd, 0, r0, c0, w, n, GW,
                                  HEAD_D, D, BM, DOT_T)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * _to_acc(qk_scale, ACC)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * to_acc(qk_scale, ACC)
     s = tl.where(valid[None, :], s, float("-inf"))
-    p = tl.exp2(s - _rowmax(s)[:, None])
-    p = p * (1.0 / _rowsum(p))[:, None]
+    p = tl.exp2(s - rowmax(s)[:, None])
+    p = p * (1.0 / rowsum(p))[:, None]
     obase = _base(b, hd, sob, soh)
     if NEED_DQ or NEED_DK:
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = _operand(p * (dp - _rowsum(p * dp)[:, None]), IN_T, DOT_T, EMULATE_RNE)
-        sm = _to_acc(sm_scale, ACC)
+        ds = _operand(p * (dp - rowsum(p * dp)[:, None]), IN_T, DOT_T, EMULATE_RNE)
+        sm = to_acc(sm_scale, ACC)
         if NEED_DQ:
             dq = tl.dot(ds, k, input_precision=PREC, out_dtype=ACC) * sm
             _store_rows(dq_ptr, obase, tok, valid, son, dq, OUT_T, EMULATE_RNE, HEAD_D, D)
@@ -553,7 +535,7 @@ def _precision(q: Tensor) -> str:
 def _dot_dtype(q: Tensor) -> torch.dtype:
     """The tl.dot operand dtype: the input dtype, except bf16 in the interpreter (its bf16 dot is wrong: the
     bf16 values, and P / dS rounded to bf16 by _operand, are multiplied as float32 there, exactly)."""
-    if _INTERPRETED and q.dtype == torch.bfloat16:
+    if INTERPRETED and q.dtype == torch.bfloat16:
         return torch.float32
     return q.dtype
 
@@ -566,46 +548,46 @@ class _Plan:
         self.BH = self.B * self.heads
         (self.GH, self.GW), (self.WH, self.WW) = grid, window
         self.neigh = bool(neighborhood)
-        self.D = max(_MIN_DOT, _next_pow2(self.d))
+        self.D = max(_MIN_DOT, next_pow2(self.d))
         block = _BLOCK_FP64 if q.dtype == torch.float64 else _BLOCK
         if self.neigh:
-            self.TC = min(_NBHD_TILE_W, _next_pow2(self.GW))
-            self.TR = min(block // self.TC, _next_pow2(self.GH))
+            self.TC = min(_NBHD_TILE_W, next_pow2(self.GW))
+            self.TR = min(block // self.TC, next_pow2(self.GH))
             self.own = max(_MIN_DOT, self.TR * self.TC)
             # the other side's region: at most (tile + 2 windows) per dimension, and the grid
             span = min(self.GH, self.TR + 2 * self.WH) * min(self.GW, self.TC + 2 * self.WW)
-            self.loop = min(block, max(_MIN_DOT, _next_pow2(span)))
+            self.loop = min(block, max(_MIN_DOT, next_pow2(span)))
             self.nchunk = 1
         else:
             self.TR, self.TC = self.WH, self.WW
-            self.own = min(block, max(_MIN_DOT, _next_pow2(self.WH * self.WW)))
+            self.own = min(block, max(_MIN_DOT, next_pow2(self.WH * self.WW)))
             self.loop = self.own
             self.nchunk = _cdiv(self.WH * self.WW, self.own)
         self.nrect = _cdiv(self.GH, self.TR) * _cdiv(self.GW, self.TC)
         self.fused = (not self.neigh) and self.WH * self.WW <= min(_FUSED_MAX, self.own)
         self.programs = self.BH * self.nrect * self.nchunk
         if self.programs >= 2 ** 31:
-            _fail(op, f"{self.programs} programs exceed the launch grid (B*heads={self.BH}, grid {grid}, window "
+            fail(op, f"{self.programs} programs exceed the launch grid (B*heads={self.BH}, grid {grid}, window "
                       f"{window})", NotImplementedError)
         self.acc = _math_dtype(q)
         self.qk_scale = _LOG2E / math.sqrt(self.d)
         self.sm_scale = 1.0 / math.sqrt(self.d)
-        self.meta = dict(HEAD_D=self.d, D=self.D, ACC=_TL_DTYPES[self.acc], IN_T=_TL_DTYPES[q.dtype],
-                         DOT_T=_TL_DTYPES[_dot_dtype(q)], OUT_T=_TL_DTYPES[q.dtype], PREC=_precision(q),
-                         EMULATE_RNE=_EMULATE_RNE, num_warps=_NUM_WARPS)
+        self.meta = dict(HEAD_D=self.d, D=self.D, ACC=TL_DTYPES[self.acc], IN_T=TL_DTYPES[q.dtype],
+                         DOT_T=TL_DTYPES[_dot_dtype(q)], OUT_T=TL_DTYPES[q.dtype], PREC=_precision(q),
+                         EMULATE_RNE=EMULATE_RNE, num_warps=_NUM_WARPS)
         self.stages = _NUM_STAGES[q.dtype]
 
 
 @contextlib.contextmanager
 def _launching(op: str, p: _Plan, device: torch.device):
-    """The launch context (prox._on_device), plus a clear error naming the op when a configuration needs more
+    """The launch context (prox.on_device), plus a clear error naming the op when a configuration needs more
     shared memory or registers than the GPU has (Triton raises that at the first launch; e.g. head dims far
     beyond 128)."""
     try:
-        with _on_device(device):
+        with on_device(device):
             yield
     except OutOfResources as e:
-        _fail(op, f"the Triton kernel does not fit this GPU for head dim {p.d} and {_TL_DTYPES[p.acc]} math ({e}); "
+        fail(op, f"the Triton kernel does not fit this GPU for head dim {p.d} and {TL_DTYPES[p.acc]} math ({e}); "
                   "use backend='reference'", RuntimeError)
 
 
@@ -677,7 +659,7 @@ def sema_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], window:
     """Windowed (or neighbourhood) softmax attention + mean(v); 1 launch plus the torch sum of v."""
     op = "sema_attention"
     g, w = _defs.check_sema(op, q, k, v, grid, window, neighborhood)
-    _check_device(op, q.device)
+    check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
     return _launch_fwd(op, p, _rows(q), _rows(k), _rows(v))
 
@@ -692,7 +674,7 @@ def sema_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, grid:
     op = "sema_attention_backward"
     g, w = _defs.check_sema(op, q, k, v, grid, window, neighborhood)
     _defs.check_grad(op, grad, q)
-    _check_device(op, q.device)
+    check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
     mask = [bool(m) for m in output_mask]
     return _launch_bwd(op, p, _rows(grad), _rows(q), _rows(k), _rows(v), mask)

@@ -1,7 +1,7 @@
 """Triton kernels of the ``spectral`` family, registered as ``torch.ops.slimops_triton.*``.
 
 Same schemas as ``csrc/registration.cpp`` and the same semantics as :mod:`slimops.reference.spectral`
-(ALGORITHMS.md §7): ``x`` (B, H, W, C) real, channels last, any strides; orthonormal ``rfft2``/``irfft2``
+(docs/algorithms.md §7): ``x`` (B, H, W, C) real, channels last, any strides; orthonormal ``rfft2``/``irfft2``
 over (H, W); float32 math for float32/bfloat16/float16 tensors, float64 math for float64 (the math dtype
 follows ``x``; weights of another float dtype are converted on load); outputs rounded once to the dtype of
 ``x``, gradients to the dtype of their tensor; a gradient not asked for in ``output_mask`` is an empty
@@ -79,7 +79,7 @@ FMA dots (exact fp32 products, no tensor cores; ptxas at 14x14: forward 219 regi
 backward 856 B of spill, AFF backward 36 KB). The interpreter ignores the precision (numpy fp32
 matmuls). float64 dots are float64. bfloat16/float16 tensors are converted to float32 on load (nothing is
 multiplied in half precision, so the interpreter's wrong bf16 ``tl.dot`` does not arise); stores go
-through ``_cvt_store`` (round to nearest even, which the interpreter's fp32 -> bf16 conversion does not
+through ``cvt_store`` (round to nearest even, which the interpreter's fp32 -> bf16 conversion does not
 do). Offsets along the batch axis (and of the partial buffers) are int64.
 
 Launches per call: ``spectral_filter`` 1 kernel; ``spectral_filter_backward`` 1 kernel (the forward kernel
@@ -127,12 +127,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from slimops.ops import spectral as _ops
-from slimops.ops.spectral import MAX_FUSED_GRID
-# Shared with the other Triton families: argument errors, device check, bf16-rounding store, launch context
-# (_INTERPRETED is re-exported for the tests, as the other family modules have it).
-from slimops.triton.prox import (_EMULATE_RNE, _INTERPRETED, _TL_DTYPES, _check_device, _cvt_store,  # noqa: F401
-                                 _fail, _next_pow2, _on_device, _to_acc)
+from slimops.opdefs import spectral as _defs
+from slimops.opdefs import wire
+from slimops.opdefs.spectral import MAX_FUSED_GRID
+from slimops.triton._common import (EMULATE_RNE, TL_DTYPES, check_device, cvt_store, fail, next_pow2, on_device,
+                                    to_acc)
 
 __all__ = [
     "spectral_filter",
@@ -359,7 +358,7 @@ def _sf_fwd_kernel(
         ki = -ki
     y = _irdft2(xr * kr - xi * ki, xr * ki + xi * kr, dft_ptr, HP, WP, KWP, BC, PREC)
     yoff, _ = _tile_offsets(b, B, c0, BC, H, W, C, H * W * C, W * C, C, 1, HP, WP, BC)
-    tl.store(y_ptr + yoff, _cvt_store(y, OUT_T, EMULATE_RNE), mask=mask)
+    tl.store(y_ptr + yoff, cvt_store(y, OUT_T, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
@@ -391,7 +390,7 @@ def _sf_bwd_kernel(
             ki = tl.load(w_ptr + foff + 1, mask=fmask, other=0.0).to(ACC) * alpha
             d = _irdft2(gr * kr + gi * ki, gi * kr - gr * ki, dft_ptr, HP, WP, KWP, BC, PREC)
             doff, _ = _tile_offsets(b, B, c0, BC, H, W, C, H * W * C, W * C, C, 1, HP, WP, BC)
-            tl.store(dx_ptr + doff, _cvt_store(d, OUT_T, EMULATE_RNE), mask=xmask)
+            tl.store(dx_ptr + doff, cvt_store(d, OUT_T, EMULATE_RNE), mask=xmask)
     poff = split.to(tl.int64) * (H * (W // 2 + 1) * C * 2) + foff
     tl.store(part_ptr + poff, pr * alpha, mask=fmask)
     tl.store(part_ptr + poff + 1, pi * alpha, mask=fmask)
@@ -409,7 +408,7 @@ def _aff_fwd_kernel(
     blk0 = tl.program_id(1) * G
     c0 = blk0 * CB
     nch = G * CB
-    lam = _to_acc(shrink, ACC)
+    lam = to_acc(shrink, ACC)
     off, mask = _tile_offsets(b, B, c0, nch, H, W, C, sxb, sxh, sxw, sxc, HP, WP, BC)
     xr, xi = _rdft2(tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC), dft_ptr, HP, WP, KWP, BC, PREC)
     xr = _swap12(xr, KWP, BC, HP)  # [KWP*HP, BC]: rows = frequencies (kw, kh)
@@ -428,7 +427,7 @@ def _aff_fwd_kernel(
     y = _irdft2(zr, zi, dft_ptr, HP, WP, KWP, BC, PREC)
     y += tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
     yoff, _ = _tile_offsets(b, B, c0, nch, H, W, C, H * W * C, W * C, C, 1, HP, WP, BC)
-    tl.store(y_ptr + yoff, _cvt_store(y, OUT_T, EMULATE_RNE), mask=mask)
+    tl.store(y_ptr + yoff, cvt_store(y, OUT_T, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
@@ -448,7 +447,7 @@ def _aff_bwd_kernel(
     split = tl.program_id(1)
     c0 = blk0 * CB
     nch = G * CB
-    lam = _to_acc(shrink, ACC)
+    lam = to_acc(shrink, ACC)
     NW = NBLK * CB * HB
     o1, m1, oj, jv, o2, m2, oc, cv = _aff_offsets(blk0, G, NBLK, CB, HB, BC, HBT)
     w1r, w1i, b1r, b1i, w2r, w2i, b2r, b2i = _aff_load(w1_ptr, b1_ptr, w2_ptr, b2_ptr, o1, m1, oj, jv, o2, m2,
@@ -494,7 +493,7 @@ def _aff_bwd_kernel(
             d = _irdft2(_swap12(dxr, KWP, HP, BC), _swap12(dxi, KWP, HP, BC), dft_ptr, HP, WP, KWP, BC,
                         PREC) + gt
             doff, _ = _tile_offsets(b, B, c0, nch, H, W, C, H * W * C, W * C, C, 1, HP, WP, BC)
-            tl.store(dx_ptr + doff, _cvt_store(d, OUT_T, EMULATE_RNE), mask=xmask)
+            tl.store(dx_ptr + doff, cvt_store(d, OUT_T, EMULATE_RNE), mask=xmask)
     if NEED_P:  # partial sums: row (split * RC + chunk) of the (n_split * RC, ...) buffers
         rc = split.to(tl.int64) * RC + tl.arange(0, RC)[:, None, None]
         r16 = tl.arange(0, 16)[None, :, None]  # row 0 of the replicated bias sums
@@ -519,7 +518,7 @@ _DFT_CACHE: dict = {}
 
 def _pads(h: int, w: int) -> Tuple[int, int, int]:
     """(HP, WP, KWP): the padded dot sizes of H, W and W//2+1."""
-    return tuple(max(_MIN_DOT, _next_pow2(n)) for n in (h, w, w // 2 + 1))
+    return tuple(max(_MIN_DOT, next_pow2(n)) for n in (h, w, w // 2 + 1))
 
 
 def _dft_mats(h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -562,7 +561,7 @@ def _precision(x: Tensor) -> str:
 def _check_grid(op: str, x: Tensor):
     h, w = x.shape[1], x.shape[2]
     if max(h, w) > MAX_FUSED_GRID:
-        _fail(op, f"the fused Triton kernel covers grids up to {MAX_FUSED_GRID}x{MAX_FUSED_GRID}, x has {h}x{w} "
+        fail(op, f"the fused Triton kernel covers grids up to {MAX_FUSED_GRID}x{MAX_FUSED_GRID}, x has {h}x{w} "
                   "(use backend='cuda', the cuFFT path, or 'cpu')", NotImplementedError)
 
 
@@ -581,7 +580,7 @@ class _Plan:
         self.BC = bc
         self.acc = _math_dtype(x)
         self.dft = _dft_mats(self.H, self.W, self.acc, x.device)
-        self.meta = dict(ACC=_TL_DTYPES[self.acc], PREC=_precision(x), EMULATE_RNE=_EMULATE_RNE,
+        self.meta = dict(ACC=TL_DTYPES[self.acc], PREC=_precision(x), EMULATE_RNE=EMULATE_RNE,
                          HP=self.HP, WP=self.WP, KWP=self.KWP, BC=bc,
                          num_warps=_warps(self.HP, self.KWP, bc), num_stages=_NUM_STAGES)
 
@@ -598,18 +597,18 @@ def _filter_plan(x: Tensor, backward: bool) -> _Plan:
     hp, wp, kwp = _pads(x.shape[1], x.shape[2])
     budget = _TILE_BWD if backward else _TILE_FWD
     bc = max(budget // (hp * wp), 64 // min(hp, kwp), 1)
-    return _Plan(x, min(_next_pow2(x.shape[3]), bc))
+    return _Plan(x, min(next_pow2(x.shape[3]), bc))
 
 
 def _aff_plan(x: Tensor, w1: Tensor, blocks: int) -> Tuple[_Plan, int, int, int, int]:
     """(plan, Cb, Hb, G blocks per program, HBT)."""
     cb, hb = x.shape[3] // blocks, int(w1.shape[3])
     g = max(1, min(blocks, _MIN_DOT // cb))
-    plan = _Plan(x, max(_MIN_DOT, _next_pow2(g * cb)))
-    return plan, cb, hb, g, max(_MIN_DOT, _next_pow2(g * hb))
+    plan = _Plan(x, max(_MIN_DOT, next_pow2(g * cb)))
+    return plan, cb, hb, g, max(_MIN_DOT, next_pow2(g * hb))
 
 
-class _launching(_on_device):
+class _launching(on_device):
     """The launch context, plus a clear error naming the op when a configuration needs more shared memory
     or registers than the GPU has (Triton raises that at the first launch; see "Known limits")."""
 
@@ -620,7 +619,7 @@ class _launching(_on_device):
     def __exit__(self, et, ev, tb):
         super().__exit__(et, ev, tb)
         if isinstance(ev, OutOfResources):
-            _fail(self.op, f"the fused Triton kernel does not fit this GPU for this grid / channel block ({ev}); "
+            fail(self.op, f"the fused Triton kernel does not fit this GPU for this grid / channel block ({ev}); "
                            "use backend='cuda' (cuFFT)", RuntimeError)
         return False
 
@@ -637,7 +636,7 @@ def _launch_filter(op: str, src: Tensor, weight: Tensor, out_dtype: torch.dtype,
     grid = (p.B, -(-p.C // p.BC))
     with _launching(op, src.device):
         _sf_fwd_kernel[grid](src, weight, p.dft, y, p.B, p.H, p.W, p.C, *_strides(src),
-                             CONJ=conj, OUT_T=_TL_DTYPES[out_dtype], **p.meta)
+                             CONJ=conj, OUT_T=TL_DTYPES[out_dtype], **p.meta)
     return y
 
 
@@ -657,8 +656,8 @@ def _reduce_splits(part: Tensor, dtype: torch.dtype) -> Tensor:
 def spectral_filter(x: Tensor, weight: Tensor) -> Tensor:
     """irfft2(rfft2(x) * view_as_complex(weight), s=(H, W)); 1 launch."""
     op = "spectral_filter"
-    _ops.check_spectral_filter(op, x, weight)
-    _check_device(op, x.device)
+    _defs.check_spectral_filter(op, x, weight)
+    check_device(op, x.device)
     _check_grid(op, x)
     return _launch_filter(op, x, weight.contiguous(), x.dtype, conj=False)
 
@@ -669,9 +668,9 @@ def spectral_filter_backward(grad: Tensor, x: Tensor, weight: Tensor,
                              output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
     """(grad_x, grad_weight) of spectral_filter; one fused pass when both are asked for."""
     op = "spectral_filter_backward"
-    _ops.check_spectral_filter(op, x, weight)
-    _ops._check_grad(op, grad, x)
-    _check_device(op, x.device)
+    _defs.check_spectral_filter(op, x, weight)
+    _defs.check_grad(op, grad, x)
+    check_device(op, x.device)
     _check_grid(op, x)
     want_x, want_w = (bool(m) for m in output_mask)
     wt = weight.contiguous()
@@ -689,7 +688,7 @@ def spectral_filter_backward(grad: Tensor, x: Tensor, weight: Tensor,
     with _launching(op, x.device):
         _sf_bwd_kernel[(n_cblk, n_split)](grad, x, wt, p.dft, gx, part, p.B, p.H, p.W, p.C, bpp,
                                           *_strides(grad), *_strides(x),
-                                          NEED_DX=want_x, OUT_T=_TL_DTYPES[x.dtype], **p.meta)
+                                          NEED_DX=want_x, OUT_T=TL_DTYPES[x.dtype], **p.meta)
     return (gx if want_x else x.new_empty(0)), _reduce_splits(part, weight.dtype)
 
 
@@ -700,8 +699,8 @@ def adaptive_spectral_filter(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: 
                              shrink: float) -> Tensor:
     """irfft2(M(X) * X) + x, M AFF's complex block-diagonal MLP of X = rfft2(x); 1 launch."""
     op = "adaptive_spectral_filter"
-    _ops.check_adaptive(op, x, w1, b1, w2, b2, blocks, shrink)
-    _check_device(op, x.device)
+    _defs.check_adaptive(op, x, w1, b1, w2, b2, blocks, shrink)
+    check_device(op, x.device)
     _check_grid(op, x)
     p, cb, hb, g, hbt = _aff_plan(x, w1, blocks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -711,7 +710,7 @@ def adaptive_spectral_filter(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: 
         _aff_fwd_kernel[(p.B, -(-blocks // g))](
             x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), p.dft, y,
             p.B, p.H, p.W, p.C, blocks, cb, hb, g, *_strides(x), float(shrink),
-            OUT_T=_TL_DTYPES[x.dtype], HBT=hbt, **p.meta)
+            OUT_T=TL_DTYPES[x.dtype], HBT=hbt, **p.meta)
     return y
 
 
@@ -723,9 +722,9 @@ def adaptive_spectral_filter_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: T
                                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_w1, grad_b1, grad_w2, grad_b2) of adaptive_spectral_filter; 1 fused launch."""
     op = "adaptive_spectral_filter_backward"
-    _ops.check_adaptive(op, x, w1, b1, w2, b2, blocks, shrink)
-    _ops._check_grad(op, grad, x)
-    _check_device(op, x.device)
+    _defs.check_adaptive(op, x, w1, b1, w2, b2, blocks, shrink)
+    _defs.check_grad(op, grad, x)
+    check_device(op, x.device)
     _check_grid(op, x)
     mask = [bool(m) for m in output_mask]
     params = (w1, b1, w2, b2)
@@ -750,14 +749,14 @@ def adaptive_spectral_filter_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: T
         _aff_bwd_kernel[(n_gblk, n_split)](
             grad, x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), p.dft, dx, *parts,
             p.B, p.H, p.W, p.C, blocks, cb, hb, g, bpp, *_strides(grad), *_strides(x), float(shrink),
-            NEED_DX=mask[0], NEED_P=need_p, OUT_T=_TL_DTYPES[x.dtype], HBT=hbt, RC=rc, **p.meta)
+            NEED_DX=mask[0], NEED_P=need_p, OUT_T=TL_DTYPES[x.dtype], HBT=hbt, RC=rc, **p.meta)
     for k in range(1, 5):
         if mask[k]:
             out[k] = _reduce_splits(parts[k - 1], params[k - 1].dtype)
     return tuple(out)
 
 
-# Fake kernels: the ops layer's (same checks, same errors), plus this backend's grid limit.
+# The fakes of slimops.opdefs.spectral (same checks, same errors), plus this backend's grid limit.
 def _with_grid_check(op: str, fake):
     def _fake(*args):
         out = fake(*args)
@@ -767,7 +766,4 @@ def _with_grid_check(op: str, fake):
     return _fake
 
 
-for _name, _fake in _ops.FAKES:
-    torch.library.register_fake(f"slimops_triton::{_name}")(_with_grid_check(_name, _fake))
-
-_ops.register_triton_autograd()
+wire(_defs.DEFS, "slimops_triton", _with_grid_check)
