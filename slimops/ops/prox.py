@@ -24,8 +24,8 @@ for every penalty; group penalties use a row kernel that reads each group twice,
 for the update), with fp32 math for fp32/bf16/fp16 storage. All take ``backend=`` (see ``slimops._backend``).
 
 Papers: Liu et al. 2017 (network slimming); Bui et al. (nonconvex network slimming; proximal network
-slimming 2023; relaxed variable splitting); Zhang & Xin (transformed l1); Xu et al. (l1/2 half
-thresholding).
+slimming 2023; sparse group regularization 2021); Xue & Xin 2019 (relaxed variable splitting, RVSM); Zhang &
+Xin (transformed l1); Xu et al. (l1/2 half thresholding).
 """
 from __future__ import annotations
 
