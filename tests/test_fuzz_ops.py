@@ -1706,19 +1706,7 @@ def evaluate(op: str, mut: Mut, rep: int, backend: str):
 
 # Cases only a change of the C++ kernels (csrc/) or of the Triton kernels fixes: (op, mutator, backend) -> why.
 # Strict: each must still fail, so that the entry goes when the kernel is fixed.
-XFAIL: dict = {
-    ("channel_conv2d", "x_huge_small_result", "cpu"):
-        "csrc/cpu/channel_conv.cpp makes x contiguous (x.contiguous()) before gathering the kept channels: a "
-        "stride-0 view of 2**31 elements needs 4-8 GiB for a 1 MiB result",
-    ("masked_conv2d", "x_huge_small_result", "cpu"):
-        "csrc/cpu/channel_conv.cpp makes x contiguous before the per-sample work: 8 GiB for a 1 MiB result",
-    ("masked_conv2d", "x_huge_all_masked", "cpu"):
-        "csrc/cpu/channel_conv.cpp makes x contiguous even when every output channel is masked: 8 GiB for zeros",
-    ("masked_conv2d", "x_huge_small_result", "reference"):
-        "the reference twin convolves every sample, masked or not (F.conv2d makes the stride-0 batch contiguous)",
-    ("masked_conv2d", "x_huge_all_masked", "reference"):
-        "the reference twin convolves every sample, masked or not (F.conv2d makes the stride-0 batch contiguous)",
-}
+XFAIL: dict = {}
 
 TALLY: dict = collections.defaultdict(collections.Counter)  # (op, backend) -> outcome counts
 

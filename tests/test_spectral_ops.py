@@ -100,6 +100,22 @@ def test_adaptive_matches_reference(shape, hidden_factor):
                 _close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("where", ["b1", "b2"])
+def test_adaptive_backward_passes_gradients_through_nan_as_torch(where):
+    """A NaN hidden unit (b1) or filter entry (b2): ReLU and softshrink pass the gradient through a NaN, as torch's
+    relu and softshrink backward do, so the bias gradients there are finite sums, not zeros, and every gradient
+    has torch's values and NaN pattern."""
+    x, w1, b1, w2, b2 = _aff_inputs((2, 5, 6, 4), blocks=2)
+    (b1 if where == "b1" else b2)[0, 0, 0] = float("nan")
+    g = torch.randn_like(x)
+    got = torch.ops.slimops.adaptive_spectral_filter_backward(g, x, w1, b1, w2, b2, 2, 0.01, [True] * 5)
+    want = ref.adaptive_spectral_filter_backward(g, x, w1, b1, w2, b2, 2, 0.01, [True] * 5)
+    for name, a, e in zip(("x", "w1", "b1", "w2", "b2"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, equal_nan=True, msg=lambda m: f"grad_{name}: {m}")
+    bias_grad = got[2] if where == "b1" else got[4]
+    assert torch.isfinite(bias_grad[0, 0, 0]) and bias_grad[0, 0, 0] != 0
+
+
 def test_noncontiguous_and_mixed_weight_dtype():
     base = torch.randn(2, 8, 9, 12, dtype=torch.float32)
     x = base.permute(0, 2, 1, 3)  # (2, 9, 8, 12), not contiguous

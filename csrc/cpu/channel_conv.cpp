@@ -171,6 +171,20 @@ int64_t tile_rows(const ConvGeom& g, int64_t k, size_t elem) {
   return std::max<int64_t>(1, std::min(t, g.oh));
 }
 
+// x is read one sample at a time, so only each sample's (C, H, W) block must be dense: a batch of any stride (0 for
+// an expanded batch, a slice of a larger one) is read in place instead of being copied whole first (a stride-0
+// batch of 2^31 elements would otherwise cost gigabytes for a small result).
+struct SampleReader {
+  at::Tensor t;         // x, or a dense copy when its samples are not dense
+  int64_t stride = 0;   // elements between consecutive samples
+};
+
+SampleReader sample_reader(const at::Tensor& x) {
+  if (x.size(0) > 0 && x.select(0, 0).is_contiguous()) return {x, x.size(0) > 1 ? x.stride(0) : 0};
+  at::Tensor c = x.contiguous();
+  return {c, c.size(0) > 0 ? c.numel() / c.size(0) : 0};
+}
+
 std::vector<int64_t> iota(int64_t n) {
   std::vector<int64_t> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[i] = i;
@@ -380,7 +394,8 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const ChannelCall c = prepare_channel(op, x, weight, bias, in_idx, out_idx, stride, padding, dilation, input_gathered);
   const ConvGeom& g = c.g;
   const int64_t nc = c.in_idx.numel(), nr = c.out_idx.numel();
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const SampleReader xr = sample_reader(x);
+  const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.n, nr, g.oh, g.ow}, x.options());
   if (y.numel() == 0) return y;
@@ -400,14 +415,14 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
                                    nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data());
     }
     const float* dp = dpanel.empty() ? nullptr : dpanel.data();
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     std::vector<std::unique_ptr<ForwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(slots()));
     for_samples(g.n, [&](int64_t n, int64_t slot) {
       auto& w = work[slot];
       if (!w) w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, nc, nr);
-      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), dp, nr, rows.data(), true, bp,
+      w->run(xp + n * xr.stride, chans, nc, panel.data(), dp, nr, rows.data(), true, bp,
              c.out_idx.const_data_ptr<int64_t>(), yp + n * nr * g.ohw());
     });
   });
@@ -447,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
   at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
   std::tie(gx, gw, gb) = zero_grads(x, weight, output_mask);
   if (g.n == 0 || nr == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
+  const SampleReader xr = sample_reader(x);
+  const at::Tensor wc = weight.contiguous(), goc = grad_out.contiguous();
   const std::vector<int64_t> compact = iota(nc), rows = iota(nr);
   const int64_t* chans = input_gathered ? compact.data() : c.in_idx.const_data_ptr<int64_t>();
   const int64_t* in_p = c.in_idx.const_data_ptr<int64_t>();
@@ -460,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
     const int64_t ns = slots();
     std::vector<std::vector<acc_t>> gw_acc(ns), gb_acc(ns), gx_buf(ns);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* gop = goc.const_data_ptr<scalar_t>();
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       auto& w = work[slot];
@@ -480,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
           for (int64_t ci = 0; ci < nc; ++ci) std::fill_n(gx_n + chans[ci] * g.hw(), g.hw(), acc_t(0));
         }
       }
-      w->run(xp + n * g.cx * g.hw(), chans, nc, panel.data(), nr, gx_n, need_w ? gw_acc[slot].data() : nullptr,
+      w->run(xp + n * xr.stride, chans, nc, panel.data(), nr, gx_n, need_w ? gw_acc[slot].data() : nullptr,
              need_b ? gb_acc[slot].data() : nullptr);
       if constexpr (!same) {
         if (need_x) {
@@ -525,14 +541,15 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
   at::Tensor y = at::empty({g.n, c_out, g.oh, g.ow}, x.options());
   if (y.numel() == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const SampleReader xr = sample_reader(x);
+  const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto rows = rows_of_mask(out_mask);
   const std::vector<int64_t> chans = iota(c_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.masked_conv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t ns = slots();
@@ -559,7 +576,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       // Only this sample's kept rows are packed (and then computed).
       if (direct) pack_weight_direct<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, dpanels[slot].data());
       else pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), direct ? dpanels[slot].data() : nullptr,
+      w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), direct ? dpanels[slot].data() : nullptr,
              nr, r.data(), nr == c_out, bp,
              r.data(), yp + n * c_out * g.ohw());
     });
@@ -578,7 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
   std::tie(gx, gw, gb) = zero_grads(x, weight, output_mask);
   if (g.n == 0 || c_out == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), goc = grad_out.contiguous();
+  const SampleReader xr = sample_reader(x);
+  const at::Tensor wc = weight.contiguous(), goc = grad_out.contiguous();
   const auto rows = rows_of_mask(out_mask);
   const std::vector<int64_t> chans = iota(c_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.masked_conv2d_backward", [&] {
@@ -590,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     std::vector<std::vector<acc_t>> panels(ns), gw_acc(ns), gb_acc(ns), gx_buf(ns), gw_rows(ns);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* gop = goc.const_data_ptr<scalar_t>();
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
@@ -621,7 +639,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         gwr = gw_rows[slot].data();
         std::fill_n(gwr, nr * k, acc_t(0));
       }
-      w->run(xp + n * c_in * g.hw(), chans.data(), c_in, panels[slot].data(), nr, gx_n, gwr,
+      w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), nr, gx_n, gwr,
              need_b ? gbr.data() : nullptr);
       for (int64_t i = 0; i < nr; ++i) {
         if (need_w) {

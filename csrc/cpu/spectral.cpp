@@ -509,9 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptive_
           for (int64_t j = 0; j < n; ++j) {
             const T gr = a * zr[j], gi = a * zi[j];           // gZ
             const T m_r = softshrink(o2r[j], lam), m_i = softshrink(o2i[j], lam);
-            // gM = gZ conj(X), through softshrink (derivative 1 where |v| > lam)
-            mr[j] = std::abs(o2r[j]) > lam ? gr * xr[j] + gi * xi[j] : T(0);
-            mi[j] = std::abs(o2i[j]) > lam ? gi * xr[j] - gr * xi[j] : T(0);
+            // gM = gZ conj(X), through softshrink: derivative 0 on [-lam, lam], 1 elsewhere and at NaN (as torch)
+            mr[j] = std::abs(o2r[j]) <= lam ? T(0) : gr * xr[j] + gi * xi[j];
+            mi[j] = std::abs(o2i[j]) <= lam ? T(0) : gi * xr[j] - gr * xi[j];
             zr[j] = gr * m_r + gi * m_i;                      // gX (direct) = gZ conj(M)
             zi[j] = gi * m_r - gr * m_i;
           }
@@ -519,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptive_
         // Layer 2: gO1 = gO2 W2big^T, masked by ReLU; weight sums.
         small_mm<T>(pts, 2 * n, 2 * hp, gm, 2 * n, 1, &aw.w2t[blk * sw], 2 * hp, go1.data(), 2 * hp, false);
         for (int64_t e = 0; e < pts * 2 * hp; ++e)
-          if (!(s.o1[e] > T(0))) go1[e] = T(0);
+          if (s.o1[e] <= T(0)) go1[e] = T(0);  // torch's relu backward: a NaN output passes the gradient
         if (need_w) {
           T* acc_b = sums.mine() + blk * per_blk;
           T *gw1 = acc_b, *gb1 = gw1 + sw, *gw2 = gb1 + 2 * hp, *gb2 = gw2 + sw;

@@ -92,10 +92,11 @@ __device__ __forceinline__ T softshrink(T v, T lam) {  // NaN stays NaN, as in t
   return v > lam ? v - lam : (v < -lam ? v + lam : (v != v ? v : T(0)));
 }
 
-// d softshrink / dv as torch takes it: 0 on [-lam, lam], kinks included.
+// d softshrink / dv as torch takes it: 0 on [-lam, lam], kinks included; 1 elsewhere, NaN included (the gradient
+// passes through a NaN, as in torch's softshrink_backward).
 template <typename T>
 __device__ __forceinline__ bool shrink_passes(T v, T lam) {
-  return v > lam || v < -lam;
+  return !(v >= -lam && v <= lam);
 }
 
 // ReLU that keeps NaN (as torch's relu does).
@@ -215,7 +216,8 @@ __global__ void relu_mask_kernel(Cx<T>* __restrict__ g, const Cx<T>* __restrict_
   for (int64_t e = grid_start(); e < n; e += grid_step()) {
     const Cx<T> o = o1[e];
     const Cx<T> v = g[e];
-    g[e] = {o.re > T(0) ? v.re : T(0), o.im > T(0) ? v.im : T(0)};
+    // torch's relu backward: 0 where the output is <= 0; a NaN output passes the gradient.
+    g[e] = {o.re <= T(0) ? T(0) : v.re, o.im <= T(0) ? T(0) : v.im};
   }
 }
 

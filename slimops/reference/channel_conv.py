@@ -8,7 +8,8 @@ Each function mirrors the ``torch.ops.slimops`` op of the same name (schemas in
   indexed: this is how a chain of sparse convs passes compact activations from layer to layer.
 - ``masked_conv2d``: ``F.conv2d(x, weight, bias, ...) * out_mask[:, :, None, None]``, ``out_mask`` (N, C_out)
   bool, one set of kept output channels per sample (dynamic channel gating, ManiDP). Masked channels are
-  exactly 0, also where the conv would give inf/NaN (the kernels never compute them).
+  exactly 0, also where the conv would give inf/NaN (the kernels never compute them); samples with no kept
+  channel are not convolved at all.
 
 Empty index sets are allowed: no input channel leaves the bias (broadcast over the output), no output
 channel gives an (N, 0, OH, OW) result. Low-precision inputs are convolved in float32 and rounded once,
@@ -68,10 +69,17 @@ def channel_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_idx: Te
 
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor,
                   stride=1, padding=0, dilation=1) -> Tensor:
-    # where, not a product: a masked channel is never computed, so it is 0 even where the conv would be
-    # inf/NaN (the kernels skip it).
-    y = _conv(x, weight, bias, stride, padding, dilation)
-    return torch.where(out_mask[:, :, None, None], y, y.new_zeros(())).to(x.dtype)
+    # Only the samples that keep a channel are convolved (a fully gated sample is all zeros, and a stride-0 batch
+    # is never materialised whole); `where`, not a product: a masked channel is never computed, so it is 0 even
+    # where the conv would be inf/NaN (the kernels skip it).
+    if out_mask.device.type == "meta" or torch.compiler.is_compiling():  # no values to skip by: every sample
+        y = _conv(x, weight, bias, stride, padding, dilation)
+        return torch.where(out_mask[:, :, None, None], y, y.new_zeros(())).to(x.dtype)
+    live = out_mask.any(1).nonzero().flatten()
+    y_live = _conv(x[live], weight, bias, stride, padding, dilation)
+    y_live = torch.where(out_mask[live][:, :, None, None], y_live, y_live.new_zeros(()))
+    y = y_live.new_zeros((x.shape[0], *y_live.shape[1:]))
+    return y.index_copy(0, live, y_live).to(x.dtype)
 
 
 def _grads(fn, x: Tensor, weight: Tensor, output_mask: Sequence[bool], grad_out: Tensor):

@@ -475,11 +475,12 @@ def _aff_bwd_kernel(
         dzr = _swap12(gr, KWP, BC, HP) * alpha  # dL/dZ = alpha * rfft2(grad)
         dzi = _swap12(gi, KWP, BC, HP) * alpha
         p1r, p1i, o1r, o1i, o2r, o2i = _aff_mlp(xr, xi, w1r, w1i, b1r, b1i, w2r, w2i, b2r, b2i, PREC)
-        do2r = tl.where((o2r > lam) | (o2r < -lam), xr * dzr + xi * dzi, 0.0)  # dM = conj(X) dZ
-        do2i = tl.where((o2i > lam) | (o2i < -lam), xr * dzi - xi * dzr, 0.0)
+        # dM = conj(X) dZ through softshrink: 0 on [-lam, lam], passed elsewhere and at NaN (as torch)
+        do2r = tl.where((o2r >= -lam) & (o2r <= lam), 0.0, xr * dzr + xi * dzi)
+        do2i = tl.where((o2i >= -lam) & (o2i <= lam), 0.0, xr * dzi - xi * dzr)
         do1r, do1i = _cmm_bh(do2r, do2i, w2r, w2i, PREC)
-        dp1r = tl.where(p1r > 0, do1r, 0.0)
-        dp1i = tl.where(p1i > 0, do1i, 0.0)
+        dp1r = tl.where(p1r <= 0, 0.0, do1r)  # torch's relu backward: a NaN passes the gradient
+        dp1i = tl.where(p1i <= 0, 0.0, do1i)
         if NEED_P:
             dw2r, dw2i, db2r, db2i = _weight_grad_acc(o1r, o1i, do2r, do2i, dw2r, dw2i, db2r, db2i, RC, PREC)
             dw1r, dw1i, db1r, db1i = _weight_grad_acc(xr, xi, dp1r, dp1i, dw1r, dw1i, db1r, db1i, RC, PREC)
