@@ -1,8 +1,9 @@
 """The model zoo: the CIFAR networks of network slimming (Liu et al., ICCV 2017; docs/algorithms.md §2) and the
 Fourier-domain backbones (docs/algorithms.md §7: AFIDAF-T, AFIDAF, GFNet-Ti) and the SEMA attention backbone
-(docs/algorithms.md §8: SEMA-T).
+(docs/algorithms.md §8: SEMA-T), and DeiT-style vision transformers (docs/algorithms.md §6: ViT-Ti, ViT-S, DeiT-B).
 
-``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS`. Every model is a
+``build(name, num_classes=10, in_channels=3, width=1.0)`` makes one of :data:`MODELS` (the ViTs also take
+``img_size`` and ``patch``). Every model is a
 :class:`SlimmableModel`: it knows its build configuration (``config()``) and lists its prunable
 BatchNorms with the layers they touch (``slim_groups()``), which is what the compaction engine of
 :mod:`slimops.pruning` consumes.
@@ -21,6 +22,7 @@ from slimops.models.gfnet import GFNet
 from slimops.models.preresnet import PreResNet
 from slimops.models.sema import SEMANet
 from slimops.models.vgg import VGG
+from slimops.models.vit import VisionTransformer
 
 _FACTORIES = {
     "vgg11": lambda **kw: VGG(11, **kw),
@@ -37,27 +39,43 @@ _FACTORIES = {
     "gfnet_ti": lambda **kw: GFNet("gfnet_ti", **kw),
     # SEMA attention in Mamba-like blocks (MLLA-T's layout); any input size.
     "sema_t": lambda **kw: SEMANet("sema_t", **kw),
+    # DeiT-style vision transformers; built for one input size (img_size, patch), run at others by interpolating
+    # their position embedding.
+    "vit_ti": lambda **kw: VisionTransformer("vit_ti", **kw),
+    "vit_s": lambda **kw: VisionTransformer("vit_s", **kw),
+    "deit_b": lambda **kw: VisionTransformer("deit_b", **kw),
 }
+
+# The models whose build takes the input resolution (img_size, patch): their position embedding has one entry
+# per patch of the image they are built for.
+VIT_MODELS: tuple[str, ...] = ("vit_ti", "vit_s", "deit_b")
+RESOLUTION_MODELS: tuple[str, ...] = VIT_MODELS
 
 MODELS: tuple[str, ...] = tuple(_FACTORIES)
 
 
-def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *, img_size: int | None = None,
+          patch: int | None = None) -> nn.Module:
     """Build model ``name`` (one of :data:`MODELS`) with Liu et al.'s initialisation (BN γ = 0.5).
 
     ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
     rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding; for SEMA-T
-    the head dim, to the nearest multiple of 8). The Fourier-domain and SEMA models initialise their spectral
+    the head dim, to the nearest multiple of 8; for the ViTs the head dim, from 64). ``img_size`` (default 224)
+    and ``patch`` (default 16 from 224 up, else 4) are for the ViTs (:data:`RESOLUTION_MODELS`) only. The Fourier-domain and SEMA models initialise their spectral
     and transformer parts as their papers do (see their docstrings). Raises ``ValueError`` naming the bad argument.
     """
     if name not in _FACTORIES:
         raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
     check_config("slimops.models.build", num_classes, in_channels, width)
-    return _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, width=width)
+    extra = {k: v for k, v in (("img_size", img_size), ("patch", patch)) if v is not None}
+    if extra and name not in RESOLUTION_MODELS:
+        raise ValueError(f"slimops.models.build: {name} runs at any input size and takes no "
+                         f"{' or '.join(extra)} (only {', '.join(RESOLUTION_MODELS)} do)")
+    return _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, width=width, **extra)
 
 
-__all__ = ["MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel", "VGG", "PreResNet",
-           "DenseNet", "AFIDAFNet", "GFNet", "SEMANet"]
+__all__ = ["MODELS", "RESOLUTION_MODELS", "VIT_MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel",
+           "VGG", "PreResNet", "DenseNet", "AFIDAFNet", "GFNet", "SEMANet", "VisionTransformer"]
 
 
 # The largest model a configuration read from a file may ask for (parameters + buffers, elements): a plan or
@@ -74,6 +92,7 @@ def build_from_config(config: dict) -> nn.Module:
     where = "slimops.models.build_from_config"
     try:
         kw = dict(num_classes=config["num_classes"], in_channels=config["in_channels"], width=config["width"])
+        kw.update({k: config[k] for k in ("img_size", "patch") if k in config})
         name = config["arch"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: not a model config: {config!r}") from e

@@ -98,7 +98,15 @@ def _train_opts(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=positive_count, default=64,
                     help="global batch size (split over torchrun processes)")
     ap.add_argument("--lr", type=positive_float, default=0.1,
-                    help="SGD lr (momentum 0.9, wd 1e-4; /10 at 50%% and 75%%)")
+                    help="peak lr (sgd: momentum 0.9; schedule step: /10 at 50%% and 75%%)")
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                    help="sgd (the CNN recipes) or adamw (betas 0.9/0.999: the ViT recipe, with e.g. --lr 1e-3 "
+                         "--schedule cosine --warmup-epochs 3)")
+    ap.add_argument("--weight-decay", type=nonneg_float, default=None,
+                    help="default: 1e-4 for sgd, 0.05 for adamw")
+    ap.add_argument("--schedule", default="step", choices=("step", "cosine"),
+                    help="step: lr /10 at 50%% and 75%% of the epochs; cosine: per step, after a linear warmup")
+    ap.add_argument("--warmup-epochs", type=count, default=0, help="cosine: linear warmup over this many epochs")
     ap.add_argument("--seed", type=seed, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-<stage>.pt")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
@@ -140,6 +148,8 @@ def main_slim(argv=None) -> dict:
     def build(ap):
         ap.add_argument("--model", default="vgg11", choices=MODELS)
         ap.add_argument("--width", type=positive_float, default=0.5, help="channel multiplier")
+        ap.add_argument("--patch", type=positive_count, default=None,
+                        help="ViTs: patch size (default 4 on 32x32 data, 16 from 224 up)")
         _common(ap)
         ap.add_argument("--method", default="proximal-ns", choices=METHODS)
         ap.add_argument("--penalty", default=None, choices=("l1", "l0", "tl1", "l1_2"),
@@ -220,7 +230,8 @@ def main_finetune(argv=None) -> dict:
     a = _parse("finetune", build, argv)
     return finetune(weights=a.weights, epochs=a.epochs, data=a.data, data_dir=a.data_dir, lr=a.lr, batch=a.batch,
                     seed=a.seed, out=a.out, resume=a.resume, device=a.device, augment=a.augment, progress=a.progress,
-                    on_nonfinite=a.on_nonfinite)
+                    on_nonfinite=a.on_nonfinite, optimizer=a.optimizer, weight_decay=a.weight_decay,
+                    schedule=a.schedule, warmup_epochs=a.warmup_epochs)
 
 
 def main_eval(argv=None) -> dict:

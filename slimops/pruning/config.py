@@ -52,6 +52,7 @@ class SlimConfig:
 
     model: str = "vgg11"
     width: float = 1.0
+    patch: Optional[int] = None          # ViTs only: the patch size (None: 16 for inputs from 224 up, else 4)
     data: str = "digits"
     data_dir: Optional[str] = None
     method: str = "proximal-ns"
@@ -64,6 +65,10 @@ class SlimConfig:
     finetune_epochs: int = 0
     batch: int = 64
     lr: float = 0.1
+    optimizer: str = "sgd"               # sgd (momentum 0.9) | adamw (the ViTs' choice)
+    weight_decay: Optional[float] = None  # None: 1e-4 for sgd, 0.05 for adamw
+    schedule: str = "step"               # step (lr / 10 at 50% and 75%) | cosine (per step, after the warmup)
+    warmup_epochs: int = 0               # cosine: linear warmup over this many epochs
     seed: int = 0
     out: str = "runs/slim"
     resume: bool = False
@@ -93,12 +98,37 @@ class SlimConfig:
                     or not 0.0 <= self.percent < 1.0:
                 raise _bad("percent", "'auto', None or a fraction in [0, 1)", self.percent)
         _number("width", self.width, lo=0.0, lo_open=True)
+        if self.patch is not None:
+            from slimops.models import RESOLUTION_MODELS
+
+            _count("patch", self.patch, lo=1)
+            if self.model not in RESOLUTION_MODELS:
+                raise _bad("patch", f"None for {self.model} (only {', '.join(RESOLUTION_MODELS)} take a patch size)",
+                           self.patch)
+        from slimops.models import VIT_MODELS
+
+        if self.model in VIT_MODELS and self.method != "none":
+            raise _bad("method", f"'none' for {self.model}: the slimming methods prune BatchNorm channels and a "
+                                 "ViT has none (ViT dimension pruning is not implemented yet)", self.method)
         _number("lr", self.lr, lo=0.0, lo_open=True)
         _number("lam", self.lam, lo=0.0, optional=True)
         _number("beta", self.beta, lo=0.0, optional=True)
         _number("a", self.a, optional=True)
-        for name in ("epochs", "finetune_epochs", "bn_recal"):
+        for name in ("epochs", "finetune_epochs", "bn_recal", "warmup_epochs"):
             _count(name, getattr(self, name))
+        from slimops.pruning.methods import ADAMW_METHODS
+        from slimops.pruning.train import OPTIMIZERS, SCHEDULES
+
+        if self.optimizer not in OPTIMIZERS:
+            raise _bad("optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
+        if self.optimizer == "adamw" and self.method not in ADAMW_METHODS:
+            raise _bad("optimizer", f"'sgd' for method {self.method} (defined on SGD steps; 'adamw' works with "
+                                    f"{', '.join(ADAMW_METHODS)})", self.optimizer)
+        if self.schedule not in SCHEDULES:
+            raise _bad("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise _bad("warmup_epochs", "0 unless schedule is 'cosine'", self.warmup_epochs)
+        _number("weight_decay", self.weight_decay, lo=0.0, optional=True)
         _count("batch", self.batch, lo=1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise _bad("seed", "an integer in [0, 2**63)", self.seed)
@@ -120,6 +150,14 @@ class SlimConfig:
         if self.percent == "auto":
             return None if self.method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
         return None if self.percent is None else float(self.percent)
+
+    def train_config(self, epochs: int, seed: int):
+        """The :class:`~slimops.pruning.train.TrainConfig` of a stage of ``epochs`` epochs."""
+        from slimops.pruning.train import TrainConfig
+
+        return TrainConfig(epochs=epochs, lr=self.lr, batch=self.batch, seed=seed, augment=self.augment,
+                           optimizer=self.optimizer, weight_decay=self.weight_decay, schedule=self.schedule,
+                           warmup_epochs=self.warmup_epochs)
 
     def method_config(self, steps: int):
         """The :class:`~slimops.pruning.methods.MethodConfig` of a run of ``steps`` SGD steps (lam calibrated)."""

@@ -31,9 +31,12 @@ from torch import Tensor, nn
 
 from slimops.ops.prox import penalty_grad_
 from slimops.penalties import ELEMENTWISE_PROX
-from slimops.optim import ProximalSlimming, ProxSGD
+from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD
 
 METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns")
+# The methods that are not defined on an SGD step (prox-sgd's prox step and proximal NS's alpha = 1/lr are), so
+# that they run with AdamW too: the subgradient methods add to the gradient whatever the optimizer does with it.
+ADAMW_METHODS = ("none", "ns", "ns-tl1", "ns-lp")
 
 # Reference step count the lam defaults are expressed for (CIFAR, 160 epochs at batch 64).
 T_REF = 125_120
@@ -118,7 +121,7 @@ class SlimMethod:
     """
 
     def __init__(self, cfg: MethodConfig, model: nn.Module, *, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, nesterov: bool = False):
+                 weight_decay: float = 1e-4, nesterov: bool = False, optimizer: str = "sgd"):
         self.cfg = cfg
         self.gammas = bn_gammas(model)
         ids = {id(g) for g in self.gammas}
@@ -126,8 +129,14 @@ class SlimMethod:
         gamma_group = {"params": self.gammas}
         if cfg.method == "prox-sgd":
             gamma_group.update(penalty=cfg.penalty, lam=cfg.lam, a=cfg.a)
-        self.optimizer = ProxSGD([{"params": rest}, gamma_group], lr=lr, momentum=momentum,
-                                 weight_decay=weight_decay, nesterov=nesterov)
+        if optimizer == "adamw":
+            if cfg.method not in ADAMW_METHODS:
+                raise ValueError(f"slimops.pruning: method {cfg.method!r} is defined on SGD steps; optimizer "
+                                 f"'adamw' works with {', '.join(ADAMW_METHODS)}")
+            self.optimizer = ProxAdamW([{"params": rest}, gamma_group], lr=lr, weight_decay=weight_decay)
+        else:
+            self.optimizer = ProxSGD([{"params": rest}, gamma_group], lr=lr, momentum=momentum,
+                                     weight_decay=weight_decay, nesterov=nesterov)
         self.slim: Optional[ProximalSlimming] = None
         if cfg.method == "proximal-ns":
             self.slim = ProximalSlimming(self.gammas, self.optimizer, lam=cfg.lam, beta=cfg.beta, penalty="l1")

@@ -1,8 +1,10 @@
 """What a slimmed model costs and how well it does: parameters, MACs, latency, test accuracy.
 
-MACs (multiply-accumulates) count only the dense ``nn.Conv2d`` and ``nn.Linear`` layers (subclasses
+MACs (multiply-accumulates) count the dense ``nn.Conv2d`` and ``nn.Linear`` layers (subclasses
 included): ``out_elems * in_ch/groups * kh * kw`` for a convolution, ``out_elems * in_features`` for a
-linear layer, for one forward pass of a batch-1 input. Biases, BatchNorm, activations, pooling and
+linear layer, and the two token products of ViT self-attention (``q k^T`` and ``softmax v``:
+``2 * N^2 * heads * head_dim`` for N tokens, :class:`slimops.nn.vit.ViTAttention`), for one forward pass of a
+batch-1 input. Biases, BatchNorm, activations, pooling and
 residual additions are not counted: they are a rounding error next to the convolutions and are what
 the pruning literature leaves out too. FLOPs are conventionally reported as ``2 x MACs``: the CIFAR
 VGG-19 of network slimming (Liu et al., 2017, Table 1: 7.97e8 FLOPs, 20.04M parameters) has
@@ -63,6 +65,11 @@ def count_macs(model: nn.Module, input_size) -> int:
         nonlocal total
         total += out.numel() * m.in_features
 
+    def attention_hook(m, inp, _out):  # the token products; qkv and proj are counted as Linear layers
+        nonlocal total
+        b, n = inp[0].shape[:2]
+        total += 2 * b * n * n * m.attn_dim
+
     def sparse_conv_hook(m, _inp, out):  # slimops.nn.ChannelSparseConv2d: only the kept channels
         nonlocal total
         kh, kw = m.kernel_size
@@ -73,6 +80,7 @@ def count_macs(model: nn.Module, input_size) -> int:
         total += out.numel() * m.in_idx.numel()
 
     from slimops.nn import ChannelSparseConv2d, ChannelSparseLinear
+    from slimops.nn.vit import ViTAttention
 
     handles = []
     try:
@@ -85,6 +93,8 @@ def count_macs(model: nn.Module, input_size) -> int:
                 handles.append(m.register_forward_hook(conv_hook))
             elif isinstance(m, nn.Linear):
                 handles.append(m.register_forward_hook(linear_hook))
+            elif isinstance(m, ViTAttention):
+                handles.append(m.register_forward_hook(attention_hook))
         device, dtype = _device_dtype(model)
         _eval_forward(model, torch.zeros((1, *size), device=device, dtype=dtype))
     finally:

@@ -196,12 +196,19 @@ def slim(config: Optional[SlimConfig] = None, /, **fields) -> dict:
     return _run_slim(cfg)
 
 
+def resolution_args(model: str, img_size: int, patch: Optional[int]) -> dict:
+    """The build arguments of a model built for the data's image size (the ViTs: ``img_size``, ``patch``)."""
+    from slimops.models import RESOLUTION_MODELS
+
+    return {"img_size": img_size, "patch": patch} if model in RESOLUTION_MODELS else {}
+
+
 def _run_slim(cfg: SlimConfig) -> dict:
     from slimops.data import load as load_data
     from slimops.models import build
 
     out, percent = cfg.out, cfg.resolved_percent()
-    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, augment=cfg.augment)
+    tcfg = cfg.train_config(cfg.epochs, cfg.seed)
     dev = torch.device(cfg.device)
     info = D.init_from_env(dev)
     if info.enabled and dev.type == "cuda":
@@ -212,7 +219,8 @@ def _run_slim(cfg: SlimConfig) -> dict:
         steps = cfg.epochs * tcfg.steps_per_epoch(len(ds.y_train))
         mcfg = cfg.method_config(steps)
         torch.manual_seed(cfg.seed)
-        net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width)
+        net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width,
+                    **resolution_args(cfg.model, ds.size, cfg.patch))
         run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.slim")
@@ -238,8 +246,7 @@ def _run_slim(cfg: SlimConfig) -> dict:
         metrics.update(rep)
         history = list(res.history)
         if cfg.finetune_epochs > 0:
-            ft_cfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed + 1,
-                                 augment=cfg.augment)
+            ft_cfg = cfg.train_config(cfg.finetune_epochs, cfg.seed + 1)
             ft_run = run_config_of(pruned.config(), cfg.data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
             ft = train_stage(pruned, ds, MethodConfig("none"), ft_cfg, stage="finetune",
                              ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=cfg.resume, device=dev,
@@ -308,8 +315,11 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
 
 def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optional[str] = None, lr: float = 0.1,
              batch: int = 64, seed: int = 0, out: str = "runs/finetune", resume: bool = False,
-             device: str = "cpu", augment: bool = True, progress: bool = True, on_nonfinite: str = "stop") -> dict:
-    """Fine-tunes a model file (usually ``pruned.pt``) with plain SGD; writes ``finetuned.pt``."""
+             device: str = "cpu", augment: bool = True, progress: bool = True, on_nonfinite: str = "stop",
+             optimizer: str = "sgd", weight_decay: Optional[float] = None, schedule: str = "step",
+             warmup_epochs: int = 0) -> dict:
+    """Fine-tunes a model file (usually ``pruned.pt``) with plain SGD or AdamW (see
+    :class:`~slimops.pruning.train.TrainConfig`); writes ``finetuned.pt``."""
     from slimops.data import load as load_data
 
     check_on_nonfinite(on_nonfinite)
@@ -323,7 +333,8 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
         setup_logging(out, info.is_main)
         plan = Plan.from_dict(obj["plan"]) if obj.get("plan") else None
         ds = load_data(data, data_dir)
-        cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment, optimizer=optimizer,
+                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs)
         run = run_config_of(net.config(), data, MethodConfig("none"), cfg, plan=obj.get("plan"), source=weights)
         acc0 = accuracy(net, ds, device=dev)
         res = train_stage(net, ds, MethodConfig("none"), cfg, stage="finetune",

@@ -40,40 +40,42 @@ def _save(fig, path: str) -> None:
 
 
 def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tensor]], history: list) -> list:
-    """Writes scores.png, channels.png and curves.png into ``out``; returns their paths ([] without matplotlib)."""
+    """Writes scores.png and channels.png (models with BN slim groups) and curves.png into ``out``; returns their
+    paths ([] without matplotlib)."""
     plt = pyplot()
     if plt is None:
         return []
 
     paths = []
-    scores = torch.cat(list(bn_scores(model, xi).values())).numpy()
-    label = "|xi|" if xi is not None else "|gamma|"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    nz = scores[scores > 0]
-    ax.hist(nz if len(nz) else scores, bins=60, color="tab:blue")
-    thr = plan.meta.get("threshold")
-    if thr is not None and thr > 0:
-        ax.axvline(thr, color="tab:red", linestyle="--", label=f"threshold {thr:.3g}")
-        ax.legend()
-    ax.set(title=f"BN channel scores {label}: {int((scores == 0).sum())} of {len(scores)} exactly 0 (not shown)",
-           xlabel=label, ylabel="channels", yscale="log")
-    fig.tight_layout()
-    paths.append(os.path.join(out, "scores.png"))
-    _save(fig, paths[-1])
-    plt.close(fig)
+    if plan.layers:  # a model with BN slim groups (the ViTs have none: no scores, no channels to plot)
+        scores = torch.cat(list(bn_scores(model, xi).values())).numpy()
+        label = "|xi|" if xi is not None else "|gamma|"
+        fig, ax = plt.subplots(figsize=(7, 4))
+        nz = scores[scores > 0]
+        ax.hist(nz if len(nz) else scores, bins=60, color="tab:blue")
+        thr = plan.meta.get("threshold")
+        if thr is not None and thr > 0:
+            ax.axvline(thr, color="tab:red", linestyle="--", label=f"threshold {thr:.3g}")
+            ax.legend()
+        ax.set(title=f"BN channel scores {label}: {int((scores == 0).sum())} of {len(scores)} exactly 0 (not shown)",
+               xlabel=label, ylabel="channels", yscale="log")
+        fig.tight_layout()
+        paths.append(os.path.join(out, "scores.png"))
+        _save(fig, paths[-1])
+        plt.close(fig)
 
-    names = list(plan.layers)
-    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(names)), 4))
-    xs = range(len(names))
-    ax.bar(xs, [plan.channels[n] for n in names], color="lightgray", label="before")
-    ax.bar(xs, [len(plan.layers[n]) for n in names], color="tab:green", label="kept")
-    ax.set(title=f"channels per BN layer: {plan.channels_kept}/{plan.channels_total} kept "
-                 f"({plan.kept_fraction:.1%})", xlabel="BN layer (module order)", ylabel="channels")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out, "channels.png"))
-    _save(fig, paths[-1])
-    plt.close(fig)
+        names = list(plan.layers)
+        fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(names)), 4))
+        xs = range(len(names))
+        ax.bar(xs, [plan.channels[n] for n in names], color="lightgray", label="before")
+        ax.bar(xs, [len(plan.layers[n]) for n in names], color="tab:green", label="kept")
+        ax.set(title=f"channels per BN layer: {plan.channels_kept}/{plan.channels_total} kept "
+                     f"({plan.kept_fraction:.1%})", xlabel="BN layer (module order)", ylabel="channels")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out, "channels.png"))
+        _save(fig, paths[-1])
+        plt.close(fig)
 
     if history:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))

@@ -1,5 +1,10 @@
-"""The training loop shared by the slimming and fine-tuning stages: SGD + the method's sparsity updates,
-a per-epoch atomic checkpoint, exact resume, and data parallelism under ``torchrun``.
+"""The training loop shared by the slimming and fine-tuning stages: SGD (or AdamW) + the method's sparsity
+updates, a per-epoch atomic checkpoint, exact resume, and data parallelism under ``torchrun``.
+
+Optimizers and schedules (:class:`TrainConfig`): ``sgd`` (momentum 0.9, weight decay 1e-4: the CNN recipes of
+network slimming) or ``adamw`` (betas 0.9/0.999, weight decay 0.05: DeiT's recipe, what a ViT needs), both through
+slimops' fused optimizers; ``step`` (lr / 10 at 50% and 75% of the epochs, per epoch) or ``cosine`` (per step:
+linear warmup over ``warmup_epochs``, then half a cosine to 0).
 
 Exact resume: the sample order of epoch ``e`` is a permutation seeded with ``seed + e`` (what
 ``DistributedSampler`` draws), each sample's augmentation a function of ``(seed, e, index)``
@@ -35,17 +40,24 @@ from slimops.pruning.metrics import accuracy
 
 log = logging.getLogger("slimops.pruning")
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+
 
 @dataclass
 class TrainConfig:
     epochs: int
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: Optional[float] = None  # None: 1e-4 for sgd, 0.05 for adamw
     batch: int = 64                       # global batch (split over DDP ranks)
     seed: int = 0
-    milestones: tuple = (0.5, 0.75)       # lr /10 at these fractions of the epochs (Liu et al.)
+    milestones: tuple = (0.5, 0.75)       # schedule "step": lr /10 at these fractions of the epochs (Liu et al.)
     augment: bool = True
+    optimizer: str = "sgd"                # sgd | adamw
+    schedule: str = "step"                # step | cosine
+    warmup_epochs: int = 0                # schedule "cosine": linear warmup over this many epochs
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -54,6 +66,17 @@ class TrainConfig:
             raise ValueError(f"slimops.pruning: lr must be a finite number > 0, got {self.lr}")
         if self.batch < 1:
             raise ValueError(f"slimops.pruning: batch must be >= 1, got {self.batch}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"slimops.pruning: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"slimops.pruning: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.schedule != "cosine"):
+            raise ValueError(f"slimops.pruning: warmup_epochs must be >= 0 and needs schedule 'cosine', got "
+                             f"{self.warmup_epochs} with schedule {self.schedule!r}")
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"slimops.pruning: weight_decay must be a finite number >= 0, got {self.weight_decay}")
         self.milestones = tuple(self.milestones)
 
     def steps_per_epoch(self, n_train: int) -> int:
@@ -112,6 +135,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _cosine(warmup: int, total: int):
+    """The lr factor of step s: (s + 1) / warmup during the warmup, then 0.5 (1 + cos(pi t)), t from 0 to 1."""
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
 def _milestone_epochs(cfg: TrainConfig) -> list:
     return sorted({max(1, int(round(f * cfg.epochs))) for f in cfg.milestones if 0 < f < 1})
 
@@ -128,9 +161,16 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
     with ``on_nonfinite="skip"``.
     """
     model.to(device)
-    method = SlimMethod(method_cfg, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    method = SlimMethod(method_cfg, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        optimizer=cfg.optimizer)
     opt = method.optimizer
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestone_epochs(cfg), gamma=0.1)
+    steps_per_epoch = cfg.steps_per_epoch(len(data.y_train))
+    per_step = cfg.schedule == "cosine"
+    if per_step:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.warmup_epochs * steps_per_epoch,
+                                                               cfg.epochs * steps_per_epoch))
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestone_epochs(cfg), gamma=0.1)
     result = StageResult(method=method)
     guard = NonFiniteGuard(model, on_nonfinite, distributed=dist_info.enabled)
     start = 0
@@ -188,6 +228,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                 method.after_backward()
                 opt.step()
                 method.after_step()
+                if per_step:
+                    sched.step()
                 totals += torch.tensor([loss.detach().double().item() * len(gidx) / world,
                                         float((out.detach().argmax(1) == y).sum()), float(len(idx))],
                                        dtype=torch.float64)
@@ -195,7 +237,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                 dist.all_reduce(totals)
             tot_loss, tot_correct, seen = totals.tolist()
             lr = opt.param_groups[0]["lr"]
-            sched.step()
+            if not per_step:
+                sched.step()
             rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": tot_loss / max(seen, 1),
                    "train_acc": tot_correct / max(seen, 1), "test_acc": accuracy(model, data, device=device),
                    "zero_fraction": method.zero_fraction(), "skipped_steps": guard.skipped - skipped0,
@@ -231,5 +274,10 @@ def run_config_of(model_cfg: dict, data_name: str, method_cfg: MethodConfig, cfg
     """What a checkpoint must agree with to be resumed (plain JSON-able data)."""
     d = {"model": dict(model_cfg), "data": data_name, "method": asdict(method_cfg), "train": asdict(cfg)}
     d["train"]["milestones"] = list(cfg.milestones)
+    # The options added after the first checkpoints were written, at their defaults, are left out: a checkpoint of
+    # an SGD run written before they existed still matches (and resumes).
+    for key, default in (("optimizer", "sgd"), ("schedule", "step"), ("warmup_epochs", 0)):
+        if d["train"][key] == default:
+            del d["train"][key]
     d.update(extra)
     return d
