@@ -95,7 +95,9 @@ def _extensions():
     import torch
 
     omp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
-    cxx = opt + ["-fdiagnostics-color=always"] + omp
+    # -fno-math-errno: sqrt (AdamW's denominator, the group norms) may then compile to the vector instruction;
+    # with errno semantics GCC keeps a scalar call per element. Nothing here reads errno.
+    cxx = opt + ["-fno-math-errno", "-fdiagnostics-color=always"] + omp
     extra = {"cxx": cxx}
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], py_limited_api=True, extra_link_args=omp)
     if build_cuda:

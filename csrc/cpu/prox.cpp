@@ -1,4 +1,4 @@
-// CPU kernels of the prox family (schemas in csrc/registration.cpp, maths in ALGORITHMS.md §1-§5).
+// CPU kernels of the prox family (schemas in csrc/registration.cpp, maths in docs/algorithms.md §1-§5).
 // Every optimizer op is one parallel pass over all tensors of the list (fused_apply.h) with fp32
 // math for fp32/bf16/fp16 storage and fp64 math for fp64.
 #include <ATen/ATen.h>
@@ -235,21 +235,33 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
   const Penalty p = validate_penalty_grad(grads, params, penalty, s, a, eps);
   if (grads.empty()) return;
   const std::vector<at::Tensor> w = contiguous_all(params);
-  const bool group = p == Penalty::kL21;
   SLIMOPS_DISPATCH_FLOATS(grads[0].scalar_type(), "slimops.penalty_grad_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s_ = s, a_ = a, eps_ = eps;
-    parallel_chunks(grads, group, [&](const Chunk& ch) {
-      scalar_t* __restrict__ gp = grads[ch.tensor].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
-      if (!group) {
+    // Elementwise penalties: the penalty is a compile-time constant of the loop, so penalty_subgradient's switch
+    // folds away and the l1 / tl1 loops vectorise (with the switch per element they stayed scalar, 2-3x slower
+    // than torch's own sign on 25M parameters).
+    auto elementwise = [&](auto P) {
+      constexpr Penalty kP = decltype(P)::value;
+      parallel_chunks(grads, false, [&](const Chunk& ch) {
+        scalar_t* __restrict__ gp = grads[ch.tensor].data_ptr<scalar_t>();
+        const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
         for (int64_t j = ch.begin; j < ch.end; ++j) {
-          const acc_t d = penalty_subgradient<acc_t>(load<acc_t>(wp[j]), p, a_, eps_);
+          const acc_t d = penalty_subgradient<acc_t>(load<acc_t>(wp[j]), kP, a_, eps_);
           put(gp[j], load<acc_t>(gp[j]) + s_ * d);
         }
-        return;
-      }
-      // Weighted group lasso (sparse group lasso, ALGORITHMS.md §5): s sqrt(n_g) w_g / ||w_g||.
+      });
+    };
+    switch (p) {
+      case Penalty::kL1: return elementwise(std::integral_constant<Penalty, Penalty::kL1>{});
+      case Penalty::kTL1: return elementwise(std::integral_constant<Penalty, Penalty::kTL1>{});
+      case Penalty::kLp: return elementwise(std::integral_constant<Penalty, Penalty::kLp>{});
+      default: break;  // l21, below
+    }
+    parallel_chunks(grads, true, [&](const Chunk& ch) {
+      scalar_t* __restrict__ gp = grads[ch.tensor].data_ptr<scalar_t>();
+      const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
+      // Weighted group lasso (sparse group lasso, docs/algorithms.md §5): s sqrt(n_g) w_g / ||w_g||.
       const int64_t row_len = grads[ch.tensor].numel() / group_rows(grads[ch.tensor]);
       const acc_t weight = std::sqrt(static_cast<acc_t>(row_len));
       for (int64_t r = ch.begin; r < ch.end; ++r) {

@@ -1,4 +1,4 @@
-// CPU kernels of the spectral family (schemas in csrc/registration.cpp; maths in ALGORITHMS.md §7 and
+// CPU kernels of the spectral family (schemas in csrc/registration.cpp; maths in docs/algorithms.md §7 and
 // slimops/reference/spectral.py): GFNet's global filter and AFF's adaptive frequency filter.
 //
 // Scheme: the 2-D orthonormal real DFT as dense DFT-matrix products on blocks of channels that stay in

@@ -1,4 +1,4 @@
-// CUDA kernels of the prox family (schemas in csrc/registration.cpp, maths in ALGORITHMS.md §1-§5).
+// CUDA kernels of the prox family (schemas in csrc/registration.cpp, maths in docs/algorithms.md §1-§5).
 // They compute exactly what csrc/cpu/prox.cpp computes (same formulas, same order of roundings to
 // the storage dtype), with fp32 math for fp32/bf16/fp16 storage and fp64 math for fp64.
 //

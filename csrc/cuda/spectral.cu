@@ -1,5 +1,5 @@
 // CUDA kernels of the spectral family (schemas in csrc/registration.cpp, exact semantics in
-// slimops/reference/spectral.py, ALGORITHMS.md §7): the "cuFFT path", any grid size.
+// slimops/reference/spectral.py, docs/algorithms.md §7): the "cuFFT path", any grid size.
 //
 // The transforms are cuFFT through ATen (at::fft_rfft2 / at::fft_irfft2 over dims (1, 2), "ortho"), in
 // float32 for float32/bfloat16/float16 inputs (cuFFT's half precision only takes power-of-two sizes) and in

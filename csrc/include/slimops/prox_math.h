@@ -1,6 +1,6 @@
 // Closed-form proximal operators shared by the CPU and CUDA kernels (and the C++ tests).
 //
-// Convention (ALGORITHMS.md §1): prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x).
+// Convention (docs/algorithms.md §1): prox_{lam R}(y) = argmin_x 1/2 (x - y)^2 + lam R(x).
 // Every function is a template on the accumulation type T (float for fp32/bf16/fp16 storage,
 // double for fp64) and is usable from host and device code.
 #pragma once
@@ -15,7 +15,7 @@
 
 namespace slimops {
 
-// The penalties R of ALGORITHMS.md §1-§3. `kNone` means "no proximal step" in the fused optimizers.
+// The penalties R of docs/algorithms.md §1-§3. `kNone` means "no proximal step" in the fused optimizers.
 // kLp is a (sub)gradient-only penalty (|x|^p, 0 < p < 1) used by penalty_grad_.
 enum class Penalty : int {
   kNone = 0,
@@ -169,7 +169,7 @@ SLIMOPS_HD T group_threshold(Penalty penalty, T lam, T a) {
   return penalty == Penalty::kL0L21 ? lam * a : lam;
 }
 
-// (Sub)gradient of the sparsity penalties of ALGORITHMS.md §2-§3 at x (scaled by s outside):
+// (Sub)gradient of the sparsity penalties of docs/algorithms.md §2-§3 at x (scaled by s outside):
 //   l1:  sign(x)
 //   tl1: a (a+1) sign(x) / (a + |x|)^2
 //   lp:  p sign(x) / max(|x|, eps)^{1-p}          (p = a, 0 < p < 1)
