@@ -341,6 +341,18 @@ def test_gpu_backends_match_reference(backend, shape, dtype):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
+def test_auto_on_cpu_takes_torch_fft_beyond_the_dense_dft_range():
+    """The C++ kernel's dense DFT up to 64x64, torch.fft (the reference) beyond, where it is faster; results agree."""
+    small, _ = _filter_inputs((1, 64, 64, 2), torch.float32)
+    assert S.pick("spectral_filter", "auto", small)[0] == "cpu"
+    x, k = _filter_inputs((1, 65, 40, 2), torch.float32)
+    assert S.pick("spectral_filter", "auto", x)[0] == "reference"
+    assert S.pick("spectral_filter", "cpu", x)[0] == "cpu"  # a forced backend still runs
+    _close(S.spectral_filter(x, k), S.spectral_filter(x, k, backend="cpu"), torch.float32)
+    xa, *params = _aff_inputs((1, 70, 8, 4), blocks=2, dtype=torch.float32)
+    assert S.pick("adaptive_spectral_filter", "auto", xa, 2)[0] == "reference"
+
+
 @pytest.mark.gpu
 def test_auto_picks_triton_small_and_cuda_large():
     x, k = _filter_inputs((1, 14, 14, 8), torch.float32, device="cuda")

@@ -26,14 +26,15 @@ Backends (``backend=``):
 
 - ``"cpu"``: C++, the transforms as dense DFT matrix products (GEMMs over blocks of channels that stay in cache;
   no complex tensor in memory) at every grid size. A dense DFT costs O(H + W) per element against the FFT's
-  O(log HW): it wins at GFNet's 14x14 .. 56x56 grids, and loses beyond (the C++ kernel has no FFT path).
+  O(log HW): it wins at GFNet's 14x14 .. 56x56 grids, and loses beyond (the C++ kernel has no FFT path), so
+  ``auto`` on CPU takes torch.fft (the reference) for grids larger than :data:`MAX_FUSED_GRID`.
 - ``"triton"``: one fused kernel per (sample, channel block) that does the transforms as small dense DFT
   matmuls, reading x once and writing y once; grids up to 64x64 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 - ``"cuda"``: cuFFT (``at::fft``) with fused CUDA kernels for the filter multiply and the weight-gradient
   reduction; any grid size.
 - ``"reference"``: torch.fft, :mod:`slimops.reference.spectral`.
-- ``"auto"``: the C++ kernel on CPU; on CUDA, Triton where its fused kernels fit (grids up to 32x32; AFF
-  channel blocks up to 32), cuFFT elsewhere (see :data:`AUTO_TRITON_GRID`).
+- ``"auto"``: on CPU the C++ kernel up to 64x64 and torch.fft beyond; on CUDA, Triton where its fused kernels
+  fit (grids up to 32x32; AFF channel blocks up to 32), cuFFT elsewhere (see :data:`AUTO_TRITON_GRID`).
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ def pick(op: str, backend: str, x: Tensor, blocks: Optional[int] = None):
         reason = _why_not_fused(x)
         if reason is not None:
             raise RuntimeError(f"slimops.{op}: backend 'triton' cannot run: {reason}")
+    if backend == "auto" and dev.type == "cpu" and _why_not_fused(x) is not None:
+        # Beyond the fused-DFT range the C++ kernel's dense DFT (O(H + W) per element) loses to torch.fft's
+        # FFT (O(log HW)): measured on 2 threads, fwd+bwd 0.6-1.1x at 72x72, and forward 1.6x / 2.3x / 3.4x
+        # slower at 96 / 128 / 192. Up to 64x64 the two are within noise or the C++ kernel wins.
+        return _backend.pick(op, "reference", dev, ref)
     if backend == "auto" and dev.type == "cuda":
         order = ("triton", "cuda") if _auto_prefers_triton(x, blocks) else ("cuda", "triton")
         for cand in order:
