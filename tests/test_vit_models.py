@@ -111,7 +111,7 @@ def test_resize_updates_the_attributes_with_the_layers():
     att.resize(torch.nn.Linear(24, 3 * 2 * 5), torch.nn.Linear(10, 24), num_heads=2, head_dim=5)
     assert (att.num_heads, att.head_dim, att.attn_dim, att.scale) == (2, 5, 10, 5 ** -0.5)
     assert att(torch.randn(1, 4, 24)).shape == (1, 4, 24)
-    with pytest.raises(ValueError, match="2 heads of 6 need 36 and 12"):
+    with pytest.raises(ValueError, match="do not fit 2 heads of q/k dim 6 and v dim 6 on 24 of 24 input dims"):
         att.resize(torch.nn.Linear(24, 30), torch.nn.Linear(10, 24), num_heads=2, head_dim=6)
     mlp = ViTMlp(24, 96)
     mlp.resize(torch.nn.Linear(24, 40), torch.nn.Linear(40, 24))

@@ -55,19 +55,20 @@ MODELS: tuple[str, ...] = tuple(_FACTORIES)
 
 
 def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *, img_size: int | None = None,
-          patch: int | None = None) -> nn.Module:
+          patch: int | None = None, gates: bool | None = None) -> nn.Module:
     """Build model ``name`` (one of :data:`MODELS`) with Liu et al.'s initialisation (BN γ = 0.5).
 
     ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
     rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding; for SEMA-T
     the head dim, to the nearest multiple of 8; for the ViTs the head dim, from 64). ``img_size`` (default 224)
-    and ``patch`` (default 16 from 224 up, else 4) are for the ViTs (:data:`RESOLUTION_MODELS`) only. The Fourier-domain and SEMA models initialise their spectral
+    and ``patch`` (default 16 from 224 up, else 4) are for the ViTs (:data:`RESOLUTION_MODELS`) only, as is
+    ``gates`` (VTP / SiDT's dimension gates, :meth:`VisionTransformer.add_gates`). The Fourier-domain and SEMA models initialise their spectral
     and transformer parts as their papers do (see their docstrings). Raises ``ValueError`` naming the bad argument.
     """
     if name not in _FACTORIES:
         raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
     check_config("slimops.models.build", num_classes, in_channels, width)
-    extra = {k: v for k, v in (("img_size", img_size), ("patch", patch)) if v is not None}
+    extra = {k: v for k, v in (("img_size", img_size), ("patch", patch), ("gates", gates)) if v is not None}
     if extra and name not in RESOLUTION_MODELS:
         raise ValueError(f"slimops.models.build: {name} runs at any input size and takes no "
                          f"{' or '.join(extra)} (only {', '.join(RESOLUTION_MODELS)} do)")
@@ -92,7 +93,7 @@ def build_from_config(config: dict) -> nn.Module:
     where = "slimops.models.build_from_config"
     try:
         kw = dict(num_classes=config["num_classes"], in_channels=config["in_channels"], width=config["width"])
-        kw.update({k: config[k] for k in ("img_size", "patch") if k in config})
+        kw.update({k: config[k] for k in ("img_size", "patch", "gates") if k in config})
         name = config["arch"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: not a model config: {config!r}") from e

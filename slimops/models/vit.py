@@ -63,11 +63,13 @@ class VisionTransformer(SlimmableModel):
     PyTorch's default.
 
     Slim groups: none. There is no BatchNorm for network slimming to prune by; ViTs are pruned by their own
-    dimension gates (VTP / SiDT), not by the BN-scale methods.
+    dimension gates (VTP / SiDT, ``gates=True`` or :meth:`add_gates`; :mod:`slimops.pruning.vit`), not by the
+    BN-scale methods.
     """
 
     def __init__(self, arch: str = "vit_ti", num_classes: int = 1000, in_channels: int = 3, width: float = 1.0,
-                 img_size: int = DEFAULT_IMG_SIZE, patch: int | None = None, drop_path: float = 0.0):
+                 img_size: int = DEFAULT_IMG_SIZE, patch: int | None = None, drop_path: float = 0.0,
+                 gates: bool = False):
         where = "slimops.models.VisionTransformer"
         if arch not in CONFIGS:
             raise ValueError(f"{where}: arch must be one of {sorted(CONFIGS)}, got {arch!r}")
@@ -101,9 +103,31 @@ class VisionTransformer(SlimmableModel):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if not isinstance(gates, bool):
+            raise ValueError(f"{where}: gates must be True or False, got {gates!r}")
+        if gates:
+            self.add_gates()
+
+    @property
+    def gated(self) -> bool:
+        return any(b.mlp.gate is not None for b in self.blocks)
+
+    def add_gates(self) -> "VisionTransformer":
+        """Installs VTP / SiDT's dimension gates (:class:`slimops.nn.vit.DimGate`, all 1: the model computes the
+        same function) in every block: on the input of ``qkv`` (``blocks.N.attn.gate_in``), of ``proj``
+        (``blocks.N.attn.gate_out``) and on the MLP hidden units (``blocks.N.mlp.gate``). Returns the model."""
+        for b in self.blocks:
+            b.attn.add_gates()
+            b.mlp.add_gates()
+        return self
+
+    def gates(self) -> dict:
+        """Every gate vector by module name (``blocks.N.attn.gate_in`` ...), in module order."""
+        return {n: m.weight for n, m in self.named_modules() if type(m).__name__ == "DimGate"}
 
     def config(self) -> dict:
-        return {**super().config(), "img_size": self.img_size, "patch": self.patch}
+        cfg = {**super().config(), "img_size": self.img_size, "patch": self.patch}
+        return {**cfg, "gates": True} if self.gated else cfg
 
     def slim_groups(self) -> list[SlimGroup]:
         return []

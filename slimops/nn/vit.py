@@ -9,12 +9,13 @@ never describe a shape they no longer have.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimops.nn.sema import DropPath
 
-__all__ = ["ViTAttention", "ViTMlp", "ViTBlock"]
+__all__ = ["DimGate", "ViTAttention", "ViTMlp", "ViTBlock"]
 
 
 def _positive_int(where: str, name: str, v) -> int:
@@ -23,14 +24,35 @@ def _positive_int(where: str, name: str, v) -> int:
     return v
 
 
+class DimGate(nn.Module):
+    """A learnable gate per dimension, ``x -> x * weight`` over the last dim (VTP / SiDT's dimension gates,
+    docs/algorithms.md §6), initialised to 1 (the identity). Made sparse in training (an l1 penalty or its prox),
+    folded into the next Linear layer's columns and cut where it is 0 (:func:`slimops.pruning.vit.compact_vit`)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        _positive_int("DimGate", "n", n)
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+    def extra_repr(self) -> str:
+        return f"n={self.weight.numel()}"
+
+
 class ViTAttention(nn.Module):
     """Multi-head softmax self-attention on tokens ``x`` (B, N, dim)::
 
-        q, k, v = split(qkv(x))                       Linear(dim, 3 heads d), heads of d = head_dim
-        y = proj(merge_heads(softmax(q k^T / sqrt(d)) v))    Linear(heads d, dim)
+        x' = x[..., in_index]        (a compacted block: only the kept input dims; else x' = x)
+        q, k, v = split(qkv(gate_in(x')))      heads of head_dim (q, k) and v_dim (v) dims
+        y = proj(gate_out(merge_heads(softmax(q k^T / sqrt(head_dim)) v)))
 
-    The attention is ``torch.nn.functional.scaled_dot_product_attention`` (its fused CPU and GPU kernels).
-    timm names: ``qkv``, ``proj``; ``num_heads``, ``head_dim``, ``scale`` as timm's ``Attention``.
+    The attention is ``torch.nn.functional.scaled_dot_product_attention`` (its fused CPU and GPU kernels). The
+    gates (:class:`DimGate`, absent by default) are VTP / SiDT's dimension gates on the input of ``qkv`` and of
+    ``proj``. ``v_dim`` equals ``head_dim`` except in a compacted block whose value dims were pruned (the q/k
+    dims are not gated, so the logits stay exact). timm names: ``qkv``, ``proj``; ``num_heads``, ``head_dim``,
+    ``scale`` as timm's ``Attention``; ``qkv``'s outputs are [q | k | v], heads major within each.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, *, qkv_bias: bool = True):
@@ -46,43 +68,76 @@ class ViTAttention(nn.Module):
         self.dim = dim
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim)
-        self._set_heads(num_heads, head_dim)
+        self.gate_in: DimGate | None = None
+        self.gate_out: DimGate | None = None
+        self.register_buffer("in_index", None)
+        self._set_heads(num_heads, head_dim, head_dim)
 
-    def _set_heads(self, num_heads: int, head_dim: int) -> None:
-        self.num_heads, self.head_dim = num_heads, head_dim
+    def _set_heads(self, num_heads: int, head_dim: int, v_dim: int) -> None:
+        self.num_heads, self.head_dim, self.v_dim = num_heads, head_dim, v_dim
         self.scale = head_dim ** -0.5
 
     @property
     def attn_dim(self) -> int:
-        """The attention width ``num_heads * head_dim`` (the residual stream is ``dim``)."""
-        return self.num_heads * self.head_dim
+        """The attention output width ``num_heads * v_dim`` (the input of ``proj``; the residual stream is ``dim``)."""
+        return self.num_heads * self.v_dim
 
-    def resize(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int) -> None:
-        """Installs cut ``qkv`` / ``proj`` layers and the head shape they have (compaction)."""
-        if qkv.out_features != 3 * num_heads * head_dim or proj.in_features != num_heads * head_dim:
-            raise ValueError(f"slimops.nn.ViTAttention.resize: qkv has {qkv.out_features} outputs and proj "
-                             f"{proj.in_features} inputs; {num_heads} heads of {head_dim} need "
-                             f"{3 * num_heads * head_dim} and {num_heads * head_dim}")
+    def add_gates(self) -> None:
+        """Installs the two dimension gates (identity at first) if they are not there."""
+        if self.gate_in is None:
+            self.gate_in = DimGate(self.qkv.in_features).to(self.qkv.weight.device)
+        if self.gate_out is None:
+            self.gate_out = DimGate(self.attn_dim).to(self.qkv.weight.device)
+
+    def resize(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, v_dim: int | None = None,
+               in_index: Tensor | None = None) -> None:
+        """Installs cut ``qkv`` / ``proj`` layers and the head shape they have (compaction); the gates go (they
+        are folded into the layers by then). ``in_index``: the kept input dims ``qkv`` reads."""
+        v_dim = head_dim if v_dim is None else v_dim
+        n_in = self.dim if in_index is None else in_index.numel()
+        want = (num_heads * (2 * head_dim + v_dim), num_heads * v_dim, n_in)
+        if (qkv.out_features, proj.in_features, qkv.in_features) != want or proj.out_features != self.dim:
+            raise ValueError(f"slimops.nn.ViTAttention.resize: qkv ({qkv.in_features} -> {qkv.out_features}) and proj "
+                             f"({proj.in_features} -> {proj.out_features}) do not fit {num_heads} heads of q/k dim "
+                             f"{head_dim} and v dim {v_dim} on {n_in} of {self.dim} input dims")
         self.qkv, self.proj = qkv, proj
-        self._set_heads(num_heads, head_dim)
+        self.gate_in = self.gate_out = None
+        self.in_index = None if in_index is None else in_index.to(device=qkv.weight.device, dtype=torch.long)
+        self._set_heads(num_heads, head_dim, v_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"slimops.nn.ViTAttention: expected input (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        # (B, N, 3 heads d) -> (3, B, heads, N, d)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if self.in_index is not None:
+            x = x.index_select(-1, self.in_index)
+        if self.gate_in is not None:
+            x = self.gate_in(x)
+        qkv = self.qkv(x)
+        h, d = self.num_heads, self.head_dim
+        if self.v_dim == d:  # (B, N, 3 heads d) -> (3, B, heads, N, d)
+            q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        else:  # a compacted block with fewer value dims (v_dim < head_dim)
+            q, k = qkv[..., : 2 * h * d].reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+            # torch's fused attention wants v's head dim = q's; with another it takes its math path (2.4x slower
+            # at DeiT-Ti's shapes on CPU): v is zero-padded to head_dim and the padding dropped from the output.
+            v = F.pad(qkv[..., 2 * h * d:].reshape(b, n, h, self.v_dim).transpose(1, 2), (0, d - self.v_dim))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., : self.v_dim]
+        out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+        if self.gate_out is not None:
+            out = self.gate_out(out)
+        return self.proj(out)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+        extra = f", v_dim={self.v_dim}" if self.v_dim != self.head_dim else ""
+        kept = f", in_dims={self.in_index.numel()}" if self.in_index is not None else ""
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}{extra}{kept}"
 
 
 class ViTMlp(nn.Module):
-    """``fc2(act(fc1(x)))`` with ``hidden`` units (timm's ``Mlp``: ``fc1``, ``act``, ``fc2``). GELU, as DeiT: a
-    dimension gate on the hidden units multiplies ``act(fc1(x))``, so removing a gated-off unit is exact whatever
-    the activation."""
+    """``fc2(gate(act(fc1(x))))`` with ``hidden`` units (timm's ``Mlp``: ``fc1``, ``act``, ``fc2``; the
+    :class:`DimGate` is absent by default). GELU, as DeiT: the gate multiplies ``act(fc1(x))``, so removing a
+    gated-off unit is exact whatever the activation."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -91,17 +146,25 @@ class ViTMlp(nn.Module):
         self.hidden = hidden
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
+        self.gate: DimGate | None = None
         self.fc2 = nn.Linear(hidden, dim)
 
+    def add_gates(self) -> None:
+        if self.gate is None:
+            self.gate = DimGate(self.hidden).to(self.fc1.weight.device)
+
     def resize(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Installs cut ``fc1`` / ``fc2`` layers (compaction)."""
+        """Installs cut ``fc1`` / ``fc2`` layers (compaction); the gate goes (folded into fc2 by then)."""
         if fc1.out_features != fc2.in_features:
             raise ValueError(f"slimops.nn.ViTMlp.resize: fc1 has {fc1.out_features} outputs but fc2 "
                              f"{fc2.in_features} inputs")
-        self.fc1, self.fc2, self.hidden = fc1, fc2, fc1.out_features
+        self.fc1, self.fc2, self.hidden, self.gate = fc1, fc2, fc1.out_features, None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.act(self.fc1(x))
+        if self.gate is not None:
+            h = self.gate(h)
+        return self.fc2(h)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}"

@@ -20,6 +20,7 @@ that asks for anything outside the allowlist gives an error naming the path.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -117,6 +118,30 @@ def atomic_save(obj: Any, path: str) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json_file(path: str, max_bytes: int, where: str, what: str):
+    """The JSON value in ``path`` (a configuration or plan: data, never code), or a clear error naming ``where``
+    and the path: FileNotFoundError, a file larger than ``max_bytes`` (refused unread: ``what`` is never that
+    large), or not JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: no such file '{path}'")
+    if os.path.getsize(path) > max_bytes:
+        raise ValueError(f"{where}: '{path}' is larger than {what} can be")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: '{path}' is not JSON ({e})") from None
+
+
+def check_format(d, fmt: str, version: int, where: str, what: str) -> None:
+    """``d`` is a dict stamped ``{"format": fmt, "version": version}`` (``what``: a description), or a ValueError
+    naming ``where``."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise ValueError(f"{where}: not {what} (format {fmt!r})")
+    if d.get("version") != version:
+        raise ValueError(f"{where}: unsupported version {d.get('version')!r}")
 
 
 def _legacy_numpy_globals() -> list:

@@ -171,10 +171,9 @@ class SlimConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SlimConfig":
-        if not isinstance(d, dict) or d.get("format") != CONFIG_FORMAT:
-            raise ValueError(f"slimops.pruning.SlimConfig: not a slim configuration (format {CONFIG_FORMAT!r})")
-        if d.get("version") != CONFIG_VERSION:
-            raise ValueError(f"slimops.pruning.SlimConfig: unsupported version {d.get('version')!r}")
+        from slimops.pruning.checkpoint import check_format
+
+        check_format(d, CONFIG_FORMAT, CONFIG_VERSION, "slimops.pruning.SlimConfig", "a slim configuration")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"format", "version"})
         if unknown:
@@ -188,15 +187,9 @@ class SlimConfig:
 
     @classmethod
     def load(cls, path: str) -> "SlimConfig":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"slimops.pruning.SlimConfig.load: no such file '{path}'")
-        if os.path.getsize(path) > 2**20:
-            raise ValueError(f"slimops.pruning.SlimConfig.load: '{path}' is larger than a configuration can be")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"slimops.pruning.SlimConfig.load: '{path}' is not JSON ({e})") from None
+        from slimops.pruning.checkpoint import read_json_file
+
+        d = read_json_file(path, 2**20, "slimops.pruning.SlimConfig.load", "a configuration")
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:

@@ -3,7 +3,7 @@
 MACs (multiply-accumulates) count the dense ``nn.Conv2d`` and ``nn.Linear`` layers (subclasses
 included): ``out_elems * in_ch/groups * kh * kw`` for a convolution, ``out_elems * in_features`` for a
 linear layer, and the two token products of ViT self-attention (``q k^T`` and ``softmax v``:
-``2 * N^2 * heads * head_dim`` for N tokens, :class:`slimops.nn.vit.ViTAttention`), for one forward pass of a
+``N^2 * heads * (head_dim + v_dim)`` for N tokens, :class:`slimops.nn.vit.ViTAttention`), for one forward pass of a
 batch-1 input. Biases, BatchNorm, activations, pooling and
 residual additions are not counted: they are a rounding error next to the convolutions and are what
 the pruning literature leaves out too. FLOPs are conventionally reported as ``2 x MACs``: the CIFAR
@@ -68,7 +68,7 @@ def count_macs(model: nn.Module, input_size) -> int:
     def attention_hook(m, inp, _out):  # the token products; qkv and proj are counted as Linear layers
         nonlocal total
         b, n = inp[0].shape[:2]
-        total += 2 * b * n * n * m.attn_dim
+        total += b * n * n * m.num_heads * (m.head_dim + m.v_dim)  # q k^T, then softmax . v
 
     def sparse_conv_hook(m, _inp, out):  # slimops.nn.ChannelSparseConv2d: only the kept channels
         nonlocal total

@@ -1,0 +1,272 @@
+"""ViT dimension pruning (VTP, SiDT; docs/algorithms.md §6): a plan from the dimension gates, and the exact
+compaction of a gated ViT into a physically smaller one.
+
+Per block, three gates (:class:`slimops.nn.vit.DimGate`) decide what stays:
+
+- ``attn.gate_in`` (``dim`` entries): the input dims of ``qkv``. A removed dim drops its column of ``qkv``; the
+  compacted block reads the kept dims of the normalised tokens (``attn.in_index``). The residual stream keeps
+  every dim.
+- ``attn.gate_out`` (``heads * head_dim``): the value dims of each head (the input of ``proj``). A removed dim
+  drops its row of ``qkv``'s v part and its column of ``proj``. A head with no value dim left contributes nothing
+  and goes whole (its q, k and v rows). Kept heads keep every q/k dim (those are not gated, so the attention
+  logits are unchanged) and must have one value width: the compaction pads each kept head to the widest kept
+  head (``ViTPlan.v_dim``) with its best removed dims, whose ``proj`` columns are set to 0.
+- ``mlp.gate`` (``hidden``): the MLP hidden units; a removed unit drops its row of ``fc1`` and column of ``fc2``.
+
+Gates are folded into the next layer's columns (``W diag(g)``) before cutting, so the compacted model computes
+exactly what the gated model computes with its removed gates set to 0 (:func:`zero_removed_gates`), up to float
+rounding. The plan is JSON (:class:`ViTPlan`), like the CNN plans of :mod:`slimops.pruning.plan`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from slimops.pruning.checkpoint import check_format, read_json_file
+from slimops.pruning.plan import MAX_PLAN_BYTES, check_percent
+
+VIT_PLAN_FORMAT = "slimops-vit-plan"
+VIT_PLAN_VERSION = 1
+
+__all__ = ["ViTPlan", "vit_plan_from_gates", "compact_vit", "zero_removed_gates", "build_pruned_vit"]
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"slimops.pruning.ViTPlan: {msg}")
+
+
+def _indices(where: str, kept, n: int, allow_empty: bool) -> list:
+    if not isinstance(kept, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+        raise _err(f"{where} must be a list of integer indices")
+    kept = list(kept)
+    if kept != sorted(set(kept)):
+        raise _err(f"{where} must be sorted and without duplicates")
+    if kept and (kept[0] < 0 or kept[-1] >= n):
+        raise _err(f"{where} has an index out of range [0, {n}): {kept[0] if kept[0] < 0 else kept[-1]}")
+    if not kept and not allow_empty:
+        raise _err(f"{where} keeps nothing (at least one must stay)")
+    return kept
+
+
+@dataclass
+class ViTPlan:
+    """What stays of every block of one ViT.
+
+    Attributes:
+        arch: ``model.config()`` of the gated model the plan was made for.
+        blocks: per block ``{"in": kept qkv input dims, "v": [kept value dims of head h, for every head] (an
+            empty list removes the head), "hidden": kept MLP hidden units}``.
+        dims: ``{"dim", "heads", "head_dim", "hidden"}`` of the unpruned blocks (checked against the model).
+        meta: how the plan was made (criterion, percent, threshold); informational.
+    """
+
+    arch: dict
+    blocks: list
+    dims: dict
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key in ("dim", "heads", "head_dim", "hidden"):
+            v = self.dims.get(key) if isinstance(self.dims, dict) else None
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _err(f"dims['{key}'] must be a positive integer, got {v!r}")
+        if not isinstance(self.blocks, list) or not self.blocks:
+            raise _err("blocks must be a non-empty list")
+        d = self.dims
+        for i, b in enumerate(self.blocks):
+            if not isinstance(b, dict) or set(b) != {"in", "v", "hidden"}:
+                raise _err(f"block {i} must have exactly the keys 'in', 'v', 'hidden'")
+            b["in"] = _indices(f"block {i} 'in'", b["in"], d["dim"], False)
+            b["hidden"] = _indices(f"block {i} 'hidden'", b["hidden"], d["hidden"], False)
+            if not isinstance(b["v"], list) or len(b["v"]) != d["heads"]:
+                raise _err(f"block {i} 'v' must list the kept value dims of each of the {d['heads']} heads")
+            b["v"] = [_indices(f"block {i} head {h} 'v'", v, d["head_dim"], True) for h, v in enumerate(b["v"])]
+            if not any(b["v"]):
+                raise _err(f"block {i} removes every head (at least one must stay)")
+
+    # -- derived --------------------------------------------------------------------------------------
+    def heads_kept(self, i: int) -> list:
+        return [h for h, v in enumerate(self.blocks[i]["v"]) if v]
+
+    def v_dim(self, i: int) -> int:
+        """The value width of block i's kept heads after padding: the widest kept head's."""
+        return max(len(v) for v in self.blocks[i]["v"])
+
+    def summary(self) -> dict:
+        """Kept fractions: heads, value dims, qkv input dims and MLP units (per block and overall)."""
+        d, n = self.dims, len(self.blocks)
+        per = [{"heads": len(self.heads_kept(i)), "v_dims": sum(len(v) for v in b["v"]), "in_dims": len(b["in"]),
+                "hidden": len(b["hidden"])} for i, b in enumerate(self.blocks)]
+        total = d["dim"] + d["heads"] * d["head_dim"] + d["hidden"]
+        kept = sum(p["in_dims"] + p["v_dims"] + p["hidden"] for p in per)
+        return {"blocks": per, "gated_dims_kept": kept / (n * total)}
+
+    # -- serialisation --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": VIT_PLAN_FORMAT, "version": VIT_PLAN_VERSION, "arch": self.arch, "dims": self.dims,
+                "blocks": self.blocks, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTPlan":
+        check_format(d, VIT_PLAN_FORMAT, VIT_PLAN_VERSION, "slimops.pruning.ViTPlan", "a ViT plan")
+        try:
+            return cls(arch=d["arch"], blocks=copy.deepcopy(d["blocks"]), dims=d["dims"], meta=d.get("meta", {}))
+        except KeyError as e:
+            raise _err(f"missing field {e}") from None
+
+    def save(self, path: str) -> None:
+        from slimops.pruning.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str) -> "ViTPlan":
+        return cls.from_dict(read_json_file(path, MAX_PLAN_BYTES, "slimops.pruning.ViTPlan.load", "a plan"))
+
+
+def _blocks_of(model: nn.Module, where: str):
+    from slimops.models.vit import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"{where}: model must be a slimops ViT (slimops.models.build('vit_ti', ...)), "
+                        f"got {type(model).__name__}")
+    if not model.gated:
+        raise ValueError(f"{where}: the model has no dimension gates (build it with gates=True or call add_gates())")
+    return list(model.blocks)
+
+
+def _dims_of(model) -> dict:
+    a, m = model.blocks[0].attn, model.blocks[0].mlp
+    return {"dim": a.dim, "heads": a.num_heads, "head_dim": a.head_dim, "hidden": m.hidden}
+
+
+@torch.no_grad()
+def vit_plan_from_gates(model: nn.Module, percent: Optional[float] = None) -> ViTPlan:
+    """The plan of a gated ViT: with ``percent=None`` the dims whose gate is exactly 0 go (SiDT's proximal
+    training makes them so); with ``percent`` in [0, 1) the lowest ``percent`` of all gates by ``|g|`` go, one
+    threshold over every gate of the model (VTP). Each block keeps at least its best qkv input dim, its best MLP
+    unit and the best value dim of its best head."""
+    where = "slimops.pruning.vit_plan_from_gates"
+    blocks = _blocks_of(model, where)
+    check_percent(percent, where)
+    scores = [(b.attn.gate_in.weight.abs(), b.attn.gate_out.weight.abs(), b.mlp.gate.weight.abs()) for b in blocks]
+    if not all(torch.isfinite(t).all() for s in scores for t in s):
+        raise ValueError(f"{where}: a gate is NaN or infinite; the model cannot be pruned by it")
+    threshold = 0.0
+    if percent is not None and percent > 0:
+        flat = torch.cat([t.float().flatten() for s in scores for t in s])
+        k = int(percent * flat.numel())
+        threshold = float(flat.kthvalue(k).values) if k > 0 else -1.0
+    heads, hd = blocks[0].attn.num_heads, blocks[0].attn.head_dim
+
+    def kept(t: Tensor) -> list:
+        keep = t > threshold if percent is not None and percent > 0 else t != 0
+        if not keep.any():
+            keep = t == t.max()
+        return keep.nonzero().flatten().tolist()
+
+    plan_blocks = []
+    for g_in, g_out, g_mlp in scores:
+        per_head = g_out.reshape(heads, hd)
+        keep_v = (per_head > threshold) if percent is not None and percent > 0 else (per_head != 0)
+        if not keep_v.any():
+            best = int(per_head.flatten().argmax())
+            keep_v.view(-1)[best] = True
+        plan_blocks.append({"in": kept(g_in), "v": [keep_v[h].nonzero().flatten().tolist() for h in range(heads)],
+                            "hidden": kept(g_mlp)})
+    meta = {"criterion": "exact zeros" if percent is None else f"lowest {percent:.3g} of |gate|", "percent": percent,
+            "threshold": threshold}
+    return ViTPlan(arch=model.config(), blocks=plan_blocks, dims=_dims_of(model), meta=meta)
+
+
+def _check_fits(model, plan: ViTPlan, where: str):
+    blocks = _blocks_of(model, where)
+    if _dims_of(model) != plan.dims or len(blocks) != len(plan.blocks):
+        raise ValueError(f"{where}: the plan was made for {len(plan.blocks)} blocks of {plan.dims}, the model has "
+                         f"{len(blocks)} blocks of {_dims_of(model)}")
+    return blocks
+
+
+@torch.no_grad()
+def zero_removed_gates(model: nn.Module, plan: ViTPlan) -> nn.Module:
+    """Sets to 0, in place, every gate entry the plan removes: the gated model then computes what
+    :func:`compact_vit` of it computes. Returns the model."""
+    for b, p in zip(_check_fits(model, plan, "slimops.pruning.zero_removed_gates"), plan.blocks):
+        hd = b.attn.head_dim
+        for gate, keep in ((b.attn.gate_in, p["in"]), (b.mlp.gate, p["hidden"]),
+                           (b.attn.gate_out, [h * hd + j for h, v in enumerate(p["v"]) for j in v])):
+            mask = torch.zeros_like(gate.weight, dtype=torch.bool)
+            mask[keep] = True
+            gate.weight.masked_fill_(~mask, 0)
+    return model
+
+
+def _linear(w: Tensor, b: Optional[Tensor]) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    lin.weight.copy_(w)
+    if b is not None:
+        lin.bias.copy_(b)
+    return lin
+
+
+@torch.no_grad()
+def compact_vit(model: nn.Module, plan: ViTPlan) -> nn.Module:
+    """A physically smaller copy of the gated ViT ``model`` with ``plan`` applied (module docstring): gates
+    folded and gone, ``qkv`` / ``proj`` / ``fc1`` / ``fc2`` cut, ``num_heads`` / ``v_dim`` / ``hidden`` updated.
+    ``model`` is not changed."""
+    where = "slimops.pruning.compact_vit"
+    _check_fits(model, plan, where)
+    out = copy.deepcopy(model)
+    for i, (b, p) in enumerate(zip(out.blocks, plan.blocks)):
+        att, mlp = b.attn, b.mlp
+        h, hd, dim = att.num_heads, att.head_dim, att.dim
+        dev = att.qkv.weight.device
+        # qkv: fold gate_in into the columns, keep the kept input dims
+        w, bias = att.qkv.weight * att.gate_in.weight[None, :], att.qkv.bias
+        cols = torch.tensor(p["in"], device=dev)
+        w = w[:, cols]
+        # heads and value dims: kept heads keep q/k whole; v padded to the widest kept head
+        heads = plan.heads_kept(i)
+        vd = plan.v_dim(i)
+        g_out = att.gate_out.weight.reshape(h, hd)
+        q_rows = torch.cat([torch.arange(hh * hd, (hh + 1) * hd, device=dev) for hh in heads])
+        v_rows, zero_cols = [], []
+        for hh in heads:
+            keep = list(p["v"][hh])
+            pad = [j for j in g_out[hh].abs().argsort(descending=True).tolist() if j not in keep][: vd - len(keep)]
+            dims = sorted(keep + pad)
+            v_rows += [hh * hd + j for j in dims]
+            zero_cols += [len(v_rows) - len(dims) + k for k, j in enumerate(dims) if j in pad]
+        v_rows_t = torch.tensor(v_rows, device=dev)
+        rows = torch.cat([q_rows, h * hd + q_rows, 2 * h * hd + v_rows_t])
+        qkv = _linear(w[rows], None if bias is None else bias[rows])
+        pw = att.proj.weight * att.gate_out.weight[None, :]
+        pw = pw[:, v_rows_t].clone()
+        if zero_cols:
+            pw[:, zero_cols] = 0
+        proj = _linear(pw, att.proj.bias)
+        in_index = None if len(p["in"]) == dim else cols
+        att.resize(qkv, proj, num_heads=len(heads), head_dim=hd, v_dim=vd, in_index=in_index)
+        # MLP: fold the gate into fc2's columns, keep the kept units
+        units = torch.tensor(p["hidden"], device=dev)
+        fc1 = _linear(mlp.fc1.weight[units], mlp.fc1.bias[units])
+        fc2 = _linear((mlp.fc2.weight * mlp.gate.weight[None, :])[:, units], mlp.fc2.bias)
+        mlp.resize(fc1, fc2)
+    return out
+
+
+def build_pruned_vit(plan: ViTPlan, device=None) -> nn.Module:
+    """The compacted architecture of ``plan`` with fresh weights (to load a compacted state dict into)."""
+    from slimops.models import build_from_config
+
+    model = build_from_config(plan.arch)
+    if device is not None:
+        model = model.to(device)
+    if not model.gated:
+        model.add_gates()
+    return compact_vit(model, plan)

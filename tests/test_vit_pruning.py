@@ -1,0 +1,162 @@
+"""ViT dimension pruning (slimops.pruning.vit): gates, plans from them, and exact compaction into a smaller ViT."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimops.models as M
+from slimops.pruning.metrics import count_macs, count_params
+from slimops.pruning.vit import ViTPlan, build_pruned_vit, compact_vit, vit_plan_from_gates, zero_removed_gates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gated(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"num_classes": 10, "in_channels": 1, "width": 0.25, "img_size": 32, "patch": 8, **kw}
+    return M.build("vit_ti", gates=True, **kw).eval()
+
+
+def _random_gates(model, zero_fraction, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in model.gates().values():
+            w.copy_(torch.rand(w.shape, generator=g) + 0.1)
+            w[torch.rand(w.shape, generator=g) < zero_fraction] = 0
+    return model
+
+
+def _x(n=3):
+    return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def test_gates_start_as_the_identity_and_get_gradients():
+    m = _gated()
+    plain = M.build("vit_ti", num_classes=10, in_channels=1, width=0.25, img_size=32, patch=8).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if "gate" not in k})
+    x = _x()
+    torch.testing.assert_close(m(x), plain(x))
+    assert len(m.gates()) == 3 * 12 and m.config()["gates"] is True
+    m(x).sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in m.gates().values())
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.3, 0.7])
+def test_compaction_is_exact_and_smaller(zero_fraction):
+    m = _random_gates(_gated(), zero_fraction)
+    plan = vit_plan_from_gates(m)
+    small = compact_vit(m, plan)
+    x = _x()
+    torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+    assert m.gated and not any(b.mlp.gate is not None or b.attn.gate_in is not None for b in small.blocks)
+    for b, p in zip(small.blocks, plan.blocks):
+        assert b.attn.num_heads == len([v for v in p["v"] if v])
+        assert b.attn.v_dim == max(len(v) for v in p["v"]) and b.mlp.hidden == len(p["hidden"])
+        assert (b.attn.in_index is None) == (len(p["in"]) == b.attn.dim)
+    if zero_fraction > 0:
+        assert count_params(small) < count_params(m)
+        assert count_macs(small, (1, 32, 32)) < count_macs(m, (1, 32, 32))
+
+
+def test_percent_plan_prunes_the_lowest_gates_and_stays_exact():
+    m = _random_gates(_gated(), 0.0)
+    plan = vit_plan_from_gates(m, percent=0.4)
+    gates = torch.cat([w.detach().flatten() for w in m.gates().values()])
+    assert plan.meta["threshold"] == pytest.approx(float(gates.abs().kthvalue(int(0.4 * gates.numel())).values))
+    assert 0.55 < plan.summary()["gated_dims_kept"] < 0.65
+    small = compact_vit(m, plan)
+    ref = zero_removed_gates(m, plan)  # the gated model with what the plan removes set to 0
+    x = _x()
+    torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_with_no_value_dim_goes_whole_and_narrower_heads_are_padded():
+    m = _gated()
+    att = m.blocks[3].attn
+    hd = att.head_dim
+    with torch.no_grad():
+        g = att.gate_out.weight.view(att.num_heads, hd)
+        g[0] = 0                  # head 0: gone
+        g[1, : hd // 2] = 0       # head 1: half its value dims
+        g[2, :1] = 0              # head 2: all but one
+    plan = vit_plan_from_gates(m)
+    assert plan.heads_kept(3) == [1, 2] and plan.v_dim(3) == hd - 1
+    small = compact_vit(m, plan)
+    b = small.blocks[3].attn
+    assert (b.num_heads, b.head_dim, b.v_dim) == (2, hd, hd - 1)
+    assert b.qkv.out_features == 2 * (2 * hd + hd - 1) and b.proj.in_features == 2 * (hd - 1)
+    x = _x()
+    torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_json_round_trip_and_build_pruned(tmp_path):
+    m = _random_gates(_gated(), 0.5)
+    plan = vit_plan_from_gates(m)
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    back = ViTPlan.load(path)
+    assert back.to_dict() == json.loads(json.dumps(plan.to_dict()))
+    small = compact_vit(m, plan)
+    fresh = build_pruned_vit(back)
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    x = _x()
+    torch.testing.assert_close(fresh.eval()(x), small(x))
+
+
+def _plan_dict(m):
+    return vit_plan_from_gates(_random_gates(m, 0.3)).to_dict()
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: d["blocks"][0].update({"in": [5, 3]}), "block 0 'in' must be sorted and without duplicates"),
+    (lambda d: d["blocks"][0].update({"in": [1, 1]}), "block 0 'in' must be sorted and without duplicates"),
+    (lambda d: d["blocks"][1].update({"hidden": [0, 10**9]}), r"block 1 'hidden' has an index out of range \[0, 192\)"),
+    (lambda d: d["blocks"][1].update({"hidden": []}), "block 1 'hidden' keeps nothing"),
+    (lambda d: d["blocks"][2].update({"v": [[], [], []]}), "block 2 removes every head"),
+    (lambda d: d["blocks"][2].update({"v": [[0]]}), "must list the kept value dims of each of the 3 heads"),
+    (lambda d: d["blocks"][2]["v"].__setitem__(0, [-1]), r"head 0 'v' has an index out of range \[0, 16\): -1"),
+    (lambda d: d["blocks"][0].update({"in": [0.5]}), "must be a list of integer indices"),
+    (lambda d: d["blocks"][0].pop("hidden"), "must have exactly the keys"),
+    (lambda d: d["dims"].update({"heads": 0}), r"dims\['heads'\] must be a positive integer"),
+    (lambda d: d.update({"format": "slimops-plan"}), "not a ViT plan"),
+    (lambda d: d.update({"version": 9}), "unsupported version 9"),
+    (lambda d: d.update({"blocks": []}), "blocks must be a non-empty list"),
+])
+def test_bad_plans_are_clear_errors(edit, msg):
+    d = _plan_dict(_gated())
+    edit(d)
+    with pytest.raises(ValueError, match=msg):
+        ViTPlan.from_dict(d)
+
+
+def test_a_plan_for_another_model_is_refused_and_nothing_is_changed():
+    plan = vit_plan_from_gates(_random_gates(_gated(), 0.3))
+    other = _gated(width=0.5)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="the plan was made for 12 blocks of"):
+        compact_vit(other, plan)
+    with pytest.raises(ValueError, match="the plan was made for"):
+        zero_removed_gates(other, plan)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_plans_need_a_gated_vit_with_finite_gates(tmp_path):
+    with pytest.raises(ValueError, match="has no dimension gates"):
+        vit_plan_from_gates(M.build("vit_ti", width=0.125, img_size=32))
+    with pytest.raises(TypeError, match="must be a slimops ViT"):
+        vit_plan_from_gates(M.build("vgg11", width=0.125))
+    m = _gated()
+    with torch.no_grad():
+        m.blocks[0].mlp.gate.weight[3] = float("nan")
+    with pytest.raises(ValueError, match="a gate is NaN or infinite"):
+        vit_plan_from_gates(m)
+    with pytest.raises(ValueError, match="percent"):
+        vit_plan_from_gates(_gated(), percent=1.5)
+    big = tmp_path / "big.json"
+    big.write_text(" " * (64 * 2**20 + 1))
+    with pytest.raises(ValueError, match="larger than a plan can be"):
+        ViTPlan.load(str(big))
+    with pytest.raises(FileNotFoundError):
+        ViTPlan.load(str(tmp_path / "missing.json"))
