@@ -131,6 +131,19 @@ def test_bad_plans_are_clear_errors(edit, msg):
         ViTPlan.from_dict(d)
 
 
+def test_all_zero_gates_keep_one_input_dim_one_unit_and_one_value_dim():
+    m = _gated()
+    with torch.no_grad():
+        for w in m.gates().values():
+            w.zero_()
+        m.blocks[0].mlp.gate.weight[5] = -0.5  # a negative gate counts by |g|
+    plan = vit_plan_from_gates(m)
+    assert all(len(b["in"]) == 1 and len(b["hidden"]) == 1 and sum(map(len, b["v"])) == 1 for b in plan.blocks)
+    assert plan.blocks[0]["hidden"] == [5]
+    small = compact_vit(m, plan)
+    torch.testing.assert_close(small(_x()), m(_x()), rtol=1e-5, atol=1e-5)
+
+
 def test_a_plan_for_another_model_is_refused_and_nothing_is_changed():
     plan = vit_plan_from_gates(_random_gates(_gated(), 0.3))
     other = _gated(width=0.5)
@@ -160,3 +173,69 @@ def test_plans_need_a_gated_vit_with_finite_gates(tmp_path):
         ViTPlan.load(str(big))
     with pytest.raises(FileNotFoundError):
         ViTPlan.load(str(tmp_path / "missing.json"))
+
+
+# ---- the methods and the pipeline ------------------------------------------------------------------------------
+
+
+def test_vit_methods_are_for_vits_and_need_lam():
+    from slimops.pruning.config import SlimConfig
+    from slimops.pruning.methods import MethodConfig
+
+    SlimConfig(model="vit_ti", method="sidt", lam=0.5, penalty="tl1")
+    SlimConfig(model="vit_ti", method="vtp", lam=0.01)
+    with pytest.raises(ValueError, match="lam must be given for method sidt"):
+        SlimConfig(model="vit_ti", method="sidt")
+    with pytest.raises(ValueError, match="method must be a BatchNorm method for vgg11"):
+        SlimConfig(model="vgg11", method="vtp", lam=0.1)
+    with pytest.raises(ValueError, match="method must be none, vtp or sidt for vit_ti"):
+        SlimConfig(model="vit_ti", method="ns")
+    with pytest.raises(ValueError, match="method 'vtp' uses penalty 'l1'"):
+        MethodConfig("vtp", penalty="l0")
+    with pytest.raises(ValueError, match="method 'sidt' takes penalty in"):
+        MethodConfig("sidt", penalty="l21")
+
+
+def test_the_methods_train_the_gates_with_the_fused_optimizers():
+    from slimops.optim import ProxAdamW
+    from slimops.pruning.methods import MethodConfig, SlimMethod
+
+    m = _gated()
+    sm = SlimMethod(MethodConfig("sidt", lam=0.5, penalty="l0"), m, lr=1e-3, weight_decay=0.05, optimizer="adamw")
+    assert isinstance(sm.optimizer, ProxAdamW)
+    gate_group = sm.optimizer.param_groups[1]
+    assert gate_group["penalty"] == "l0" and gate_group["lam"] == 0.5 and gate_group["weight_decay"] == 0.0
+    assert {id(p) for p in gate_group["params"]} == {id(w) for w in m.gates().values()}
+    with pytest.raises(ValueError, match="the model has none"):
+        SlimMethod(MethodConfig("sidt", lam=0.5), M.build("vit_ti", width=0.125, img_size=32), lr=0.1)
+    vtp = SlimMethod(MethodConfig("vtp", lam=0.25), m, lr=0.1)
+    m(_x()).sum().backward()
+    w = next(iter(m.gates().values()))
+    before = w.grad.clone()
+    vtp.after_backward()  # g.grad += s sign(g)
+    torch.testing.assert_close(w.grad, before + 0.25 * torch.sign(w.detach()))
+
+
+def test_sidt_through_the_pipeline_writes_a_loadable_pruned_vit(tmp_path):
+    from slimops.pruning.config import SlimConfig
+    from slimops.pruning.pipeline import evaluate_file, finetune, load_model_file, prune, slim
+
+    out = str(tmp_path / "run")
+    res = slim(SlimConfig(model="vit_ti", width=0.125, patch=8, method="sidt", lam=120.0, epochs=2, batch=256,
+                          optimizer="adamw", lr=2e-3, out=out, progress=False, plots=False, augment=False))
+    assert res["units"] == "gated dims" and res["channels_kept"] < res["channels_total"]
+    assert res["params_pruned"] < res["params_dense"] and res["compaction_vs_masked"]["max_abs_diff"] < 1e-4
+    assert len(res["blocks"]) == 12 and all("heads" in b for b in res["blocks"])
+    pruned, obj = load_model_file(f"{out}/pruned.pt")
+    assert obj["plan"]["format"] == "slimops-vit-plan"
+    assert evaluate_file(weights=f"{out}/pruned.pt")["acc"] == pytest.approx(res["acc"])
+    ft = finetune(weights=f"{out}/pruned.pt", epochs=1, batch=256, lr=1e-3, optimizer="adamw", out=str(tmp_path / "ft"),
+                  progress=False)
+    assert ft["acc"] >= 0 and load_model_file(str(tmp_path / "ft" / "finetuned.pt"))[1]["kind"] == "pruned"
+    # prune: VTP's threshold on the gates of a gated dense model file
+    from slimops.pruning.pipeline import save_model_file
+
+    dense = _random_gates(_gated(width=0.125), 0.0)
+    save_model_file(str(tmp_path / "dense.pt"), dense, kind="dense")
+    again = prune(weights=str(tmp_path / "dense.pt"), percent=0.5, out=str(tmp_path / "pr"))
+    assert again["kept_fraction"] == pytest.approx(0.5, abs=0.02) and again["params_pruned"] < again["params_dense"]

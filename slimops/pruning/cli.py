@@ -153,9 +153,10 @@ def main_slim(argv=None) -> dict:
         _common(ap)
         ap.add_argument("--method", default="proximal-ns", choices=METHODS)
         ap.add_argument("--penalty", default=None, choices=("l1", "l0", "tl1", "l1_2"),
-                        help="prox-sgd: l1 | l0 | tl1 | l1_2 (default l1); ns-*: set by the method")
+                        help="prox-sgd, sidt: l1 | l0 | tl1 | l1_2 (default l1); ns-*, vtp: set by the method")
         ap.add_argument("--lam", type=nonneg_float, default=None,
-                        help="sparsity strength; default: calibrated to the run's length (slimops.pruning.methods)")
+                        help="sparsity strength; default: calibrated to the run's length (slimops.pruning.methods); "
+                             "vtp / sidt (ViTs) need it given (docs/vit.md)")
         ap.add_argument("--beta", type=nonneg_float, default=None, help="proximal-ns coupling beta (default 100)")
         ap.add_argument("--a", type=finite_float, default=None,
                         help="tl1 shape a (default 1), or the exponent p of ns-lp (default 0.5)")

@@ -24,8 +24,9 @@ from typing import Optional, Union
 CONFIG_FORMAT = "slimops-slim-config"
 CONFIG_VERSION = 1
 COUNT_MAX = 2**31 - 1  # epochs, batches, threads: anything larger is a typo, and would overflow int32 indexing
-EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns")
+EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns", "sidt")
 DEFAULT_NS_PERCENT = 0.5
+DEFAULT_VTP_PERCENT = 0.4  # VTP's headline setting: 40% of the gated dims removed
 
 
 def _bad(name: str, what: str, value) -> ValueError:
@@ -106,10 +107,18 @@ class SlimConfig:
                 raise _bad("patch", f"None for {self.model} (only {', '.join(RESOLUTION_MODELS)} take a patch size)",
                            self.patch)
         from slimops.models import VIT_MODELS
+        from slimops.pruning.methods import VIT_METHODS
 
-        if self.model in VIT_MODELS and self.method != "none":
-            raise _bad("method", f"'none' for {self.model}: the slimming methods prune BatchNorm channels and a "
-                                 "ViT has none (ViT dimension pruning is not implemented yet)", self.method)
+        if self.model in VIT_MODELS and self.method not in ("none",) + VIT_METHODS:
+            raise _bad("method", f"none, vtp or sidt for {self.model}: the other methods prune BatchNorm channels "
+                                 "and a ViT has none", self.method)
+        if self.model not in VIT_MODELS and self.method in VIT_METHODS:
+            raise _bad("method", f"a BatchNorm method for {self.model}: {self.method} prunes the dimension gates "
+                                 f"of a ViT ({', '.join(VIT_MODELS)})", self.method)
+        if self.method in VIT_METHODS and self.lam is None:
+            raise _bad("lam", f"given for method {self.method} (the gates' shrinkage per unit of lr and step: "
+                              "lr * lam * steps near 1 removes the gates the loss does not defend; docs/vit.md)",
+                       self.lam)
         _number("lr", self.lr, lo=0.0, lo_open=True)
         _number("lam", self.lam, lo=0.0, optional=True)
         _number("beta", self.beta, lo=0.0, optional=True)
@@ -148,6 +157,8 @@ class SlimConfig:
     def resolved_percent(self) -> Optional[float]:
         """The fraction the plan removes: None for the exact zeros."""
         if self.percent == "auto":
+            if self.method == "vtp":
+                return DEFAULT_VTP_PERCENT
             return None if self.method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
         return None if self.percent is None else float(self.percent)
 

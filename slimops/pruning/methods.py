@@ -10,9 +10,14 @@ and every update goes through slimops' fused kernels:
 ``ns-lp``             nonconvex slimming: ``+= s p sign(gamma)/|gamma|^{1-p}`` (|gamma| >= eps)
 ``prox-sgd``          proximal SGD: SGD step, then ``gamma <- prox_{lr lam R}(gamma)``, R any §1 penalty
 ``proximal-ns``       proximal network slimming (Bui et al. 2023): the gamma/xi scheme, xi exactly sparse
+``vtp``               ViTs: VTP's l1 on the dimension gates g, ``g.grad += s sign(g)``; the plan removes the
+                      lowest ``percent`` of |g|
+``sidt``              ViTs: SiDT's proximal step on the gates after each optimizer step, ``g <- prox_{lr lam R}(g)``
+                      (R = l1, l0, tl1 or l1_2): exact zeros, no threshold
 ====================  ==========================================================================
 
-(docs/algorithms.md §2-§4.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
+(docs/algorithms.md §2-§4, §6; the ViT methods act on the gates of :meth:`VisionTransformer.add_gates` instead of
+the BN scales, and run with SGD or AdamW.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
 ``prox_sgd_`` call per param group, proximal network slimming through ``palm_slimming_``.
 
 Strength calibration. Every method's total shrinkage of gamma grows with the number of SGD steps
@@ -33,10 +38,11 @@ from slimops.ops.prox import penalty_grad_
 from slimops.penalties import ELEMENTWISE_PROX
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD
 
-METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns")
+METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns", "vtp", "sidt")
+VIT_METHODS = ("vtp", "sidt")  # on the dimension gates of a ViT; the others act on BN scales
 # The methods that are not defined on an SGD step (prox-sgd's prox step and proximal NS's alpha = 1/lr are), so
 # that they run with AdamW too: the subgradient methods add to the gradient whatever the optimizer does with it.
-ADAMW_METHODS = ("none", "ns", "ns-tl1", "ns-lp")
+ADAMW_METHODS = ("none", "ns", "ns-tl1", "ns-lp", "vtp", "sidt")
 
 # Reference step count the lam defaults are expressed for (CIFAR, 160 epochs at batch 64).
 T_REF = 125_120
@@ -53,7 +59,9 @@ LAM_AT_T_REF = {
     "proximal-ns": 0.4 * 330 / T_REF,
 }
 DEFAULT_BETA = 100.0
-DEFAULT_PENALTY = {"prox-sgd": "l1", "proximal-ns": "l1", "ns": "l1", "ns-tl1": "tl1", "ns-lp": "lp"}
+DEFAULT_PENALTY = {"prox-sgd": "l1", "proximal-ns": "l1", "ns": "l1", "ns-tl1": "tl1", "ns-lp": "lp", "vtp": "l1",
+                   "sidt": "l1"}
+CHOOSES_PENALTY = ("prox-sgd", "sidt")  # the methods that take any elementwise prox penalty
 PROX_SGD_PENALTIES = ELEMENTWISE_PROX  # the elementwise ones: a BN scale vector has no groups
 
 
@@ -92,16 +100,17 @@ class MethodConfig:
             raise ValueError(f"slimops.pruning: unknown method '{self.method}' (expected one of: {', '.join(METHODS)})")
         if self.penalty is None:
             self.penalty = DEFAULT_PENALTY.get(self.method)
-        if self.method == "prox-sgd" and self.penalty not in PROX_SGD_PENALTIES:
-            raise ValueError(f"slimops.pruning: method 'prox-sgd' takes penalty in {PROX_SGD_PENALTIES}, got '{self.penalty}'")
-        if self.method != "prox-sgd" and self.penalty != DEFAULT_PENALTY.get(self.method):
+        if self.method in CHOOSES_PENALTY and self.penalty not in PROX_SGD_PENALTIES:
+            raise ValueError(f"slimops.pruning: method '{self.method}' takes penalty in {PROX_SGD_PENALTIES}, "
+                             f"got '{self.penalty}'")
+        if self.method not in CHOOSES_PENALTY and self.penalty != DEFAULT_PENALTY.get(self.method):
             # every other method has its penalty built in: a different one would be silently ignored
             raise ValueError(f"slimops.pruning: method '{self.method}' uses penalty "
                              f"{DEFAULT_PENALTY.get(self.method)!r}; penalty {self.penalty!r} does not apply to it "
-                             "(penalties are chosen with method 'prox-sgd')")
+                             "(penalties are chosen with methods 'prox-sgd' and 'sidt')")
         if self.method == "ns-lp" and not 0 < self.a < 1:
             raise ValueError(f"slimops.pruning: method 'ns-lp' needs the exponent p = a in (0, 1), got a={self.a}")
-        if self.method in ("ns-tl1", "prox-sgd") and self.penalty == "tl1" and not self.a > 0:
+        if self.method in ("ns-tl1", "prox-sgd", "sidt") and self.penalty == "tl1" and not self.a > 0:
             raise ValueError(f"slimops.pruning: the tl1 penalty needs a > 0, got a={self.a}")
         if not self.eps > 0:
             raise ValueError(f"slimops.pruning: eps must be > 0, got {self.eps}")
@@ -123,11 +132,20 @@ class SlimMethod:
     def __init__(self, cfg: MethodConfig, model: nn.Module, *, lr: float, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = False, optimizer: str = "sgd"):
         self.cfg = cfg
-        self.gammas = bn_gammas(model)
+        if cfg.method in VIT_METHODS:
+            if not getattr(model, "gated", False):
+                raise ValueError(f"slimops.pruning: method {cfg.method!r} trains the dimension gates of a ViT; the "
+                                 "model has none (build a ViT with gates=True)")
+            self.gammas = list(model.gates().values())  # the gates take the BN scales' place
+        else:
+            self.gammas = bn_gammas(model)
         ids = {id(g) for g in self.gammas}
         rest = [p for p in model.parameters() if id(p) not in ids]
+        # The gates / gammas get no weight decay under a sparsity method: its penalty is their regulariser.
         gamma_group = {"params": self.gammas}
-        if cfg.method == "prox-sgd":
+        if cfg.method in VIT_METHODS:
+            gamma_group["weight_decay"] = 0.0
+        if cfg.method in CHOOSES_PENALTY:
             gamma_group.update(penalty=cfg.penalty, lam=cfg.lam, a=cfg.a)
         if optimizer == "adamw":
             if cfg.method not in ADAMW_METHODS:
@@ -142,7 +160,7 @@ class SlimMethod:
             self.slim = ProximalSlimming(self.gammas, self.optimizer, lam=cfg.lam, beta=cfg.beta, penalty="l1")
 
     def after_backward(self) -> None:
-        if self.cfg.method in ("ns", "ns-tl1", "ns-lp"):
+        if self.cfg.method in ("ns", "ns-tl1", "ns-lp", "vtp"):
             params = [g for g in self.gammas if g.grad is not None]
             if params:
                 penalty_grad_([g.grad for g in params], params, penalty=self.cfg.penalty, s=self.cfg.lam, a=self.cfg.a,

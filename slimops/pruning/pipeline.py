@@ -29,7 +29,7 @@ from slimops.pruning.checkpoint import (FORMAT_VERSION, MODEL_FORMAT, atomic_sav
 from slimops.pruning.guard import check_finite_state, check_on_nonfinite
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.config import SlimConfig
-from slimops.pruning.methods import METHODS, MethodConfig, default_lam
+from slimops.pruning.methods import METHODS, VIT_METHODS, MethodConfig, default_lam
 from slimops.pruning.plan import Plan, plan_from_bn
 from slimops.pruning.metrics import accuracy
 from slimops.pruning.train import TrainConfig, recalibrate_bn, run_config_of, train_stage
@@ -80,11 +80,15 @@ def save_model_file(path: str, model: nn.Module, *, kind: str, plan: Optional[Pl
 def load_model_file(path: str, device=None) -> tuple:
     """(model, file dict) from a dense.pt / pruned.pt; a foreign, corrupted or mismatching file raises."""
     from slimops.models import build_from_config
+    from slimops.pruning.vit import ViTPlan, build_pruned_vit
 
     obj = load_file(path, MODEL_FORMAT, "slimops.pruning.load_model_file")
     try:
         if obj["kind"] == "pruned":
-            model = build_pruned(Plan.from_dict(obj["plan"]))
+            plan = plan_of_file(obj)
+            if plan is None:
+                raise ValueError("a pruned model without its plan")
+            model = build_pruned_vit(plan) if isinstance(plan, ViTPlan) else build_pruned(plan)
         else:
             model = build_from_config(obj["config"])
         model.load_state_dict(obj["state_dict"])
@@ -93,6 +97,16 @@ def load_model_file(path: str, device=None) -> tuple:
     if device is not None:
         model.to(device)
     return model, obj
+
+
+def plan_of_file(obj: dict):
+    """The plan a model file carries (a BN :class:`Plan` or a :class:`~slimops.pruning.vit.ViTPlan`), or None."""
+    from slimops.pruning.vit import VIT_PLAN_FORMAT, ViTPlan
+
+    d = obj.get("plan")
+    if not d:
+        return None
+    return ViTPlan.from_dict(d) if d.get("format") == VIT_PLAN_FORMAT else Plan.from_dict(d)
 
 
 @torch.no_grad()
@@ -152,6 +166,39 @@ def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn
         **errors,
         "constant_channels": len(plan.constant),
         "layers": {k: {"total": plan.channels[k], "kept": len(v)} for k, v in plan.layers.items()},
+    }
+
+
+def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_recal: int = 0) -> tuple:
+    """:func:`prune_report` for a gated ViT and its :class:`~slimops.pruning.vit.ViTPlan` (no BatchNorm to
+    recalibrate): (compacted model, report dict with the heads / dims kept per block)."""
+    import copy
+
+    from slimops.pruning.metrics import compare_latency
+    from slimops.pruning.vit import compact_vit, zero_removed_gates
+
+    pruned = compact_vit(dense, plan)
+    probe = torch.linspace(0, len(data.y_test) - 1, min(256, len(data.y_test))).long()
+    x = data.normalise(data.x_test[probe]).to(device)
+    masked = zero_removed_gates(copy.deepcopy(dense), plan)
+    errors = {"compaction_vs_dense": compaction_error(dense, pruned, x),
+              "compaction_vs_masked": compaction_error(masked, pruned, x)}
+    rd, rp = model_report(dense, data, device, latency=False), model_report(pruned, data, device, latency=False)
+    lat = compare_latency(dense, pruned, (data.in_channels, data.size, data.size), batch=64)
+    d, summary = plan.dims, plan.summary()
+    per_block = d["dim"] + d["heads"] * d["head_dim"] + d["hidden"]
+    total = per_block * len(plan.blocks)
+    kept = round(summary["gated_dims_kept"] * total)
+    return pruned, {
+        "acc_pruned_no_finetune": accuracy(pruned, data, device=device),
+        "channels_total": total, "channels_kept": kept, "kept_fraction": kept / total, "units": "gated dims",
+        "params_dense": rd["params"], "params_pruned": rp["params"],
+        "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
+        "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
+        "latency_ms_dense": lat["baseline_ms"], "latency_ms_pruned": lat["candidate_ms"],
+        "latency_speedup": lat["speedup"], "latency_batch": lat["batch"], "latency_threads": lat["threads"],
+        **errors,
+        "blocks": summary["blocks"], "v_dims": [plan.v_dim(i) for i in range(len(plan.blocks))],
     }
 
 
@@ -219,8 +266,9 @@ def _run_slim(cfg: SlimConfig) -> dict:
         steps = cfg.epochs * tcfg.steps_per_epoch(len(ds.y_train))
         mcfg = cfg.method_config(steps)
         torch.manual_seed(cfg.seed)
+        vit_method = cfg.method in VIT_METHODS
         net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width,
-                    **resolution_args(cfg.model, ds.size, cfg.patch))
+                    **resolution_args(cfg.model, ds.size, cfg.patch), **({"gates": True} if vit_method else {}))
         run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.slim")
@@ -235,14 +283,19 @@ def _run_slim(cfg: SlimConfig) -> dict:
                           on_nonfinite=cfg.on_nonfinite)
         xi = res.method.scores()
         acc_dense = accuracy(net, ds, device=dev)
-        plan = plan_from_bn(net, percent, xi=xi, fold=cfg.fold)
+        if vit_method:
+            from slimops.pruning.vit import vit_plan_from_gates
+
+            plan = vit_plan_from_gates(net, percent)
+        else:
+            plan = plan_from_bn(net, percent, xi=xi, fold=cfg.fold)
         plan.meta.update(method=cfg.method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
         metrics = {"model": net.config(), "data": cfg.data, "method": asdict(mcfg), "train": run_cfg["train"],
                    "steps": steps, "percent": percent, "acc_before_prune": acc_dense}
         if info.is_main:
             save_model_file(os.path.join(out, "dense.pt"), net, kind="dense", xi=xi, extra={"method": asdict(mcfg)})
             plan.save(os.path.join(out, "plan.json"))
-        pruned, rep = prune_report(net, plan, ds, dev, bn_recal=cfg.bn_recal)
+        pruned, rep = (vit_prune_report if vit_method else prune_report)(net, plan, ds, dev, bn_recal=cfg.bn_recal)
         metrics.update(rep)
         history = list(res.history)
         if cfg.finetune_epochs > 0:
@@ -281,7 +334,7 @@ def run_bytes(model: nn.Module) -> int:
 
 def summary_line(m: dict) -> str:
     return (f"acc {m['acc']:.4f} (before pruning {m['acc_before_prune']:.4f}, pruned without fine-tuning "
-            f"{m['acc_pruned_no_finetune']:.4f}); channels {m['channels_kept']}/{m['channels_total']}; "
+            f"{m['acc_pruned_no_finetune']:.4f}); {m.get('units', 'channels')} {m['channels_kept']}/{m['channels_total']}; "
             f"params {m['params_dense']:,} -> {m['params_pruned']:,}; FLOPs {m['flops_dense']:.3g} -> "
             f"{m['flops_pruned']:.3g}; latency x{m['latency_speedup']:.2f}")
 
@@ -300,11 +353,17 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     if obj["kind"] != "dense":
         raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt")
     ds = load_data(data, data_dir)
-    plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
+    gated = getattr(net, "gated", False)  # a ViT trained with vtp / sidt: planned by its dimension gates
+    if gated:
+        from slimops.pruning.vit import vit_plan_from_gates
+
+        plan = vit_plan_from_gates(net, percent)
+    else:
+        plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
     plan.save(os.path.join(out, "plan.json"))
     metrics = {"model": net.config(), "data": data, "percent": percent, "source": weights,
                "acc_before_prune": accuracy(net, ds, device=dev)}
-    pruned, rep = prune_report(net, plan, ds, dev, bn_recal=bn_recal)
+    pruned, rep = (vit_prune_report if gated else prune_report)(net, plan, ds, dev, bn_recal=bn_recal)
     metrics.update(rep)
     metrics["acc"] = metrics["acc_pruned_no_finetune"]
     save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
@@ -331,7 +390,7 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
             prepare_output_dir(out, "slimops.pruning.finetune")
             check_free_space(out, run_bytes(net), "slimops.pruning.finetune")
         setup_logging(out, info.is_main)
-        plan = Plan.from_dict(obj["plan"]) if obj.get("plan") else None
+        plan = plan_of_file(obj)
         ds = load_data(data, data_dir)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment, optimizer=optimizer,
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs)

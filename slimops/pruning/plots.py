@@ -47,7 +47,7 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         return []
 
     paths = []
-    if plan.layers:  # a model with BN slim groups (the ViTs have none: no scores, no channels to plot)
+    if getattr(plan, "layers", None):  # a model with BN slim groups (a ViT plan has blocks, plotted below)
         scores = torch.cat(list(bn_scores(model, xi).values())).numpy()
         label = "|xi|" if xi is not None else "|gamma|"
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -74,6 +74,22 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         ax.legend()
         fig.tight_layout()
         paths.append(os.path.join(out, "channels.png"))
+        _save(fig, paths[-1])
+        plt.close(fig)
+
+    if hasattr(plan, "blocks"):  # a ViT plan: what each block keeps, as fractions of its gated widths
+        d, per = plan.dims, plan.summary()["blocks"]
+        fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(per)), 4))
+        xs = torch.arange(len(per)).numpy()
+        for k, (key, total, label) in enumerate((("heads", d["heads"], "heads"), ("in_dims", d["dim"], "qkv input dims"),
+                                                 ("v_dims", d["heads"] * d["head_dim"], "value dims"),
+                                                 ("hidden", d["hidden"], "MLP units"))):
+            ax.bar(xs + (k - 1.5) * 0.2, [p[key] / total for p in per], width=0.2, label=label)
+        ax.set(title=f"kept per block: {plan.summary()['gated_dims_kept']:.1%} of the gated dims",
+               xlabel="block", ylabel="fraction kept", ylim=(0, 1.3))
+        ax.legend(fontsize=8, loc="upper center", ncol=4)
+        fig.tight_layout()
+        paths.append(os.path.join(out, "vit_kept.png"))
         _save(fig, paths[-1])
         plt.close(fig)
 

@@ -166,8 +166,9 @@ def vit_plan_from_gates(model: nn.Module, percent: Optional[float] = None) -> Vi
 
     def kept(t: Tensor) -> list:
         keep = t > threshold if percent is not None and percent > 0 else t != 0
-        if not keep.any():
-            keep = t == t.max()
+        if not keep.any():  # the best one stays (a block needs an input dim and a unit)
+            keep = torch.zeros_like(keep)
+            keep[t.argmax()] = True
         return keep.nonzero().flatten().tolist()
 
     plan_blocks = []
