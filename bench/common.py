@@ -91,9 +91,13 @@ def provenance(device: torch.device) -> str:
         tv = triton.__version__
     except Exception:
         tv = "not installed"
+    from slimops.info import cpu_isa, kernel_isa
+
     cpu = platform.processor() or platform.machine()
     return (f"device `{device_name(device)}` ({cpu}, {os.cpu_count()} cores visible, torch threads "
-            f"{torch.get_num_threads()}), torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "
+            f"{torch.get_num_threads()}; CPU ISA {cpu_isa()}, slimops kernels {kernel_isa()}, torch "
+            f"{torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "
             f"@ {git_sha()}, {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 

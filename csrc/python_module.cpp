@@ -1,11 +1,38 @@
 // Makes the compiled library importable as `slimops._C`. Importing it runs the static
-// TORCH_LIBRARY registrations; the module itself holds nothing (ops live in torch.ops.slimops).
-// Only setup.py compiles this file; the CMake build links the same kernels without Python.
+// TORCH_LIBRARY registrations; the ops live in torch.ops.slimops. The module itself holds one function,
+// `cpu_isa()`: the instruction set the CPU kernels use in this process (csrc/cpu/isa.h), for `slimops info`
+// and the benchmarks' headers. Only setup.py compiles this file; the CMake build links the same kernels
+// without Python.
 #include <Python.h>
+
+#include <exception>
+
+#include "cpu/isa.h"
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(slimops::cpu::isa_name(slimops::cpu::cpu_isa()));
+  } catch (const c10::Error& e) {  // a bad SLIMOPS_CPU_ISA: the message, not the C++ backtrace
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set of the CPU kernels in this process: base, avx2 or avx512 (SLIMOPS_CPU_ISA caps it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "slimops compiled kernels", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "slimops compiled kernels", -1, methods};
   return PyModule_Create(&module_def);
 }
 }

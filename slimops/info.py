@@ -21,6 +21,20 @@ def build_info() -> dict:
         return {"note": f"{path} not found (built by an older setup.py or not built in place)"}
 
 
+def cpu_isa() -> str:
+    """The instruction set slimops' CPU kernels use in this process: base, avx2 or avx512 (csrc/cpu/isa.h: what
+    the CPU has, capped by SLIMOPS_CPU_ISA)."""
+    from slimops import _C
+
+    return _C.cpu_isa()
+
+
+def kernel_isa() -> str:
+    """The kernel copies that run for :func:`cpu_isa`: avx2 on an AVX-512 CPU too (no kernel has an AVX-512 copy
+    yet), else base."""
+    return "base" if cpu_isa() == "base" else "avx2"
+
+
 def ops() -> list[str]:
     return sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("slimops::")})
 
@@ -40,6 +54,8 @@ def report() -> str:
         f"torch   {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
         f"triton  {triton_v} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})",
         f"threads {torch.get_num_threads()}",
+        f"cpu ISA {cpu_isa()} (SLIMOPS_CPU_ISA={os.environ.get('SLIMOPS_CPU_ISA', 'unset')}): slimops runs its "
+        f"{kernel_isa()} kernel copies; torch's capability {torch.backends.cpu.get_cpu_capability()}",
         "build   " + ", ".join(f"{k}={v}" for k, v in build_info().items()),
         "",
         f"{'op':<24} {'CPU kernel':<11} {'CUDA kernel':<12} {'backends on cpu':<28} auto on cuda",

@@ -1,11 +1,27 @@
-"""The base-ISA copies of the CPU kernels that have an AVX2 + FMA copy (small_mm.h users: spectral; sema's
-inner loops) agree with the references too. On an AVX2 machine only the AVX2 copies run by default, so this runs
-the checks in a subprocess with SLIMOPS_CPU_BASE_ISA=1 (read once by the extension)."""
+"""Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
+FMA; small_mm.h users: spectral, sema's inner loops; channel_conv's direct convolution) agrees with the references.
+Only the best copy runs by default, so each is checked in a subprocess with SLIMOPS_CPU_ISA set (read once by the
+extension)."""
 import os
 import sys
 import textwrap
 
+import pytest
+
 from _proc import run_with_deadline
+
+ORDER = ("base", "avx2", "avx512")
+
+
+def _isa(env_extra):
+    """What a fresh process reports as its CPU ISA under ``env_extra`` (the finished process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMOPS_CPU_")}
+    env.update(OMP_NUM_THREADS="1", **env_extra)
+    return run_with_deadline([sys.executable, "-c", "from slimops.info import cpu_isa; print(cpu_isa())"], env=env,
+                             timeout=120)
+
+
+DETECTED = _isa({"SLIMOPS_CPU_ISA": "avx512"}).stdout.strip()
 
 
 _CHECKS = textwrap.dedent("""
@@ -32,12 +48,37 @@ _CHECKS = textwrap.dedent("""
     w = torch.randn(14, 8, 40, 2)
     err = (spectral_filter(x, w, backend="cpu") - fref.spectral_filter(x, w)).abs().max().item()
     assert err < 1e-4, err
+    from slimops.ops import channel_conv2d
+    from slimops.reference import channel_conv as cref
+    x = torch.randn(2, 24, 13, 17)
+    w = torch.randn(20, 24, 3, 3)
+    ii, oo = torch.arange(0, 24, 2), torch.arange(1, 20, 3)
+    y = channel_conv2d(x, w, None, ii, oo, stride=1, padding=1, backend="cpu")
+    err = (y - cref.channel_conv2d(x, w, None, ii, oo, 1, 1, 1)).abs().max().item()
+    assert err < 1e-4, err
     print("ok", worst)
 """)
 
 
-def test_base_isa_kernels_match_the_references():
-    env = dict(os.environ, SLIMOPS_CPU_BASE_ISA="1", OMP_NUM_THREADS="1")
-    res = run_with_deadline([sys.executable, "-c", _CHECKS], env=env, timeout=300)
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_each_isa_copy_matches_the_references(isa):
+    if ORDER.index(isa) > ORDER.index(DETECTED):
+        pytest.skip(f"this CPU runs {DETECTED} at most")
+    env = dict(os.environ, SLIMOPS_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    env.pop("SLIMOPS_CPU_BASE_ISA", None)
+    res = run_with_deadline([sys.executable, "-c", "from slimops.info import cpu_isa; print(cpu_isa())\n" + _CHECKS],
+                            env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.startswith("ok"), res.stdout
+    assert res.stdout.splitlines()[0] == isa and res.stdout.splitlines()[1].startswith("ok"), res.stdout
+
+
+def test_the_isa_variable_caps_and_is_checked():
+    assert DETECTED in ORDER
+    assert _isa({"SLIMOPS_CPU_ISA": "base"}).stdout.strip() == "base"
+    assert _isa({"SLIMOPS_CPU_BASE_ISA": "1"}).stdout.strip() == "base"  # the older name
+    bad = _isa({"SLIMOPS_CPU_ISA": "sse9"})
+    assert bad.returncode != 0 and "SLIMOPS_CPU_ISA must be base, avx2 or avx512, got 'sse9'" in bad.stderr
+    info = run_with_deadline([sys.executable, "-m", "slimops", "info"], env=dict(os.environ, SLIMOPS_CPU_ISA="base"),
+                             timeout=120)
+    assert "cpu ISA base (SLIMOPS_CPU_ISA=base): slimops runs its base kernel copies" in info.stdout, \
+        info.stdout + info.stderr

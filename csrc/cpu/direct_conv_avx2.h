@@ -8,7 +8,8 @@
 // pixels of one output row: 12 accumulators) sums broadcast weights times unaligned input loads over
 // channels and taps. Rows of the weight block are packed as [row block][channel][tap][6].
 //
-// Compiled with a target attribute (no global -mavx2) and used only when the CPU reports AVX2 and FMA.
+// Compiled with a target attribute (no global -mavx2) and used only when the CPU reports AVX2 and FMA (and
+// SLIMOPS_CPU_ISA does not cap it below: isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "isa.h"
 #include "slimops/channel_conv_checks.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -34,8 +36,7 @@ constexpr int64_t kPX = 16;  // output pixels per register block (two 8-float ve
 
 inline bool direct_conv_available() {
 #if SLIMOPS_DIRECT_CONV
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2);  // isa.h: the CPU's, capped by SLIMOPS_CPU_ISA
 #else
   return false;
 #endif

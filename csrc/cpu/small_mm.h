@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include "isa.h"
 
 namespace slimops {
 namespace cpu {
@@ -92,14 +93,10 @@ SLIMOPS_SMALL_MM_BODY
 // The column multiple `n` must have: two vectors of float (16) also covers double (8).
 constexpr int64_t kMMCols = 16;
 
-// Whether the AVX2 + FMA copies run: the CPU has both, and SLIMOPS_CPU_BASE_ISA=1 is not set (that variable,
-// read once, lets the tests run the base-ISA copies on an AVX2 machine).
+// Whether the AVX2 + FMA copies run: the ISA of isa.h (the CPU's, capped by SLIMOPS_CPU_ISA) is at least avx2.
 inline bool small_mm_avx2() {
 #if SLIMOPS_SMALL_MM_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("SLIMOPS_CPU_BASE_ISA") != nullptr &&
-                           std::string_view(std::getenv("SLIMOPS_CPU_BASE_ISA")) == "1");
-  return ok;
+  return static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2);
 #else
   return false;
 #endif
