@@ -243,3 +243,30 @@ def test_bn_recalibration_of_sparse_model_equals_compacted():
     x = ds.normalise(ds.x_test[:8])
     with torch.no_grad():
         assert _rel(small.eval()(x), fast.eval()(x)) < 1e-5
+
+
+def test_frozen_weights_take_the_cached_compact_block_and_dense_conv():
+    """With no gradient needed for the weights (inference), ChannelSparseConv2d cuts the kept weight block once
+    and runs torch's conv on compact tensors: the same values as the kernel path, the cache follows in-place
+    weight updates and index changes, and gradients for x still flow."""
+    from slimops.nn import ChannelSparseConv2d
+
+    torch.manual_seed(0)
+    m = ChannelSparseConv2d(12, 10, 3, padding=1, in_idx=[0, 3, 4, 9], out_idx=[1, 2, 7])
+    x = torch.randn(2, 12, 9, 9)
+    with torch.no_grad():
+        fast = m(x)
+    train = m(x)  # weights need gradients: the channel_conv2d kernel
+    assert train.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, train.detach(), rtol=1e-5, atol=1e-5)
+    w_cached = m.compact_weight()[0]
+    with torch.no_grad():
+        m.weight.mul_(2)
+        torch.testing.assert_close(m(x), 2 * fast - m.bias[m.out_idx].view(1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+        assert m.compact_weight()[0] is not w_cached
+        m.set_index(out_idx=[0])
+        assert m(x).shape == (2, 1, 9, 9)
+    m.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    assert xg.grad is not None and xg.grad[:, [1, 2, 5]].abs().sum() == 0 and xg.grad[:, 0].abs().sum() > 0

@@ -149,9 +149,35 @@ class ChannelSparseConv2d(nn.Module):
         ones = w.new_ones((1, 1, height, width))
         return F.conv2d(ones, folded, None, self.stride, self.padding, self.dilation)
 
+    def compact_weight(self) -> tuple:
+        """(weight[out_idx][:, in_idx], bias[out_idx], whether in_idx is every input channel in order), the weight
+        and bias as contiguous detached tensors. Cached until the weight, the bias or the indices change (their
+        in-place version counters); used where no gradient is needed for them."""
+        key = _key(self.weight, self.bias, self.in_idx, self.out_idx)
+        cache = getattr(self, "_weight_cache", None)
+        if cache is None or cache[0] != key:
+            w = self.weight.detach().index_select(0, self.out_idx).index_select(1, self.in_idx).contiguous()
+            b = None if self.bias is None else self.bias.detach().index_select(0, self.out_idx).contiguous()
+            every = self.in_idx.numel() == self.in_channels and bool(
+                (self.in_idx == torch.arange(self.in_channels, device=self.in_idx.device)).all())
+            cache = (key, w, b, every)
+            self._weight_cache = cache
+        return cache[1], cache[2], cache[3]
+
     def forward(self, x: Tensor) -> Tensor:
-        y = channel_conv2d(x, self.weight, self.bias, self.in_idx, self.out_idx, self.stride, self.padding,
-                           self.dilation, input_gathered=self.input_gathered, check_indices=False)
+        if _frozen(self.weight, self.bias) and x.device.type == "cpu":
+            # Static sparsity with fixed weights (inference): the kept block of the weight is cut once (cached) and
+            # the fastest dense conv (torch's: oneDNN on CPU) runs on the compact tensors; x's kept channels are
+            # gathered, and not at all when x is already compact (input_gathered, as sparsify chains layers) or
+            # every channel is kept. Measured: `eval --sparse` on a VGG-11 x0.5 with every channel kept went from
+            # 0.41x to 0.99x of the compacted model. (Gradients for x still flow: conv2d and index_select.)
+            w, b, every = self.compact_weight()
+            xs = x if self.input_gathered or every else x.index_select(1, self.in_idx)
+            y = F.conv2d(xs, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride, self.padding,
+                         self.dilation)
+        else:
+            y = channel_conv2d(x, self.weight, self.bias, self.in_idx, self.out_idx, self.stride, self.padding,
+                               self.dilation, input_gathered=self.input_gathered, check_indices=False)
         if self.const_in is not None:
             y = y + self.constant_term(x.shape[2], x.shape[3])
         return y
