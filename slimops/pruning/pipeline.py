@@ -138,31 +138,41 @@ def model_report(model: nn.Module, data, device: torch.device, *, latency_batch:
     return rep
 
 
-def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn_recal: int = 100) -> tuple:
-    """Compacts ``dense`` with ``plan``, re-estimates its BN statistics from ``bn_recal`` training batches
-    (0: keep the trained ones) and measures both models: (pruned model, report dict)."""
-    pruned = compact(dense, plan)
-    # A probe batch spread over the test set (which is stored grouped by class).
+def _compaction_errors(dense: nn.Module, masked: nn.Module, pruned: nn.Module, data, device) -> dict:
+    """How far the compacted model is from the dense one and from the dense one with the removed units zeroed
+    (``masked``), on a probe batch spread over the test set (which is stored grouped by class)."""
     probe = torch.linspace(0, len(data.y_test) - 1, min(256, len(data.y_test))).long()
     x = data.normalise(data.x_test[probe]).to(device)
-    errors = {"compaction_vs_dense": compaction_error(dense, pruned, x),
-              "compaction_vs_masked": compaction_error(_masked_copy(dense, plan), pruned, x)}
-    acc_stale = accuracy(pruned, data, device=device)
-    images = recalibrate_bn(pruned, data, device, batches=bn_recal)
+    return {"compaction_vs_dense": compaction_error(dense, pruned, x),
+            "compaction_vs_masked": compaction_error(masked, pruned, x)}
+
+
+def _size_and_speed(dense: nn.Module, pruned: nn.Module, data, device) -> dict:
+    """Parameters, FLOPs, MACs of both models, and their latency measured side by side."""
     from slimops.pruning.metrics import compare_latency
 
     rd, rp = model_report(dense, data, device, latency=False), model_report(pruned, data, device, latency=False)
     lat = compare_latency(dense, pruned, (data.in_channels, data.size, data.size), batch=64)
+    return {"params_dense": rd["params"], "params_pruned": rp["params"],
+            "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
+            "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
+            "latency_ms_dense": lat["baseline_ms"], "latency_ms_pruned": lat["candidate_ms"],
+            "latency_speedup": lat["speedup"], "latency_batch": lat["batch"], "latency_threads": lat["threads"]}
+
+
+def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn_recal: int = 100) -> tuple:
+    """Compacts ``dense`` with ``plan``, re-estimates its BN statistics from ``bn_recal`` training batches
+    (0: keep the trained ones) and measures both models: (pruned model, report dict)."""
+    pruned = compact(dense, plan)
+    errors = _compaction_errors(dense, _masked_copy(dense, plan), pruned, data, device)
+    acc_stale = accuracy(pruned, data, device=device)
+    images = recalibrate_bn(pruned, data, device, batches=bn_recal)
     return pruned, {
         "acc_pruned_no_finetune": accuracy(pruned, data, device=device),
         "acc_pruned_trained_bn_stats": acc_stale, "bn_recalibration_images": images,
         "channels_total": plan.channels_total, "channels_kept": plan.channels_kept,
         "kept_fraction": plan.kept_fraction,
-        "params_dense": rd["params"], "params_pruned": rp["params"],
-        "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
-        "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
-        "latency_ms_dense": lat["baseline_ms"], "latency_ms_pruned": lat["candidate_ms"],
-        "latency_speedup": lat["speedup"], "latency_batch": lat["batch"], "latency_threads": lat["threads"],
+        **_size_and_speed(dense, pruned, data, device),
         **errors,
         "constant_channels": len(plan.constant),
         "layers": {k: {"total": plan.channels[k], "kept": len(v)} for k, v in plan.layers.items()},
@@ -174,17 +184,10 @@ def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_r
     recalibrate): (compacted model, report dict with the heads / dims kept per block)."""
     import copy
 
-    from slimops.pruning.metrics import compare_latency
     from slimops.pruning.vit import compact_vit, zero_removed_gates
 
     pruned = compact_vit(dense, plan)
-    probe = torch.linspace(0, len(data.y_test) - 1, min(256, len(data.y_test))).long()
-    x = data.normalise(data.x_test[probe]).to(device)
-    masked = zero_removed_gates(copy.deepcopy(dense), plan)
-    errors = {"compaction_vs_dense": compaction_error(dense, pruned, x),
-              "compaction_vs_masked": compaction_error(masked, pruned, x)}
-    rd, rp = model_report(dense, data, device, latency=False), model_report(pruned, data, device, latency=False)
-    lat = compare_latency(dense, pruned, (data.in_channels, data.size, data.size), batch=64)
+    errors = _compaction_errors(dense, zero_removed_gates(copy.deepcopy(dense), plan), pruned, data, device)
     d, summary = plan.dims, plan.summary()
     per_block = d["dim"] + d["heads"] * d["head_dim"] + d["hidden"]
     total = per_block * len(plan.blocks)
@@ -192,11 +195,7 @@ def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_r
     return pruned, {
         "acc_pruned_no_finetune": accuracy(pruned, data, device=device),
         "channels_total": total, "channels_kept": kept, "kept_fraction": kept / total, "units": "gated dims",
-        "params_dense": rd["params"], "params_pruned": rp["params"],
-        "flops_dense": rd["flops"], "flops_pruned": rp["flops"],
-        "macs_dense": rd["macs"], "macs_pruned": rp["macs"],
-        "latency_ms_dense": lat["baseline_ms"], "latency_ms_pruned": lat["candidate_ms"],
-        "latency_speedup": lat["speedup"], "latency_batch": lat["batch"], "latency_threads": lat["threads"],
+        **_size_and_speed(dense, pruned, data, device),
         **errors,
         "blocks": summary["blocks"], "v_dims": [plan.v_dim(i) for i in range(len(plan.blocks))],
     }
