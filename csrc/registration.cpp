@@ -101,4 +101,21 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "sema_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, int[2] grid, int[2] window, "
       "bool neighborhood, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- quant family: binarisation and fake quantisation (docs/algorithms.md §9) ------------------------------
+  // y = sign(x) with sign(0) = -1, in x's dtype. The backward is the surrogate gradient `surrogate`, zero where
+  // |x| > clip: "fda" g (4 omega / pi) sum_{i<n_terms} cos((2i+1) omega x) (Fourier-domain approximation),
+  // "ste" g, "tanh" g (1 - tanh^2 x), "approx_sign" g max(0, 2 - 2|x|).
+  m.def("fda_sign(Tensor x, int n_terms=10, float omega=0.1, str surrogate=\"fda\", float clip=1.0) -> Tensor");
+  m.def("fda_sign_backward(Tensor grad, Tensor x, int n_terms, float omega, str surrogate, float clip) -> Tensor");
+  // y = (clamp(round(x / s) + z, Qn, Qp) - z) s, z = clamp(round(zero_point), Qn, Qp) (0 when None); s, z one
+  // per tensor or one per slice along per_channel_axis; [Qn, Qp] the signed / unsigned `bits`-bit range (signed
+  // 1 bit: {-1, +1}). LSQ gradients; grad_factor scales those of scale and zero_point.
+  m.def(
+      "fake_quantize(Tensor x, Tensor scale, Tensor? zero_point=None, int bits=8, int? per_channel_axis=None, "
+      "bool signed=True, float grad_factor=1.0) -> Tensor");
+  // (grad_x, grad_scale, grad_zero_point); one not asked for in output_mask (or without a zero point) is empty.
+  m.def(
+      "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? zero_point, int bits, "
+      "int? per_channel_axis, bool signed, float grad_factor, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -47,12 +47,19 @@ AUTO_CUDA = {
     # The sema family has no CUDA C++ kernel: Triton's flash-style kernel is its GPU backend.
     "sema_attention": "triton",
     "sema_attention_backward": "triton",
+    # The quant family: fda_sign is elementwise, the CUDA kernel skips Triton's Python launch; fake_quantize has
+    # no CUDA C++ kernel (its Triton kernels are its GPU backend).
+    "fda_sign": "cuda",
+    "fda_sign_backward": "cuda",
+    "fake_quantize": "triton",
+    "fake_quantize_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
 _TRITON_MODULES.update({op: "slimops.triton.channel_conv" for op in AUTO_CUDA if "conv2d" in op})
 _TRITON_MODULES.update({op: "slimops.triton.spectral" for op in AUTO_CUDA if "spectral" in op})
 _TRITON_MODULES.update({op: "slimops.triton.sema" for op in AUTO_CUDA if op.startswith("sema")})
+_TRITON_MODULES.update({op: "slimops.triton.quant" for op in AUTO_CUDA if op.startswith(("fda_", "fake_quantize"))})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops

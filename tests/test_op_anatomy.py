@@ -49,7 +49,7 @@ def _triton_or_skip(op):
 
 
 def test_the_library_registers_the_ops_we_know():
-    assert len(SLIMOPS) == 17
+    assert len(SLIMOPS) == 21
     assert set(SLIMOPS) == set(_backend.AUTO_CUDA), "every op needs a backend entry (slimops/_backend.py)"
 
 
@@ -145,6 +145,10 @@ def _run_every_public_op():
                                            _t(2, blocks, cb, grad=True) * 0.1, blocks=blocks, backend="cpu"))
     q, k, v = (_t(1, 2, 16, 4, grad=True) for _ in range(3))
     outs.append(P.sema_attention(q, k, v, grid=(4, 4), window=2, backend="cpu"))
+    outs.append(P.fda_sign(_t(3, 5, grad=True), n_terms=4, omega=0.5, surrogate="fda", clip=2.0, backend="cpu"))
+    xq, sq, zq = _t(4, 5, grad=True), (torch.rand(4, dtype=torch.float64) * 0.2 + 0.05).requires_grad_(), \
+        torch.full((4,), 3.0, dtype=torch.float64, requires_grad=True)
+    outs.append(P.fake_quantize(xq, sq, zq, bits=3, per_channel_axis=0, signed=False, grad_factor=0.5, backend="cpu"))
     sum(o.sum() for o in outs).backward()
 
 

@@ -30,7 +30,7 @@ from triton.language.standard import _elementwise_max, _sum_combine
 
 __all__ = [
     "TL_DTYPES", "INTERPRETED", "EMULATE_RNE", "fail", "check_device", "device_of", "next_pow2", "on_device",
-    "to_acc", "cvt_store", "rowsum", "rowmax",
+    "to_acc", "cvt_store", "div_rn", "rowsum", "rowmax", "vecsum",
 ]
 
 TL_DTYPES = {
@@ -64,9 +64,25 @@ def cvt_store(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
+def div_rn(x, y, ACC: tl.constexpr):
+    """IEEE (round-to-nearest) division: Triton's fp32 ``/`` is an approximation on NVIDIA GPUs."""
+    if ACC == tl.float32:
+        r = tl.math.div_rn(x, y)
+    else:
+        r = x / y
+    return r
+
+
+@triton.jit
 def rowsum(x):
     """Sum over axis 1 (tl.sum's reduction through the builtin tl.reduce; see the module docstring)."""
     return tl.reduce(x, 1, _sum_combine)
+
+
+@triton.jit
+def vecsum(x):
+    """Sum of a 1-D block (tl.sum's reduction, as :func:`rowsum`)."""
+    return tl.reduce(x, 0, _sum_combine)
 
 
 @triton.jit

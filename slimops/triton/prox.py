@@ -63,6 +63,7 @@ from slimops.opdefs import prox as _defs
 from slimops.penalties import GROUP as GROUP_PENALTIES, PROX as PROX_PENALTIES
 from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, device_of,
                                     next_pow2, on_device, rowsum, to_acc)
+from slimops.triton._common import div_rn as _div  # IEEE division
 
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
     from triton.language.extra import libdevice
@@ -100,16 +101,6 @@ _NUM_WARPS = 4
 # ---------------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _div(x, y, ACC: tl.constexpr):
-    """IEEE (round-to-nearest) division: Triton's fp32 ``/`` is an approximation on NVIDIA GPUs."""
-    if ACC == tl.float32:
-        r = tl.math.div_rn(x, y)
-    else:
-        r = x / y
-    return r
 
 
 @triton.jit

@@ -1,0 +1,82 @@
+// Elementwise maths of the quant family (docs/algorithms.md §9), shared by the CPU and CUDA kernels: the surrogate
+// gradients of fda_sign and the LSQ fake quantiser. Templates on the math type T (float for fp32/bf16/fp16
+// storage, double for fp64), usable from host and device code.
+#pragma once
+
+#include <math.h>
+
+#include "slimops/prox_math.h"  // SLIMOPS_HD
+
+namespace slimops {
+
+// The surrogate gradients of fda_sign (the order of the names in quant_checks.h).
+enum class Surrogate : int { kFda = 0, kSte = 1, kTanh = 2, kApproxSign = 3 };
+
+template <typename T>
+SLIMOPS_HD T quant_rint(T v) {  // round half to even (the default rounding mode), as torch's fake quantisers
+#if defined(__CUDA_ARCH__)
+  return rint(v);
+#else
+  return nearbyint(v);
+#endif
+}
+
+// sum_{i<n} cos((2i+1) u) in closed form, stable at its removable singularities: with u = k pi + d (|d| <= pi/2;
+// pi split in two constants, Cody-Waite, so that d stays accurate for large k), every term is (-1)^k cos((2i+1) d)
+// and the sum is (-1)^k sin(2 n d) / (2 sin d), whose limit at d = 0 is n. sin d loses no relative accuracy near
+// 0, so only d == 0 itself needs the limit.
+template <typename T>
+SLIMOPS_HD T cos_odd_sum(T u, int n) {
+  const T kInvPi = T(0.318309886183790671538);
+  const T kPiHi = T(3.140625);  // 8 significant bits: k * kPiHi is exact for |k| < 2^15 (float)
+  const T kPiLo = T(9.67653589793e-4);
+  const T k = quant_rint(u * kInvPi);
+  const T d = (u - k * kPiHi) - k * kPiLo;
+  const T s = sin(d);
+  const T r = s == T(0) ? T(n) : sin(T(2 * n) * d) / (T(2) * s);
+  return fmod(k, T(2)) != T(0) ? -r : r;
+}
+
+// d sign(x) / dx as the surrogate `s` sees it, zero where |x| > clip (NaN stays NaN). four_omega_pi = 4 omega / pi.
+template <typename T>
+SLIMOPS_HD T sign_surrogate(T x, Surrogate s, int n_terms, T omega, T four_omega_pi, T clip) {
+  if (x != x) return x;
+  const T ax = fabs(x);
+  if (!(ax <= clip)) return T(0);
+  switch (s) {
+    case Surrogate::kFda: return four_omega_pi * cos_odd_sum<T>(omega * x, n_terms);
+    case Surrogate::kSte: return T(1);
+    case Surrogate::kTanh: {
+      const T t = tanh(x);
+      return T(1) - t * t;
+    }
+    default: return ax < T(1) ? T(2) - T(2) * ax : T(0);  // ApproxSign
+  }
+}
+
+// sign(x) with sign(0) = -1 (NaN stays NaN).
+template <typename T>
+SLIMOPS_HD T binary_sign(T x) {
+  return x > T(0) ? T(1) : (x != x ? x : T(-1));
+}
+
+// One fake-quantisation grid: levels [qn, qp] (the signed 1-bit grid {-1, +1} when binary), zero point z (an
+// integer in [qn, qp]), scale s and its reciprocal.
+template <typename T>
+struct QuantGrid {
+  T qn, qp, z, s, inv_s;
+  bool binary;
+
+  // The integer level of x: clamp(round(x / s) + z, qn, qp), or +-1 on the binary grid. NaN stays NaN (the
+  // comparisons are false for it).
+  SLIMOPS_HD T level(T v) const {
+    if (binary) return binary_sign(v);
+    T q = quant_rint(v) + z;
+    q = q < qn ? qn : q;
+    return q > qp ? qp : q;
+  }
+  // LSQ: whether v = x / s is inside the grid (the gradient of x passes).
+  SLIMOPS_HD bool inside(T v) const { return v + z >= qn && v + z <= qp; }
+};
+
+}  // namespace slimops
