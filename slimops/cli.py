@@ -5,6 +5,7 @@ Commands:
   prune     plan and compact a trained dense.pt
   finetune  fine-tune a pruned.pt (or any model file)
   eval      accuracy, params, FLOPs and latency of a model file
+  quantize  distil a trained model into a quantised (LSQ) or binary (FDA) student, export packed weights
   demo      proximal network slimming of a VGG on the embedded digits data, with a summary table
   info      versions, build flags and the backends of every op (slimops.info)
 
@@ -22,6 +23,7 @@ COMMANDS = {  # command -> "module:function" taking argv
     "prune": "slimops.pruning.cli:main_prune",
     "finetune": "slimops.pruning.cli:main_finetune",
     "eval": "slimops.pruning.cli:main_eval",
+    "quantize": "slimops.quant.cli:main_quantize",
     "demo": "slimops.demo:main",
     "info": "slimops.info:main",
 }

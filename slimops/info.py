@@ -30,9 +30,12 @@ def cpu_isa() -> str:
 
 
 def kernel_isa() -> str:
-    """The kernel copies that run for :func:`cpu_isa`: avx2 on an AVX-512 CPU too (no kernel has an AVX-512 copy
-    yet), else base."""
-    return "base" if cpu_isa() == "base" else "avx2"
+    """The kernel copies that run for :func:`cpu_isa`: base, or avx2 (spectral, sema, channel_conv, quant), and on an
+    AVX-512 CPU avx512 for the quant family's loops (the others have no AVX-512 copy yet and run avx2)."""
+    isa = cpu_isa()
+    if isa == "base":
+        return "base"
+    return "avx2" if isa == "avx2" else "avx512 (quant), avx2 (others)"
 
 
 def ops() -> list[str]:

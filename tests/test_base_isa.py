@@ -1,5 +1,6 @@
 """Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
-FMA; small_mm.h users: spectral, sema's inner loops; channel_conv's direct convolution) agrees with the references.
+FMA; small_mm.h users: spectral, sema's inner loops; channel_conv's direct convolution; and avx512, which only the
+quant family's block loops have) agrees with the references.
 Only the best copy runs by default, so each is checked in a subprocess with SLIMOPS_CPU_ISA set (read once by the
 extension)."""
 import os
@@ -56,11 +57,32 @@ _CHECKS = textwrap.dedent("""
     y = channel_conv2d(x, w, None, ii, oo, stride=1, padding=1, backend="cpu")
     err = (y - cref.channel_conv2d(x, w, None, ii, oo, 1, 1, 1)).abs().max().item()
     assert err < 1e-4, err
+    from slimops.ops import fake_quantize, fda_sign
+    from slimops.reference import quant as qref
+    for dt in (torch.float32, torch.float64, torch.bfloat16):
+        x = (torch.randn(6, 1000, dtype=torch.float64) * 2).to(dt)
+        g = torch.randn(6, 1000, dtype=torch.float64).to(dt)
+        s = torch.rand(6) * 0.2 + 0.05
+        z = torch.rand(6) * 6 + 1
+        for bits, signed, zp in ((4, True, None), (3, False, z), (1, True, None)):
+            assert torch.equal(fake_quantize(x, s, zp, bits=bits, per_channel_axis=0, signed=signed, backend="cpu"),
+                               qref.fake_quantize(x, s, zp, bits, 0, signed))
+            got = torch.ops.slimops.fake_quantize_backward(g, x, s, zp, bits, 0, signed, 0.5, [True, True, True])
+            exp = qref.fake_quantize_backward(g, x, s, zp, bits, 0, signed, 0.5, [True, True, True])
+            assert torch.equal(got[0], exp[0])
+            for a, b in zip(got[1:], exp[1:]):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-3), (a, b)
+        for sur in ("ste", "approx_sign", "tanh", "fda"):
+            got = torch.ops.slimops.fda_sign_backward(g, x, 10, 0.3, sur, 1.5).double()
+            exp = qref.fda_sign_backward(g.double(), x.double(), 10, 0.3, sur, 1.5)
+            tol = (2.0 ** -7 if dt == torch.bfloat16 else 1e-5) * (exp.abs().max().item() + 1)  # one storage rounding
+            assert (got - exp).abs().max().item() <= tol, (sur, dt, (got - exp).abs().max().item())
+        assert torch.equal(fda_sign(x, backend="cpu"), qref.fda_sign(x))
     print("ok", worst)
 """)
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_each_isa_copy_matches_the_references(isa):
     if ORDER.index(isa) > ORDER.index(DETECTED):
         pytest.skip(f"this CPU runs {DETECTED} at most")

@@ -60,13 +60,24 @@ CASES = [
     ("slim", ["--out", "{d}/garbage.pt/run"], "cannot write into the output folder '{d}/garbage.pt/run'"),
     ("slim", ["--data", "cifar10", "--data-dir", "{d}/nodata", "--out", "{d}/s"], "{d}/nodata"),
     ("slim", ["--method", "prox-sgd", "--penalty", "l21", "--out", "{d}/s"], "argument --penalty: invalid choice: 'l21'"),
+    ("quantize", ["--teacher", "{d}/missing.pt", "--out", "{d}/q"], "no such file '{d}/missing.pt'"),
+    ("quantize", ["--teacher", "{d}/evil.pt", "--out", "{d}/q"], "refusing to load '{d}/evil.pt'"),
+    ("quantize", ["--teacher", "{d}/dense.pt", "--method", "fda", "--out", "{d}/q"],
+     "method 'fda' trains a binary net: it needs wbits = abits = 1"),
+    ("quantize", ["--teacher", "{d}/dense.pt", "--wbits", "1", "--abits", "1", "--method", "kd", "--out", "{d}/q"],
+     "wbits = abits = 1 is a binary net: use method 'fda' or 'ste'"),
+    ("quantize", ["--teacher", "{d}/dense.pt", "--method", "qat", "--label-free", "--out", "{d}/q"],
+     "label_free needs a teacher's logits to learn from"),
+    ("quantize", ["--teacher", "{d}/dense.pt", "--wbits", "0", "--out", "{d}/q"],
+     "argument --wbits: must be an integer in [1, 16] or 32"),
+    ("quantize", ["--teacher", "{d}/garbage.pt", "--out", "{d}/q"], "'{d}/garbage.pt' is corrupted or not a torch file"),
 ]
 
 
 @pytest.mark.parametrize("command,argv,expect", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line_and_status_2(files, capsys, command, argv, expect):
     argv = [a.format(d=files) for a in argv]
-    lines = _fails(capsys, [command, *argv, "--threads", "1", "--no-progress"] if command in ("slim", "finetune")
+    lines = _fails(capsys, [command, *argv, "--threads", "1", "--no-progress"] if command in ("slim", "finetune", "quantize")
                    else [command, *argv, "--threads", "1"])
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"slimops {command}: error: "), lines[0]
@@ -79,7 +90,7 @@ def test_bad_input_is_one_line_and_status_2(files, capsys, command, argv, expect
     (["eval"], "slimops eval: error: the following arguments are required: --weights"),
     (["prune", "--weights", "x", "--percent", "half"], "slimops prune: error: argument --percent: 'half' is not a number"),
     (["slim", "--on-nonfinite", "ignore"], "slimops slim: error: argument --on-nonfinite: invalid choice"),
-    (["slimm"], "slimops: error: unknown command 'slimm' (choose from slim, prune, finetune, eval, demo, info)"),
+    (["slimm"], "slimops: error: unknown command 'slimm' (choose from slim, prune, finetune, eval, quantize, demo, info)"),
 ])
 def test_usage_errors(capsys, argv, expect):
     lines = _fails(capsys, argv)

@@ -51,6 +51,7 @@ from torch import Tensor
 import slimops.ops as P
 from slimops.reference import channel_conv as RC
 from slimops.reference import prox as RP
+from slimops.reference import quant as RQ
 from slimops.reference import sema as RSE
 from slimops.reference import spectral as RS
 
@@ -548,8 +549,75 @@ class Sema(Spec):
         return RSE.sema_attention(c["q"], c["k"], c["v"], _pair(c["grid"]), _pair(c["window"]), c["neighborhood"])
 
 
+# ---- quant --------------------------------------------------------------------------------------------------------
+
+
+class FdaSign(Spec):
+    name = "fda_sign"
+
+    def gen(self, r):
+        x = r.randn(r.shape(), r.dtype(), 2.0)
+        if x.numel() and r.random() < 0.3:  # sign(0) = sign(-0) = -1
+            x.view(-1)[r.randint(0, x.numel() - 1)] = r.choice([0.0, -0.0])
+        return dict(x=x, n_terms=r.choice([1, 10, 19, r.randint(1, 200)]), omega=r.uniform(0.01, 1.0),
+                    surrogate=r.choice(RQ.SURROGATES), clip=r.choice([1.0, r.uniform(0.1, 3.0), math.inf]))
+
+    def call(self, c, b):
+        return P.fda_sign(c["x"], n_terms=c["n_terms"], omega=c["omega"], surrogate=c["surrogate"], clip=c["clip"],
+                          backend=b)
+
+    def expected(self, c):
+        return RQ.fda_sign(c["x"], c["n_terms"], c["omega"], c["surrogate"], c["clip"])
+
+
+def _fq_params(c, r, axis="keep"):
+    """(Re)builds scale (and zero_point, when the call has one) for c's x, bits and signed, in their dtypes: one
+    value, or one per slice of x along per_channel_axis. ``axis``: "keep" (the call's axis where it fits x's rank,
+    else a random one), "random" (a random valid axis; None for a 0-d x) or an axis / None."""
+    x = c["x"]
+    if axis == "keep":
+        axis = c.get("per_channel_axis")
+        if axis is not None and not -x.dim() <= axis < x.dim():
+            axis = "random"
+    if axis == "random":
+        axis = r.randint(-x.dim(), x.dim() - 1) if x.dim() else None
+    c["per_channel_axis"] = axis
+    qn, qp = RQ.levels(c["bits"], c["signed"])
+    shape = r.choice([(), (1,)]) if axis is None else (x.shape[axis],)
+    sdt = c["scale"].dtype if isinstance(c.get("scale"), Tensor) else x.dtype
+    # steps that spread x (about 3 randn) over the grid and a bit past it (clamped)
+    c["scale"] = ((r.rand(shape, F64, 1.8) + 0.2) * 6.0 / max(qp - qn, 1)).to(sdt)
+    if isinstance(c.get("zero_point"), Tensor):
+        c["zero_point"] = (r.rand(shape, F64, qp - qn + 4.0) + (qn - 2.0)).to(c["zero_point"].dtype)
+
+
+class FakeQuantize(Spec):
+    name = "fake_quantize"
+
+    def gen(self, r):
+        dt = r.dtype()
+        c = dict(x=r.randn(r.shape(), dt, 3.0), bits=r.choice([1, 2, 3, 4, 8, 8, 16, r.randint(1, 16)]),
+                 signed=r.random() < 0.7, grad_factor=r.choice([1.0, r.uniform(0.01, 2.0)]))
+        c["scale"] = torch.ones((), dtype=r.choice([dt, dt, F32, F64]))
+        # a zero point in x's dtype or float32: float64 with a float32 x is zero_point_float64_tie's case
+        use_zp = not (c["signed"] and c["bits"] == 1) and r.random() < 0.5
+        c["zero_point"] = torch.zeros((), dtype=r.choice([dt, F32])) if use_zp else None
+        _fq_params(c, r, "random" if r.random() < 0.5 else None)
+        return c
+
+    def call(self, c, b):
+        return P.fake_quantize(c["x"], c["scale"], c["zero_point"], bits=c["bits"],
+                               per_channel_axis=c["per_channel_axis"], signed=c["signed"],
+                               grad_factor=c["grad_factor"], backend=b)
+
+    def expected(self, c):
+        return RQ.fake_quantize(c["x"], c["scale"], c["zero_point"], c["bits"], c["per_channel_axis"], c["signed"],
+                                c["grad_factor"])
+
+
 SPECS = {s.name: s for s in (Prox(), ProxBackward(), ProxSGD(), ProxAdamW(), PalmSlimming(), PenaltyGrad(),
-                             SplitStep(), ChannelConv(), MaskedConv(), Spectral(), Adaptive(), Sema())}
+                             SplitStep(), ChannelConv(), MaskedConv(), Spectral(), Adaptive(), Sema(), FdaSign(),
+                             FakeQuantize())}
 assert set(SPECS) == set(P.__all__), "every public op has a fuzz spec"
 
 
@@ -1537,11 +1605,197 @@ SEMA_MUTS = [
 ]
 
 
+# ---- quant --------------------------------------------------------------------------------------------------------
+
+
+FDA_SIGN_MUTS = [
+    Mut("valid", _set(), "ok"),
+    Mut("x_int64", _tf("x", _dt(torch.int64)), "error", "x"),
+    Mut("x_bool", _tf("x", _dt(torch.bool)), "error", "x"),
+    Mut("x_complex64", _tf("x", _dt(torch.complex64)), "error", "x"),
+    Mut("x_list", _tf("x", lambda t, r: t.tolist()), "error", "x"),
+    Mut("x_float", _set(x=0.5), "error", "x"),
+    Mut("x_sparse", _chain(_wide, _tf("x", lambda t, r: t.to_sparse())), "error", "x"),
+    Mut("x_meta", _tf("x", _meta), "any"),
+    Mut("x_rank0", _x_shape(()), "ok"),
+    Mut("x_rank5", _rank5, "ok"),
+    Mut("x_empty", _empty_x, "ok"),
+    Mut("x_signed_zeros", _tf("x", lambda t, r: torch.where(r.rand(t.shape) < 0.5, 0.0, -0.0).to(t.dtype)), "ok"),
+    Mut("x_nan", _tf("x", _nan), "ok"),  # sign: NaN in, NaN out at the same places, exactly
+    Mut("x_inf", _tf("x", _inf), "ok"),
+    Mut("x_noncontig", _chain(_wide, _tf("x", _nc)), "ok"),
+    Mut("x_expanded", _chain(_wide, _tf("x", _exp)), "ok"),
+    Mut("x_huge", _tf("x", lambda t, r: huge_view((HUGE,), t.dtype)), "any", "x", huge=True, oom_ok=True),
+    Mut("x_huge_2d", _tf("x", lambda t, r: huge_view((2**16, 2**15 + 1), t.dtype)), "any", "x", huge=True,
+        oom_ok=True),
+    *scalar_muts("n_terms", [("zero", 0), ("negative", -1), ("too_many", 10_001), ("huge", 2**40), ("float", 10.0),
+                             ("bool", True), ("none", None), ("str", "10")]),
+    Mut("n_terms_one", _set(n_terms=1), "ok"),
+    Mut("n_terms_max", _set(n_terms=10_000), "ok"),
+    *scalar_muts("omega", [("zero", 0.0)] + NEG_NAN_INF + [("none", None), ("str", "0.1"), ("bool", True),
+                                                         ("two_elements", torch.ones(2))]),
+    Mut("omega_tensor", _set(omega=torch.tensor(0.2)), "ok"),
+    Mut("omega_int", _set(omega=1), "ok"),
+    *scalar_muts("clip", [("zero", 0.0), ("negative", -1.0), ("nan", math.nan), ("minus_inf", -math.inf),
+                          ("none", None), ("str", "1")]),
+    Mut("clip_inf", _set(clip=math.inf), "ok"),
+    Mut("clip_tiny", _set(clip=1e-300), "ok"),
+    Mut("surrogate_unknown", _set(surrogate="sigmoid"), "error", "surrogate"),
+    Mut("surrogate_case", _set(surrogate="FDA"), "error", "surrogate"),
+    Mut("surrogate_none", _set(surrogate=None), "error", "surrogate"),
+    Mut("surrogate_int", _set(surrogate=0), "error", "surrogate"),
+]
+
+
+def _fq_fit(axis="keep"):
+    """Rebuilds scale / zero_point for the (new) x, with per_channel_axis ``axis`` (see _fq_params)."""
+    return lambda c, r: _fq_params(c, r, axis)
+
+
+def _fq_zp(how=None):
+    """Makes the call have a zero point (a multi-bit grid, the zero point in the dtype of x), then ``how(zp, r)``."""
+
+    def f(c, r):
+        if c["signed"] and c["bits"] == 1:
+            c["bits"] = r.choice([2, 4, 8])
+        if c["zero_point"] is None:
+            c["zero_point"] = torch.zeros((), dtype=c["x"].dtype)
+        _fq_params(c, r)
+        if how is not None:
+            c["zero_point"] = how(c["zero_point"], r)
+
+    return f
+
+
+def _fq_per_channel(c, r):
+    """A 2-D x with dims > 1 and a random per-channel axis."""
+    _wide(c, r)
+    _fq_params(c, r, "random")
+
+
+def _fq_half_steps(c, r):
+    """x exactly half-way between two levels (a power-of-two step): round half to even decides every entry."""
+    c["scale"] = torch.full(c["scale"].shape, 0.25, dtype=c["scale"].dtype)
+    k = torch.randint(-40, 40, tuple(c["x"].shape), generator=r.g).double()
+    c["x"] = ((k + 0.5) * 0.25).to(c["x"].dtype)
+
+
+def _fq_zp_tie(c, r):
+    """A float64 zero point just above a tie (2.5 + 1e-10) with float32 x: the reference (and Triton) round it in
+    float32 (2.5 -> 2), not in float64 (-> 3); x reaches both ends of the 4-bit unsigned grid, where z shows."""
+    c.update(x=torch.tensor([-2.7, 14.0, 3.0, -0.6]), bits=4, signed=False, per_channel_axis=None,
+             scale=torch.tensor(1.0), zero_point=torch.tensor(2.5 + 1e-10, dtype=F64))
+
+
+def _fq_huge(shape, axis):
+    def f(c, r):
+        c["x"] = huge_view(shape, c["x"].dtype)
+        _fq_params(c, r, axis)
+
+    return f
+
+
+FAKE_QUANTIZE_MUTS = [
+    Mut("valid", _set(), "ok"),
+    Mut("per_channel", _fq_per_channel, "ok"),
+    Mut("x_int64", _tf("x", _dt(torch.int64)), "error", "x"),
+    Mut("x_bool", _tf("x", _dt(torch.bool)), "error", "x"),
+    Mut("x_complex64", _tf("x", _dt(torch.complex64)), "error", "x"),
+    Mut("x_list", _tf("x", lambda t, r: t.tolist()), "error", "x"),
+    Mut("x_sparse", _chain(_wide, _fq_fit(), _tf("x", lambda t, r: t.to_sparse())), "error", "x"),
+    Mut("x_meta", _tf("x", _meta), "error", ("x", "scale")),
+    Mut("all_meta", _all(_meta), "any"),
+    Mut("scale_int64", _tf("scale", _dt(torch.int64)), "error", "scale"),
+    Mut("scale_bool", _tf("scale", _dt(torch.bool)), "error", "scale"),
+    Mut("scale_complex64", _tf("scale", _dt(torch.complex64)), "error", "scale"),
+    Mut("scale_list", _tf("scale", lambda t, r: t.tolist()), "error", "scale"),
+    Mut("scale_float", _set(scale=0.1), "error", "scale"),
+    Mut("scale_none", _set(scale=None), "error", "scale"),
+    Mut("scale_meta", _tf("scale", _meta), "error", "scale"),
+    Mut("scale_float64", _tf("scale", _dt(F64)), "ok"),
+    Mut("scale_float16", _tf("scale", _dt(F16)), "ok"),
+    Mut("scale_bfloat16", _tf("scale", _dt(BF16)), "ok"),
+    Mut("scale_two_values", _chain(_fq_fit(None), _tf("scale", lambda t, r: t.reshape(1).expand(2).clone())),
+        "error", "scale"),
+    Mut("scale_empty", _chain(_fq_fit(None), _tf("scale", lambda t, r: t.reshape(1)[:0])), "error", "scale"),
+    Mut("scale_1x1", _chain(_fq_fit(None), _tf("scale", lambda t, r: t.reshape(1, 1))), "ok"),
+    Mut("scale_length", _chain(_fq_per_channel, _tf("scale", lambda t, r: torch.cat([t, t[:1]]))), "error", "scale"),
+    Mut("scale_broadcastable", _chain(_fq_per_channel, _tf("scale", lambda t, r: t[:1])), "error", "scale"),
+    Mut("scale_2d", _chain(_fq_per_channel, _tf("scale", lambda t, r: t[:, None])), "error", "scale"),
+    Mut("scale_per_tensor_with_axis", _chain(_fq_per_channel, _tf("scale", lambda t, r: t[0])), "error", "scale"),
+    Mut("scale_noncontig", _chain(_fq_per_channel, _tf("scale", _nc)), "ok"),
+    Mut("scale_expanded", _chain(_fq_per_channel, _tf("scale", _exp)), "ok"),
+    # scale > 0 is documented, not checked (a GPU would synchronise): any outcome, but the backends agree
+    Mut("scale_zero", _tf("scale", lambda t, r: torch.zeros_like(t)), "any"),
+    Mut("scale_negative", _tf("scale", lambda t, r: -t), "any"),
+    Mut("scale_nan", _tf("scale", _nan), "any"),
+    Mut("scale_inf", _tf("scale", lambda t, r: torch.full_like(t, math.inf)), "any"),
+    Mut("zero_point", _fq_zp(), "ok"),
+    Mut("zero_point_per_channel", _chain(_fq_per_channel, _fq_zp()), "ok"),
+    Mut("zero_point_int64", _fq_zp(_dt(torch.int64)), "error", "zero_point"),
+    Mut("zero_point_bool", _fq_zp(_dt(torch.bool)), "error", "zero_point"),
+    Mut("zero_point_complex64", _fq_zp(_dt(torch.complex64)), "error", "zero_point"),
+    Mut("zero_point_list", _fq_zp(lambda t, r: t.tolist()), "error", "zero_point"),
+    Mut("zero_point_float", _fq_zp(lambda t, r: 3.0), "error", "zero_point"),
+    Mut("zero_point_meta", _fq_zp(_meta), "error", "zero_point"),
+    Mut("zero_point_length", _chain(_fq_per_channel, _fq_zp(lambda t, r: torch.cat([t, t[:1]]))), "error",
+        "zero_point"),
+    Mut("zero_point_two_values", _chain(_fq_fit(None), _fq_zp(lambda t, r: t.reshape(1).expand(2).clone())), "error",
+        "zero_point"),
+    Mut("zero_point_float16", _fq_zp(_dt(F16)), "ok"),
+    Mut("zero_point_out_of_grid", _fq_zp(lambda t, r: t * 0 + r.choice([-1e6, 1e6])), "ok"),  # clamped to the grid
+    Mut("zero_point_nan", _fq_zp(_nan), "any"),
+    Mut("zero_point_noncontig", _chain(_fq_per_channel, _fq_zp(_nc)), "ok"),
+    Mut("zero_point_float64_tie", _fq_zp_tie, "ok", reps=1),  # no randomness: one case
+    Mut("zero_point_signed_1bit", _chain(_fq_zp(), _set(signed=True, bits=1)), "error", "zero_point"),
+    Mut("zero_point_unsigned_1bit", _chain(_fq_zp(), _set(signed=False, bits=1)), "ok"),
+    Mut("binary_grid", _set(signed=True, bits=1, zero_point=None), "ok"),
+    *scalar_muts("bits", [("zero", 0), ("negative", -8), ("17", 17), ("huge", 2**40), ("bool", True),
+                          ("float", 8.0), ("none", None), ("str", "8")]),
+    Mut("bits_16", _chain(_set(bits=16), _fq_fit()), "ok"),
+    Mut("bits_2", _chain(_set(bits=2), _fq_fit()), "ok"),
+    Mut("per_channel_axis_dim", lambda c, r: c.update(per_channel_axis=c["x"].dim()), "error", "per_channel_axis"),
+    Mut("per_channel_axis_below", lambda c, r: c.update(per_channel_axis=-c["x"].dim() - 1), "error",
+        "per_channel_axis"),
+    Mut("per_channel_axis_huge", _set(per_channel_axis=2**40), "error", "per_channel_axis"),
+    Mut("per_channel_axis_bool", _chain(_fq_per_channel, _set(per_channel_axis=False)), "error", "per_channel_axis"),
+    Mut("per_channel_axis_float", _chain(_fq_per_channel, lambda c, r: c.update(
+        per_channel_axis=float(c["per_channel_axis"]))), "error", "per_channel_axis"),
+    Mut("per_channel_axis_str", _set(per_channel_axis="0"), "error", "per_channel_axis"),
+    Mut("per_channel_axis_rank0", _chain(_x_shape(()), _fq_fit(None), _set(per_channel_axis=0)), "error",
+        "per_channel_axis"),
+    Mut("per_channel_axis_negative", _chain(_wide, lambda c, r: _fq_params(c, r, r.choice([-1, -2]))), "ok"),
+    Mut("per_channel_axis_last", _chain(_rank5, lambda c, r: _fq_params(c, r, 4)), "ok"),
+    Mut("signed_int", _set(signed=1), "error", "signed"),
+    Mut("signed_none", _set(signed=None), "error", "signed"),
+    Mut("signed_str", _set(signed="True"), "error", "signed"),
+    *scalar_muts("grad_factor", [("nan", math.nan), ("inf", math.inf), ("minus_inf", -math.inf), ("none", None),
+                                 ("str", "1.0"), ("bool", True)]),
+    Mut("grad_factor_zero", _set(grad_factor=0.0), "ok"),
+    Mut("grad_factor_negative", _set(grad_factor=-2.0), "ok"),
+    Mut("grad_factor_tensor", _set(grad_factor=torch.tensor(0.5)), "ok"),
+    Mut("x_rank0", _chain(_x_shape(()), _fq_fit()), "ok"),
+    Mut("x_rank5", _chain(_rank5, _fq_fit()), "ok"),
+    Mut("x_empty", _chain(_empty_x, _fq_fit()), "ok"),
+    Mut("x_empty_per_channel", _chain(_empty_x, _fq_fit("random")), "ok"),
+    Mut("x_nan", _tf("x", _nan), "ok"),  # NaN in, NaN out at the same places (the levels clamp nothing else)
+    Mut("x_inf", _tf("x", _inf), "ok"),  # clamped to the end levels
+    Mut("x_large", _tf("x", lambda t, r: t * 1e4), "ok"),
+    Mut("x_half_steps", _fq_half_steps, "ok"),
+    Mut("x_noncontig", _chain(_wide, _fq_fit(), _tf("x", _nc)), "ok"),
+    Mut("x_noncontig_per_channel", _chain(_fq_per_channel, _tf("x", _nc)), "ok"),
+    Mut("x_expanded", _chain(_wide, _fq_fit(), _tf("x", _exp)), "ok"),
+    Mut("x_huge", _fq_huge((HUGE,), None), "any", "x", huge=True, oom_ok=True),
+    Mut("x_huge_per_channel", _fq_huge((2**16, 2**15 + 1), "random"), "any", "x", huge=True, oom_ok=True),
+]
+
+
 MUTATORS = {
     "prox": PROX_MUTS, "prox_backward": PROX_BACKWARD_MUTS, "prox_sgd_": SGD_MUTS, "prox_adamw_": ADAMW_MUTS,
     "palm_slimming_": PALM_MUTS, "penalty_grad_": PENALTY_GRAD_MUTS, "split_step_": SPLIT_MUTS,
     "channel_conv2d": CHANNEL_CONV_MUTS, "masked_conv2d": MASKED_CONV_MUTS, "spectral_filter": SPECTRAL_MUTS,
-    "adaptive_spectral_filter": ADAPTIVE_MUTS, "sema_attention": SEMA_MUTS,
+    "adaptive_spectral_filter": ADAPTIVE_MUTS, "sema_attention": SEMA_MUTS, "fda_sign": FDA_SIGN_MUTS,
+    "fake_quantize": FAKE_QUANTIZE_MUTS,
 }
 assert set(MUTATORS) == set(SPECS)
 for _op, _muts in MUTATORS.items():
@@ -1749,6 +2003,10 @@ TRITON_MUTS = {
     "spectral_filter": ["valid", "weight_complex64", "x_noncontig", "x_nan"],
     "adaptive_spectral_filter": ["valid", "blocks_not_dividing", "w1_noncontig", "x_nan"],
     "sema_attention": ["valid", "grid_mismatch", "fused_qkv_slices", "q_nan"],
+    "fda_sign": ["valid", "x_int64", "x_noncontig", "x_nan", "x_empty", "x_rank0", "n_terms_zero", "clip_inf"],
+    "fake_quantize": ["valid", "per_channel", "scale_int64", "x_noncontig", "x_noncontig_per_channel", "x_nan",
+                      "x_half_steps", "zero_point", "zero_point_per_channel", "binary_grid", "x_empty_per_channel",
+                      "zero_point_float64_tie"],
 }
 
 

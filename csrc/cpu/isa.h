@@ -3,9 +3,9 @@
 // The kernels with ISA-specific copies (small_mm.h's register-blocked products: spectral, sema; the direct
 // convolution of channel_conv) have a base-ISA copy and an AVX2 + FMA copy compiled with a target attribute, so
 // one binary runs on any x86-64 and uses what the CPU has. SLIMOPS_CPU_ISA=base|avx2|avx512 caps the choice
-// (the tests run every copy the machine supports this way); the older SLIMOPS_CPU_BASE_ISA=1 means base. An
-// AVX-512 machine runs the AVX2 copies: no kernel has an AVX-512 copy yet, and avx512 is accepted so that a
-// script can state its intent on every machine.
+// (the tests run every copy the machine supports this way); the older SLIMOPS_CPU_BASE_ISA=1 means base. The quant
+// family's block loops (quant.cpp) also have an AVX-512 copy; the other kernels run their AVX2 copy on an AVX-512
+// machine.
 #pragma once
 
 #include <c10/util/Exception.h>

@@ -4,6 +4,12 @@
 //
 // fake_quantize_backward reduces the scale / zero-point gradients over fixed blocks of each channel (partial sums
 // in double, added in block order): the result does not depend on the number of threads.
+//
+// The loops over a block (one grid) exist in three copies, picked at run time by cpu_isa() (isa.h): base x86-64,
+// AVX2 and AVX-512, compiled from the same always-inline bodies with a target attribute. The reductions keep 16
+// lane-wise partial sums so that they vectorise without reassociation flags. FMA contraction is off in this file:
+// x * (1/s) must be rounded before it is rounded to a level (as torch's fake quantisers do), or a tie could round
+// the other way on an FMA machine.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,9 +21,12 @@
 #include <vector>
 
 #include "fused_apply.h"
+#include "isa.h"
 #include "slimops/dispatch.h"
 #include "slimops/quant_checks.h"
 #include "slimops/quant_math.h"
+
+#pragma GCC optimize("fp-contract=off")
 
 namespace slimops {
 namespace cpu {
@@ -34,57 +43,7 @@ inline T rne_near(T v) {
   return (v + magic) - magic;
 }
 
-// ---- fda_sign -------------------------------------------------------------------------------------------------
-
-at::Tensor fda_sign_cpu(const at::Tensor& x, int64_t n_terms, double omega, c10::string_view surrogate, double clip) {
-  check_fda_sign("fda_sign", x, n_terms, omega, surrogate, clip);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fda_sign", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ in = xc.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t v = load<acc_t>(in[i]);
-        // sign(0) = -1; NaN stays NaN (v + 0 keeps its payload)
-        put(o[i], v > acc_t(0) ? acc_t(1) : (v != v ? v : acc_t(-1)));
-      }
-    });
-  });
-  return out;
-}
-
-at::Tensor fda_sign_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t n_terms, double omega,
-                                 c10::string_view surrogate, double clip) {
-  const char* op = "fda_sign_backward";
-  const Surrogate s = check_fda_sign(op, x, n_terms, omega, surrogate, clip);
-  check_quant_grad(op, grad, x);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
-  at::Tensor out = at::empty_like(xc);
-  SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fda_sign_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t w = omega, fwp = 4.0 * omega / M_PI;
-    const acc_t c = std::isinf(clip) ? std::numeric_limits<acc_t>::infinity() : acc_t(clip);
-    const int n = static_cast<int>(n_terms);
-    const scalar_t* __restrict__ xin = xc.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gin = gc.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) {
-      auto run = [&](auto kind) {
-        constexpr Surrogate k = decltype(kind)::value;  // the surrogate is a constant of the loop
-        for (int64_t i = b; i < e; ++i) {
-          put(o[i], load<acc_t>(gin[i]) * sign_surrogate<acc_t>(load<acc_t>(xin[i]), k, n, w, fwp, c));
-        }
-      };
-      dispatch_surrogate(s, run);
-    });
-  });
-  return out;
-}
-
-// ---- fake_quantize ----------------------------------------------------------------------------------------------
+// ---- fake_quantize: the grids of a call, and its blocks ----------------------------------------------------------
 
 // The per-channel grids of one call: scale and zero point read once (in the math type).
 template <typename T>
@@ -96,13 +55,13 @@ std::vector<QuantGrid<T>> make_grids(const QuantGeom& g, const at::Tensor& scale
   std::vector<QuantGrid<T>> grids(g.channels);
   const double* sp = s.const_data_ptr<double>();
   for (int64_t c = 0; c < g.channels; ++c) {
-    double zc = 0;
-    if (z.defined()) {
-      zc = std::nearbyint(z.const_data_ptr<double>()[c]);
-      zc = zc < g.qn ? g.qn : (zc > g.qp ? g.qp : zc);  // NaN stays NaN
+    T zc = 0;
+    if (z.defined()) {  // in the math type first, then rounded (a float64 2.5 + 1e-10 is 2.5 in float32: level 2)
+      zc = quant_rint(static_cast<T>(z.const_data_ptr<double>()[c]));
+      zc = zc < T(g.qn) ? T(g.qn) : (zc > T(g.qp) ? T(g.qp) : zc);  // NaN stays NaN
     }
     const T sc = static_cast<T>(sp[c]);
-    grids[c] = QuantGrid<T>{T(g.qn), T(g.qp), T(zc), sc, T(1) / sc, g.binary};
+    grids[c] = QuantGrid<T>{T(g.qn), T(g.qp), zc, sc, T(1) / sc, g.binary};
   }
   return grids;
 }
@@ -127,6 +86,166 @@ inline int64_t grain_blocks(const QuantGeom& g) {
   return std::max<int64_t>(1, kGrain / per_block);
 }
 
+// ---- the loops over one block (one grid), and their ISA copies --------------------------------------------------
+
+#define SLIMOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// The integer level of v = x / s (clamped to one step outside the grid before rounding: the same levels, and
+// rne_near's bound holds).
+template <typename acc_t, bool kBinary>
+SLIMOPS_ALWAYS_INLINE acc_t level_of(acc_t v, acc_t z, acc_t qn, acc_t qp, acc_t vlo, acc_t vhi) {
+  if constexpr (kBinary) {
+    return v > acc_t(0) ? acc_t(1) : (v != v ? v : acc_t(-1));
+  } else {
+    v = v < vlo ? vlo : v;
+    v = v > vhi ? vhi : v;
+    acc_t lv = rne_near(v) + z;
+    lv = lv < qn ? qn : lv;
+    return lv > qp ? qp : lv;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kBinary>
+SLIMOPS_ALWAYS_INLINE void fq_forward_block(const scalar_t* __restrict__ in, scalar_t* __restrict__ o, int64_t n,
+                                            const QuantGrid<acc_t>& q) {
+  const acc_t inv = q.inv_s, s = q.s, z = q.z, qn = q.qn, qp = q.qp, vlo = qn - z - 1, vhi = qp - z + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t lv = level_of<acc_t, kBinary>(load<acc_t>(in[i]) * inv, z, qn, qp, vlo, vhi);
+    put(o[i], (lv - z) * s);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+SLIMOPS_ALWAYS_INLINE void sign_block(const scalar_t* __restrict__ in, scalar_t* __restrict__ o, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) put(o[i], level_of<acc_t, true>(load<acc_t>(in[i]), 0, -1, 1, 0, 0));
+}
+
+template <typename scalar_t, typename acc_t, Surrogate S>
+SLIMOPS_ALWAYS_INLINE void surrogate_block(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                           scalar_t* __restrict__ o, int64_t n, int n_terms, acc_t w, acc_t fwp,
+                                           acc_t c) {
+  for (int64_t i = 0; i < n; ++i)
+    put(o[i], load<acc_t>(g[i]) * sign_surrogate<acc_t>(load<acc_t>(x[i]), S, n_terms, w, fwp, c));
+}
+
+constexpr int kLanes = 16;  // partial sums per reduction: one AVX-512 register of floats
+
+template <typename scalar_t, typename acc_t, bool kBinary, bool kWantX, bool kWantS, bool kWantZ>
+SLIMOPS_ALWAYS_INLINE void fq_backward_element(const scalar_t* __restrict__ xin, const scalar_t* __restrict__ gin,
+                                               scalar_t* __restrict__ ox, int64_t i, const QuantGrid<acc_t>& q,
+                                               acc_t vlo, acc_t vhi, acc_t& ds, acc_t& dz) {
+  const acc_t v = load<acc_t>(xin[i]) * q.inv_s;
+  const acc_t gi = load<acc_t>(gin[i]);
+  const bool in = v + q.z >= q.qn && v + q.z <= q.qp;
+  if constexpr (kWantX) put(ox[i], in ? gi : acc_t(0));
+  if constexpr (kWantS) {
+    const acc_t lv = level_of<acc_t, kBinary>(v, q.z, q.qn, q.qp, vlo, vhi);
+    ds += gi * (in ? (lv - q.z) - v : lv - q.z);
+  }
+  if constexpr (kWantZ) dz += in ? acc_t(0) : -gi * q.s;
+}
+
+template <typename scalar_t, typename acc_t, bool kBinary, bool kWantX, bool kWantS, bool kWantZ>
+SLIMOPS_ALWAYS_INLINE void fq_backward_block(const scalar_t* __restrict__ xin, const scalar_t* __restrict__ gin,
+                                             scalar_t* __restrict__ ox, int64_t n, const QuantGrid<acc_t>& q,
+                                             acc_t& ds_out, acc_t& dz_out) {
+  const acc_t vlo = q.qn - q.z - 1, vhi = q.qp - q.z + 1;
+  acc_t ds[kLanes] = {}, dz[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      fq_backward_element<scalar_t, acc_t, kBinary, kWantX, kWantS, kWantZ>(xin, gin, ox, i + l, q, vlo, vhi, ds[l],
+                                                                            dz[l]);
+  }
+  for (int l = 0; i < n; ++i, ++l)
+    fq_backward_element<scalar_t, acc_t, kBinary, kWantX, kWantS, kWantZ>(xin, gin, ox, i, q, vlo, vhi, ds[l], dz[l]);
+  acc_t ts = 0, tz = 0;
+  for (int l = 0; l < kLanes; ++l) ts += ds[l], tz += dz[l];
+  ds_out = ts;
+  dz_out = tz;
+}
+
+// The block functions of one instruction set: NAME##_forward / NAME##_backward, compiled with ATTR.
+#define SLIMOPS_QUANT_COPY(NAME, ATTR)                                                                            \
+  template <typename scalar_t, typename acc_t, bool kBinary>                                                      \
+  ATTR void NAME##_forward(const scalar_t* in, scalar_t* o, int64_t n, const QuantGrid<acc_t>& q) {               \
+    fq_forward_block<scalar_t, acc_t, kBinary>(in, o, n, q);                                                      \
+  }                                                                                                               \
+  template <typename scalar_t, typename acc_t, bool kBinary, bool kWantX, bool kWantS, bool kWantZ>               \
+  ATTR void NAME##_backward(const scalar_t* xin, const scalar_t* gin, scalar_t* ox, int64_t n,                    \
+                            const QuantGrid<acc_t>& q, acc_t& ds, acc_t& dz) {                                    \
+    fq_backward_block<scalar_t, acc_t, kBinary, kWantX, kWantS, kWantZ>(xin, gin, ox, n, q, ds, dz);              \
+  }                                                                                                               \
+  template <typename scalar_t, typename acc_t>                                                                    \
+  ATTR void NAME##_sign(const scalar_t* in, scalar_t* o, int64_t n) {                                             \
+    sign_block<scalar_t, acc_t>(in, o, n);                                                                        \
+  }                                                                                                               \
+  template <typename scalar_t, typename acc_t, Surrogate S>                                                       \
+  ATTR void NAME##_surrogate(const scalar_t* g, const scalar_t* x, scalar_t* o, int64_t n, int n_terms, acc_t w,  \
+                             acc_t fwp, acc_t c) {                                                                \
+    surrogate_block<scalar_t, acc_t, S>(g, x, o, n, n_terms, w, fwp, c);                                          \
+  }
+
+SLIMOPS_QUANT_COPY(base, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SLIMOPS_HAS_ISA_COPIES 1
+SLIMOPS_QUANT_COPY(avx2, __attribute__((target("avx2"))))
+SLIMOPS_QUANT_COPY(avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))))
+#endif
+
+// The copy of block function FN<...> for this CPU (a function pointer).
+#ifdef SLIMOPS_HAS_ISA_COPIES
+#define SLIMOPS_PICK_COPY(FN, ...)                                                                                \
+  (cpu_isa() == CpuIsa::kAvx512 ? &avx512_##FN<__VA_ARGS__>                                                       \
+                                : cpu_isa() == CpuIsa::kAvx2 ? &avx2_##FN<__VA_ARGS__> : &base_##FN<__VA_ARGS__>)
+#else
+#define SLIMOPS_PICK_COPY(FN, ...) (&base_##FN<__VA_ARGS__>)
+#endif
+
+// ---- fda_sign -------------------------------------------------------------------------------------------------
+
+at::Tensor fda_sign_cpu(const at::Tensor& x, int64_t n_terms, double omega, c10::string_view surrogate, double clip) {
+  check_fda_sign("fda_sign", x, n_terms, omega, surrogate, clip);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fda_sign", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const auto block = SLIMOPS_PICK_COPY(sign, scalar_t, acc_t);
+    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) { block(in + b, o + b, e - b); });
+  });
+  return out;
+}
+
+at::Tensor fda_sign_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t n_terms, double omega,
+                                 c10::string_view surrogate, double clip) {
+  const char* op = "fda_sign_backward";
+  const Surrogate s = check_fda_sign(op, x, n_terms, omega, surrogate, clip);
+  check_quant_grad(op, grad, x);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor gc = grad.to(x.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(xc);
+  SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fda_sign_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t w = omega, fwp = 4.0 * omega / M_PI;
+    const acc_t c = std::isinf(clip) ? std::numeric_limits<acc_t>::infinity() : acc_t(clip);
+    const int n = static_cast<int>(n_terms);
+    const scalar_t* xin = xc.const_data_ptr<scalar_t>();
+    const scalar_t* gin = gc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    dispatch_surrogate(s, [&](auto kind) {  // the surrogate is a constant of the loop
+      const auto block = SLIMOPS_PICK_COPY(surrogate, scalar_t, acc_t, decltype(kind)::value);
+      at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) {
+        block(gin + b, xin + b, o + b, e - b, n, w, fwp, c);
+      });
+    });
+  });
+  return out;
+}
+
+// ---- fake_quantize ----------------------------------------------------------------------------------------------
+
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                              int64_t bits, std::optional<int64_t> per_channel_axis, bool is_signed,
                              double grad_factor) {
@@ -140,23 +259,11 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const
     const auto grids = make_grids<acc_t>(g, scale, zero_point);
     const scalar_t* __restrict__ in = xc.const_data_ptr<scalar_t>();
     scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
-    for_blocks(g, grain_blocks(g), [&](int64_t, int64_t row, int64_t lo, int64_t hi) {
-      const QuantGrid<acc_t> q = grids[row % g.channels];
-      if (q.binary) {
-        for (int64_t i = lo; i < hi; ++i) put(o[i], binary_sign(load<acc_t>(in[i]) * q.inv_s) * q.s);
-        return;
-      }
-      // v clamped to one step outside the grid before rounding: same levels, and rne_near's bound holds.
-      const acc_t vlo = q.qn - q.z - 1, vhi = q.qp - q.z + 1;
-      for (int64_t i = lo; i < hi; ++i) {
-        acc_t v = load<acc_t>(in[i]) * q.inv_s;
-        v = v < vlo ? vlo : v;
-        v = v > vhi ? vhi : v;
-        acc_t lv = rne_near(v) + q.z;
-        lv = lv < q.qn ? q.qn : lv;
-        lv = lv > q.qp ? q.qp : lv;
-        put(o[i], (lv - q.z) * q.s);
-      }
+    dispatch_bool(g.binary, [&](auto kBinary) {
+      const auto block = SLIMOPS_PICK_COPY(forward, scalar_t, acc_t, decltype(kBinary)::value);
+      for_blocks(g, grain_blocks(g), [&](int64_t, int64_t row, int64_t lo, int64_t hi) {
+        block(in + lo, o + lo, hi - lo, grids[row % g.channels]);
+      });
     });
   });
   return out;
@@ -183,33 +290,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fake_quantize_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto grids = make_grids<acc_t>(g, scale, zero_point);
-    const scalar_t* __restrict__ xin = xc.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gin = gc.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ ox = want_x ? gx.data_ptr<scalar_t>() : nullptr;
-    for_blocks(g, grain_blocks(g), [&](int64_t blk, int64_t row, int64_t lo, int64_t hi) {
-      const QuantGrid<acc_t> q = grids[row % g.channels];
-      const acc_t vlo = q.qn - q.z - 1, vhi = q.qp - q.z + 1;
-      acc_t ds = 0, dz = 0;
-      for (int64_t i = lo; i < hi; ++i) {
-        const acc_t v = load<acc_t>(xin[i]) * q.inv_s;
-        const acc_t gi = load<acc_t>(gin[i]);
-        acc_t lv;
-        if (q.binary) {
-          lv = binary_sign(v);
-        } else {
-          acc_t vc = v < vlo ? vlo : v;
-          vc = vc > vhi ? vhi : vc;
-          lv = rne_near(vc) + q.z;
-          lv = lv < q.qn ? q.qn : lv;
-          lv = lv > q.qp ? q.qp : lv;
-        }
-        const bool in = q.inside(v);
-        if (ox) put(ox[i], in ? gi : acc_t(0));
-        ds += gi * (in ? (lv - q.z) - v : lv - q.z);
-        dz += in ? acc_t(0) : -gi * q.s;
-      }
-      if (want_s) ds_part[blk] = static_cast<double>(ds);
-      if (want_z) dz_part[blk] = static_cast<double>(dz);
+    const scalar_t* xin = xc.const_data_ptr<scalar_t>();
+    const scalar_t* gin = gc.const_data_ptr<scalar_t>();
+    scalar_t* ox = want_x ? gx.data_ptr<scalar_t>() : nullptr;
+    // The options are compile-time constants of the block loop (no branch on them per element).
+    dispatch_bool(g.binary, [&](auto kB) {
+      dispatch_bool(want_x, [&](auto kX) {
+        dispatch_bool(want_s, [&](auto kS) {
+          dispatch_bool(want_z, [&](auto kZ) {
+            const auto block = SLIMOPS_PICK_COPY(backward, scalar_t, acc_t, decltype(kB)::value, decltype(kX)::value,
+                                                 decltype(kS)::value, decltype(kZ)::value);
+            for_blocks(g, grain_blocks(g), [&](int64_t blk, int64_t row, int64_t lo, int64_t hi) {
+              acc_t ds = 0, dz = 0;
+              block(xin + lo, gin + lo, ox ? ox + lo : nullptr, hi - lo, grids[row % g.channels], ds, dz);
+              if (want_s) ds_part[blk] = static_cast<double>(ds);
+              if (want_z) dz_part[blk] = static_cast<double>(dz);
+            });
+          });
+        });
+      });
     });
   });
   // Per channel: the blocks of its rows, in order.

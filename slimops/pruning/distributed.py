@@ -49,6 +49,17 @@ def init_from_env(device: torch.device) -> DistInfo:
     return DistInfo(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+
+def init_run(device: str):
+    """(device, DistInfo) of a run: :func:`init_from_env` on ``device``; under torchrun with CUDA, each rank takes
+    cuda:LOCAL_RANK (and makes it current)."""
+    dev = torch.device(device)
+    info = init_from_env(dev)
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    return dev, info
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

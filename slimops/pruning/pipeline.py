@@ -79,24 +79,28 @@ def save_model_file(path: str, model: nn.Module, *, kind: str, plan: Optional[Pl
 
 def load_model_file(path: str, device=None) -> tuple:
     """(model, file dict) from a dense.pt / pruned.pt; a foreign, corrupted or mismatching file raises."""
-    from slimops.models import build_from_config
-    from slimops.pruning.vit import ViTPlan, build_pruned_vit
-
     obj = load_file(path, MODEL_FORMAT, "slimops.pruning.load_model_file")
     try:
-        if obj["kind"] == "pruned":
-            plan = plan_of_file(obj)
-            if plan is None:
-                raise ValueError("a pruned model without its plan")
-            model = build_pruned_vit(plan) if isinstance(plan, ViTPlan) else build_pruned(plan)
-        else:
-            model = build_from_config(obj["config"])
+        model = build_model_of_file(obj)
         model.load_state_dict(obj["state_dict"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"slimops.pruning.load_model_file: '{path}' does not hold a loadable slimops model ({e})") from e
     if device is not None:
         model.to(device)
     return model, obj
+
+
+def build_model_of_file(obj: dict) -> nn.Module:
+    """The architecture a model file describes (its kind, config and plan), with fresh weights."""
+    from slimops.models import build_from_config
+    from slimops.pruning.vit import ViTPlan, build_pruned_vit
+
+    if obj["kind"] == "pruned":
+        plan = plan_of_file(obj)
+        if plan is None:
+            raise ValueError("a pruned model without its plan")
+        return build_pruned_vit(plan) if isinstance(plan, ViTPlan) else build_pruned(plan)
+    return build_from_config(obj["config"])
 
 
 def plan_of_file(obj: dict):
@@ -255,11 +259,7 @@ def _run_slim(cfg: SlimConfig) -> dict:
 
     out, percent = cfg.out, cfg.resolved_percent()
     tcfg = cfg.train_config(cfg.epochs, cfg.seed)
-    dev = torch.device(cfg.device)
-    info = D.init_from_env(dev)
-    if info.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
+    dev, info = D.init_run(cfg.device)
     try:
         ds = load_data(cfg.data, cfg.data_dir)
         steps = cfg.epochs * tcfg.steps_per_epoch(len(ds.y_train))

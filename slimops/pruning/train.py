@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -151,8 +151,13 @@ def _milestone_epochs(cfg: TrainConfig) -> list:
 
 def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConfig, *, stage: str,
                 ckpt_path: Optional[str], resume: bool, device: torch.device, dist_info: D.DistInfo,
-                run_config: dict, progress: bool = True, on_nonfinite: str = "stop") -> StageResult:
+                run_config: dict, progress: bool = True, on_nonfinite: str = "stop",
+                criterion: Optional[Callable] = None, on_epoch: Optional[Callable[[int], None]] = None) -> StageResult:
     """Trains ``model`` in place for ``cfg.epochs`` epochs with ``method_cfg``'s sparsity updates.
+
+    ``criterion(out, x, y)`` returns the loss summed over the samples of the batch (default: cross-entropy; the
+    distillation losses of :mod:`slimops.quant` also look at x); ``on_epoch(epoch)`` runs before every epoch,
+    resumed ones included (per-epoch schedules such as FDA's).
 
     ``ckpt_path`` (rank 0 writes it) receives a checkpoint after every epoch; with ``resume`` an
     existing one is loaded first and must have been written by the same ``run_config`` and ``stage``.
@@ -205,6 +210,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             order = epoch_order(n, cfg.seed, epoch)
+            if on_epoch is not None:
+                on_epoch(epoch)
             net.train()
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
             skipped0 = guard.skipped
@@ -220,7 +227,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                 guard.before_forward()
                 out = net(x)
                 # sum / global size * world: DDP's average over ranks is then the global-batch mean
-                loss = F.cross_entropy(out, y, reduction="sum") * (world / len(gidx))
+                per_batch = F.cross_entropy(out, y, reduction="sum") if criterion is None else criterion(out, x, y)
+                loss = per_batch * (world / len(gidx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if guard.step_is_bad(loss, f"{stage} epoch {epoch + 1}, step {step + 1} of the epoch", saved):

@@ -13,7 +13,7 @@ do; 32 = full precision), since they hold few weights and cost the most accuracy
 ``export(model)`` returns a plain dict (``torch.load(weights_only=True)`` reads it): per quantised layer the
 integer weight levels packed into bytes (8 / bits levels per byte for 1, 2, 4 and 8 bits; 3 bits go in 4-bit
 slots, 9..16 bits in int16), the per-channel scales and zero points; every other tensor of the state dict as it
-is. ``load_exported(model, blob)`` writes it back into a model built by the same ``quantize_model`` call: the
+is, except the training-only noise-adaptation weights of FDA layers. ``load_exported(model, blob)`` writes it back into a model built by the same ``quantize_model`` call: the
 outputs are those of the exported model (the weights are the dequantised levels, which the weight quantiser maps
 to themselves). ``exported_nbytes(blob)`` is the model's size on disk in that form.
 """
@@ -148,18 +148,21 @@ def _export_binary(m: _BinaryMixin) -> dict:
 
 def export(model: nn.Module) -> Dict:
     """``model`` (from :func:`quantize_model`) as a plain dict with packed integer weights (module docstring)."""
-    layers, skip = {}, set()
+    layers, skip, training_only = {}, set(), []
     for name, m in model.named_modules():
         entry = None
         if isinstance(m, _QuantMixin):
             entry = _export_quant(m)
         elif isinstance(m, _BinaryMixin):
             entry = _export_binary(m)
+            # FDA's noise adaptation only acts while training (α·e, α = 0 at the end): not part of the model
+            training_only += [f"{name}.{sub}." if name else f"{sub}." for sub in ("weight_noise", "act_noise")]
         if entry is not None:
             layers[name] = entry
             skip.add(f"{name}.weight" if name else "weight")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}
-    return {"format": FORMAT, "layers": layers, "state": state}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if k not in skip and not k.startswith(tuple(training_only))}
+    return {"format": FORMAT, "layers": layers, "state": state, "training_only": training_only}
 
 
 @torch.no_grad()
@@ -172,6 +175,7 @@ def load_exported(model: nn.Module, blob: Dict) -> nn.Module:
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"slimops.quant: the model does not match the export: {e}") from None
     expected_missing = {f"{n}.weight" if n else "weight" for n in blob["layers"]}
+    expected_missing |= {k for k in missing if k.startswith(tuple(blob.get("training_only", ())))}
     if set(missing) - expected_missing or unexpected:
         raise ValueError(f"slimops.quant: the model does not match the export (missing {sorted(set(missing) - expected_missing)}"
                          f", unexpected {sorted(unexpected)})")

@@ -38,20 +38,24 @@ SLIMOPS_HD T cos_odd_sum(T u, int n) {
 }
 
 // d sign(x) / dx as the surrogate `s` sees it, zero where |x| > clip (NaN stays NaN). four_omega_pi = 4 omega / pi.
+// Written as selects, not early returns, so that a loop over it vectorises where the surrogate allows (ste,
+// approx_sign; the fda and tanh surrogates call sin / tanh).
 template <typename T>
 SLIMOPS_HD T sign_surrogate(T x, Surrogate s, int n_terms, T omega, T four_omega_pi, T clip) {
-  if (x != x) return x;
   const T ax = fabs(x);
-  if (!(ax <= clip)) return T(0);
+  T d;
   switch (s) {
-    case Surrogate::kFda: return four_omega_pi * cos_odd_sum<T>(omega * x, n_terms);
-    case Surrogate::kSte: return T(1);
+    case Surrogate::kFda: d = four_omega_pi * cos_odd_sum<T>(omega * x, n_terms); break;
+    case Surrogate::kSte: d = T(1); break;
     case Surrogate::kTanh: {
       const T t = tanh(x);
-      return T(1) - t * t;
+      d = T(1) - t * t;
+      break;
     }
-    default: return ax < T(1) ? T(2) - T(2) * ax : T(0);  // ApproxSign
+    default: d = ax < T(1) ? T(2) - T(2) * ax : T(0); break;  // ApproxSign
   }
+  d = ax <= clip ? d : T(0);
+  return x != x ? x : d;
 }
 
 // sign(x) with sign(0) = -1 (NaN stays NaN).
