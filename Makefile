@@ -69,6 +69,7 @@ bench: build
 	$(VPY) bench/bench_channel_conv.py
 	$(VPY) bench/bench_spectral.py
 	$(VPY) bench/bench_sema.py
+	$(VPY) bench/bench_quant.py
 
 info: build
 	$(VPY) -m slimops info

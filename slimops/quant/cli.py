@@ -6,7 +6,8 @@
     python -m slimops quantize --teacher runs/fp/dense.pt --wbits 1 --abits 1 --method fda --epochs 20 --out runs/bnn
     python -m slimops quantize --teacher runs/ns/pruned.pt ...      # a slimmed model quantised: the two compose
 
-Methods: qat (labels only), kd (teacher logits + labels; --label-free: logits only), fda / ste (binary:
+Methods: qat (labels only), kd (teacher logits + labels; --label-free: logits only), faqd (kd + the
+feature-affinity loss on the stage outputs, 0.3 x labels), fda / ste (binary:
 the FDA sign gradient with noise adaptation, or straight-through). Writes OUT/quantized.pt (packed integer weights),
 metrics.json, curves.png, log.txt; --resume continues from OUT/checkpoint-quantize.pt.
 """
@@ -37,12 +38,17 @@ def main_quantize(argv=None) -> dict:
     ap.add_argument("--wbits", type=_bits, default=4, help="weight bits of the inner layers (1-16)")
     ap.add_argument("--abits", type=_bits, default=4, help="activation bits of the inner layers (1-16, 32: float)")
     ap.add_argument("--method", default="kd", choices=QUANT_METHODS,
-                    help="qat | kd | fda | ste (fda / ste: binary, --wbits 1 --abits 1)")
+                    help="qat | kd | faqd | fda | ste (fda / ste: binary, --wbits 1 --abits 1)")
     ap.add_argument("--label-free", action="store_true",
                     help="no labels: the teacher's logits are the only supervision")
     ap.add_argument("--epochs", type=count, default=10)
     ap.add_argument("--temperature", type=positive_float, default=4.0, help="KD temperature")
     ap.add_argument("--kd-weight", type=nonneg_float, default=1.0, help="weight of the KD term")
+    ap.add_argument("--fa-weight", type=nonneg_float, default=0.1,
+                    help="faqd: weight of the feature-affinity loss (summed over the stage outputs)")
+    ap.add_argument("--fa-fast", action="store_true",
+                    help="faqd: the fast projected affinity loss (O(HW k) memory) instead of the exact one")
+    ap.add_argument("--fa-k", type=positive_count, default=256, help="faqd --fa-fast: Gaussian vectors")
     ap.add_argument("--first-last-bits", type=_bits, default=8, help="bits of the first and last layer (32: float)")
     _common(ap)
     ap.add_argument("--batch", type=positive_count, default=64)

@@ -7,11 +7,13 @@ Methods (``method=``):
 - ``qat``: quantisation-aware training with LSQ quantisers, cross-entropy on the labels;
 - ``kd``: the same student distilled from the teacher's logits (Hinton KD, ``T² KL``) plus the labels' cross-entropy;
   ``label_free=True`` drops the labels (the teacher's logits are the only supervision);
+- ``faqd``: FAQD (Li, Yang, Yin, Qi, Xin 2023) with the authors' code's loss: KD + ``fa_weight`` (0.1) × the
+  feature-affinity loss summed over the stage outputs + 0.3 × cross-entropy (0 with ``label_free``); the FA loss
+  exact, or the fast projected one with ``fa_fast`` (``fa_k`` Gaussian vectors) — :mod:`slimops.distill.affinity`;
 - ``fda`` / ``ste``: a binary student (``wbits = abits = 1``) with the FDA sign gradient and noise adaptation
   (the paper's schedule per epoch), or the straight-through baseline; cross-entropy, or KD when ``label_free``.
 
-The student starts from the teacher's weights; its first and last layer stay at ``first_last_bits`` (8). FAQD's
-feature-affinity term is not implemented yet (issue #15).
+The student starts from the teacher's weights; its first and last layer stay at ``first_last_bits`` (8).
 
 Writes into ``out``: ``quantized.pt`` (the export: packed levels, scales, the rest of the state, and how to rebuild
 the model: :func:`load_quantized_file`), ``metrics.json`` (accuracy of the teacher and the student, bits, bytes
@@ -41,7 +43,7 @@ from slimops.quant.modules import FULL_PRECISION, set_fda_schedule
 log = logging.getLogger("slimops.pruning")
 
 QUANT_FILE_FORMAT = "slimops-quantized"
-QUANT_METHODS = ("qat", "kd", "fda", "ste")
+QUANT_METHODS = ("qat", "kd", "faqd", "fda", "ste")
 BINARY_METHODS = ("fda", "ste")
 
 
@@ -58,6 +60,9 @@ class QuantizeConfig:
     epochs: int = 10
     temperature: float = 4.0
     kd_weight: float = 1.0
+    fa_weight: float = 0.1
+    fa_fast: bool = False
+    fa_k: int = 256
     first_last_bits: int = 8
     data: str = "digits"
     data_dir: Optional[str] = None
@@ -94,8 +99,12 @@ class QuantizeConfig:
                              f"'ste', not 'qat'")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"{where}: temperature must be finite and > 0, got {self.temperature}")
-        if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
-            raise ValueError(f"{where}: kd_weight must be finite and >= 0, got {self.kd_weight}")
+        for name in ("kd_weight", "fa_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{where}: {name} must be finite and >= 0, got {v}")
+        if isinstance(self.fa_k, bool) or not isinstance(self.fa_k, int) or self.fa_k < 1:
+            raise ValueError(f"{where}: fa_k must be a positive integer, got {self.fa_k!r}")
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
             raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}")
         if self.on_nonfinite not in ("stop", "skip"):
@@ -103,7 +112,7 @@ class QuantizeConfig:
 
     @property
     def uses_teacher_logits(self) -> bool:
-        return self.method == "kd" or self.label_free
+        return self.method in ("kd", "faqd") or self.label_free
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch=self.batch, seed=self.seed, augment=self.augment,
@@ -118,24 +127,56 @@ class QuantizeConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _criterion(cfg: QuantizeConfig, teacher: Optional[nn.Module]):
-    """The per-batch summed loss of the method: cross-entropy on the labels and / or KD on the teacher's logits."""
-    from slimops.distill import kd_logit_loss
+def _criterion(cfg: QuantizeConfig, teacher: Optional[nn.Module], student: Optional[nn.Module] = None,
+               fa_layers: Optional[list] = None):
+    """The per-batch summed loss of the method: cross-entropy on the labels, KD on the teacher's logits and (faqd)
+    the feature-affinity loss on the stage outputs ``fa_layers`` (hooks on ``student`` and ``teacher``)."""
+    from slimops.distill import AffinityFeatures, feature_affinity_loss, kd_logit_loss
 
-    label_weight = 0.0 if cfg.label_free else 1.0
+    faqd = cfg.method == "faqd"
+    label_weight = 0.0 if cfg.label_free else (0.3 if faqd else 1.0)
     kd_weight = cfg.kd_weight if cfg.uses_teacher_logits else 0.0
+    fa_weight = cfg.fa_weight if faqd else 0.0
+    s_maps = AffinityFeatures(student, fa_layers) if fa_weight else None
+    t_maps = AffinityFeatures(teacher, fa_layers) if fa_weight else None
 
     def loss(out, x, y):
         total = out.new_zeros(())
         if label_weight:
             total = total + label_weight * nn.functional.cross_entropy(out, y, reduction="sum")
-        if kd_weight:
+        if kd_weight or fa_weight:
             with torch.no_grad():
                 t = teacher(x)
-            total = total + kd_weight * kd_logit_loss(out, t, cfg.temperature)
+            if kd_weight:
+                total = total + kd_weight * kd_logit_loss(out, t, cfg.temperature)
+        if fa_weight:
+            for fs, ft in zip(s_maps.pop(), t_maps.pop()):
+                total = total + fa_weight * feature_affinity_loss(fs, ft.detach(), fast=cfg.fa_fast, k=cfg.fa_k)
         return total
 
+    def close():
+        for maps in (s_maps, t_maps):
+            if maps is not None:
+                maps.remove()
+
+    loss.close = close  # the hooks go when training ends
     return loss
+
+
+def _fa_per_layer(student: nn.Module, teacher: nn.Module, names: list, x) -> dict:
+    """The exact FA loss per matched layer, per image, on a probe batch (metrics.json)."""
+    from slimops.distill import AffinityFeatures, feature_affinity_loss
+
+    s_maps, t_maps = AffinityFeatures(student, names), AffinityFeatures(teacher, names)
+    try:
+        with torch.no_grad():
+            student.eval()(x)
+            teacher(x)
+            return {n: float(feature_affinity_loss(a, b)) / x.shape[0]
+                    for n, a, b in zip(names, s_maps.pop(), t_maps.pop())}
+    finally:
+        s_maps.remove()
+        t_maps.remove()
 
 
 def _student(teacher: nn.Module, cfg: QuantizeConfig) -> nn.Module:
@@ -167,16 +208,26 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
         tcfg = cfg.train_config()
         quant = {"wbits": cfg.wbits, "abits": cfg.abits, "method": cfg.method, "label_free": cfg.label_free,
                  "first_last_bits": cfg.first_last_bits, "temperature": cfg.temperature, "kd_weight": cfg.kd_weight}
+        if cfg.method == "faqd":
+            quant.update(fa_weight=cfg.fa_weight, fa_fast=cfg.fa_fast, fa_k=cfg.fa_k)
+        probe = ds.train_batch(torch.arange(min(16, len(ds.y_train))), 0, cfg.seed, augment=False)[0].to(dev)
+        from slimops.distill import AffinityFeatures
+
+        fa_layers = AffinityFeatures.stage_outputs(teacher, probe)
         run = run_config_of(teacher.config(), cfg.data, MethodConfig("none"), tcfg, quant=quant, teacher=cfg.teacher)
         acc_teacher = accuracy(teacher, ds, device=dev)
         if info.is_main:
             log.info("quantize: %s -> %d/%d-bit student (%s%s), teacher acc %.4f", cfg.teacher, cfg.wbits, cfg.abits,
                      cfg.method, ", label-free" if cfg.label_free else "", acc_teacher)
         on_epoch = (lambda e: set_fda_schedule(student, e, cfg.epochs)) if cfg.method == "fda" else None
-        res = train_stage(student, ds, MethodConfig("none"), tcfg, stage="quantize",
-                          ckpt_path=os.path.join(cfg.out, "checkpoint-quantize.pt"), resume=cfg.resume, device=dev,
-                          dist_info=info, run_config=run, progress=cfg.progress, on_nonfinite=cfg.on_nonfinite,
-                          criterion=_criterion(cfg, teacher), on_epoch=on_epoch)
+        criterion = _criterion(cfg, teacher, student, fa_layers)
+        try:
+            res = train_stage(student, ds, MethodConfig("none"), tcfg, stage="quantize",
+                              ckpt_path=os.path.join(cfg.out, "checkpoint-quantize.pt"), resume=cfg.resume,
+                              device=dev, dist_info=info, run_config=run, progress=cfg.progress,
+                              on_nonfinite=cfg.on_nonfinite, criterion=criterion, on_epoch=on_epoch)
+        finally:
+            criterion.close()
         if cfg.method == "fda":
             set_fda_schedule(student, cfg.epochs - 1, cfg.epochs)  # alpha = 0: the plain binary net is evaluated
         blob = export(student.eval())
@@ -184,7 +235,7 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
         metrics = {"status": "done", "config": cfg.to_dict(), "teacher": cfg.teacher, "model": teacher.config(),
                    "quant": quant, "acc_teacher": acc_teacher, "acc": accuracy(student, ds, device=dev),
                    "bytes_float": float_bytes, "bytes_quantized": exported_nbytes(blob),
-                   "history": res.history}
+                   "fa_loss_per_layer": _fa_per_layer(student, teacher, fa_layers, probe), "history": res.history}
         metrics["compression"] = metrics["bytes_float"] / max(1, metrics["bytes_quantized"])
         if info.is_main:
             atomic_save({"format": QUANT_FILE_FORMAT, "version": FORMAT_VERSION, "model_file": _model_file_of(obj),
