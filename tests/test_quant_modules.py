@@ -86,7 +86,7 @@ def test_noise_adaptation_only_in_training_and_schedule():
     Q.set_fda_schedule(b, epoch=0, epochs=10)
     assert int(b.n_terms) == 10 and float(b.alpha) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.1)))
     Q.set_fda_schedule(b, epoch=9, epochs=10)
-    assert int(b.n_terms) == 18 and float(b.alpha) == pytest.approx(0.0, abs=1e-9)
+    assert int(b.n_terms) == 19 and float(b.alpha) == pytest.approx(0.0, abs=1e-9)
     torch.testing.assert_close(b.train()(x), b.eval()(x))  # α = 0: training forward = the binary net
     ste = Q.BinaryConv2d.from_float(conv, surrogate="ste", noise_adaptation=False)
     assert ste.weight_noise is None and float(ste.alpha) == 0.0

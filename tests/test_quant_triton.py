@@ -105,3 +105,13 @@ def test_bad_input_names_the_argument():
         OPS.fake_quantize(x, torch.ones(5, device=DEVICE), None, 4, 0, True, 1.0)
     with pytest.raises(ValueError, match=r"slimops\.fda_sign_backward: unknown surrogate"):
         OPS.fda_sign_backward(x, x, 10, 0.1, "nope", 1.0)
+
+
+def test_fda_reduction_rounds_like_the_cpu_kernel_for_large_arguments():
+    """u/π between 2^22 and 2^23 (fp32): the Triton round-half-to-even must round there too (the CPU kernel's
+    nearbyint does), or the (-1)^k sign of the closed form flips."""
+    x = torch.linspace(1.3e8, 2.6e8, 4096, dtype=torch.float32)
+    g = torch.ones_like(x)
+    got = OPS.fda_sign_backward(g.to(DEVICE), x.to(DEVICE), 10, 0.1, "fda", math.inf).cpu()
+    cpu = torch.ops.slimops.fda_sign_backward(g, x, 10, 0.1, "fda", math.inf)
+    torch.testing.assert_close(got, cpu, rtol=1e-4, atol=1e-4)

@@ -99,3 +99,28 @@ def test_cli_prints_the_summary(cli_files, tmp_path, capsys):
               "--method", "qat", "--no-progress", "--no-plots", "--threads", "1", "--out", str(tmp_path / "c")])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("quantize: acc ") and "8/8 bits" in line and os.path.exists(tmp_path / "c" / "quantized.pt")
+
+
+def test_ddp_two_processes_binary_and_lsq(cli_files, tmp_path):
+    """Under torchrun (2 gloo processes): every rank starts from the same LSQ scales (initialised on the probe
+    batch before DDP wraps the student), and the FDA noise adaptation keeps a gradient at α = 0 (its last epoch):
+    a parameter without one would stop DDP's next reduction."""
+    import sys
+
+    import torch.distributed as dist
+
+    from _proc import run_with_deadline
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for extra in (["--wbits", "1", "--abits", "1", "--method", "fda", "--epochs", "2"],
+                  ["--wbits", "4", "--abits", "4", "--method", "kd", "--epochs", "1"]):
+        out = str(tmp_path / extra[5])
+        r = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "slimops", "quantize", "--teacher", str(cli_files / "dense.pt"), *extra,
+                               "--batch", "128", "--threads", "1", "--no-progress", "--no-plots", "--out", out],
+                              timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        model, _ = load_quantized_file(os.path.join(out, "quantized.pt"))
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -104,14 +104,20 @@ class AffinityFeatures:
     @staticmethod
     @torch.no_grad()
     def stage_outputs(model: nn.Module, x: Tensor) -> List[str]:
-        """The names of the last leaf module of each run of equal (H, W) outputs, in execution order."""
+        """The names of the last module of each run of equal (H, W) outputs, in execution order, among the NCHW
+        modules (convolutions, batch norms, activations, pooling) that run once per forward: a module called twice
+        (shared) keeps only its last output in a hook, and the 4-D outputs of token mixers are channels-last."""
         seen: List[tuple] = []
+        calls: Dict[str, int] = {}
         hooks = []
         for name, m in model.named_modules():
-            if len(list(m.children())) == 0:
-                hooks.append(m.register_forward_hook(
-                    lambda mod, i, o, name=name: seen.append((name, tuple(o.shape[2:]))) if isinstance(o, Tensor)
-                    and o.dim() == 4 else None))
+            if isinstance(m, _NCHW_MODULES):
+                def hook(mod, i, o, name=name):
+                    calls[name] = calls.get(name, 0) + 1
+                    if isinstance(o, Tensor) and o.dim() == 4:
+                        seen.append((name, tuple(o.shape[2:])))
+
+                hooks.append(m.register_forward_hook(hook))
         was = model.training
         model.eval()
         try:
@@ -120,9 +126,14 @@ class AffinityFeatures:
             model.train(was)
             for h in hooks:
                 h.remove()
+        seen = [(n, hw) for n, hw in seen if calls[n] == 1]
         names = []
         for i, (name, hw) in enumerate(seen):
             last_of_run = i + 1 == len(seen) or seen[i + 1][1] != hw
             if last_of_run and hw[0] * hw[1] > 1:
                 names.append(name)
         return names
+
+
+_NCHW_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.SiLU, nn.MaxPool2d,
+                 nn.AvgPool2d)

@@ -99,7 +99,7 @@ def pack_levels(u: Tensor, bits: int) -> Tensor:
     per = 8 // slot
     pad = (-flat.numel()) % per
     flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * slot
+    shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * slot
     return (flat << shifts).sum(1).to(torch.uint8)
 
 
@@ -109,7 +109,7 @@ def unpack_levels(packed: Tensor, bits: int, numel: int) -> Tensor:
     if slot == 16:
         return packed.to(torch.int32)[:numel] + 32768
     per = 8 // slot
-    shifts = torch.arange(per, dtype=torch.int32) * slot
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * slot
     vals = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << slot) - 1)
     return vals.reshape(-1)[:numel]
 
@@ -127,8 +127,8 @@ def _export_quant(m: _QuantMixin) -> Optional[dict]:
     from slimops.reference.quant import levels
 
     qn, qp = levels(wq.bits, True)
-    s = wq.scale.clamp_min(1e-8).float()
-    w = m.weight.detach().float()
+    s = wq.scale.detach().clamp_min(1e-8).float().cpu()  # the export lives on the CPU, whatever trained it
+    w = m.weight.detach().float().cpu()
     v = w / s.reshape(-1, *([1] * (w.dim() - 1)))
     q = (torch.round(w * (1.0 / s.reshape(-1, *([1] * (w.dim() - 1))))) if wq.bits > 1 else
          torch.where(v > 0, 1.0, -1.0))
@@ -140,7 +140,7 @@ def _export_quant(m: _QuantMixin) -> Optional[dict]:
 
 @torch.no_grad()
 def _export_binary(m: _BinaryMixin) -> dict:
-    w = m.weight.detach().float()
+    w = m.weight.detach().float().cpu()
     u = (w > 0).to(torch.int32)
     scale = w.abs().reshape(w.shape[0], -1).mean(1, dtype=torch.float64).float()  # as BinaryConv2d computes it
     return {"kind": "binary", "bits": 1, "shape": list(w.shape), "packed": pack_levels(u, 1), "scale": scale}
@@ -160,7 +160,7 @@ def export(model: nn.Module) -> Dict:
         if entry is not None:
             layers[name] = entry
             skip.add(f"{name}.weight" if name else "weight")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
              if k not in skip and not k.startswith(tuple(training_only))}
     return {"format": FORMAT, "layers": layers, "state": state, "training_only": training_only}
 
@@ -195,7 +195,7 @@ def load_exported(model: nn.Module, blob: Dict) -> nn.Module:
         if tuple(m.weight.shape) != tuple(shape):
             raise ValueError(f"slimops.quant: layer {name} has weight shape {tuple(m.weight.shape)}, the export "
                              f"{tuple(shape)}")
-        m.weight.copy_(w.to(m.weight.dtype))
+        m.weight.copy_(w.to(device=m.weight.device, dtype=m.weight.dtype))
     return model
 
 

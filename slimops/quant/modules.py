@@ -12,7 +12,7 @@
   (``slimops.ops.fda_sign``), weights scaled per output channel by ``mean|W|`` (detached, as the paper's code),
   and the noise-adaptation module ``e(t) = W2 relu(W1 t) + 0.1 sin(t)`` added as ``α·e`` to the binary weight
   and activation during training (the paper's learnable residual that absorbs the truncation error of the
-  series). :func:`set_fda_schedule` applies the paper's schedule: ``n_terms`` from 10 to 19 and
+  series; computed whenever training, so that its parameters always get a gradient, zero when α = 0). :func:`set_fda_schedule` applies the paper's schedule: ``n_terms`` from 10 to 19 and
   ``α = 0.05 (1 + cos(π (epoch+1)/epochs))`` (α reaches 0 at the last epoch, so the trained model is the
   plain binary net). ``surrogate="ste"`` without noise adaptation is the straight-through baseline.
 """
@@ -194,7 +194,9 @@ class _BinaryMixin:
     def binary_weight(self) -> Tensor:
         w = self.weight
         bw = self._sign(w)
-        if self.weight_noise is not None and self.training and float(self.alpha) > 0:
+        # while training the residual is always computed, α = 0 included: its parameters then get a zero gradient,
+        # which DDP needs (a parameter without one stops the next step's reduction)
+        if self.weight_noise is not None and self.training:
             bw = bw + self.alpha * self.weight_noise(w.reshape(w.shape[0], -1)).reshape(w.shape)
         # mean |W| per output channel (detached), summed in float64: the mean of an exported layer's ±m weights is
         # then exactly m (a binary net turns a one-ulp change of a scale into flipped activations)
@@ -203,15 +205,16 @@ class _BinaryMixin:
 
     def binary_input(self, x: Tensor, channel_dim: int) -> Tensor:
         bx = self._sign(x)
-        if self.act_noise is not None and self.training and float(self.alpha) > 0:
+        if self.act_noise is not None and self.training:
             e = self.act_noise(x.movedim(channel_dim, -1)).movedim(-1, channel_dim)
             bx = bx + self.alpha * e
         return bx
 
     def set_schedule(self, epoch: int, epochs: int):
-        """FDA's schedule (the paper's code): n_terms 10 -> 19 and α = 0.05 (1 + cos(π (epoch+1) / epochs))."""
+        """FDA's schedule (the paper's code): n_terms from 10 (first epoch) to 19 (last) and
+        α = 0.05 (1 + cos(π (epoch+1) / epochs)), 0 at the last epoch."""
         epochs = max(1, int(epochs))
-        self.n_terms.fill_(10 + int(epoch / epochs * 9))
+        self.n_terms.fill_(10 + round(9 * epoch / max(1, epochs - 1)))
         if self.weight_noise is not None:
             self.alpha.fill_(0.05 * (1 + math.cos(math.pi * (epoch + 1) / epochs)))
 

@@ -214,6 +214,14 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
         from slimops.distill import AffinityFeatures
 
         fa_layers = AffinityFeatures.stage_outputs(teacher, probe)
+        if cfg.method == "faqd" and not fa_layers:
+            raise ValueError(f"slimops.quant.quantize: method 'faqd' found no NCHW stage outputs (convolution, batch "
+                             f"norm or activation modules called once per forward) in {teacher.config().get('name')}")
+        # The LSQ scales are initialised from the first batch a quantiser sees: the probe batch, the same on every
+        # rank and before DDP wraps the student, so that every rank starts from the same scales (a resumed run then
+        # loads them from its checkpoint)
+        with torch.no_grad():
+            student.eval()(probe)
         run = run_config_of(teacher.config(), cfg.data, MethodConfig("none"), tcfg, quant=quant, teacher=cfg.teacher)
         acc_teacher = accuracy(teacher, ds, device=dev)
         if info.is_main:

@@ -14,9 +14,9 @@ fp64 for fp64, round half to even, IEEE division (``div_rn``), no FMA contractio
   backward writes ``grad_x`` and one partial sum of the scale (and zero-point) gradient per program into a
   float32 / float64 buffer that torch then sums per channel: no atomics, so the result is deterministic.
   Rows shorter than ``BLOCK`` (a per-channel axis near the last dim) leave lanes idle: correct, not fast.
-* Rounding: ``(v + 1.5·2^23) - 1.5·2^23`` (fp32; ``2^52`` for fp64) is round-half-to-even for ``|v| < 2^22``;
-  the quantiser clamps v to one step outside its grid first (same levels), the FDA reduction keeps larger
-  ``|u/π|`` (already integral in fp32 from 2^23 on).
+* Rounding: ``(|v| + 2^23) - 2^23`` with the sign put back (fp32; ``2^52`` for fp64) is round-half-to-even for
+  every ``|v| < 2^23``, and larger values are integers already: exact for any v, like the C++ ``nearbyint``.
+* Scalars travel as fp64 kernel arguments (annotated: compiled Triton would otherwise type a Python float fp32).
 """
 from __future__ import annotations
 
@@ -44,15 +44,14 @@ _SURROGATE_CODES = {"fda": 0, "ste": 1, "tanh": 2, "approx_sign": 3}  # enum cla
 
 @triton.jit
 def _rint(v, ACC: tl.constexpr):
-    """Round half to even (exact for |v| < 2^22 in fp32, 2^51 in fp64; larger fp32 values are returned as they
-    are: from 2^23 on they are integers)."""
+    """Round half to even: (|v| + 2^23) - 2^23 (2^52 in fp64) rounds |v| < 2^23 exactly, the sign is put back;
+    from 2^23 (2^52) on every value is an integer already."""
+    a = tl.abs(v)
     if ACC == tl.float32:
-        r = (v + 12582912.0) - 12582912.0
-        r = tl.where(tl.abs(v) < 4194304.0, r, v)
+        r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
     else:
-        r = (v + 6755399441055744.0) - 6755399441055744.0
-        r = tl.where(tl.abs(v) < 2251799813685248.0, r, v)
-    return r
+        r = tl.where(a < 4503599627370496.0, (a + 4503599627370496.0) - 4503599627370496.0, a)
+    return tl.where(v < 0.0, -r, tl.where(v != v, v, r))
 
 
 @triton.jit
@@ -114,7 +113,8 @@ def _fda_fwd_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, ACC: tl.constexpr, B
 
 
 @triton.jit
-def _fda_bwd_kernel(g_ptr, x_ptr, out_ptr, n, n_terms, omega_d, four_omega_pi_d, clip_d,
+def _fda_bwd_kernel(g_ptr, x_ptr, out_ptr, n, n_terms, omega_d: tl.float64, four_omega_pi_d: tl.float64,
+                    clip_d: tl.float64,
                     SURROGATE: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                     EMULATE_RNE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -154,7 +154,7 @@ def _block_of(pid, x_ptr, scale_ptr, zp_ptr, channels, inner, per_row, qn, qp, H
 
 
 @triton.jit
-def _fq_fwd_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, channels, inner, per_row, qn_d, qp_d,
+def _fq_fwd_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, channels, inner, per_row, qn_d: tl.float64, qp_d: tl.float64,
                    HAS_Z: tl.constexpr, BINARY: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -165,7 +165,8 @@ def _fq_fwd_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, channels, inner, per_row, 
 
 
 @triton.jit
-def _fq_bwd_kernel(g_ptr, x_ptr, scale_ptr, zp_ptr, gx_ptr, ds_ptr, dz_ptr, channels, inner, per_row, qn_d, qp_d,
+def _fq_bwd_kernel(g_ptr, x_ptr, scale_ptr, zp_ptr, gx_ptr, ds_ptr, dz_ptr, channels, inner, per_row, qn_d: tl.float64,
+                   qp_d: tl.float64,
                    HAS_Z: tl.constexpr, BINARY: tl.constexpr, NEED_X: tl.constexpr, NEED_S: tl.constexpr,
                    NEED_Z: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                    EMULATE_RNE: tl.constexpr):
