@@ -252,7 +252,7 @@ def test_precision_policy():
         torch.backends.cuda.matmul.allow_tf32 = allow
         assert ts._precision(x) == ("ieee" if DEV == "cpu" else "tf32" if allow else "tf32x3")
         assert ts._precision(x.half()) == ts._precision(x.double()) == "ieee"
-    assert ts._math_dtype(x.bfloat16()) == torch.float32 and ts._math_dtype(x.double()) == torch.float64
+    assert ts.math_dtype(x.bfloat16()) == torch.float32 and ts.math_dtype(x.double()) == torch.float64
     assert ts._dot_dtype(x.bfloat16()) == (torch.float32 if INTERPRETED else torch.bfloat16)
     assert ts._dot_dtype(x.half()) == torch.float16
 

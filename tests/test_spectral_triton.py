@@ -387,7 +387,7 @@ def test_precision_policy():
         assert ts._precision(x) == ("tf32x3" if x.device.type == "cuda" else "ieee")
         assert ts._precision(x.half()) == ts._precision(x)
         assert ts._precision(x.double()) == "ieee"
-    assert ts._math_dtype(x.half()) == torch.float32 and ts._math_dtype(x.double()) == torch.float64
+    assert ts.math_dtype(x.half()) == torch.float32 and ts.math_dtype(x.double()) == torch.float64
 
 
 @pytest.mark.gpu

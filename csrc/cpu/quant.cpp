@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -61,16 +60,19 @@ std::vector<QuantGrid<T>> make_grids(const QuantGeom& g, const at::Tensor& scale
       zc = zc < T(g.qn) ? T(g.qn) : (zc > T(g.qp) ? T(g.qp) : zc);  // NaN stays NaN
     }
     const T sc = static_cast<T>(sp[c]);
-    grids[c] = QuantGrid<T>{T(g.qn), T(g.qp), zc, sc, T(1) / sc, g.binary};
+    grids[c] = QuantGrid<T>{T(g.qn), T(g.qp), zc, sc, T(1) / sc};
   }
   return grids;
 }
 
-// Visits x as rows (outer * channels rows of `inner` contiguous elements, one grid per row) cut into blocks of at
-// most kBlock elements: f(block index, row, first element, one past the last).
+// Blocks of at most kBlock elements per row of x (a row: `inner` contiguous elements under one grid).
+inline int64_t blocks_per_row(const QuantGeom& g) { return std::max<int64_t>(1, (g.inner + kBlock - 1) / kBlock); }
+
+// Visits x as rows (outer * channels rows, one grid per row) cut into blocks_per_row blocks each: f(block index,
+// row, first element, one past the last).
 template <typename F>
 void for_blocks(const QuantGeom& g, int64_t grain_blocks, const F& f) {
-  const int64_t per_row = std::max<int64_t>(1, (g.inner + kBlock - 1) / kBlock);
+  const int64_t per_row = blocks_per_row(g);
   const int64_t rows = g.outer * g.channels;
   at::parallel_for(0, rows * per_row, grain_blocks, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
@@ -95,7 +97,7 @@ inline int64_t grain_blocks(const QuantGeom& g) {
 template <typename acc_t, bool kBinary>
 SLIMOPS_ALWAYS_INLINE acc_t level_of(acc_t v, acc_t z, acc_t qn, acc_t qp, acc_t vlo, acc_t vhi) {
   if constexpr (kBinary) {
-    return v > acc_t(0) ? acc_t(1) : (v != v ? v : acc_t(-1));
+    return binary_sign(v);
   } else {
     v = v < vlo ? vlo : v;
     v = v > vhi ? vhi : v;
@@ -117,7 +119,7 @@ SLIMOPS_ALWAYS_INLINE void fq_forward_block(const scalar_t* __restrict__ in, sca
 
 template <typename scalar_t, typename acc_t>
 SLIMOPS_ALWAYS_INLINE void sign_block(const scalar_t* __restrict__ in, scalar_t* __restrict__ o, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) put(o[i], level_of<acc_t, true>(load<acc_t>(in[i]), 0, -1, 1, 0, 0));
+  for (int64_t i = 0; i < n; ++i) put(o[i], binary_sign(load<acc_t>(in[i])));
 }
 
 template <typename scalar_t, typename acc_t, Surrogate S>
@@ -136,7 +138,7 @@ SLIMOPS_ALWAYS_INLINE void fq_backward_element(const scalar_t* __restrict__ xin,
                                                acc_t vlo, acc_t vhi, acc_t& ds, acc_t& dz) {
   const acc_t v = load<acc_t>(xin[i]) * q.inv_s;
   const acc_t gi = load<acc_t>(gin[i]);
-  const bool in = v + q.z >= q.qn && v + q.z <= q.qp;
+  const bool in = q.inside(v);
   if constexpr (kWantX) put(ox[i], in ? gi : acc_t(0));
   if constexpr (kWantS) {
     const acc_t lv = level_of<acc_t, kBinary>(v, q.z, q.qn, q.qp, vlo, vhi);
@@ -229,7 +231,7 @@ at::Tensor fda_sign_backward_cpu(const at::Tensor& grad, const at::Tensor& x, in
   SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fda_sign_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w = omega, fwp = 4.0 * omega / M_PI;
-    const acc_t c = std::isinf(clip) ? std::numeric_limits<acc_t>::infinity() : acc_t(clip);
+    const acc_t c = clip;  // inf (no clipping) stays inf
     const int n = static_cast<int>(n_terms);
     const scalar_t* xin = xc.const_data_ptr<scalar_t>();
     const scalar_t* gin = gc.const_data_ptr<scalar_t>();
@@ -284,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   at::Tensor gz = want_z ? at::empty_like(*zero_point, at::MemoryFormat::Contiguous)
                          : (zero_point.has_value() ? *zero_point : scale).new_empty({0});
   if (!want_x && !want_s && !want_z) return {gx, gs, gz};
-  const int64_t per_row = std::max<int64_t>(1, (g.inner + kBlock - 1) / kBlock);
+  const int64_t per_row = blocks_per_row(g);
   const int64_t n_blocks = g.outer * g.channels * per_row;
   std::vector<double> ds_part(want_s ? n_blocks : 0, 0.0), dz_part(want_z ? n_blocks : 0, 0.0);
   SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.fake_quantize_backward", [&] {

@@ -20,13 +20,13 @@ MAX_TERMS = 10_000  # more cosine terms than any schedule uses (the paper's: 10 
 MAX_BITS = 16
 
 
-def _check_float_tensor(op: str, name: str, t, what: str = "tensor"):
+def _check_float_tensor(op: str, name: str, t):
     if not isinstance(t, Tensor):
         fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
     if t.layout != torch.strided:
         fail(op, f"{name} must be a strided (dense) tensor, got layout {t.layout}")
     if t.dtype not in FLOATS:
-        fail(op, f"{name} must be a floating-point {what} (float32, float64, bfloat16 or float16), got {t.dtype}",
+        fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
              TypeError)
 
 

@@ -20,6 +20,7 @@ to themselves). ``exported_nbytes(blob)`` is the model's size on disk in that fo
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, Optional
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from slimops.quant.modules import (FULL_PRECISION, BinaryConv2d, BinaryLinear, QuantConv2d, QuantLinear,
                                    _BinaryMixin, _QuantMixin)
+from slimops.reference.quant import levels, quant_levels
 
 __all__ = ["quantize_model", "export", "load_exported", "exported_nbytes", "pack_levels", "unpack_levels",
            "FORMAT", "METHODS"]
@@ -124,15 +126,10 @@ def _export_quant(m: _QuantMixin) -> Optional[dict]:
         return None
     if not bool(wq.initialized):
         wq(m.weight)  # a layer never run: initialise its scale from the weights, as the first forward would
-    from slimops.reference.quant import levels
-
-    qn, qp = levels(wq.bits, True)
+    qn = levels(wq.bits, True)[0]
     s = wq.scale.detach().clamp_min(1e-8).float().cpu()  # the export lives on the CPU, whatever trained it
     w = m.weight.detach().float().cpu()
-    v = w / s.reshape(-1, *([1] * (w.dim() - 1)))
-    q = (torch.round(w * (1.0 / s.reshape(-1, *([1] * (w.dim() - 1))))) if wq.bits > 1 else
-         torch.where(v > 0, 1.0, -1.0))
-    q = q.clamp(qn, qp).to(torch.int32)
+    q = quant_levels(w, s, None, wq.bits, 0, True).to(torch.int32)  # the levels the weight quantiser computes
     u = (q - qn) if wq.bits > 1 else (q + 1) // 2
     return {"kind": "lsq", "bits": wq.bits, "shape": list(w.shape), "packed": pack_levels(u, wq.bits),
             "scale": s.clone(), "qn": qn}
@@ -182,10 +179,7 @@ def load_exported(model: nn.Module, blob: Dict) -> nn.Module:
     for name, e in blob["layers"].items():
         m = model.get_submodule(name)
         shape = e["shape"]
-        numel = 1
-        for d in shape:
-            numel *= d
-        u = unpack_levels(e["packed"], e["bits"], numel).reshape(shape)
+        u = unpack_levels(e["packed"], e["bits"], math.prod(shape)).reshape(shape)
         s = e["scale"].reshape(-1, *([1] * (len(shape) - 1)))
         if e["kind"] == "binary":
             w = (u * 2 - 1).float() * s  # the layer's float64 mean|W| of it is exactly s

@@ -179,9 +179,11 @@ def _fa_per_layer(student: nn.Module, teacher: nn.Module, names: list, x) -> dic
         t_maps.remove()
 
 
-def _student(teacher: nn.Module, cfg: QuantizeConfig) -> nn.Module:
-    method = cfg.method if cfg.method in BINARY_METHODS else "lsq"
-    return quantize_model(teacher, cfg.wbits, cfg.abits, method=method, first_last_bits=cfg.first_last_bits)
+def _quantized(model: nn.Module, quant: dict, inplace: bool = False) -> nn.Module:
+    """``model`` with the layers of a run's ``quant`` record (its wbits, abits, method, first_last_bits)."""
+    method = quant["method"] if quant["method"] in BINARY_METHODS else "lsq"
+    return quantize_model(model, quant["wbits"], quant["abits"], method=method,
+                          first_last_bits=quant["first_last_bits"], inplace=inplace)
 
 
 def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
@@ -202,14 +204,14 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
             write_metrics(cfg.out, {"status": "running", "config": cfg.to_dict()})
         setup_logging(cfg.out, info.is_main)
         torch.manual_seed(cfg.seed)
-        student = _student(teacher, cfg).to(dev)
-        for p in student.parameters():
-            p.requires_grad_(True)
-        tcfg = cfg.train_config()
         quant = {"wbits": cfg.wbits, "abits": cfg.abits, "method": cfg.method, "label_free": cfg.label_free,
                  "first_last_bits": cfg.first_last_bits, "temperature": cfg.temperature, "kd_weight": cfg.kd_weight}
         if cfg.method == "faqd":
             quant.update(fa_weight=cfg.fa_weight, fa_fast=cfg.fa_fast, fa_k=cfg.fa_k)
+        student = _quantized(teacher, quant).to(dev)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        tcfg = cfg.train_config()
         probe = ds.train_batch(torch.arange(min(16, len(ds.y_train))), 0, cfg.seed, augment=False)[0].to(dev)
         from slimops.distill import AffinityFeatures
 
@@ -270,11 +272,7 @@ def load_quantized_file(path: str, device=None) -> tuple:
     """(student model in eval mode, file dict) from a ``quantized.pt``; a foreign or corrupted file raises."""
     obj = load_file(path, QUANT_FILE_FORMAT, "slimops.quant.load_quantized_file")
     try:
-        arch = build_model_of_file(obj["model_file"])
-        q = obj["quant"]
-        method = q["method"] if q["method"] in BINARY_METHODS else "lsq"
-        model = quantize_model(arch, q["wbits"], q["abits"], method=method, first_last_bits=q["first_last_bits"],
-                               inplace=True)
+        model = _quantized(build_model_of_file(obj["model_file"]), obj["quant"], inplace=True)
         load_exported(model, obj["export"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"slimops.quant.load_quantized_file: '{path}' does not hold a loadable quantised model "

@@ -53,7 +53,7 @@ from torch import Tensor
 from slimops.reference._common import compute_dtype
 
 __all__ = ["fda_sign", "fda_sign_backward", "fda_series", "fake_quantize", "fake_quantize_backward", "levels",
-           "SURROGATES"]
+           "quant_levels", "SURROGATES"]
 
 SURROGATES = ("fda", "ste", "tanh", "approx_sign")
 
@@ -153,6 +153,13 @@ def _quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int,
     inside = (v + z >= qn) & (v + z <= qp)
     q = torch.where(v.isnan(), v, q)  # NaN in, NaN out (clamp and where would hide it)
     return s, v, z, q, inside
+
+
+def quant_levels(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None, bits: int = 8,
+                 per_channel_axis: Optional[int] = None, signed: bool = True) -> Tensor:
+    """The integer levels ``q = clamp(round(x/s) + z, Qn, Qp)`` (±1 on the signed 1-bit grid) that ``fake_quantize``
+    maps back to ``(q - z)·s``, in the compute dtype (what an export packs)."""
+    return _quantize(x, scale, zero_point, bits, per_channel_axis, signed)[3]
 
 
 def _fake_quantize(x, scale, zero_point, bits, axis, signed):

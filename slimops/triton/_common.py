@@ -29,7 +29,7 @@ from torch import Tensor
 from triton.language.standard import _elementwise_max, _sum_combine
 
 __all__ = [
-    "TL_DTYPES", "INTERPRETED", "EMULATE_RNE", "fail", "check_device", "device_of", "next_pow2", "on_device",
+    "TL_DTYPES", "INTERPRETED", "EMULATE_RNE", "math_dtype", "fail", "check_device", "device_of", "next_pow2", "on_device",
     "to_acc", "cvt_store", "div_rn", "rowsum", "rowmax", "vecsum",
 ]
 
@@ -106,6 +106,11 @@ EMULATE_RNE = INTERPRETED
 
 def fail(op: str, msg: str, exc=ValueError):
     raise exc(f"slimops.{op}: {msg}")
+
+
+def math_dtype(t: Tensor) -> torch.dtype:
+    """The kernels' math dtype for a storage dtype: float64 for float64, float32 for the others."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def device_of(ts: Sequence[Tensor]) -> Optional[torch.device]:

@@ -62,7 +62,7 @@ from slimops.opdefs import _checks, wire
 from slimops.opdefs import prox as _defs
 from slimops.penalties import GROUP as GROUP_PENALTIES, PROX as PROX_PENALTIES
 from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, device_of,
-                                    next_pow2, on_device, rowsum, to_acc)
+                                    math_dtype, next_pow2, on_device, rowsum, to_acc)
 from slimops.triton._common import div_rn as _div  # IEEE division
 
 try:  # GPU math library (absent from the interpreter, which cannot call it anyway)
@@ -675,7 +675,7 @@ def _launch_step(op_code: int, lists: Sequence[Sequence[Tensor]], penalty: str, 
         return
     target = lists[0][0]
     dtype = TL_DTYPES[target.dtype]
-    acc = tl.float64 if target.dtype == torch.float64 else tl.float32
+    acc = TL_DTYPES[math_dtype(target)]
     step_dtype = _TL_STEP_DTYPES[steps[0].dtype] if steps is not None else tl.float32
     sc = [float(s) for s in scalars] + [0.0] * (5 - len(scalars))
     fl = [bool(f) for f in flags] + [False] * (3 - len(flags))
@@ -734,7 +734,7 @@ def prox_backward(grad: Tensor, x: Tensor, penalty: str, lam: float, a: float = 
         with on_device(x.device):
             _prox_backward_kernel[(n_tiles,)](
                 meta, 1, lam_d, a_d, thresh,
-                PENALTY=code, DTYPE=TL_DTYPES[x.dtype], ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                PENALTY=code, DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[math_dtype(x)],
                 GROUP=group, BLOCK=_EW_BLOCK, ITERS=_EW_ITERS, R=R, C=C,
                 EMULATE_RNE=EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
             num_warps=_NUM_WARPS, enable_fp_fusion=False,
@@ -870,7 +870,7 @@ def penalty_grad_(
         _penalty_grad_kernel[(n_tiles,)](
             meta, len(grads), float(s), float(a), float(eps),
             PENALTY=PENALTY_CODES[penalty], DTYPE=TL_DTYPES[g0.dtype],
-            ACC=tl.float64 if g0.dtype == torch.float64 else tl.float32,
+            ACC=TL_DTYPES[math_dtype(g0)],
             GROUP=group, BLOCK=_EW_BLOCK, ITERS=_EW_ITERS, R=R, C=C,
             EMULATE_RNE=EMULATE_RNE, LIBDEVICE=_LIBDEVICE, ALIGNED=aligned, VEC=vec,
             num_warps=_NUM_WARPS, enable_fp_fusion=False,

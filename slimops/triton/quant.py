@@ -30,7 +30,8 @@ from torch import Tensor
 
 from slimops.opdefs import quant as _defs
 from slimops.opdefs import wire
-from slimops.triton._common import EMULATE_RNE, TL_DTYPES, check_device, cvt_store, div_rn, on_device, to_acc, vecsum
+from slimops.triton._common import (EMULATE_RNE, TL_DTYPES, check_device, cvt_store, div_rn, math_dtype, on_device,
+                                    to_acc, vecsum)
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -191,10 +192,6 @@ def _fq_bwd_kernel(g_ptr, x_ptr, scale_ptr, zp_ptr, gx_ptr, ds_ptr, dz_ptr, chan
 # ---------------------------------------------------------------------------------------------------
 
 
-def _acc(x: Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
 class _Rows:
     """x as (outer, channels, inner) rows; ``per_row`` programs of ``_BLOCK`` elements each."""
 
@@ -233,7 +230,7 @@ def fda_sign(x: Tensor, n_terms: int = 10, omega: float = 0.1, surrogate: str = 
     if n:
         with on_device(x.device):
             _fda_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                xc, out, n, DTYPE=TL_DTYPES[x.dtype], ACC=_acc(x), BLOCK=_BLOCK, EMULATE_RNE=EMULATE_RNE,
+                xc, out, n, DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[math_dtype(x)], BLOCK=_BLOCK, EMULATE_RNE=EMULATE_RNE,
                 num_warps=_NUM_WARPS)
     return out
 
@@ -254,7 +251,7 @@ def fda_sign_backward(grad: Tensor, x: Tensor, n_terms: int, omega: float, surro
         with on_device(x.device):
             _fda_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
                 gc, xc, out, n, n_terms, omega, 4.0 * omega / math.pi, clip,
-                SURROGATE=_SURROGATE_CODES[surrogate], DTYPE=TL_DTYPES[x.dtype], ACC=_acc(x), BLOCK=_BLOCK,
+                SURROGATE=_SURROGATE_CODES[surrogate], DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[math_dtype(x)], BLOCK=_BLOCK,
                 EMULATE_RNE=EMULATE_RNE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
     return out
 
@@ -277,7 +274,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None,
         with on_device(x.device):
             _fq_fwd_kernel[(r.programs,)](
                 xc, s, z, out, r.channels, r.inner, r.per_row, float(qn), float(qp),
-                HAS_Z=zero_point is not None, BINARY=signed and bits == 1, DTYPE=TL_DTYPES[x.dtype], ACC=_acc(x),
+                HAS_Z=zero_point is not None, BINARY=signed and bits == 1, DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[math_dtype(x)],
                 BLOCK=_BLOCK, EMULATE_RNE=EMULATE_RNE, num_warps=_NUM_WARPS, enable_fp_fusion=False)
     return out
 
@@ -301,7 +298,7 @@ def fake_quantize_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: O
     xc = x.contiguous()
     gc = grad.to(x.dtype).contiguous()
     r = _Rows(xc, axis)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x)
     gx = torch.empty_like(xc) if want_x else x.new_empty(0)
     ds = torch.zeros(r.programs, dtype=acc, device=x.device) if want_s else None
     dz = torch.zeros(r.programs, dtype=acc, device=x.device) if want_z else None
@@ -313,7 +310,7 @@ def fake_quantize_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: O
                 gc, xc, s, z, dummy, ds if want_s else dummy, dz if want_z else dummy,
                 r.channels, r.inner, r.per_row, float(qn), float(qp),
                 HAS_Z=zero_point is not None, BINARY=signed and bits == 1, NEED_X=want_x, NEED_S=want_s,
-                NEED_Z=want_z, DTYPE=TL_DTYPES[x.dtype], ACC=_acc(x), BLOCK=_BLOCK, EMULATE_RNE=EMULATE_RNE,
+                NEED_Z=want_z, DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[math_dtype(x)], BLOCK=_BLOCK, EMULATE_RNE=EMULATE_RNE,
                 num_warps=_NUM_WARPS, enable_fp_fusion=False)
 
     def per_channel(part: Tensor, like: Tensor) -> Tensor:

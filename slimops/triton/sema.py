@@ -130,8 +130,8 @@ from triton.runtime.errors import OutOfResources
 
 from slimops.opdefs import sema as _defs
 from slimops.opdefs import wire
-from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, fail, next_pow2,
-                                    on_device, to_acc, rowsum, rowmax)
+from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, fail,
+                                    math_dtype, next_pow2, on_device, to_acc, rowsum, rowmax)
 
 __all__ = ["sema_attention", "sema_attention_backward"]
 
@@ -519,10 +519,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _math_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _precision(q: Tensor) -> str:
     """input_precision of the dots: for float32 CUDA tensors "tf32" when torch.backends.cuda.matmul.allow_tf32
     is on (torch's policy for its own float32 matmuls), else ``_FP32_DOT``; "ieee" otherwise (bf16/fp16/fp64 dots
@@ -569,7 +565,7 @@ class _Plan:
         if self.programs >= 2 ** 31:
             fail(op, f"{self.programs} programs exceed the launch grid (B*heads={self.BH}, grid {grid}, window "
                       f"{window})", NotImplementedError)
-        self.acc = _math_dtype(q)
+        self.acc = math_dtype(q)
         self.qk_scale = _LOG2E / math.sqrt(self.d)
         self.sm_scale = 1.0 / math.sqrt(self.d)
         self.meta = dict(HEAD_D=self.d, D=self.D, ACC=TL_DTYPES[self.acc], IN_T=TL_DTYPES[q.dtype],

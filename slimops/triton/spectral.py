@@ -130,8 +130,8 @@ from triton.runtime.errors import OutOfResources
 from slimops.opdefs import spectral as _defs
 from slimops.opdefs import wire
 from slimops.opdefs.spectral import MAX_FUSED_GRID
-from slimops.triton._common import (EMULATE_RNE, TL_DTYPES, check_device, cvt_store, fail, next_pow2, on_device,
-                                    to_acc)
+from slimops.triton._common import (EMULATE_RNE, TL_DTYPES, check_device, cvt_store, fail, math_dtype,
+                                    next_pow2, on_device, to_acc)
 
 __all__ = [
     "spectral_filter",
@@ -547,10 +547,6 @@ def _dft_mats(h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tenso
     return buf
 
 
-def _math_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _precision(x: Tensor) -> str:
     """input_precision of the float32 dots: 3xTF32 on CUDA (module docstring), IEEE in the interpreter (which
     ignores it)."""
@@ -579,7 +575,7 @@ class _Plan:
         self.B, self.H, self.W, self.C = (int(s) for s in x.shape)
         self.HP, self.WP, self.KWP = _pads(self.H, self.W)
         self.BC = bc
-        self.acc = _math_dtype(x)
+        self.acc = math_dtype(x)
         self.dft = _dft_mats(self.H, self.W, self.acc, x.device)
         self.meta = dict(ACC=TL_DTYPES[self.acc], PREC=_precision(x), EMULATE_RNE=EMULATE_RNE,
                          HP=self.HP, WP=self.WP, KWP=self.KWP, BC=bc,

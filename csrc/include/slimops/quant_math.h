@@ -64,21 +64,11 @@ SLIMOPS_HD T binary_sign(T x) {
   return x > T(0) ? T(1) : (x != x ? x : T(-1));
 }
 
-// One fake-quantisation grid: levels [qn, qp] (the signed 1-bit grid {-1, +1} when binary), zero point z (an
-// integer in [qn, qp]), scale s and its reciprocal.
+// One fake-quantisation grid: levels [qn, qp], zero point z (an integer in [qn, qp]), scale s and its reciprocal.
 template <typename T>
 struct QuantGrid {
   T qn, qp, z, s, inv_s;
-  bool binary;
 
-  // The integer level of x: clamp(round(x / s) + z, qn, qp), or +-1 on the binary grid. NaN stays NaN (the
-  // comparisons are false for it).
-  SLIMOPS_HD T level(T v) const {
-    if (binary) return binary_sign(v);
-    T q = quant_rint(v) + z;
-    q = q < qn ? qn : q;
-    return q > qp ? qp : q;
-  }
   // LSQ: whether v = x / s is inside the grid (the gradient of x passes).
   SLIMOPS_HD bool inside(T v) const { return v + z >= qn && v + z <= qp; }
 };
