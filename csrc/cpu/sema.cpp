@@ -18,7 +18,7 @@
 // In window mode every key belongs to one window, so each work item owns its dk / dv rows.
 //
 // Accumulation in float32 for float32/bfloat16/float16 (float64 for float64). The inner loops
-// (sema_core.inc) are compiled for AVX2 + FMA and for the base ISA, chosen at run time.
+// (sema_core.inc, through attention_tiles.h) are compiled for AVX2 + FMA and for the base ISA, chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,84 +35,23 @@
 
 #include "slimops/dispatch.h"
 #include "slimops/sema_checks.h"
-#include "small_mm.h"
+#include "attention_tiles.h"
 
 namespace slimops {
 namespace cpu {
 
-#define SLIMOPS_SEMA_VBYTES 16
-namespace sema_base {
-#include "sema_core.inc"
-}  // namespace sema_base
-#undef SLIMOPS_SEMA_VBYTES
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SLIMOPS_SEMA_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define SLIMOPS_SEMA_VBYTES 32
-namespace sema_avx2 {
-#include "sema_core.inc"
-}  // namespace sema_avx2
-#undef SLIMOPS_SEMA_VBYTES
-#pragma GCC pop_options
-#else
-#define SLIMOPS_SEMA_AVX2 0
-#endif
-
 namespace {
-
-// The AVX2 + FMA copy runs where the CPU has both (the check small_mm.h makes for its own kernels).
-bool use_avx2() { return small_mm_avx2(); }
 
 template <typename T>
 void attend_forward(const T* qs, const T* kp, const T* vp, const int32_t* keys, int64_t nk, int64_t dp,
                     const T* mean, T* p, T* o) {
-#if SLIMOPS_SEMA_AVX2
-  if (use_avx2()) return sema_avx2::attend_forward<T>(qs, kp, vp, keys, nk, dp, mean, p, o);
-#endif
-  sema_base::attend_forward<T>(qs, kp, vp, keys, nk, dp, mean, p, o);
+  SLIMOPS_ATTN_CALL(attend_forward, T, qs, kp, vp, keys, nk, dp, mean, p, o)
 }
 
 template <typename T>
 void attend_backward(const T* qs, const T* g, const T* kp, const T* vp, const int32_t* keys, int64_t nk, int64_t dp,
                      T scale, T* p, T* dpv, T* dq, T* dk, T* dv) {
-#if SLIMOPS_SEMA_AVX2
-  if (use_avx2()) return sema_avx2::attend_backward<T>(qs, g, kp, vp, keys, nk, dp, scale, p, dpv, dq, dk, dv);
-#endif
-  sema_base::attend_backward<T>(qs, g, kp, vp, keys, nk, dp, scale, p, dpv, dq, dk, dv);
-}
-
-// Rows of packed operands: the head dim (and the key count of the window path) padded with zeros to a
-// multiple of 16, the column multiple of small_mm.h (a multiple of the vector width for float and double).
-int64_t pad16(int64_t n) { return (n + kMMCols - 1) / kMMCols * kMMCols; }
-
-// A (B, heads, N, d) operand read in place: element (b, h, n, t) at p[b sb + h sh + n sn + t] (d contiguous).
-template <typename S>
-struct Plane {
-  const S* p;
-  int64_t sb, sh, sn;
-  const S* row(int64_t b, int64_t h, int64_t n) const { return p + b * sb + h * sh + n * sn; }
-};
-
-// The operand with a contiguous head dim (a copy only when it is not: e.g. a transposed d).
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
-
-template <typename S>
-Plane<S> plane(const at::Tensor& t) {
-  return {t.data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// Packs rows `toks` of (b, h) into dst (rows of dp elements, T), multiplied by `mul`, zero-padded.
-template <typename S, typename T>
-void pack(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d, int64_t dp, T mul,
-          T* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const S* r = src.row(b, h, toks[i]);
-    T* o = dst + i * dp;
-    for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(r[t]) * mul;
-    for (int64_t t = d; t < dp; ++t) o[t] = T(0);
-  }
+  SLIMOPS_ATTN_CALL(attend_backward, T, qs, g, kp, vp, keys, nk, dp, scale, p, dpv, dq, dk, dv)
 }
 
 // Stores rows of dp elements (T) to tokens `toks` of a contiguous (B, heads, N, d) output, adding `add`
@@ -120,15 +59,7 @@ void pack(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_
 template <typename S, typename T>
 void store(S* out, const SemaGeom& g, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t dp, const T* src,
            const T* add, T mul = T(1)) {
-  S* base = out + (b * g.heads + h) * g.n * g.d;
-  for (int64_t i = 0; i < n; ++i) {
-    S* o = base + toks[i] * g.d;
-    const T* r = src + i * dp;
-    if (add != nullptr)
-      for (int64_t t = 0; t < g.d; ++t) o[t] = static_cast<S>(r[t] + add[t]);
-    else
-      for (int64_t t = 0; t < g.d; ++t) o[t] = static_cast<S>(r[t] * mul);
-  }
+  store_rows<S, T>(out + (b * g.heads + h) * g.n * g.d, g.d, toks, n, dp, src, add, mul);
 }
 
 // Per (sample, head): sum over the N tokens of src, in T, into sums (B * heads rows of dp elements).
@@ -173,42 +104,12 @@ void neighborhood_keys(const SemaGeom& g, int64_t tok, int32_t* keys) {
     for (int64_t c = 0; c < g.ww; ++c) keys[j++] = static_cast<int32_t>((r0 + a) * g.gw + c0 + c);
 }
 
-// Work items per parallel chunk: about 64k multiply-adds each, so small calls stay on one thread.
-int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item)); }
-
 // ---- forward ------------------------------------------------------------------------------------------
 
 // Window mode works on matrices: S = Qs K^T (queries x keys), P = softmax(S), O = P V, with the register-
 // blocked product of small_mm.h (operands: Qs, V rows of dm = d padded to 16; K^T d x nkp, keys padded to 16).
 // Queries go in chunks of kQueryChunk rows so that S stays small for large (e.g. whole-grid) windows.
 constexpr int64_t kQueryChunk = 64;
-
-template <typename T>
-void softmax_rows(T* s, int64_t rows, int64_t n, int64_t ld) {
-#if SLIMOPS_SEMA_AVX2
-  if (use_avx2()) return sema_avx2::softmax_rows<T>(s, rows, n, ld);
-#endif
-  sema_base::softmax_rows<T>(s, rows, n, ld);
-}
-
-template <typename T>
-void softmax_grad_rows(const T* p, T* dp, int64_t rows, int64_t n, int64_t ld) {
-#if SLIMOPS_SEMA_AVX2
-  if (use_avx2()) return sema_avx2::softmax_grad_rows<T>(p, dp, rows, n, ld);
-#endif
-  sema_base::softmax_grad_rows<T>(p, dp, rows, n, ld);
-}
-
-// Packs rows `toks` of (b, h) transposed: dst[t * ld + i] = src[toks[i]][t] for t < d; columns n..ld zero.
-template <typename S, typename T>
-void pack_transposed(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d, int64_t ld,
-                     T* dst) {
-  std::fill(dst, dst + d * ld, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    const S* r = src.row(b, h, toks[i]);
-    for (int64_t t = 0; t < d; ++t) dst[t * ld + i] = static_cast<T>(r[t]);
-  }
-}
 
 template <typename S, typename T>
 void forward_windows(const SemaGeom& g, const Plane<S>& q, const Plane<S>& k, const Plane<S>& v, const T* means,

@@ -1,15 +1,21 @@
-// A register-blocked matrix product for the small dense operands of the spectral kernels:
+// A register-blocked matrix product for the small dense operands of the spectral and attention kernels:
 //   C (m x n) = [C +] A (m x k) B (k x n)
 // A is read one scalar at a time (broadcast), so any strides work for it (a DFT matrix, or a transposed
-// spectrum); B and C have contiguous rows (ldb, ldc) and n is a multiple of two 32-byte vectors (the
-// kernels pad their channel blocks with zeros to 16 columns). 6 x (2 vectors) accumulators per block.
+// spectrum); B and C have contiguous rows (ldb, ldc) and n is a multiple of kMMCols = 16 (the kernels pad
+// their column blocks with zeros to 16 columns). Blocks of kMR rows x 2 vectors of accumulators, a one-vector
+// block for a last 16 columns that do not fill two (AVX-512 float).
 //
 // Why not BLAS: the spectral kernels make many products of a few microseconds each (one DFT slice of one
 // channel block); a BLAS call's fixed cost (argument checks, packing) is of the same order. This has no
 // per-call cost and keeps the operands where they are.
 //
-// The body is compiled twice: for AVX2 + FMA (target pragma, no global -mavx2; used when the CPU reports
-// both) and for the build's base ISA. GCC vector extensions keep it one piece of source.
+// The body is compiled three times, each with the vector width of its ISA (no function uses a vector wider
+// than its registers: a 32-byte GCC vector on SSE2 is split through memory and ran ~25x slower):
+//   mm_base   16-byte vectors, 6 rows  (the x86-64 base, SSE2: 16 registers)
+//   mm_avx2   32-byte vectors, 6 rows  (AVX2 + FMA, target pragma, no global -mavx2: 16 registers)
+//   mm_avx512 64-byte vectors, 8 rows  (AVX-512 F/BW/VL + FMA: 32 registers, 16 accumulators)
+// The per-element order of the sums is the same in every copy (sequential over k); the AVX2 and AVX-512
+// copies contract to FMA, so those two agree bit for bit. GCC vector extensions keep it one piece of source.
 #pragma once
 
 #include <cstdint>
@@ -22,71 +28,77 @@ namespace slimops {
 namespace cpu {
 
 #define SLIMOPS_SMALL_MM_BODY                                                                                  \
+  template <typename T, int MR, int NV>                                                                        \
+  inline void mm_block(int64_t k, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c,         \
+                       int64_t ldc, bool accumulate) {                                                         \
+    typedef T vec __attribute__((vector_size(kVB)));                                                           \
+    constexpr int V = kVB / sizeof(T);                                                                         \
+    vec r[MR][NV];                                                                                             \
+    for (int i = 0; i < MR; ++i)                                                                               \
+      for (int u = 0; u < NV; ++u) {                                                                           \
+        if (accumulate) std::memcpy(&r[i][u], c + i * ldc + u * V, sizeof(vec));                               \
+        else r[i][u] = vec{};                                                                                  \
+      }                                                                                                        \
+    for (int64_t p = 0; p < k; ++p, b += ldb) {                                                                \
+      vec bv[NV];                                                                                              \
+      for (int u = 0; u < NV; ++u) std::memcpy(&bv[u], b + u * V, sizeof(vec));                                \
+      for (int i = 0; i < MR; ++i) {                                                                           \
+        const T s = a[i * ars + p * acs];                                                                      \
+        for (int u = 0; u < NV; ++u) r[i][u] += s * bv[u];                                                     \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int i = 0; i < MR; ++i)                                                                               \
+      for (int u = 0; u < NV; ++u) std::memcpy(c + i * ldc + u * V, &r[i][u], sizeof(vec));                   \
+  }                                                                                                            \
   template <typename T, int MR>                                                                                \
   inline void mm_rows(int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,   \
                       T* c, int64_t ldc, bool accumulate) {                                                    \
-    constexpr int V = 32 / sizeof(T);                                                                          \
-    typedef T vec __attribute__((vector_size(32)));                                                            \
-    for (int64_t j = 0; j < n; j += 2 * V) {                                                                   \
-      vec r[MR][2];                                                                                            \
-      for (int i = 0; i < MR; ++i) {                                                                           \
-        if (accumulate) {                                                                                      \
-          std::memcpy(&r[i][0], c + i * ldc + j, sizeof(vec));                                                 \
-          std::memcpy(&r[i][1], c + i * ldc + j + V, sizeof(vec));                                             \
-        } else {                                                                                               \
-          r[i][0] = vec{};                                                                                     \
-          r[i][1] = vec{};                                                                                     \
-        }                                                                                                      \
-      }                                                                                                        \
-      const T* bp = b + j;                                                                                     \
-      for (int64_t p = 0; p < k; ++p, bp += ldb) {                                                             \
-        vec b0, b1;                                                                                            \
-        std::memcpy(&b0, bp, sizeof(vec));                                                                     \
-        std::memcpy(&b1, bp + V, sizeof(vec));                                                                 \
-        for (int i = 0; i < MR; ++i) {                                                                         \
-          const T s = a[i * ars + p * acs];                                                                    \
-          r[i][0] += s * b0;                                                                                   \
-          r[i][1] += s * b1;                                                                                   \
-        }                                                                                                      \
-      }                                                                                                        \
-      for (int i = 0; i < MR; ++i) {                                                                           \
-        std::memcpy(c + i * ldc + j, &r[i][0], sizeof(vec));                                                   \
-        std::memcpy(c + i * ldc + j + V, &r[i][1], sizeof(vec));                                               \
-      }                                                                                                        \
+    constexpr int V = kVB / sizeof(T);                                                                         \
+    int64_t j = 0;                                                                                             \
+    for (; j + 2 * V <= n; j += 2 * V) mm_block<T, MR, 2>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate); \
+    for (; j < n; j += V) mm_block<T, MR, 1>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);             \
+  }                                                                                                            \
+  /* The last m % kMR rows: the block of exactly that many rows. */                                           \
+  template <typename T, int MR>                                                                                \
+  inline void mm_tail(int64_t rows, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b,  \
+                      int64_t ldb, T* c, int64_t ldc, bool accumulate) {                                       \
+    if constexpr (MR > 0) {                                                                                    \
+      if (rows == MR) return mm_rows<T, MR>(k, n, a, ars, acs, b, ldb, c, ldc, accumulate);                    \
+      mm_tail<T, MR - 1>(rows, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);                                 \
     }                                                                                                          \
   }                                                                                                            \
   template <typename T>                                                                                        \
   void mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, \
           int64_t ldc, bool accumulate) {                                                                      \
     int64_t i = 0;                                                                                             \
-    for (; i + 6 <= m; i += 6)                                                                                 \
-      mm_rows<T, 6>(k, n, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, accumulate);                        \
-    const T* ai = a + i * ars;                                                                                 \
-    T* ci = c + i * ldc;                                                                                       \
-    switch (m - i) {                                                                                           \
-      case 5: mm_rows<T, 5>(k, n, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;                           \
-      case 4: mm_rows<T, 4>(k, n, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;                           \
-      case 3: mm_rows<T, 3>(k, n, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;                           \
-      case 2: mm_rows<T, 2>(k, n, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;                           \
-      case 1: mm_rows<T, 1>(k, n, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;                           \
-      default: break;                                                                                          \
-    }                                                                                                          \
+    for (; i + kMR <= m; i += kMR)                                                                             \
+      mm_rows<T, kMR>(k, n, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, accumulate);                      \
+    mm_tail<T, kMR - 1>(m - i, k, n, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, accumulate);             \
   }
 
 namespace mm_base {
+constexpr int kVB = 16, kMR = 6;
 SLIMOPS_SMALL_MM_BODY
 }  // namespace mm_base
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SLIMOPS_SMALL_MM_AVX2 1
+#define SLIMOPS_SMALL_MM_ISA_COPIES 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace mm_avx2 {
+constexpr int kVB = 32, kMR = 6;
 SLIMOPS_SMALL_MM_BODY
 }  // namespace mm_avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+namespace mm_avx512 {
+constexpr int kVB = 64, kMR = 8;
+SLIMOPS_SMALL_MM_BODY
+}  // namespace mm_avx512
+#pragma GCC pop_options
 #else
-#define SLIMOPS_SMALL_MM_AVX2 0
+#define SLIMOPS_SMALL_MM_ISA_COPIES 0
 #endif
 #undef SLIMOPS_SMALL_MM_BODY
 
@@ -95,7 +107,7 @@ constexpr int64_t kMMCols = 16;
 
 // Whether the AVX2 + FMA copies run: the ISA of isa.h (the CPU's, capped by SLIMOPS_CPU_ISA) is at least avx2.
 inline bool small_mm_avx2() {
-#if SLIMOPS_SMALL_MM_AVX2
+#if SLIMOPS_SMALL_MM_ISA_COPIES
   return static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2);
 #else
   return false;
@@ -107,8 +119,12 @@ template <typename T>
 inline void small_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b,
                      int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
-#if SLIMOPS_SMALL_MM_AVX2
-  if (small_mm_avx2()) return mm_avx2::mm<T>(m, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);
+#if SLIMOPS_SMALL_MM_ISA_COPIES
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return mm_avx512::mm<T>(m, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);
+    case CpuIsa::kAvx2: return mm_avx2::mm<T>(m, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);
+    default: break;
+  }
 #endif
   mm_base::mm<T>(m, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);
 }

@@ -19,6 +19,24 @@ def fail(op: str, msg: str, exc=ValueError):
     raise exc(f"slimops.{op}: {msg}")
 
 
+def check_qkv(op: str, q, k, v) -> None:
+    """q, k and v of an attention op: floating-point strided tensors, k and v of q's dtype and device (their shapes
+    are each op's own rule)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if t.dtype not in FLOATS:
+            fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
+                 TypeError)
+        if t.layout != torch.strided:
+            fail(op, f"{name} must be a strided (dense) tensor")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            fail(op, f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k and v must share one dtype", TypeError)
+        if t.device != q.device:
+            fail(op, f"{name} is on {t.device} but q is on {q.device}")
+
+
 def real(op: str, name: str, v) -> float:
     """A float argument as a Python float: a real number (not a bool) or a one-element tensor, else a TypeError
     naming it (``float()`` would accept strings, ``math.isfinite`` fails without saying which op)."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from slimops.opdefs import OpDef, wire
-from slimops.opdefs._checks import FLOATS as _FLOATS, fail as _fail
+from slimops.opdefs._checks import FLOATS as _FLOATS, check_qkv, fail as _fail
 
 __all__ = ["DEFS", "check_sema", "check_grad", "pair"]
 
@@ -32,22 +32,10 @@ def pair(op: str, name: str, value) -> Tuple[int, int]:
 def check_sema(op: str, q, k, v, grid, window, neighborhood=False) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """Validates the arguments of ``sema_attention`` (shared with its backward, the fake kernels and the
     Triton launchers, so that every backend fails the same way); returns (grid, window) as int pairs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            _fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
-        if t.dtype not in _FLOATS:
-            _fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
-                  TypeError)
-        if t.layout != torch.strided:
-            _fail(op, f"{name} must be a strided (dense) tensor")
+    check_qkv(op, q, k, v)
     if q.dim() != 4:
         _fail(op, f"q must be 4-D (B, heads, N, d), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            _fail(op, f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k and v must share one dtype",
-                  TypeError)
-        if t.device != q.device:
-            _fail(op, f"{name} is on {t.device} but q is on {q.device}")
         if t.shape != q.shape:
             _fail(op, f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
     if not isinstance(neighborhood, bool):

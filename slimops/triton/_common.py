@@ -20,6 +20,7 @@ Interpreter notes (``TRITON_INTERPRET=1``, kernels on CPU tensors):
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.standard import _elementwise_max, _sum_combine
+from triton.runtime.errors import OutOfResources
 
 __all__ = [
     "TL_DTYPES", "INTERPRETED", "EMULATE_RNE", "math_dtype", "fail", "check_device", "device_of", "next_pow2", "on_device",
@@ -101,6 +103,18 @@ except Exception:  # pragma: no cover - depends on the triton version
 EMULATE_RNE = INTERPRETED
 
 
+@triton.jit
+def dot_operand(x, IN_T: tl.constexpr, DOT_T: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """A math-dtype tile (attention's P or dS) as a tl.dot operand, rounded to the input dtype as a low-precision
+    MMA takes it; in the interpreter (whose bf16 tl.dot is wrong) the round-to-nearest-even bf16 values as
+    float32."""
+    if IN_T == DOT_T:
+        r = x.to(DOT_T)
+    else:
+        r = cvt_store(x, IN_T, EMULATE_RNE).to(DOT_T)
+    return r
+
+
 # ---- host helpers ---------------------------------------------------------------------------------------
 
 
@@ -159,3 +173,29 @@ class on_device:
             self.np_ctx.__exit__(*exc)
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+# ---- the attention families (sema, token_attention): q / k / v planes read in place ----------------------
+
+
+@contextlib.contextmanager
+def launching_attention(op: str, head_dim: int, acc: torch.dtype, device: torch.device):
+    """The launch context (:class:`on_device`), plus a clear error naming the op when a configuration needs more
+    shared memory or registers than the GPU has (Triton raises that at the first launch; e.g. head dims far
+    beyond 128)."""
+    try:
+        with on_device(device):
+            yield
+    except OutOfResources as e:
+        fail(op, f"the Triton kernel does not fit this GPU for head dim {head_dim} and {TL_DTYPES[acc]} math ({e}); "
+                 "use backend='reference'", RuntimeError)
+
+
+def head_rows(t: Tensor) -> Tensor:
+    """t read in place when its head dim is contiguous (or of size 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def token_strides(t: Tensor):
+    """(batch, head, token) strides in elements of a (B, heads, tokens, d) tensor."""
+    return int(t.stride(0)), int(t.stride(1)), int(t.stride(2))

@@ -118,7 +118,6 @@ useful); float32 from d = 64 and float64 are register-bound and spill (correct, 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence, Tuple
 
@@ -126,12 +125,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
 from slimops.opdefs import sema as _defs
 from slimops.opdefs import wire
-from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, fail,
-                                    math_dtype, next_pow2, on_device, to_acc, rowsum, rowmax)
+from slimops.triton._common import (EMULATE_RNE, INTERPRETED, TL_DTYPES, check_device, cvt_store, dot_operand, fail,
+                                    head_rows, launching_attention, math_dtype, next_pow2, rowmax, rowsum, to_acc,
+                                    token_strides)
 
 __all__ = ["sema_attention", "sema_attention_backward"]
 
@@ -225,17 +224,6 @@ def _head_vec(ptr, bh, HEAD_D: tl.constexpr, D: tl.constexpr):
     """Row ``bh`` of a contiguous (B*heads, HEAD_D) math-dtype tensor (the mean of v, or of grad), as [1, D]."""
     d = tl.arange(0, D)
     return tl.load(ptr + bh.to(tl.int64) * HEAD_D + d, mask=d < HEAD_D, other=0.0)[None, :]
-
-
-@triton.jit
-def _operand(x, IN_T: tl.constexpr, DOT_T: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """A math-dtype tile (P or dS) as a tl.dot operand, rounded to the input dtype as a low-precision MMA takes
-    it; in the interpreter (whose bf16 tl.dot is wrong) the round-to-nearest-even bf16 values as float32."""
-    if IN_T == DOT_T:
-        r = x.to(DOT_T)
-    else:
-        r = cvt_store(x, IN_T, EMULATE_RNE).to(DOT_T)
-    return r
 
 
 @triton.jit
@@ -358,7 +346,7 @@ def _fwd_kernel(
                           scale, GH, GW, WH, WW, NEIGH, HEAD_D, D, BN, DOT_T, PREC)
         m_i, alpha, p = _online(m_i, s)
         l_i = l_i * alpha + rowsum(p)
-        acc = tl.dot(_operand(p, IN_T, DOT_T, EMULATE_RNE), v, acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(dot_operand(p, IN_T, DOT_T, EMULATE_RNE), v, acc * alpha[:, None], input_precision=PREC)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     out = acc * inv[:, None] + _head_vec(mean_ptr, bh, HEAD_D, D)
     _store_rows(o_ptr, _base(b, hd, sob, soh), qtok, qvalid, son, out, OUT_T, EMULATE_RNE, HEAD_D, D)
@@ -413,7 +401,7 @@ def _bwd_q_kernel(
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(_operand(ds, IN_T, DOT_T, EMULATE_RNE), k, dq, input_precision=PREC)
+            dq = tl.dot(dot_operand(ds, IN_T, DOT_T, EMULATE_RNE), k, dq, input_precision=PREC)
         dq = dq * to_acc(sm_scale, ACC)
         _store_rows(dq_ptr, _base(b, hd, sob, soh), qtok, qvalid, son, dq, OUT_T, EMULATE_RNE, HEAD_D, D)
 
@@ -457,12 +445,12 @@ def _bwd_kv_kernel(
                                                  GH, GW, WH, WW)
         pt = tl.exp2(tl.where(ok, st, float("-inf")) - lse[None, :])
         if NEED_DV:
-            dv = tl.dot(_operand(pt, IN_T, DOT_T, EMULATE_RNE), do, dv, input_precision=PREC)
+            dv = tl.dot(dot_operand(pt, IN_T, DOT_T, EMULATE_RNE), do, dv, input_precision=PREC)
         if NEED_DK:
             delta = tl.load(delta_ptr + srow + qtok, mask=qvalid, other=0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(_operand(dst, IN_T, DOT_T, EMULATE_RNE), q, dk, input_precision=PREC)
+            dk = tl.dot(dot_operand(dst, IN_T, DOT_T, EMULATE_RNE), q, dk, input_precision=PREC)
     obase = _base(b, hd, sob, soh)
     if NEED_DK:
         _store_rows(dk_ptr, obase, ktok, kvalid, son, dk * to_acc(sm_scale, ACC), OUT_T, EMULATE_RNE, HEAD_D, D)
@@ -496,7 +484,7 @@ def _bwd_fused_kernel(
     obase = _base(b, hd, sob, soh)
     if NEED_DQ or NEED_DK:
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = _operand(p * (dp - rowsum(p * dp)[:, None]), IN_T, DOT_T, EMULATE_RNE)
+        ds = dot_operand(p * (dp - rowsum(p * dp)[:, None]), IN_T, DOT_T, EMULATE_RNE)
         sm = to_acc(sm_scale, ACC)
         if NEED_DQ:
             dq = tl.dot(ds, k, input_precision=PREC, out_dtype=ACC) * sm
@@ -505,7 +493,7 @@ def _bwd_fused_kernel(
             dk = tl.dot(tl.trans(ds), q, input_precision=PREC, out_dtype=ACC) * sm
             _store_rows(dk_ptr, obase, tok, valid, son, dk, OUT_T, EMULATE_RNE, HEAD_D, D)
     if NEED_DV:
-        dv = tl.dot(tl.trans(_operand(p, IN_T, DOT_T, EMULATE_RNE)), do, input_precision=PREC, out_dtype=ACC)
+        dv = tl.dot(tl.trans(dot_operand(p, IN_T, DOT_T, EMULATE_RNE)), do, input_precision=PREC, out_dtype=ACC)
         dv = dv + _head_vec(gmean_ptr, bh, HEAD_D, D)
         _store_rows(dv_ptr, obase, tok, valid, son, dv, OUT_T, EMULATE_RNE, HEAD_D, D)
 
@@ -574,38 +562,15 @@ class _Plan:
         self.stages = _NUM_STAGES[q.dtype]
 
 
-@contextlib.contextmanager
-def _launching(op: str, p: _Plan, device: torch.device):
-    """The launch context (prox.on_device), plus a clear error naming the op when a configuration needs more
-    shared memory or registers than the GPU has (Triton raises that at the first launch; e.g. head dims far
-    beyond 128)."""
-    try:
-        with on_device(device):
-            yield
-    except OutOfResources as e:
-        fail(op, f"the Triton kernel does not fit this GPU for head dim {p.d} and {TL_DTYPES[p.acc]} math ({e}); "
-                  "use backend='reference'", RuntimeError)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """t read in place when its head dim is contiguous (or of size 1), else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _strides(t: Tensor):
-    """(batch, head, token) strides in elements."""
-    return int(t.stride(0)), int(t.stride(1)), int(t.stride(2))
-
-
 def _launch_fwd(op: str, p: _Plan, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     out = torch.empty((p.B, p.heads, p.N, p.d), dtype=q.dtype, device=q.device)
     if p.BH == 0:
         return out
     mean = v.sum(2, dtype=p.acc).div_(p.N)  # (B, heads, d) contiguous: the mean term, added in the epilogue
-    with _launching(op, p, q.device):
+    with launching_attention(op, p.d, p.acc, q.device):
         _fwd_kernel[(p.programs,)](
             q, k, v, mean, out, p.heads, p.GH, p.GW, p.WH, p.WW, p.TR, p.TC, p.nrect, p.nchunk,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), p.qk_scale,
+            *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(out), p.qk_scale,
             NEIGH=p.neigh, BM=p.own, BN=p.loop, num_stages=p.stages, **p.meta)
     return out
 
@@ -621,8 +586,8 @@ def _launch_bwd(op: str, p: _Plan, grad: Tensor, q: Tensor, k: Tensor, v: Tensor
     dq, dk, dv = (o if m else ref for o, m in zip(outs, mask))
     gmean = grad.sum(2, dtype=p.acc).div_(p.N) if want_v else ref  # (B, heads, d): the mean term's gradient
     common = (p.heads, p.GH, p.GW, p.WH, p.WW)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(ref))
-    with _launching(op, p, q.device):
+    strides = (*token_strides(q), *token_strides(k), *token_strides(v), *token_strides(grad), *token_strides(ref))
+    with launching_attention(op, p.d, p.acc, q.device):
         if p.fused:
             _bwd_fused_kernel[(p.BH * p.nrect,)](
                 q, k, v, grad, gmean, dq, dk, dv, *common, p.nrect, *strides, p.qk_scale, p.sm_scale,
@@ -657,7 +622,7 @@ def sema_attention(q: Tensor, k: Tensor, v: Tensor, grid: Sequence[int], window:
     g, w = _defs.check_sema(op, q, k, v, grid, window, neighborhood)
     check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
-    return _launch_fwd(op, p, _rows(q), _rows(k), _rows(v))
+    return _launch_fwd(op, p, head_rows(q), head_rows(k), head_rows(v))
 
 
 @torch.library.custom_op("slimops_triton::sema_attention_backward", mutates_args=(),
@@ -673,7 +638,7 @@ def sema_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, grid:
     check_device(op, q.device)
     p = _Plan(op, q, g, w, neighborhood)
     mask = [bool(m) for m in output_mask]
-    return _launch_bwd(op, p, _rows(grad), _rows(q), _rows(k), _rows(v), mask)
+    return _launch_bwd(op, p, head_rows(grad), head_rows(q), head_rows(k), head_rows(v), mask)
 
 
 # The fakes and autograd every backend shares (the backward calls sema_attention_backward above).

@@ -62,6 +62,24 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t)
               t.scalar_type());
 }
 
+// q, k and v of an attention op: floating-point strided tensors, k and v of q's dtype and device (their shapes are
+// each op's own rule).
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const char* names[] = {"q", "k", "v"};
+  const at::Tensor* ts[] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    check_floating(op, names[i], *ts[i]);
+    TORCH_CHECK_VALUE(ts[i]->layout() == at::kStrided, "slimops.", op, ": ", names[i],
+                      " must be a strided (dense) tensor");
+  }
+  for (int i = 1; i < 3; ++i) {
+    TORCH_CHECK_TYPE(ts[i]->scalar_type() == q.scalar_type(), "slimops.", op, ": ", names[i], " has dtype ",
+                     ts[i]->scalar_type(), " but q has dtype ", q.scalar_type(), "; q, k and v must share one dtype");
+    TORCH_CHECK_VALUE(ts[i]->device() == q.device(), "slimops.", op, ": ", names[i], " is on ", ts[i]->device(),
+                      " but q is on ", q.device());
+  }
+}
+
 // Checks a list of tensors that goes with `params` (named `params_name`): same length, and every
 // tensor the same shape, dtype and device as its parameter, strided; contiguous when `inplace`.
 inline void check_tensor_list(const char* op, const char* arg, at::TensorList list, at::TensorList params,

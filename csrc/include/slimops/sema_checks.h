@@ -16,19 +16,11 @@ struct SemaGeom {
 
 inline SemaGeom check_sema(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            at::IntArrayRef grid, at::IntArrayRef window, bool neighborhood) {
+  check_qkv(op, q, k, v);
+  TORCH_CHECK_VALUE(q.dim() == 4, "slimops.", op, ": q must be 4-D (B, heads, N, d), got shape ", q.sizes());
   const char* names[] = {"q", "k", "v"};
   const at::Tensor* ts[] = {&q, &k, &v};
-  for (int i = 0; i < 3; ++i) {
-    check_floating(op, names[i], *ts[i]);
-    TORCH_CHECK_VALUE(ts[i]->layout() == at::kStrided, "slimops.", op, ": ", names[i],
-                      " must be a strided (dense) tensor");
-  }
-  TORCH_CHECK_VALUE(q.dim() == 4, "slimops.", op, ": q must be 4-D (B, heads, N, d), got shape ", q.sizes());
   for (int i = 1; i < 3; ++i) {
-    TORCH_CHECK_TYPE(ts[i]->scalar_type() == q.scalar_type(), "slimops.", op, ": ", names[i], " has dtype ",
-                     ts[i]->scalar_type(), " but q has dtype ", q.scalar_type(), "; q, k and v must share one dtype");
-    TORCH_CHECK_VALUE(ts[i]->device() == q.device(), "slimops.", op, ": ", names[i], " is on ", ts[i]->device(),
-                      " but q is on ", q.device());
     TORCH_CHECK_VALUE(ts[i]->sizes() == q.sizes(), "slimops.", op, ": ", names[i], " must have the shape of q ",
                       q.sizes(), ", got ", ts[i]->sizes());
   }
