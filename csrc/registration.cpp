@@ -102,6 +102,17 @@ TORCH_LIBRARY(slimops, m) {
       "sema_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, int[2] grid, int[2] window, "
       "bool neighborhood, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // ---- token_attention family: attention over kept tokens, for patch slimming (docs/algorithms.md §10) ---------------
+  // q (B, heads, Lq, d), k and v (B, heads, Lk, d); q_idx (nq) or (B, nq), kv_idx (nk) or (B, nk), int64 or int32,
+  // in range and distinct in each row: out (B, heads, nq, d) = softmax(q[q_idx] k[kv_idx]^T scale) v[kv_idx] per
+  // sample and head, scale = d^-1/2 when None, q/k/v read in place by index. fp32 softmax statistics.
+  m.def("kept_token_attention(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor kv_idx, float? scale=None) -> Tensor");
+  // (grad_q, grad_k, grad_v) in the full shapes of q, k, v (zero on rows not kept), recomputing the softmax; one
+  // not asked for in output_mask is an empty tensor.
+  m.def(
+      "kept_token_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor kv_idx, "
+      "float? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // ---- quant family: binarisation and fake quantisation (docs/algorithms.md §9) ------------------------------
   // y = sign(x) with sign(0) = -1, in x's dtype. The backward is the surrogate gradient `surrogate`, zero where
   // |x| > clip: "fda" g (4 omega / pi) sum_{i<n_terms} cos((2i+1) omega x) (Fourier-domain approximation),

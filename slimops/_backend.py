@@ -53,6 +53,10 @@ AUTO_CUDA = {
     "fda_sign_backward": "cuda",
     "fake_quantize": "triton",
     "fake_quantize_backward": "triton",
+    # The token_attention family has no CUDA C++ kernel: Triton's flash-style kernel (indices read in the kernel) is its
+    # GPU backend.
+    "kept_token_attention": "triton",
+    "kept_token_attention_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
@@ -60,6 +64,7 @@ _TRITON_MODULES.update({op: "slimops.triton.channel_conv" for op in AUTO_CUDA if
 _TRITON_MODULES.update({op: "slimops.triton.spectral" for op in AUTO_CUDA if "spectral" in op})
 _TRITON_MODULES.update({op: "slimops.triton.sema" for op in AUTO_CUDA if op.startswith("sema")})
 _TRITON_MODULES.update({op: "slimops.triton.quant" for op in AUTO_CUDA if op.startswith(("fda_", "fake_quantize"))})
+_TRITON_MODULES.update({op: "slimops.triton.token_attention" for op in AUTO_CUDA if op.startswith("kept_token")})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops

@@ -1,6 +1,6 @@
 """Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
-FMA; small_mm.h users: spectral, sema's inner loops; channel_conv's direct convolution; and avx512, which only the
-quant family's block loops have) agrees with the references.
+FMA; small_mm.h and sema_core.inc users: spectral, sema, token_attention; channel_conv's direct convolution; and avx512,
+which small_mm.h, sema_core.inc and the quant family's block loops have) agrees with the references.
 Only the best copy runs by default, so each is checked in a subprocess with SLIMOPS_CPU_ISA set (read once by the
 extension)."""
 import os
@@ -45,6 +45,18 @@ _CHECKS = textwrap.dedent("""
             err = max([(out - want).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(got, exp)])
             assert err < tol, (grid, win, nb, d, dt, err)
             worst = max(worst, err / tol)
+    from slimops.ops import kept_token_attention
+    from slimops.reference import token_attention as kref
+    for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        q, k, v = (torch.randn(2, 3, 70, 24, dtype=dt, requires_grad=True) for _ in range(3))
+        qi, ki = torch.randperm(70)[:66], torch.stack([torch.randperm(70)[:37] for _ in range(2)])
+        out = kept_token_attention(q, k, v, qi, ki, backend="cpu")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        exp = kref.kept_token_attention_backward(g, q, k, v, qi, ki, None, [True, True, True])
+        err = max([(out - kref.kept_token_attention(q, k, v, qi, ki)).abs().max().item()] +
+                  [(a - b).abs().max().item() for a, b in zip(got, exp)])
+        assert err < tol, ("kept_token", dt, err)
     x = torch.randn(2, 14, 14, 40)
     w = torch.randn(14, 8, 40, 2)
     err = (spectral_filter(x, w, backend="cpu") - fref.spectral_filter(x, w)).abs().max().item()

@@ -1,11 +1,11 @@
 // Which instruction-set copy of the CPU kernels runs: decided once per process, at run time.
 //
-// The kernels with ISA-specific copies (small_mm.h's register-blocked products: spectral, sema; the direct
-// convolution of channel_conv) have a base-ISA copy and an AVX2 + FMA copy compiled with a target attribute, so
-// one binary runs on any x86-64 and uses what the CPU has. SLIMOPS_CPU_ISA=base|avx2|avx512 caps the choice
-// (the tests run every copy the machine supports this way); the older SLIMOPS_CPU_BASE_ISA=1 means base. The quant
-// family's block loops (quant.cpp) also have an AVX-512 copy; the other kernels run their AVX2 copy on an AVX-512
-// machine.
+// The kernels with ISA-specific copies have a base-ISA copy and copies compiled with target attributes, so one
+// binary runs on any x86-64 and uses what the CPU has: base / AVX2 + FMA / AVX-512 for small_mm.h's register-blocked
+// products and sema_core.inc's row loops (spectral, sema, token_attention) and the quant family's block loops; base /
+// AVX2 for channel_conv's direct convolution (it runs its AVX2 copy on an AVX-512 machine). SLIMOPS_CPU_ISA=
+// base|avx2|avx512 caps the choice (the tests run every copy the machine supports this way); the older
+// SLIMOPS_CPU_BASE_ISA=1 means base.
 #pragma once
 
 #include <c10/util/Exception.h>

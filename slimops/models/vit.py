@@ -103,6 +103,8 @@ class VisionTransformer(SlimmableModel):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.token_order: torch.Tensor | None = None
+        self.token_keep: tuple | None = None
         if not isinstance(gates, bool):
             raise ValueError(f"{where}: gates must be True or False, got {gates!r}")
         if gates:
@@ -124,6 +126,23 @@ class VisionTransformer(SlimmableModel):
     def gates(self) -> dict:
         """Every gate vector by module name (``blocks.N.attn.gate_in`` ...), in module order."""
         return {n: m.weight for n, m in self.named_modules() if type(m).__name__ == "DimGate"}
+
+    def set_token_plan(self, plan) -> "VisionTransformer":
+        """Patch slimming (:mod:`slimops.pruning.patch_slim`): block ``l`` computes only the tokens
+        ``plan.order[:plan.keep[l]]`` (nested, so each block's tokens are a prefix of the ordered sequence: one
+        gather of the embedded tokens per forward, then views). ``None`` removes the plan. The plan is for this
+        model's patch grid: inputs must be ``img_size`` square. Returns the model."""
+        if plan is None:
+            self.token_order, self.token_keep = None, None
+            return self
+        n = 1 + self.grid * self.grid
+        if plan.tokens != n or len(plan.keep) != len(self.blocks):
+            raise ValueError(f"slimops.models.VisionTransformer.set_token_plan: the plan covers {plan.tokens} tokens and "
+                             f"{len(plan.keep)} blocks, the model has {n} tokens ({self.grid}x{self.grid} patches + "
+                             f"the class token) and {len(self.blocks)} blocks")
+        self.token_order = torch.tensor(plan.order, dtype=torch.long, device=self.pos_embed.device)
+        self.token_keep = tuple(int(k) for k in plan.keep)
+        return self
 
     def config(self) -> dict:
         cfg = {**super().config(), "img_size": self.img_size, "patch": self.patch}
@@ -150,7 +169,15 @@ class VisionTransformer(SlimmableModel):
         gh, gw = t.shape[2], t.shape[3]
         t = t.flatten(2).transpose(1, 2)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed_for(gh, gw)
-        return self.norm(self.blocks(t))
+        if self.token_keep is None:
+            return self.norm(self.blocks(t))
+        if (gh, gw) != (self.grid, self.grid):
+            raise ValueError(f"slimops.models.VisionTransformer: a token plan is for {self.img_size}x{self.img_size} "
+                             f"inputs ({self.grid}x{self.grid} patches), got {tuple(x.shape[2:])}")
+        t = t.index_select(1, self.token_order.to(t.device))  # the kept sets become prefixes
+        for blk, n in zip(self.blocks, self.token_keep):
+            t = blk(t[:, :n])
+        return self.norm(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x)[:, 0])

@@ -6,12 +6,15 @@
     small = slimops.pruning.compact(model, plan)          # a physically smaller dense model
     same_arch = slimops.pruning.build_pruned(Plan.from_json(plan.to_json()))
     fast = slimops.pruning.sparsify(model, plan)          # same outputs, full tensors, kept channels only
+
+    vit.set_token_plan(slimops.pruning.plan_tokens(vit, batches, keep=0.5))   # patch slimming (ViTs)
 """
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.config import SlimConfig
 from slimops.pruning.methods import METHODS, MethodConfig, SlimMethod, default_lam
+from slimops.pruning.patch_slim import TokenPlan, plan_tokens
 from slimops.pruning.plan import Plan, plan_from_bn
 from slimops.pruning.sparsify import sparsify
 
 __all__ = ["SlimConfig", "Plan", "plan_from_bn", "compact", "build_pruned", "compaction_error", "sparsify", "METHODS", "MethodConfig",
-           "SlimMethod", "default_lam"]
+           "SlimMethod", "default_lam", "TokenPlan", "plan_tokens"]

@@ -1,0 +1,211 @@
+"""Patch slimming (Tang et al., "Patch Slimming for Efficient Vision Transformers", CVPR 2022; docs/algorithms.md
+§10): a ViT computes, in block ``l``, only the ``keep[l]`` tokens with the largest impact on its output, chosen top
+down and nested (a token a block drops is dropped for every deeper block: the kept sets shrink with depth, a pyramid).
+
+Impact (the paper's top-down approximation through the attention maps). The model's output reads the class token at
+the last block's output. Going down, a token's impact at the input of block ``l`` is what reaches the scored tokens
+through block ``l``'s residual path and its attention (``A_l``, (n, n), averaged over heads)::
+
+    s_L = e_cls                              (the class token at the output of the last block)
+    s_l = s_{l+1} + s_{l+1} A_l              (row vector: token j's impact flows through every query i that reads it)
+
+(the MLP is per token: it does not mix tokens). ``s_l`` is averaged over a few batches of training images and
+normalised to sum 1 per block. Kept sets, from the last block down: ``S_{L-1}`` = the class token and the
+``keep[L-1] - 1`` best patches by ``s_{L-1}``; ``S_l = S_{l+1} ∪`` the best ``keep[l] - |S_{l+1}|`` of the rest by
+``s_l``. The masks are then fixed and the model fine-tuned with them.
+
+Running the slimmed model: because the sets are nested, ordering the tokens once by how deep they stay makes every
+``S_l`` a prefix, so block ``l`` runs on ``x[:, :keep[l]]`` — a view: one gather of the embedded tokens per forward
+(:meth:`slimops.models.VisionTransformer.set_token_plan`), no per-layer gathers, no masks, and both attention and the
+MLP cost ``keep[l]`` tokens. (Per-sample kept sets, whose queries and keys are read by index from full-length q/k/v,
+are what :func:`slimops.ops.kept_token_attention` computes.)
+
+``keep_schedule(depth, tokens, keep)``: a linear pyramid whose mean kept fraction of the patches over the blocks is
+``keep`` (block 0 keeps every token; the slope is set so that the mean matches; never fewer than the class token and
+one patch).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TokenPlan", "keep_schedule", "attention_maps", "impact_scores", "token_plan_from_scores", "plan_tokens"]
+
+TOKEN_PLAN_FORMAT = "slimops.token_plan"
+
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(f"slimops.pruning.patch_slim: {msg}")
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The tokens each block of a ViT computes: ``order`` (every token position once, 0 = the class token first,
+    then by how deep each stays) and ``keep`` (per block, non-increasing): block ``l`` computes tokens
+    ``order[:keep[l]]``."""
+
+    order: tuple
+    keep: tuple
+
+    def __post_init__(self):
+        n = len(self.order)
+        if sorted(self.order) != list(range(n)) or n < 2:
+            _fail(f"order must hold each of the {n} token positions once, got {list(self.order)[:8]}...")
+        if self.order[0] != 0:
+            _fail("order must start with the class token (position 0): the head reads it")
+        if not self.keep or any(not isinstance(k, int) or isinstance(k, bool) for k in self.keep):
+            _fail(f"keep must be a non-empty list of ints, got {list(self.keep)}")
+        if any(not 1 <= k <= n for k in self.keep) or any(a < b for a, b in zip(self.keep, self.keep[1:])):
+            _fail(f"keep must be non-increasing counts in [1, {n}], got {list(self.keep)}")
+
+    @property
+    def tokens(self) -> int:
+        return len(self.order)
+
+    def kept_fraction(self) -> List[float]:
+        """Per block, the fraction of the tokens it computes."""
+        return [k / self.tokens for k in self.keep]
+
+    def to_dict(self) -> dict:
+        return {"format": TOKEN_PLAN_FORMAT, "order": list(self.order), "keep": list(self.keep)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenPlan":
+        if not isinstance(d, dict) or d.get("format") != TOKEN_PLAN_FORMAT:
+            _fail(f"not a token plan (format {TOKEN_PLAN_FORMAT!r} expected)")
+        try:
+            return cls(tuple(int(i) for i in d["order"]), tuple(int(k) for k in d["keep"]))
+        except (KeyError, TypeError) as e:
+            _fail(f"a token plan needs 'order' and 'keep' lists of ints ({e})")
+
+    def save(self, path: str) -> None:
+        from slimops.pruning.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str) -> "TokenPlan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def keep_schedule(depth: int, tokens: int, keep: float) -> List[int]:
+    """Tokens per block (class token included) of a linear pyramid: block 0 keeps all ``tokens``; the patch
+    fraction falls linearly, floored at one patch, with the slope for which its mean over the blocks is ``keep``."""
+    if not isinstance(depth, int) or depth < 1:
+        _fail(f"depth must be a positive int, got {depth!r}")
+    patches = tokens - 1
+    if patches < 1:
+        _fail(f"a token plan needs at least one patch token, got {tokens} tokens")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        _fail(f"keep must be a fraction in (0, 1], got {keep!r}")
+    floor = 1.0 / patches
+
+    def fractions(slope):
+        return [max(floor, 1.0 - slope * l) for l in range(depth)]
+
+    lo, hi = 0.0, 2.0  # slope 0: mean 1; slope 2 reaches the floor by block 1
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(fractions(mid)) / depth > keep:
+            lo = mid
+        else:
+            hi = mid
+    return [1 + max(1, round(f * patches)) for f in fractions(hi)]
+
+
+def attention_maps(model: nn.Module, x: Tensor) -> List[Tensor]:
+    """Per block, the softmax attention of the model's forward on ``x`` averaged over heads, (B, n, n) float32,
+    recomputed from each block's ``norm1`` input by hooks (the model's own forward is unchanged)."""
+    maps: List[Tensor] = []
+
+    def hook(block, inp, _out):
+        attn = block.attn
+        t = block.norm1(inp[0])
+        if attn.in_index is not None:
+            t = t.index_select(-1, attn.in_index)
+        if attn.gate_in is not None:
+            t = attn.gate_in(t)
+        b, n, _ = t.shape
+        h, d = attn.num_heads, attn.head_dim
+        qk = attn.qkv(t)[..., : 2 * h * d].reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4).float()
+        maps.append(torch.softmax(qk[0] @ qk[1].transpose(-1, -2) * attn.scale, -1).mean(1))
+
+    handles = [blk.register_forward_hook(hook) for blk in model.blocks]
+    try:
+        model(x)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return maps
+
+
+@torch.no_grad()
+def impact_scores(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
+    """(depth, tokens): each token's impact at the input of each block on the class token at the last block's
+    output (module docstring), averaged over the images of ``batches`` and normalised to sum 1 per block. The model
+    must run on every token (no token plan set)."""
+    if getattr(model, "token_keep", None) is not None:
+        _fail("impact_scores needs the model without a token plan (every block computing every token)")
+    was = model.training
+    model.eval()
+    total, count = None, 0
+    try:
+        for x in batches:
+            maps = attention_maps(model, x)
+            b, n = maps[-1].shape[:2]
+            s = torch.zeros(b, n, device=maps[-1].device)
+            s[:, 0] = 1.0
+            rows = []
+            for a in reversed(maps):
+                s = s + torch.bmm(s[:, None, :], a)[:, 0]
+                s = s / s.sum(1, keepdim=True)
+                rows.append(s)
+            scores = torch.stack(rows[::-1], 1)  # (B, depth, n)
+            total = scores.sum(0) if total is None else total + scores.sum(0)
+            count += b
+    finally:
+        model.train(was)
+    if count == 0:
+        _fail("impact_scores needs at least one batch")
+    return (total / count).cpu()
+
+
+def token_plan_from_scores(scores: Tensor, keep: Sequence[int]) -> TokenPlan:
+    """The nested kept sets of ``scores`` (depth, tokens) with ``keep[l]`` tokens in block ``l``, chosen top down
+    (module docstring), as a :class:`TokenPlan`."""
+    depth, n = scores.shape
+    keep = [int(k) for k in keep]
+    if len(keep) != depth:
+        _fail(f"keep has {len(keep)} entries but the scores cover {depth} blocks")
+    TokenPlan(tuple(range(n)), tuple(keep))  # validates keep
+    life = torch.full((n,), -1, dtype=torch.long)  # the deepest block that computes each token
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[0] = True  # the class token: the head reads it after the last block
+    for l in range(depth - 1, -1, -1):
+        s = scores[l].clone().double()
+        s[kept] = float("inf")
+        take = torch.topk(s, keep[l]).indices  # the kept ones first (inf), then the best of the rest
+        new = take[~kept[take]]
+        life[new] = l
+        kept[take] = True
+        life[0] = depth - 1
+    # Order: by life, deepest first (class token first); ties by the last block's score that saw them.
+    rank = [(-int(life[t]), -float(scores[max(int(life[t]), 0), t]) if life[t] >= 0 else 0.0, t) for t in range(n)]
+    order = [t for _, _, t in sorted(rank)]
+    order.remove(0)
+    return TokenPlan(tuple([0] + order), tuple(keep))
+
+
+def plan_tokens(model: nn.Module, batches: Iterable[Tensor], keep: float) -> TokenPlan:
+    """Scores every token of ``model`` on ``batches`` and keeps a linear pyramid with mean patch fraction ``keep``
+    (:func:`keep_schedule`): the :class:`TokenPlan` to fine-tune and run with
+    (:meth:`~slimops.models.VisionTransformer.set_token_plan`)."""
+    scores = impact_scores(model, batches)
+    depth, n = scores.shape
+    return token_plan_from_scores(scores, keep_schedule(depth, n, keep))

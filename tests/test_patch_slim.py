@@ -1,0 +1,104 @@
+"""Patch slimming (slimops/pruning/patch_slim.py, VisionTransformer.set_token_plan): the schedule, the top-down impact
+scores against a direct computation, nested kept sets, exactness of the prefix execution against an explicit
+masked-sequence forward, FLOPs that shrink with the plan, plan round trips and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimops
+from slimops.pruning import patch_slim as PS
+from slimops.pruning.metrics import count_macs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _vit(**kw):
+    torch.manual_seed(0)
+    return slimops.models.build("vit_ti", num_classes=10, in_channels=1, img_size=16, patch=4, width=0.25, **kw).eval()
+
+
+def test_keep_schedule_mean_and_shape():
+    for depth, tokens, keep in ((12, 65, 0.6), (12, 197, 0.5), (4, 17, 0.3), (12, 65, 1.0)):
+        k = PS.keep_schedule(depth, tokens, keep)
+        assert len(k) == depth and k[0] == tokens and all(a >= b >= 2 for a, b in zip(k, k[1:]))
+        mean = sum((x - 1) / (tokens - 1) for x in k) / depth
+        assert abs(mean - keep) < 1.5 / (tokens - 1) + 0.02, (k, mean)
+    with pytest.raises(ValueError, match="keep must be a fraction"):
+        PS.keep_schedule(12, 65, 0.0)
+
+
+def _masked_forward(model, plan, x):
+    """The definition, no prefix trick: block l attends among the tokens of S_l (a boolean mask over the original
+    positions); tokens outside S_l keep their features and are ignored afterwards."""
+    t = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    t = torch.cat([model.cls_token.expand(t.shape[0], -1, -1), t], 1) + model.pos_embed
+    for l, blk in enumerate(model.blocks):
+        idx = torch.tensor(sorted(plan.order[: plan.keep[l]]))
+        sub = blk(t[:, idx])
+        t = t.clone()
+        t[:, idx] = sub
+    return model.head(model.norm(t)[:, 0])
+
+
+def test_prefix_execution_equals_the_masked_definition_and_costs_less():
+    model = _vit()
+    x = torch.randn(3, 1, 16, 16)
+    plan = PS.plan_tokens(model, [x], keep=0.5)
+    ref = _masked_forward(model, plan, x)
+    dense_macs = count_macs(model, (1, 16, 16))
+    model.set_token_plan(plan)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert count_macs(model, (1, 16, 16)) < 0.7 * dense_macs
+    model.set_token_plan(None)
+    assert count_macs(model, (1, 16, 16)) == dense_macs
+
+
+def test_impact_scores_follow_the_definition():
+    model = _vit()
+    x = torch.randn(2, 1, 16, 16)
+    maps = PS.attention_maps(model, x)
+    assert len(maps) == len(model.blocks) and maps[0].shape == (2, 17, 17)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 17))
+    s = torch.zeros(2, 17)
+    s[:, 0] = 1
+    want = []
+    for a in reversed(maps):  # s_l = s_{l+1} (I + A_l), normalised
+        s = s @ torch.eye(17) + torch.einsum("bi,bij->bj", s, a)
+        s = s / s.sum(1, keepdim=True)
+        want.append(s.mean(0))
+    torch.testing.assert_close(PS.impact_scores(model, [x]), torch.stack(want[::-1]), rtol=1e-5, atol=1e-6)
+
+
+def test_kept_sets_are_nested_and_top_down():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 20, generator=g)
+    keep = [20, 15, 10, 6, 3]
+    plan = PS.token_plan_from_scores(scores, keep)
+    sets = [set(plan.order[:k]) for k in keep]
+    assert all(a >= b for a, b in zip(sets, sets[1:])) and all(0 in s for s in sets)
+    last = sorted(range(1, 20), key=lambda t: -scores[4, t])[:2]
+    assert sets[4] == {0, *last}  # the last block: the class token and the best patches by its own score
+    extra = sorted(set(range(20)) - sets[4], key=lambda t: -scores[3, t])[:3]
+    assert sets[3] == sets[4] | set(extra)
+
+
+def test_plan_round_trip_and_bad_input(tmp_path):
+    plan = PS.TokenPlan((0, 2, 1, 3), (4, 3, 2))
+    p = tmp_path / "tokens.json"
+    plan.save(str(p))
+    assert PS.TokenPlan.load(str(p)) == plan
+    with pytest.raises(ValueError, match="order must hold each"):
+        PS.TokenPlan((0, 2, 2, 3), (4, 3))
+    with pytest.raises(ValueError, match="class token"):
+        PS.TokenPlan((1, 0, 2, 3), (4, 3))
+    with pytest.raises(ValueError, match="non-increasing"):
+        PS.TokenPlan((0, 1, 2, 3), (3, 4))
+    model = _vit()
+    with pytest.raises(ValueError, match="the plan covers 4 tokens and 3 blocks, the model has 17 tokens"):
+        model.set_token_plan(plan)
+    model.set_token_plan(PS.token_plan_from_scores(torch.rand(12, 17), PS.keep_schedule(12, 17, 0.5)))
+    with pytest.raises(ValueError, match="a token plan is for 16x16 inputs"):
+        model(torch.randn(1, 1, 20, 20))
+    with pytest.raises(ValueError, match="without a token plan"):
+        PS.impact_scores(model, [torch.randn(1, 1, 16, 16)])
