@@ -54,6 +54,7 @@ from slimops.reference import prox as RP
 from slimops.reference import quant as RQ
 from slimops.reference import sema as RSE
 from slimops.reference import spectral as RS
+from slimops.reference import token_attention as RTA
 
 SEED = 17_05  # issue 17, item 5: every case derives its inputs from (SEED, op, mutator, repetition)
 ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
@@ -549,6 +550,36 @@ class Sema(Spec):
         return RSE.sema_attention(c["q"], c["k"], c["v"], _pair(c["grid"]), _pair(c["window"]), c["neighborhood"])
 
 
+# ---- token_attention ----------------------------------------------------------------------------------------------
+
+
+class TokenAttention(Spec):
+    name = "kept_token_attention"
+    mode = REDUCTION
+
+    def gen(self, r):
+        dt = r.dtype()
+        b, heads, d = r.randint(1, 2), r.randint(1, 2), r.randint(1, 6)
+        lq, lk = r.randint(1, 9), r.randint(1, 9)
+        nq, nk = r.randint(0, lq), r.randint(1, lk)
+        per_sample = r.random() < 0.5
+        idt = torch.int64 if r.random() < 0.7 else torch.int32
+
+        def index(n, length):
+            rows = [r.perm(length, n) for _ in range(b)] if per_sample else [r.perm(length, n)]
+            t = torch.stack(rows) if per_sample else rows[0]
+            return t.to(idt)
+
+        return dict(q=r.randn((b, heads, lq, d), dt), k=r.randn((b, heads, lk, d), dt), v=r.randn((b, heads, lk, d), dt),
+                    q_idx=index(nq, lq), kv_idx=index(nk, lk), scale=None if r.random() < 0.7 else r.uniform(0.1, 2.0))
+
+    def call(self, c, b):
+        return P.kept_token_attention(c["q"], c["k"], c["v"], c["q_idx"], c["kv_idx"], scale=c["scale"], backend=b)
+
+    def expected(self, c):
+        return RTA.kept_token_attention(c["q"], c["k"], c["v"], c["q_idx"], c["kv_idx"], c["scale"])
+
+
 # ---- quant --------------------------------------------------------------------------------------------------------
 
 
@@ -617,7 +648,7 @@ class FakeQuantize(Spec):
 
 SPECS = {s.name: s for s in (Prox(), ProxBackward(), ProxSGD(), ProxAdamW(), PalmSlimming(), PenaltyGrad(),
                              SplitStep(), ChannelConv(), MaskedConv(), Spectral(), Adaptive(), Sema(), FdaSign(),
-                             FakeQuantize())}
+                             FakeQuantize(), TokenAttention())}
 assert set(SPECS) == set(P.__all__), "every public op has a fuzz spec"
 
 
@@ -1605,6 +1636,86 @@ SEMA_MUTS = [
 ]
 
 
+# ---- token_attention ----------------------------------------------------------------------------------------------
+
+
+def _ta_oob(name, negative=False):
+    def how(t, c, r):
+        limit = c["q" if name == "q_idx" else "k"].shape[2]
+        bad = -1 - r.randint(0, 2) if negative else limit + r.randint(0, 3)
+        t = t.clone() if t.numel() else torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)
+        t.view(-1)[r.randint(0, t.numel() - 1)] = bad
+        return t
+
+    return how
+
+
+def _ta_dup(name):
+    def f(c, r):
+        t = c[name]
+        length = c["q" if name == "q_idx" else "k"].shape[2]
+        if t.shape[-1] == 0:
+            t = torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)
+        if length > t.shape[-1] - 1 >= 1 and t.shape[-1] >= length:  # make room for the repeat inside the length
+            t = t[..., :-1]
+        c[name] = torch.cat([t, t[..., :1]], -1)
+
+    return f
+
+
+def _fused_kept(c, r):
+    """q, k, v of one length as slices of a fused (B, heads, L, 3d) projection; indices redrawn for that length."""
+    b, h, _, d = c["q"].shape
+    n = max(c["q"].shape[2], c["k"].shape[2])
+    fused = r.randn((b, h, n, 3 * d), c["q"].dtype)
+    c["q"], c["k"], c["v"] = fused[..., :d], fused[..., d:2 * d], fused[..., 2 * d:]
+
+
+TOKEN_ATTENTION_MUTS = [
+    Mut("valid", _set(), "ok"),
+    Mut("q_int64", _tf("q", _dt(torch.int64)), "error", "q"),
+    Mut("k_float64", _tf("k", lambda t, r: t.double() if t.dtype != F64 else t.float()), "error", "k"),
+    Mut("v_meta", _tf("v", _meta), "error", "v"),
+    Mut("q_3d", _tf("q", lambda t, r: t[0]), "error", "q"),
+    Mut("v_shape", _tf("v", lambda t, r: r.randn((*t.shape[:3], t.shape[3] + 1), t.dtype)), "error", "v"),
+    Mut("kv_head_dim", _chain(_tf("k", lambda t, r: r.randn((*t.shape[:3], t.shape[3] + 1), t.dtype)),
+                              _tf("v", lambda t, r: r.randn((*t.shape[:3], t.shape[3] + 1), t.dtype))), "error", "k"),
+    Mut("q_idx_float", _idx("q_idx", lambda t, c, r: t.float()), "error", "q_idx"),
+    Mut("kv_idx_bool", _idx("kv_idx", lambda t, c, r: t.bool()), "error", "kv_idx"),
+    Mut("q_idx_list", _idx("q_idx", lambda t, c, r: t.tolist()), "error", "q_idx"),
+    Mut("kv_idx_meta", _idx("kv_idx", lambda t, c, r: t.to("meta")), "error", "kv_idx"),
+    Mut("q_idx_3d", _idx("q_idx", lambda t, c, r: t.reshape(1, 1, -1)), "error", "q_idx"),
+    Mut("kv_idx_rows", _idx("kv_idx", lambda t, c, r: t.reshape(-1)[None].expand(c["q"].shape[0] + 1, -1)),
+        "error", "kv_idx"),
+    Mut("q_idx_oob", _idx("q_idx", _ta_oob("q_idx")), "error", "q_idx"),
+    Mut("kv_idx_negative", _idx("kv_idx", _ta_oob("kv_idx", negative=True)), "error", "kv_idx"),
+    Mut("q_idx_duplicate", _ta_dup("q_idx"), "error", "q_idx"),
+    Mut("kv_idx_duplicate", _ta_dup("kv_idx"), "error", "kv_idx"),
+    Mut("kv_idx_empty", _idx("kv_idx", lambda t, c, r: t[..., :0]), "any", "kv_idx"),
+    Mut("q_idx_empty", _idx("q_idx", lambda t, c, r: t[..., :0]), "ok"),
+    Mut("q_idx_noncontig", _idx("q_idx", lambda t, c, r: t.flip(-1)), "ok"),
+    Mut("q_idx_expanded", _idx("q_idx", lambda t, c, r: t if t.dim() == 2 else t[None].expand(c["q"].shape[0], -1)),
+        "ok"),
+    Mut("scale_zero", _set(scale=0.0), "error", "scale"),
+    Mut("scale_nan", _set(scale=float("nan")), "error", "scale"),
+    Mut("scale_str", _set(scale="1"), "error", "scale"),
+    Mut("empty_batch", lambda c, r: c.update(**{k: c[k][:0] for k in "qkv"},
+                                             **{n: c[n][:0] if c[n].dim() == 2 else c[n] for n in ("q_idx", "kv_idx")}),
+        "ok"),
+    Mut("q_nan", _tf("q", _nan), "any"),
+    Mut("v_inf", _tf("v", _inf), "any"),
+    Mut("q_large", _tf("q", lambda t, r: t * 1e4 if t.dtype in (F32, F64) else t * 50), "ok"),
+    Mut("fused_qkv_slices", lambda c, r: _fused_kept(c, r), "ok"),
+    Mut("q_noncontig", _tf("q", _nc), "ok"),
+    Mut("k_expanded", _tf("k", _exp), "ok"),
+    Mut("tokens_huge", lambda c, r: c.update(q=huge_view((1, 1, 2**31 + 8, 2), c["q"].dtype),
+                                             k=huge_view((1, 1, 4, 2), c["q"].dtype),
+                                             v=huge_view((1, 1, 4, 2), c["q"].dtype),
+                                             q_idx=torch.tensor([2**31 + 7, 0]), kv_idx=torch.tensor([1, 3])),
+        "any", "q", huge=True),
+]
+
+
 # ---- quant --------------------------------------------------------------------------------------------------------
 
 
@@ -1795,7 +1906,7 @@ MUTATORS = {
     "palm_slimming_": PALM_MUTS, "penalty_grad_": PENALTY_GRAD_MUTS, "split_step_": SPLIT_MUTS,
     "channel_conv2d": CHANNEL_CONV_MUTS, "masked_conv2d": MASKED_CONV_MUTS, "spectral_filter": SPECTRAL_MUTS,
     "adaptive_spectral_filter": ADAPTIVE_MUTS, "sema_attention": SEMA_MUTS, "fda_sign": FDA_SIGN_MUTS,
-    "fake_quantize": FAKE_QUANTIZE_MUTS,
+    "fake_quantize": FAKE_QUANTIZE_MUTS, "kept_token_attention": TOKEN_ATTENTION_MUTS,
 }
 assert set(MUTATORS) == set(SPECS)
 for _op, _muts in MUTATORS.items():
@@ -2003,6 +2114,7 @@ TRITON_MUTS = {
     "spectral_filter": ["valid", "weight_complex64", "x_noncontig", "x_nan"],
     "adaptive_spectral_filter": ["valid", "blocks_not_dividing", "w1_noncontig", "x_nan"],
     "sema_attention": ["valid", "grid_mismatch", "fused_qkv_slices", "q_nan"],
+    "kept_token_attention": ["valid", "q_idx_duplicate", "fused_qkv_slices", "q_nan"],
     "fda_sign": ["valid", "x_int64", "x_noncontig", "x_nan", "x_empty", "x_rank0", "n_terms_zero", "clip_inf"],
     "fake_quantize": ["valid", "per_channel", "scale_int64", "x_noncontig", "x_noncontig_per_channel", "x_nan",
                       "x_half_steps", "zero_point", "zero_point_per_channel", "binary_grid", "x_empty_per_channel",

@@ -102,3 +102,36 @@ def test_plan_round_trip_and_bad_input(tmp_path):
         model(torch.randn(1, 1, 20, 20))
     with pytest.raises(ValueError, match="without a token plan"):
         PS.impact_scores(model, [torch.randn(1, 1, 16, 16)])
+
+
+def test_patch_slim_through_the_pipeline_writes_a_loadable_slimmed_vit(tmp_path):
+    from slimops.pruning.config import SlimConfig
+    from slimops.pruning.pipeline import evaluate_file, finetune, load_model_file, slim
+
+    out = str(tmp_path / "run")
+    res = slim(SlimConfig(model="vit_ti", width=0.125, patch=8, method="patch-slim", keep_tokens=0.5, epochs=1,
+                          finetune_epochs=1, batch=256, optimizer="adamw", lr=2e-3, out=out, progress=False,
+                          plots=True, augment=False))
+    assert res["units"] == "token-blocks" and res["tokens"] == 17 and len(res["tokens_per_block"]) == 12
+    assert res["tokens_per_block"][0] == 17 and res["tokens_per_block"][-1] < 17 and res["keep_tokens"] == 0.5
+    assert res["flops_pruned"] < 0.7 * res["flops_dense"] and res["params_pruned"] == res["params_dense"]
+    assert any(p.endswith("tokens_kept.png") for p in res["plots"])
+    model, obj = load_model_file(f"{out}/pruned.pt")
+    assert obj["plan"]["format"] == "slimops.token_plan" and model.token_keep == tuple(res["tokens_per_block"])
+    assert PS.TokenPlan.load(f"{out}/plan.json").keep == model.token_keep
+    assert evaluate_file(weights=f"{out}/pruned.pt")["acc"] == pytest.approx(res["acc"])
+    ft = finetune(weights=f"{out}/pruned.pt", epochs=1, batch=256, lr=1e-3, optimizer="adamw", out=str(tmp_path / "ft"),
+                  progress=False)
+    assert load_model_file(str(tmp_path / "ft" / "finetuned.pt"))[0].token_keep == model.token_keep and ft["acc"] >= 0
+
+
+def test_patch_slim_configuration_errors():
+    from slimops.pruning.config import SlimConfig
+
+    assert SlimConfig(model="vit_ti", method="patch-slim").resolved_keep_tokens() == 0.5
+    with pytest.raises(ValueError, match="keep_tokens must be None for method none"):
+        SlimConfig(model="vit_ti", method="none", keep_tokens=0.5)
+    with pytest.raises(ValueError, match=r"keep_tokens must be a fraction in \(0, 1\]"):
+        SlimConfig(model="vit_ti", method="patch-slim", keep_tokens=1.5)
+    with pytest.raises(ValueError, match="prunes the tokens of a ViT"):
+        SlimConfig(model="vgg11", method="patch-slim")

@@ -188,7 +188,7 @@ def test_vit_methods_are_for_vits_and_need_lam():
         SlimConfig(model="vit_ti", method="sidt")
     with pytest.raises(ValueError, match="method must be a BatchNorm method for vgg11"):
         SlimConfig(model="vgg11", method="vtp", lam=0.1)
-    with pytest.raises(ValueError, match="method must be none, vtp or sidt for vit_ti"):
+    with pytest.raises(ValueError, match="method must be none, vtp, sidt or patch-slim for vit_ti"):
         SlimConfig(model="vit_ti", method="ns")
     with pytest.raises(ValueError, match="method 'vtp' uses penalty 'l1'"):
         MethodConfig("vtp", penalty="l0")

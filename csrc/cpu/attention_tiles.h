@@ -81,11 +81,12 @@ inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_item));
 }
 
-// A (B, heads, N, d) operand read in place: element (b, h, n, t) at p[b sb + h sh + n sn + t] (d contiguous).
+// A (B, heads, N, d) operand read in place: element (b, h, n, t) at p[b sb + h sh + n sn + t st] (st = 1 after
+// unit_last_stride; the packing loops take any st, so an operand is never copied whole just for its strides).
 template <typename S>
 struct Plane {
   const S* p;
-  int64_t sb, sh, sn;
+  int64_t sb, sh, sn, st;
   const S* row(int64_t b, int64_t h, int64_t n) const { return p + b * sb + h * sh + n * sn; }
 };
 
@@ -94,7 +95,7 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 
 
 template <typename S>
 Plane<S> plane(const at::Tensor& t) {
-  return {t.data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2)};
+  return {t.data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 // Packs rows `toks` (null: rows 0..n-1) of (b, h) into dst (rows of dp elements, T), multiplied by `mul`,
@@ -105,7 +106,10 @@ void pack(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_
   for (int64_t i = 0; i < n; ++i) {
     const S* r = src.row(b, h, toks != nullptr ? toks[i] : i);
     T* o = dst + i * dp;
-    for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(r[t]) * mul;
+    if (src.st == 1)
+      for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(r[t]) * mul;
+    else
+      for (int64_t t = 0; t < d; ++t) o[t] = static_cast<T>(r[t * src.st]) * mul;
     for (int64_t t = d; t < dp; ++t) o[t] = T(0);
   }
 }
@@ -117,7 +121,7 @@ void pack_transposed(const Plane<S>& src, int64_t b, int64_t h, const int64_t* t
   std::fill(dst, dst + d * ld, T(0));
   for (int64_t i = 0; i < n; ++i) {
     const S* r = src.row(b, h, toks[i]);
-    for (int64_t t = 0; t < d; ++t) dst[t * ld + i] = static_cast<T>(r[t]);
+    for (int64_t t = 0; t < d; ++t) dst[t * ld + i] = static_cast<T>(r[t * src.st]);
   }
 }
 

@@ -2,8 +2,7 @@
 // docs/algorithms.md §10): attention of the kept queries over the kept keys, for patch slimming,
 //   out[b, h] = softmax(q[b, h, q_idx[b]] k[b, h, kv_idx[b]]^T scale) v[b, h, kv_idx[b]].
 //
-// Scheme: one work item is (sample, head). Its kept q, k, v rows are read in place by index (any token stride,
-// contiguous head dim) and packed once into cache-resident tiles in the accumulation dtype: Qs (q times the scale),
+// Scheme: one work item is (sample, head). Its kept q, k, v rows are read in place by index (any strides) and packed once into cache-resident tiles in the accumulation dtype: Qs (q times the scale),
 // K^T (head dim x keys, keys padded to 16) and V; then per chunk of kQueryChunk queries S = Qs K^T, the softmax of
 // its rows and O = P V by the register-blocked product of small_mm.h, O stored once to the output rows. Nothing of
 // size B x heads x n x d is gathered in memory (index_select + SDPA writes three such copies, and its backward
@@ -86,7 +85,8 @@ at::Tensor kept_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_
   const KeptIndex ix = kept_index(op, g, q_idx, kv_idx);
   at::Tensor out = at::empty({g.b, g.heads, g.nq, g.d}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  // Read in place whatever the strides (a stride-0 broadcast too): only the kept rows are ever packed.
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   SLIMOPS_DISPATCH_FLOATS(q.scalar_type(), "kept_token_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     forward<scalar_t, T>(g, ix, plane<scalar_t>(q), plane<scalar_t>(k), plane<scalar_t>(v), out.data_ptr<scalar_t>());
@@ -163,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_token_attention_backward_cpu
     outs[i] = output_mask[i] ? at::empty(ins[i]->sizes(), ins[i]->options().memory_format(at::MemoryFormat::Contiguous))
                              : ins[i]->new_empty({0});
   if (g.b * g.heads == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) return {outs[0], outs[1], outs[2]};
-  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const at::Tensor grad = unit_last_stride(grad_in.to(q.scalar_type()));
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
+  const at::Tensor grad = grad_in.to(q.scalar_type());
   SLIMOPS_DISPATCH_FLOATS(q.scalar_type(), "kept_token_attention_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     auto ptr = [&](int i) { return output_mask[i] ? outs[i].data_ptr<scalar_t>() : nullptr; };

@@ -64,6 +64,10 @@ def percent(text: str) -> float:
     return _number(text, float, "'auto' or a fraction in [0, 1)", lo=0.0, hi=1.0, hi_open=True)
 
 
+def token_fraction(text: str) -> float:
+    return _number(text, float, "a fraction in (0, 1]", lo=0.0, lo_open=True, hi=1.0)
+
+
 def device(text: str) -> str:
     """``cpu`` or ``cuda[:N]`` for a GPU that this machine has."""
     import torch
@@ -163,6 +167,9 @@ def main_slim(argv=None) -> dict:
         ap.add_argument("--percent", type=percent, default=-1.0,
                         help="fraction of channels to remove by global |score| rank; auto (default): the exact "
                              "zeros (none / prox-sgd / proximal-ns) or 0.5 (ns-*)")
+        ap.add_argument("--keep-tokens", type=token_fraction, default=None,
+                        help="patch-slim (ViTs): the mean fraction of the patch tokens the blocks keep, a linear "
+                             "pyramid from all tokens in the first block (default 0.5; docs/vit.md)")
         ap.add_argument("--epochs", type=count, default=15)
         ap.add_argument("--finetune-epochs", type=count, default=0)
         _train_opts(ap)

@@ -27,6 +27,7 @@ COUNT_MAX = 2**31 - 1  # epochs, batches, threads: anything larger is a typo, an
 EXACT_ZERO_METHODS = ("none", "prox-sgd", "proximal-ns", "sidt")
 DEFAULT_NS_PERCENT = 0.5
 DEFAULT_VTP_PERCENT = 0.4  # VTP's headline setting: 40% of the gated dims removed
+DEFAULT_KEEP_TOKENS = 0.5  # patch-slim: mean kept fraction of the patches over the blocks (docs/vit.md)
 
 
 def _bad(name: str, what: str, value) -> ValueError:
@@ -62,6 +63,7 @@ class SlimConfig:
     beta: Optional[float] = None         # None: the method's default (proximal-ns: 100)
     a: Optional[float] = None            # None: 1 (the tl1 shape), or the exponent p = 1/2 for ns-lp
     percent: Union[str, float, None] = "auto"
+    keep_tokens: Optional[float] = None  # patch-slim: mean fraction of the patches the blocks keep (None: 0.5)
     epochs: int = 15
     finetune_epochs: int = 0
     batch: int = 64
@@ -107,14 +109,22 @@ class SlimConfig:
                 raise _bad("patch", f"None for {self.model} (only {', '.join(RESOLUTION_MODELS)} take a patch size)",
                            self.patch)
         from slimops.models import VIT_MODELS
-        from slimops.pruning.methods import VIT_METHODS
+        from slimops.pruning.methods import TOKEN_METHODS, VIT_METHODS
 
-        if self.model in VIT_MODELS and self.method not in ("none",) + VIT_METHODS:
-            raise _bad("method", f"none, vtp or sidt for {self.model}: the other methods prune BatchNorm channels "
-                                 "and a ViT has none", self.method)
-        if self.model not in VIT_MODELS and self.method in VIT_METHODS:
-            raise _bad("method", f"a BatchNorm method for {self.model}: {self.method} prunes the dimension gates "
-                                 f"of a ViT ({', '.join(VIT_MODELS)})", self.method)
+        if self.model in VIT_MODELS and self.method not in ("none",) + VIT_METHODS + TOKEN_METHODS:
+            raise _bad("method", f"none, vtp, sidt or patch-slim for {self.model}: the other methods prune BatchNorm "
+                                 "channels and a ViT has none", self.method)
+        if self.model not in VIT_MODELS and self.method in VIT_METHODS + TOKEN_METHODS:
+            what = "the dimension gates" if self.method in VIT_METHODS else "the tokens"
+            raise _bad("method", f"a BatchNorm method for {self.model}: {self.method} prunes {what} of a ViT "
+                                 f"({', '.join(VIT_MODELS)})", self.method)
+        if self.keep_tokens is not None:
+            if self.method not in TOKEN_METHODS:
+                raise _bad("keep_tokens", f"None for method {self.method} (it sets patch-slim's kept tokens)",
+                           self.keep_tokens)
+            if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, (int, float)) \
+                    or not 0 < self.keep_tokens <= 1:
+                raise _bad("keep_tokens", "a fraction in (0, 1] (or None)", self.keep_tokens)
         if self.method in VIT_METHODS and self.lam is None:
             raise _bad("lam", f"given for method {self.method} (the gates' shrinkage per unit of lr and step: "
                               "lr * lam * steps near 1 removes the gates the loss does not defend; docs/vit.md)",
@@ -161,6 +171,14 @@ class SlimConfig:
                 return DEFAULT_VTP_PERCENT
             return None if self.method in EXACT_ZERO_METHODS else DEFAULT_NS_PERCENT
         return None if self.percent is None else float(self.percent)
+
+    def resolved_keep_tokens(self) -> Optional[float]:
+        """patch-slim's mean kept fraction of the patches (None for the other methods)."""
+        from slimops.pruning.methods import TOKEN_METHODS
+
+        if self.method not in TOKEN_METHODS:
+            return None
+        return DEFAULT_KEEP_TOKENS if self.keep_tokens is None else float(self.keep_tokens)
 
     def train_config(self, epochs: int, seed: int):
         """The :class:`~slimops.pruning.train.TrainConfig` of a stage of ``epochs`` epochs."""

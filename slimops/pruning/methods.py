@@ -14,6 +14,8 @@ and every update goes through slimops' fused kernels:
                       lowest ``percent`` of |g|
 ``sidt``              ViTs: SiDT's proximal step on the gates after each optimizer step, ``g <- prox_{lr lam R}(g)``
                       (R = l1, l0, tl1 or l1_2): exact zeros, no threshold
+``patch-slim``        ViTs: trains as ``none``; then patch slimming (Tang et al. 2022) keeps, per block, the
+                      tokens with the largest top-down impact (:mod:`slimops.pruning.patch_slim`)
 ====================  ==========================================================================
 
 (docs/algorithms.md §2-§4, §6; the ViT methods act on the gates of :meth:`VisionTransformer.add_gates` instead of
@@ -38,11 +40,12 @@ from slimops.ops.prox import penalty_grad_
 from slimops.penalties import ELEMENTWISE_PROX
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD
 
-METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns", "vtp", "sidt")
+METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns", "vtp", "sidt", "patch-slim")
 VIT_METHODS = ("vtp", "sidt")  # on the dimension gates of a ViT; the others act on BN scales
+TOKEN_METHODS = ("patch-slim",)  # ViTs, on the tokens each block computes (no sparsity term in training)
 # The methods that are not defined on an SGD step (prox-sgd's prox step and proximal NS's alpha = 1/lr are), so
 # that they run with AdamW too: the subgradient methods add to the gradient whatever the optimizer does with it.
-ADAMW_METHODS = ("none", "ns", "ns-tl1", "ns-lp", "vtp", "sidt")
+ADAMW_METHODS = ("none", "ns", "ns-tl1", "ns-lp", "vtp", "sidt", "patch-slim")
 
 # Reference step count the lam defaults are expressed for (CIFAR, 160 epochs at batch 64).
 T_REF = 125_120

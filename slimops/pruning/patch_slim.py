@@ -27,7 +27,7 @@ one patch).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Sequence
 
 import torch
@@ -51,6 +51,7 @@ class TokenPlan:
 
     order: tuple
     keep: tuple
+    meta: dict = field(default_factory=dict, compare=False)  # how it was made (method, keep, ...)
 
     def __post_init__(self):
         n = len(self.order)
@@ -71,15 +72,20 @@ class TokenPlan:
         """Per block, the fraction of the tokens it computes."""
         return [k / self.tokens for k in self.keep]
 
+    def summary(self) -> dict:
+        """Tokens per block and the mean kept fraction of the token-block computations (the class token included)."""
+        return {"tokens": self.tokens, "tokens_per_block": list(self.keep),
+                "kept_fraction": sum(self.keep) / (self.tokens * len(self.keep))}
+
     def to_dict(self) -> dict:
-        return {"format": TOKEN_PLAN_FORMAT, "order": list(self.order), "keep": list(self.keep)}
+        return {"format": TOKEN_PLAN_FORMAT, "order": list(self.order), "keep": list(self.keep), "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenPlan":
         if not isinstance(d, dict) or d.get("format") != TOKEN_PLAN_FORMAT:
             _fail(f"not a token plan (format {TOKEN_PLAN_FORMAT!r} expected)")
         try:
-            return cls(tuple(int(i) for i in d["order"]), tuple(int(k) for k in d["keep"]))
+            return cls(tuple(int(i) for i in d["order"]), tuple(int(k) for k in d["keep"]), dict(d.get("meta") or {}))
         except (KeyError, TypeError) as e:
             _fail(f"a token plan needs 'order' and 'keep' lists of ints ({e})")
 

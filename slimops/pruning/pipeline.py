@@ -29,7 +29,7 @@ from slimops.pruning.checkpoint import (FORMAT_VERSION, MODEL_FORMAT, atomic_sav
 from slimops.pruning.guard import check_finite_state, check_on_nonfinite
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.config import SlimConfig
-from slimops.pruning.methods import METHODS, VIT_METHODS, MethodConfig, default_lam
+from slimops.pruning.methods import METHODS, TOKEN_METHODS, VIT_METHODS, MethodConfig, default_lam
 from slimops.pruning.plan import Plan, plan_from_bn
 from slimops.pruning.metrics import accuracy
 from slimops.pruning.train import TrainConfig, recalibrate_bn, run_config_of, train_stage
@@ -93,23 +93,30 @@ def load_model_file(path: str, device=None) -> tuple:
 def build_model_of_file(obj: dict) -> nn.Module:
     """The architecture a model file describes (its kind, config and plan), with fresh weights."""
     from slimops.models import build_from_config
+    from slimops.pruning.patch_slim import TokenPlan
     from slimops.pruning.vit import ViTPlan, build_pruned_vit
 
     if obj["kind"] == "pruned":
         plan = plan_of_file(obj)
         if plan is None:
             raise ValueError("a pruned model without its plan")
+        if isinstance(plan, TokenPlan):  # patch slimming: the dense architecture running fewer tokens per block
+            return build_from_config(obj["config"]).set_token_plan(plan)
         return build_pruned_vit(plan) if isinstance(plan, ViTPlan) else build_pruned(plan)
     return build_from_config(obj["config"])
 
 
 def plan_of_file(obj: dict):
-    """The plan a model file carries (a BN :class:`Plan` or a :class:`~slimops.pruning.vit.ViTPlan`), or None."""
+    """The plan a model file carries (a BN :class:`Plan`, a :class:`~slimops.pruning.vit.ViTPlan` or a
+    :class:`~slimops.pruning.patch_slim.TokenPlan`), or None."""
+    from slimops.pruning.patch_slim import TOKEN_PLAN_FORMAT, TokenPlan
     from slimops.pruning.vit import VIT_PLAN_FORMAT, ViTPlan
 
     d = obj.get("plan")
     if not d:
         return None
+    if d.get("format") == TOKEN_PLAN_FORMAT:
+        return TokenPlan.from_dict(d)
     return ViTPlan.from_dict(d) if d.get("format") == VIT_PLAN_FORMAT else Plan.from_dict(d)
 
 
@@ -205,6 +212,29 @@ def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_r
     }
 
 
+def token_prune_report(dense: nn.Module, plan, data, device: torch.device, **_) -> tuple:
+    """:func:`prune_report` for patch slimming: the dense ViT running ``plan``'s tokens per block (a
+    :class:`~slimops.pruning.patch_slim.TokenPlan`) and the report with the tokens kept per block."""
+    import copy
+
+    pruned = copy.deepcopy(dense).set_token_plan(plan)
+    s = plan.summary()
+    total = s["tokens"] * len(plan.keep)
+    return pruned, {
+        "acc_pruned_no_finetune": accuracy(pruned, data, device=device),
+        "channels_total": total, "channels_kept": sum(plan.keep), "kept_fraction": s["kept_fraction"],
+        "units": "token-blocks", "tokens": s["tokens"], "tokens_per_block": s["tokens_per_block"],
+        **_size_and_speed(dense, pruned, data, device),
+    }
+
+
+def score_batches(data, device: torch.device, images: int = 512, batch: int = 128) -> list:
+    """The first ``images`` training images, unaugmented, in batches on ``device``: what patch slimming scores
+    the tokens on."""
+    idx = torch.arange(min(images, len(data.y_train)))
+    return [data.train_batch(idx[i:i + batch], 0, 0, augment=False)[0].to(device) for i in range(0, len(idx), batch)]
+
+
 def write_metrics(out: str, metrics: dict) -> None:
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2, default=str))
 
@@ -266,6 +296,7 @@ def _run_slim(cfg: SlimConfig) -> dict:
         mcfg = cfg.method_config(steps)
         torch.manual_seed(cfg.seed)
         vit_method = cfg.method in VIT_METHODS
+        token_method = cfg.method in TOKEN_METHODS
         net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width,
                     **resolution_args(cfg.model, ds.size, cfg.patch), **({"gates": True} if vit_method else {}))
         run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
@@ -282,7 +313,13 @@ def _run_slim(cfg: SlimConfig) -> dict:
                           on_nonfinite=cfg.on_nonfinite)
         xi = res.method.scores()
         acc_dense = accuracy(net, ds, device=dev)
-        if vit_method:
+        if token_method:
+            from slimops.pruning.patch_slim import plan_tokens
+
+            keep = cfg.resolved_keep_tokens()
+            plan = plan_tokens(net, score_batches(ds, dev), keep)
+            plan.meta.update(keep_tokens=keep, score_images=min(512, len(ds.y_train)))
+        elif vit_method:
             from slimops.pruning.vit import vit_plan_from_gates
 
             plan = vit_plan_from_gates(net, percent)
@@ -291,10 +328,13 @@ def _run_slim(cfg: SlimConfig) -> dict:
         plan.meta.update(method=cfg.method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
         metrics = {"model": net.config(), "data": cfg.data, "method": asdict(mcfg), "train": run_cfg["train"],
                    "steps": steps, "percent": percent, "acc_before_prune": acc_dense}
+        if token_method:
+            metrics["keep_tokens"] = cfg.resolved_keep_tokens()
         if info.is_main:
             save_model_file(os.path.join(out, "dense.pt"), net, kind="dense", xi=xi, extra={"method": asdict(mcfg)})
             plan.save(os.path.join(out, "plan.json"))
-        pruned, rep = (vit_prune_report if vit_method else prune_report)(net, plan, ds, dev, bn_recal=cfg.bn_recal)
+        report = token_prune_report if token_method else vit_prune_report if vit_method else prune_report
+        pruned, rep = report(net, plan, ds, dev, bn_recal=cfg.bn_recal)
         metrics.update(rep)
         history = list(res.history)
         if cfg.finetune_epochs > 0:

@@ -93,6 +93,20 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         _save(fig, paths[-1])
         plt.close(fig)
 
+    if hasattr(plan, "keep") and hasattr(plan, "order"):  # patch slimming: the tokens each block computes
+        n, keep = plan.tokens, list(plan.keep)
+        fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(keep)), 4))
+        xs = range(len(keep))
+        ax.bar(xs, [n] * len(keep), color="lightgray", label="before")
+        ax.bar(xs, keep, color="tab:green", label="kept")
+        ax.set(title=f"tokens per block: {plan.summary()['kept_fraction']:.1%} of the token-block computations kept",
+               xlabel="block", ylabel="tokens (class token included)")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out, "tokens_kept.png"))
+        _save(fig, paths[-1])
+        plt.close(fig)
+
     if history:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         ep = list(range(1, len(history) + 1))

@@ -1,6 +1,6 @@
 """Readable pure-PyTorch twin of the ``token_attention`` family (attention over a kept subset of tokens, for patch
-slimming): the test oracle, the fallback backend and the benchmarks' "index_select + SDPA" baseline. Mirrors
-``torch.ops.slimops``'s ``kept_token_attention`` and ``kept_token_attention_backward`` (schemas in
+slimming): the test oracle and the fallback backend (the benchmarks' baselines: index_select / gather + SDPA, and
++ this written-out softmax). Mirrors ``torch.ops.slimops``'s ``kept_token_attention`` and ``kept_token_attention_backward`` (schemas in
 ``csrc/registration.cpp``). docs/algorithms.md §10 (patch slimming, Tang et al., CVPR 2022).
 
 Per sample b and head h, with ``Q = q[b, h, q_idx[b]]`` (nq rows) and ``K, V = k, v[b, h, kv_idx[b]]`` (nk rows)::
@@ -21,7 +21,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from slimops.reference._common import compute_dtype, vjp
@@ -47,9 +46,9 @@ def kept_token_attention(q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, kv_idx:
     dt = compute_dtype(q)
     s = default_scale(q.shape[-1], scale)
     qk, kk, vk = take_rows(q.to(dt), q_idx), take_rows(k.to(dt), kv_idx), take_rows(v.to(dt), kv_idx)
-    if qk.shape[2] == 0:  # no query kept: the same maths written out (SDPA kernels may refuse empty queries)
-        return ((qk @ kk.transpose(-1, -2) * s).softmax(-1) @ vk).to(q.dtype).contiguous()
-    return F.scaled_dot_product_attention(qk, kk, vk, scale=s).to(q.dtype).contiguous()
+    # Written out rather than F.scaled_dot_product_attention: the same maths, but IEEE all through (torch's fused
+    # CPU kernel returns zeros, not NaN, for a query row with a NaN), and empty query sets need no special case.
+    return ((qk @ kk.transpose(-1, -2) * s).softmax(-1) @ vk).to(q.dtype).contiguous()
 
 
 def kept_token_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, kv_idx: Tensor,
