@@ -427,11 +427,11 @@ def test_slim_on_cifar_format_files(tmp_path, data, model, classes):
 
 def test_every_method_runs_with_its_cli_defaults(tmp_path):
     """No BN method needs a flag to start (ns-lp takes p = 1/2, tl1 a = 1), and lam defaults to the calibration.
-    (The ViT methods need --lam: tests/test_vit_pruning.py.)"""
-    from slimops.pruning.methods import METHODS, VIT_METHODS, default_lam
+    (The ViT methods need a ViT, and vtp / sidt --lam: tests/test_vit_pruning.py, tests/test_patch_slim.py.)"""
+    from slimops.pruning.methods import METHODS, TOKEN_METHODS, VIT_METHODS, default_lam
 
     torch.set_num_threads(1)
-    for method in (m for m in METHODS if m not in VIT_METHODS):
+    for method in (m for m in METHODS if m not in VIT_METHODS + TOKEN_METHODS):
         m = main_slim(["--model", "vgg11", "--width", "0.125", "--method", method, "--epochs", "1", "--threads", "1",
                        "--no-progress", "--bn-recal", "2", "--out", str(tmp_path / method)])
         assert m["method"]["method"] == method

@@ -158,7 +158,7 @@ def test_drop_path_grows_linearly():
 
 def test_slim_config_knows_what_a_vit_takes():
     SlimConfig(model="vit_ti", method="none", patch=4)
-    with pytest.raises(ValueError, match="method must be none, vtp or sidt for vit_ti"):
+    with pytest.raises(ValueError, match="method must be none, vtp, sidt or patch-slim for vit_ti"):
         SlimConfig(model="vit_ti", method="proximal-ns")
     with pytest.raises(ValueError, match="patch must be None for vgg11"):
         SlimConfig(model="vgg11", patch=4)

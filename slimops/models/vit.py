@@ -103,7 +103,9 @@ class VisionTransformer(SlimmableModel):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.token_order: torch.Tensor | None = None
+        # Patch slimming's token plan (set_token_plan): not in the state dict (a timm / dense checkpoint loads as it
+        # is); model files carry it as their plan.
+        self.register_buffer("token_order", None, persistent=False)
         self.token_keep: tuple | None = None
         if not isinstance(gates, bool):
             raise ValueError(f"{where}: gates must be True or False, got {gates!r}")
@@ -174,7 +176,7 @@ class VisionTransformer(SlimmableModel):
         if (gh, gw) != (self.grid, self.grid):
             raise ValueError(f"slimops.models.VisionTransformer: a token plan is for {self.img_size}x{self.img_size} "
                              f"inputs ({self.grid}x{self.grid} patches), got {tuple(x.shape[2:])}")
-        t = t.index_select(1, self.token_order.to(t.device))  # the kept sets become prefixes
+        t = t.index_select(1, self.token_order)  # the kept sets become prefixes
         for blk, n in zip(self.blocks, self.token_keep):
             t = blk(t[:, :n])
         return self.norm(t)
