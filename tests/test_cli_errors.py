@@ -64,6 +64,8 @@ CASES = [
      "argument --keep-tokens: must be a fraction in (0, 1], got 1.5"),
     ("slim", ["--model", "vit_ti", "--keep-tokens", "0.5", "--method", "none", "--out", "{d}/s"],
      "keep_tokens must be None for method none"),
+    ("prune", ["--weights", "{d}/dense.pt", "--keep-tokens", "0", "--out", "{d}/p"],
+     "argument --keep-tokens: must be a fraction in (0, 1], got 0"),
     ("quantize", ["--teacher", "{d}/missing.pt", "--out", "{d}/q"], "no such file '{d}/missing.pt'"),
     ("quantize", ["--teacher", "{d}/evil.pt", "--out", "{d}/q"], "refusing to load '{d}/evil.pt'"),
     ("quantize", ["--teacher", "{d}/dense.pt", "--method", "fda", "--out", "{d}/q"],

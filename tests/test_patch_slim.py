@@ -135,3 +135,21 @@ def test_patch_slim_configuration_errors():
         SlimConfig(model="vit_ti", method="patch-slim", keep_tokens=1.5)
     with pytest.raises(ValueError, match="prunes the tokens of a ViT"):
         SlimConfig(model="vgg11", method="patch-slim")
+
+
+def test_prune_plans_tokens_of_a_dense_vit_file(tmp_path):
+    from slimops.pruning.pipeline import load_model_file, prune, save_model_file
+
+    vit = slimops.models.build("vit_ti", num_classes=10, in_channels=1, img_size=32, patch=8, width=0.125)
+    save_model_file(str(tmp_path / "dense.pt"), vit, kind="dense")
+    res = prune(weights=str(tmp_path / "dense.pt"), keep_tokens=0.4, out=str(tmp_path / "pr"))
+    assert res["units"] == "token-blocks" and res["keep_tokens"] == 0.4 and res["flops_pruned"] < res["flops_dense"]
+    model, obj = load_model_file(str(tmp_path / "pr" / "pruned.pt"))
+    assert model.token_keep == tuple(res["tokens_per_block"]) and obj["plan"]["meta"]["method"] == "patch-slim"
+    with pytest.raises(ValueError, match="give percent .* or keep_tokens .*, not both"):
+        prune(weights=str(tmp_path / "dense.pt"), keep_tokens=0.4, percent=0.3, out=str(tmp_path / "x"))
+    vgg = slimops.models.build("vgg11", width=0.125)
+    save_model_file(str(tmp_path / "vgg.pt"), vgg, kind="dense")
+    with pytest.raises(ValueError, match="keep_tokens slims the tokens of a ViT; .* holds a vgg11"):
+        prune(weights=str(tmp_path / "vgg.pt"), keep_tokens=0.4, out=str(tmp_path / "y"))
+    assert not (tmp_path / "y").exists()  # nothing written for a refused call

@@ -215,14 +215,17 @@ def main_prune(argv=None) -> dict:
     def build(ap):
         ap.add_argument("--weights", required=True, help="a dense.pt written by `slim`")
         ap.add_argument("--percent", type=percent, default=None, help="default (auto): remove the exact zeros")
+        ap.add_argument("--keep-tokens", type=token_fraction, default=None,
+                        help="ViTs: patch slimming instead, the mean fraction of the patch tokens the blocks keep")
         _common(ap)
         ap.add_argument("--no-fold", dest="fold", action="store_false")
         ap.add_argument("--bn-recal", type=count, default=100, help="training batches to re-estimate BN statistics (0: off)")
         ap.add_argument("--out", default="runs/prune")
 
     a = _parse("prune", build, argv)
-    return prune(weights=a.weights, percent=None if a.percent is None or a.percent < 0 else a.percent, data=a.data, data_dir=a.data_dir, out=a.out,
-                 device=a.device, fold=a.fold, bn_recal=a.bn_recal)
+    return prune(weights=a.weights, percent=None if a.percent is None or a.percent < 0 else a.percent, data=a.data,
+                 data_dir=a.data_dir, out=a.out, device=a.device, fold=a.fold, bn_recal=a.bn_recal,
+                 keep_tokens=a.keep_tokens)
 
 
 def main_finetune(argv=None) -> dict:

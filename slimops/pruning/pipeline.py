@@ -380,12 +380,24 @@ def summary_line(m: dict) -> str:
 
 def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits", data_dir: Optional[str] = None,
           seed: int = 0, out: str = "runs/prune", device: str = "cpu", fold: bool = True,
-          bn_recal: int = 100) -> dict:
-    """Plans and compacts a trained dense model file (``dense.pt``; its xi is used when present)."""
+          bn_recal: int = 100, keep_tokens: Optional[float] = None) -> dict:
+    """Plans and compacts a trained dense model file (``dense.pt``; its xi is used when present). ``keep_tokens``
+    (ViTs): patch slimming instead, the mean kept fraction of the patches over the blocks
+    (:func:`slimops.pruning.patch_slim.plan_tokens` on 512 training images)."""
     from slimops.data import load as load_data
 
+    where = "slimops.pruning.prune"
+    if keep_tokens is not None:
+        if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, (int, float)) or not 0 < keep_tokens <= 1:
+            raise ValueError(f"{where}: keep_tokens must be a fraction in (0, 1], got {keep_tokens!r}")
+        if percent is not None:
+            raise ValueError(f"{where}: give percent (channels or dimension gates) or keep_tokens (patch slimming), "
+                             "not both")
     dev = torch.device(device)
     net, obj = load_model_file(weights, dev)
+    if keep_tokens is not None and not hasattr(net, "set_token_plan"):
+        raise ValueError(f"{where}: keep_tokens slims the tokens of a ViT; '{weights}' holds a "
+                         f"{net.config().get('arch')}")
     prepare_output_dir(out, "slimops.pruning.prune")
     check_free_space(out, run_bytes(net), "slimops.pruning.prune")
     setup_logging(out, True)
@@ -393,16 +405,26 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
         raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt")
     ds = load_data(data, data_dir)
     gated = getattr(net, "gated", False)  # a ViT trained with vtp / sidt: planned by its dimension gates
-    if gated:
+    if keep_tokens is not None:
+        from slimops.pruning.patch_slim import plan_tokens
+
+        plan = plan_tokens(net, score_batches(ds, dev), float(keep_tokens))
+        plan.meta.update(method="patch-slim", keep_tokens=float(keep_tokens), score_images=min(512, len(ds.y_train)))
+        report = token_prune_report
+    elif gated:
         from slimops.pruning.vit import vit_plan_from_gates
 
         plan = vit_plan_from_gates(net, percent)
+        report = vit_prune_report
     else:
         plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
+        report = prune_report
     plan.save(os.path.join(out, "plan.json"))
     metrics = {"model": net.config(), "data": data, "percent": percent, "source": weights,
                "acc_before_prune": accuracy(net, ds, device=dev)}
-    pruned, rep = (vit_prune_report if gated else prune_report)(net, plan, ds, dev, bn_recal=bn_recal)
+    if keep_tokens is not None:
+        metrics["keep_tokens"] = float(keep_tokens)
+    pruned, rep = report(net, plan, ds, dev, bn_recal=bn_recal)
     metrics.update(rep)
     metrics["acc"] = metrics["acc_pruned_no_finetune"]
     save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
