@@ -29,7 +29,7 @@ from slimops.pruning import distributed as D
 from slimops.pruning.methods import MethodConfig
 from slimops.pruning.metrics import accuracy, compare_latency, count_macs, count_params
 from slimops.pruning.patch_slim import plan_tokens
-from slimops.pruning.pipeline import load_model_file
+from slimops.pruning.pipeline import load_model_file, score_batches
 from slimops.pruning.train import TrainConfig, train_stage
 
 
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     size = (dense.in_channels, dense.img_size, dense.img_size)
     acc_dense = accuracy(dense, ds)
     t0 = time.perf_counter()
-    idx = torch.arange(min(args.score_images, len(ds.y_train)))
-    batches = [ds.train_batch(idx[i:i + 128], 0, args.seed, augment=False)[0] for i in range(0, len(idx), 128)]
+    batches = score_batches(ds, torch.device("cpu"), images=args.score_images)  # seeded random training images
     slim = copy.deepcopy(dense)
     plan = plan_tokens(slim, batches, args.keep)
     slim.set_token_plan(plan)

@@ -70,6 +70,28 @@ def test_impact_scores_follow_the_definition():
     torch.testing.assert_close(PS.impact_scores(model, [x]), torch.stack(want[::-1]), rtol=1e-5, atol=1e-6)
 
 
+def test_scores_with_keep_propagate_only_through_the_kept_tokens_above():
+    model = _vit()
+    x = torch.randn(2, 1, 16, 16)
+    keep = PS.keep_schedule(len(model.blocks), 17, 0.4)
+    scores = PS.impact_scores(model, [x], keep)
+    free = PS.impact_scores(model, [x])
+    torch.testing.assert_close(scores[-1], free[-1])  # nothing above the last block
+    maps = PS.attention_maps(model, x)
+    top = PS.token_plan_from_scores(scores, keep)
+    last = torch.zeros(17)
+    last[list(top.order[: keep[-1]])] = 1  # S_{L-1}
+    s = torch.zeros(2, 17)
+    s[:, 0] = 1
+    s = s + torch.einsum("bi,bij->bj", s, maps[-1])
+    s = (s / s.sum(1, keepdim=True)) * last  # a token the last block drops feeds nothing
+    s = s + torch.einsum("bi,bij->bj", s, maps[-2])
+    torch.testing.assert_close(scores[-2], (s / s.sum(1, keepdim=True)).mean(0), rtol=1e-5, atol=1e-6)
+    assert PS.plan_tokens(model, [x], 0.4) == top
+    with pytest.raises(ValueError, match="keep 0.05 is below the smallest mean"):
+        PS.keep_schedule(12, 17, 0.05)
+
+
 def test_kept_sets_are_nested_and_top_down():
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(5, 20, generator=g)
@@ -104,7 +126,7 @@ def test_plan_round_trip_and_bad_input(tmp_path):
         PS.impact_scores(model, [torch.randn(1, 1, 16, 16)])
 
 
-def test_patch_slim_through_the_pipeline_writes_a_loadable_slimmed_vit(tmp_path):
+def test_patch_slim_through_the_pipeline_writes_a_loadable_slimmed_vit(tmp_path, monkeypatch):
     from slimops.pruning.config import SlimConfig
     from slimops.pruning.pipeline import evaluate_file, finetune, load_model_file, slim
 
@@ -123,6 +145,15 @@ def test_patch_slim_through_the_pipeline_writes_a_loadable_slimmed_vit(tmp_path)
     ft = finetune(weights=f"{out}/pruned.pt", epochs=1, batch=256, lr=1e-3, optimizer="adamw", out=str(tmp_path / "ft"),
                   progress=False)
     assert load_model_file(str(tmp_path / "ft" / "finetuned.pt"))[0].token_keep == model.token_keep and ft["acc"] >= 0
+    # --resume of the finished run fine-tunes with the plan it made (plan.json), not a re-scored one
+    def rescored(*a, **k):
+        raise AssertionError("a resumed patch-slim run re-scored its tokens")
+
+    monkeypatch.setattr(PS, "plan_tokens", rescored)
+    again = slim(SlimConfig(model="vit_ti", width=0.125, patch=8, method="patch-slim", keep_tokens=0.5, epochs=1,
+                            finetune_epochs=1, batch=256, optimizer="adamw", lr=2e-3, out=out, progress=False,
+                            plots=False, augment=False, resume=True))
+    assert again["tokens_per_block"] == res["tokens_per_block"] and again["acc"] == pytest.approx(res["acc"])
 
 
 def test_patch_slim_configuration_errors():
@@ -135,6 +166,9 @@ def test_patch_slim_configuration_errors():
         SlimConfig(model="vit_ti", method="patch-slim", keep_tokens=1.5)
     with pytest.raises(ValueError, match="prunes the tokens of a ViT"):
         SlimConfig(model="vgg11", method="patch-slim")
+    with pytest.raises(ValueError, match="percent must be 'auto' for method patch-slim"):
+        SlimConfig(model="vit_ti", method="patch-slim", percent=0.3)
+    assert SlimConfig(model="vit_ti", method="patch-slim").resolved_percent() is None
 
 
 def test_prune_plans_tokens_of_a_dense_vit_file(tmp_path):

@@ -18,7 +18,7 @@
 // In window mode every key belongs to one window, so each work item owns its dk / dv rows.
 //
 // Accumulation in float32 for float32/bfloat16/float16 (float64 for float64). The inner loops
-// (sema_core.inc, through attention_tiles.h) are compiled for AVX2 + FMA and for the base ISA, chosen at run time.
+// (sema_core.inc, through attention_tiles.h) are compiled for AVX-512, AVX2 + FMA and the base ISA, chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -14,7 +14,7 @@
 // across items, no atomics).
 //
 // Accumulation in float32 for float32/bfloat16/float16 (float64 for float64). The products and the row softmax
-// run their AVX2 + FMA copies where the CPU has them (attention_tiles.h, small_mm.h).
+// run their AVX-512 or AVX2 + FMA copies where the CPU has them (attention_tiles.h, small_mm.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -125,6 +125,9 @@ class SlimConfig:
             if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, (int, float)) \
                     or not 0 < self.keep_tokens <= 1:
                 raise _bad("keep_tokens", "a fraction in (0, 1] (or None)", self.keep_tokens)
+        if self.method in TOKEN_METHODS and self.percent not in ("auto", None):
+            raise _bad("percent", f"'auto' for method {self.method} (it keeps tokens: keep_tokens says how many)",
+                       self.percent)
         if self.method in VIT_METHODS and self.lam is None:
             raise _bad("lam", f"given for method {self.method} (the gates' shrinkage per unit of lr and step: "
                               "lr * lam * steps near 1 removes the gates the loss does not defend; docs/vit.md)",
@@ -166,6 +169,10 @@ class SlimConfig:
     # -- derived -------------------------------------------------------------------------------------
     def resolved_percent(self) -> Optional[float]:
         """The fraction the plan removes: None for the exact zeros."""
+        from slimops.pruning.methods import TOKEN_METHODS
+
+        if self.method in TOKEN_METHODS:
+            return None  # no channel or gate is removed
         if self.percent == "auto":
             if self.method == "vtp":
                 return DEFAULT_VTP_PERCENT

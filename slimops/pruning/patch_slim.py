@@ -4,15 +4,17 @@ down and nested (a token a block drops is dropped for every deeper block: the ke
 
 Impact (the paper's top-down approximation through the attention maps). The model's output reads the class token at
 the last block's output. Going down, a token's impact at the input of block ``l`` is what reaches the scored tokens
-through block ``l``'s residual path and its attention (``A_l``, (n, n), averaged over heads)::
+through block ``l``'s residual path and its attention (``A_l``, (n, n), averaged over heads), counting only the
+tokens the block above keeps (a token block ``l+1`` drops feeds nothing above it)::
 
     s_L = e_cls                              (the class token at the output of the last block)
-    s_l = s_{l+1} + s_{l+1} A_l              (row vector: token j's impact flows through every query i that reads it)
+    s_l = t + t A_l,   t = s_{l+1} ⊙ 1[S_{l+1}]   (row vectors: token j's impact flows through every query that reads it)
 
 (the MLP is per token: it does not mix tokens). ``s_l`` is averaged over a few batches of training images and
-normalised to sum 1 per block. Kept sets, from the last block down: ``S_{L-1}`` = the class token and the
+normalised to sum 1 per block, then ``S_l`` is chosen before going down: ``S_{L-1}`` = the class token and the
 ``keep[L-1] - 1`` best patches by ``s_{L-1}``; ``S_l = S_{l+1} ∪`` the best ``keep[l] - |S_{l+1}|`` of the rest by
-``s_l``. The masks are then fixed and the model fine-tuned with them.
+``s_l``. (One forward over the scoring images per block: the sets above a block must be known before its scores.)
+The masks are then fixed and the model fine-tuned with them.
 
 Running the slimmed model: because the sets are nested, ordering the tokens once by how deep they stay makes every
 ``S_l`` a prefix, so block ``l`` runs on ``x[:, :keep[l]]`` — a view: one gather of the embedded tokens per forward
@@ -84,10 +86,14 @@ class TokenPlan:
     def from_dict(cls, d: dict) -> "TokenPlan":
         if not isinstance(d, dict) or d.get("format") != TOKEN_PLAN_FORMAT:
             _fail(f"not a token plan (format {TOKEN_PLAN_FORMAT!r} expected)")
-        try:
-            return cls(tuple(int(i) for i in d["order"]), tuple(int(k) for k in d["keep"]), dict(d.get("meta") or {}))
-        except (KeyError, TypeError) as e:
-            _fail(f"a token plan needs 'order' and 'keep' lists of ints ({e})")
+        order, keep = d.get("order"), d.get("keep")
+        for name, v in (("order", order), ("keep", keep)):
+            if not isinstance(v, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+                _fail(f"a token plan's {name!r} must be a list of ints, got {v!r:.80}")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            _fail(f"a token plan's 'meta' must be a dict, got {type(meta).__name__}")
+        return cls(tuple(order), tuple(keep), dict(meta))
 
     def save(self, path: str) -> None:
         from slimops.pruning.checkpoint import atomic_write_text
@@ -111,6 +117,10 @@ def keep_schedule(depth: int, tokens: int, keep: float) -> List[int]:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         _fail(f"keep must be a fraction in (0, 1], got {keep!r}")
     floor = 1.0 / patches
+    lowest = (1.0 + (depth - 1) * floor) / depth  # block 0 keeps every token, the others one patch
+    if keep < lowest - 1e-12:
+        _fail(f"keep {keep:g} is below the smallest mean this pyramid reaches for {depth} blocks and {patches} "
+              f"patches ({lowest:.4g}: the first block computes every token)")
 
     def fractions(slope):
         return [max(floor, 1.0 - slope * l) for l in range(depth)]
@@ -151,35 +161,76 @@ def attention_maps(model: nn.Module, x: Tensor) -> List[Tensor]:
     return maps
 
 
+def _propagate(maps: List[Tensor], lowest: int, masks: dict) -> Tensor:
+    """(B, n): per image, the impact of block ``lowest``'s input tokens on the class token at the last block's
+    output, through blocks L-1 .. lowest; ``masks[j]`` (bool (n,)), when present, zeroes the tokens block j drops
+    (they feed nothing above it)."""
+    b, n = maps[-1].shape[:2]
+    s = torch.zeros(b, n, device=maps[-1].device)
+    s[:, 0] = 1.0
+    for j in range(len(maps) - 1, lowest - 1, -1):
+        if (j + 1) in masks:
+            s = s * masks[j + 1]
+        s = s + torch.bmm(s[:, None, :], maps[j])[:, 0]
+        s = s / s.sum(1, keepdim=True)
+    return s
+
+
+def _select(score: Tensor, kept: Tensor, k: int) -> Tensor:
+    """The tokens a block keeps: every one already ``kept`` (by the blocks above it), then the best of the rest by
+    ``score`` up to ``k``; returns the indices."""
+    s = score.clone().double()
+    s[kept] = float("inf")
+    return torch.topk(s, k).indices
+
+
 @torch.no_grad()
-def impact_scores(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
+def impact_scores(model: nn.Module, batches: Iterable[Tensor], keep: Sequence[int] | None = None) -> Tensor:
     """(depth, tokens): each token's impact at the input of each block on the class token at the last block's
     output (module docstring), averaged over the images of ``batches`` and normalised to sum 1 per block. The model
-    must run on every token (no token plan set)."""
+    must run on every token (no token plan set).
+
+    With ``keep`` (tokens per block), top down as the paper: block l's scores propagate only through the tokens the
+    blocks above it keep (chosen from their scores by the same rule as :func:`token_plan_from_scores`), so a token
+    that a deeper block drops adds nothing. That costs one forward over ``batches`` per block; without ``keep``, one
+    forward in all (every token propagates)."""
     if getattr(model, "token_keep", None) is not None:
         _fail("impact_scores needs the model without a token plan (every block computing every token)")
+    batches = list(batches)
+    if not batches:
+        _fail("impact_scores needs at least one batch")
     was = model.training
     model.eval()
-    total, count = None, 0
     try:
-        for x in batches:
-            maps = attention_maps(model, x)
-            b, n = maps[-1].shape[:2]
-            s = torch.zeros(b, n, device=maps[-1].device)
-            s[:, 0] = 1.0
-            rows = []
-            for a in reversed(maps):
-                s = s + torch.bmm(s[:, None, :], a)[:, 0]
-                s = s / s.sum(1, keepdim=True)
-                rows.append(s)
-            scores = torch.stack(rows[::-1], 1)  # (B, depth, n)
-            total = scores.sum(0) if total is None else total + scores.sum(0)
-            count += b
+        depth = len(model.blocks)
+        if keep is not None and len(keep) != depth:
+            _fail(f"keep has {len(keep)} entries but the model has {depth} blocks")
+        rows: List[Tensor] = []
+        masks: dict = {}
+        kept = None
+        for l in (range(depth - 1, -1, -1) if keep is not None else [0]):
+            total, count = None, 0
+            for x in batches:
+                maps = attention_maps(model, x)
+                if keep is None:  # every block's row from one pass (no masks)
+                    per = [_propagate(maps, j, {}) for j in range(depth)]
+                    s = torch.stack(per, 1)  # (B, depth, n)
+                else:
+                    s = _propagate(maps, l, masks)
+                total = s.sum(0) if total is None else total + s.sum(0)
+                count += s.shape[0]
+            mean = (total / count).cpu()
+            if keep is None:
+                return mean
+            rows.append(mean)
+            if kept is None:
+                kept = torch.zeros(mean.numel(), dtype=torch.bool)
+                kept[0] = True
+            kept[_select(mean, kept, int(keep[l]))] = True
+            masks[l] = kept.to(maps[-1].device, torch.float32)
+        return torch.stack(rows[::-1])
     finally:
         model.train(was)
-    if count == 0:
-        _fail("impact_scores needs at least one batch")
-    return (total / count).cpu()
 
 
 def token_plan_from_scores(scores: Tensor, keep: Sequence[int]) -> TokenPlan:
@@ -194,9 +245,7 @@ def token_plan_from_scores(scores: Tensor, keep: Sequence[int]) -> TokenPlan:
     kept = torch.zeros(n, dtype=torch.bool)
     kept[0] = True  # the class token: the head reads it after the last block
     for l in range(depth - 1, -1, -1):
-        s = scores[l].clone().double()
-        s[kept] = float("inf")
-        take = torch.topk(s, keep[l]).indices  # the kept ones first (inf), then the best of the rest
+        take = _select(scores[l], kept, keep[l])  # the kept ones first, then the best of the rest
         new = take[~kept[take]]
         life[new] = l
         kept[take] = True
@@ -212,6 +261,12 @@ def plan_tokens(model: nn.Module, batches: Iterable[Tensor], keep: float) -> Tok
     """Scores every token of ``model`` on ``batches`` and keeps a linear pyramid with mean patch fraction ``keep``
     (:func:`keep_schedule`): the :class:`TokenPlan` to fine-tune and run with
     (:meth:`~slimops.models.VisionTransformer.set_token_plan`)."""
-    scores = impact_scores(model, batches)
-    depth, n = scores.shape
-    return token_plan_from_scores(scores, keep_schedule(depth, n, keep))
+    batches = list(batches)
+    if not batches:
+        _fail("plan_tokens needs at least one batch")
+    n = 1 + model.grid * model.grid
+    if tuple(batches[0].shape[-2:]) != (model.img_size, model.img_size):
+        _fail(f"plan_tokens: the batches hold {tuple(batches[0].shape[-2:])} images, the model's tokens are those of "
+              f"{model.img_size}x{model.img_size} inputs")
+    counts = keep_schedule(len(model.blocks), n, keep)
+    return token_plan_from_scores(impact_scores(model, batches, counts), counts)

@@ -228,11 +228,22 @@ def token_prune_report(dense: nn.Module, plan, data, device: torch.device, **_) 
     }
 
 
-def score_batches(data, device: torch.device, images: int = 512, batch: int = 128) -> list:
-    """The first ``images`` training images, unaugmented, in batches on ``device``: what patch slimming scores
-    the tokens on."""
-    idx = torch.arange(min(images, len(data.y_train)))
-    return [data.train_batch(idx[i:i + batch], 0, 0, augment=False)[0].to(device) for i in range(0, len(idx), batch)]
+def score_batches(data, device: torch.device, images: int = 512, batch: int = 128, seed: int = 0) -> list:
+    """``images`` training images drawn at random (seeded: the training split may be ordered by class), unaugmented,
+    in batches on ``device``: what patch slimming scores the tokens on."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.y_train), generator=g)[:images].sort().values
+    return [data.train_batch(idx[i:i + batch], 0, seed, augment=False)[0].to(device) for i in range(0, len(idx), batch)]
+
+
+def _format_of(path: str):
+    """The "format" field of a JSON file, or None when it is not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return d.get("format") if isinstance(d, dict) else None
 
 
 def write_metrics(out: str, metrics: dict) -> None:
@@ -300,6 +311,10 @@ def _run_slim(cfg: SlimConfig) -> dict:
         net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width,
                     **resolution_args(cfg.model, ds.size, cfg.patch), **({"gates": True} if vit_method else {}))
         run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
+        if token_method:  # a keep the token pyramid cannot reach fails now, not after training
+            from slimops.pruning.patch_slim import keep_schedule
+
+            keep_schedule(len(net.blocks), 1 + net.grid * net.grid, cfg.resolved_keep_tokens())
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.slim")
             check_free_space(out, run_bytes(net), "slimops.pruning.slim")
@@ -314,11 +329,17 @@ def _run_slim(cfg: SlimConfig) -> dict:
         xi = res.method.scores()
         acc_dense = accuracy(net, ds, device=dev)
         if token_method:
-            from slimops.pruning.patch_slim import plan_tokens
+            from slimops.pruning.patch_slim import TOKEN_PLAN_FORMAT, TokenPlan, plan_tokens
 
             keep = cfg.resolved_keep_tokens()
-            plan = plan_tokens(net, score_batches(ds, dev), keep)
-            plan.meta.update(keep_tokens=keep, score_images=min(512, len(ds.y_train)))
+            saved = os.path.join(out, "plan.json")
+            if cfg.resume and os.path.isfile(saved) and _format_of(saved) == TOKEN_PLAN_FORMAT:
+                # a resumed run fine-tunes with the plan it made (re-scoring could flip a near tie: another run)
+                plan = TokenPlan.load(saved)
+            else:
+                batches = score_batches(ds, dev, seed=cfg.seed)
+                plan = plan_tokens(net, batches, keep)
+                plan.meta.update(keep_tokens=keep, score_images=sum(len(b) for b in batches))
         elif vit_method:
             from slimops.pruning.vit import vit_plan_from_gates
 
@@ -408,8 +429,9 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     if keep_tokens is not None:
         from slimops.pruning.patch_slim import plan_tokens
 
-        plan = plan_tokens(net, score_batches(ds, dev), float(keep_tokens))
-        plan.meta.update(method="patch-slim", keep_tokens=float(keep_tokens), score_images=min(512, len(ds.y_train)))
+        batches = score_batches(ds, dev, seed=seed)
+        plan = plan_tokens(net, batches, float(keep_tokens))
+        plan.meta.update(method="patch-slim", keep_tokens=float(keep_tokens), score_images=sum(len(b) for b in batches))
         report = token_prune_report
     elif gated:
         from slimops.pruning.vit import vit_plan_from_gates
@@ -419,12 +441,12 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     else:
         plan = plan_from_bn(net, percent, xi=obj["xi"], fold=fold)
         report = prune_report
-    plan.save(os.path.join(out, "plan.json"))
     metrics = {"model": net.config(), "data": data, "percent": percent, "source": weights,
                "acc_before_prune": accuracy(net, ds, device=dev)}
     if keep_tokens is not None:
         metrics["keep_tokens"] = float(keep_tokens)
     pruned, rep = report(net, plan, ds, dev, bn_recal=bn_recal)
+    plan.save(os.path.join(out, "plan.json"))
     metrics.update(rep)
     metrics["acc"] = metrics["acc_pruned_no_finetune"]
     save_model_file(os.path.join(out, "pruned.pt"), pruned, kind="pruned", plan=plan)
