@@ -102,8 +102,10 @@ class TokenPlan:
 
     @classmethod
     def load(cls, path: str) -> "TokenPlan":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        from slimops.pruning.checkpoint import read_json_file
+        from slimops.pruning.plan import MAX_PLAN_BYTES
+
+        return cls.from_dict(read_json_file(path, MAX_PLAN_BYTES, "slimops.pruning.TokenPlan.load", "a token plan"))
 
 
 def keep_schedule(depth: int, tokens: int, keep: float) -> List[int]:
@@ -161,19 +163,21 @@ def attention_maps(model: nn.Module, x: Tensor) -> List[Tensor]:
     return maps
 
 
-def _propagate(maps: List[Tensor], lowest: int, masks: dict) -> Tensor:
-    """(B, n): per image, the impact of block ``lowest``'s input tokens on the class token at the last block's
-    output, through blocks L-1 .. lowest; ``masks[j]`` (bool (n,)), when present, zeroes the tokens block j drops
-    (they feed nothing above it)."""
+def _propagate(maps: List[Tensor], lowest: int, masks: dict) -> List[Tensor]:
+    """Per block j = lowest .. L-1, (B, n): per image, the impact of block j's input tokens on the class token at
+    the last block's output, propagated down through blocks L-1 .. j; ``masks[j]`` (float 0/1 (n,)), when present,
+    zeroes the tokens block j drops (they feed nothing above it)."""
     b, n = maps[-1].shape[:2]
     s = torch.zeros(b, n, device=maps[-1].device)
     s[:, 0] = 1.0
+    levels = []
     for j in range(len(maps) - 1, lowest - 1, -1):
         if (j + 1) in masks:
             s = s * masks[j + 1]
         s = s + torch.bmm(s[:, None, :], maps[j])[:, 0]
         s = s / s.sum(1, keepdim=True)
-    return s
+        levels.append(s)
+    return levels[::-1]
 
 
 def _select(score: Tensor, kept: Tensor, k: int) -> Tensor:
@@ -212,11 +216,10 @@ def impact_scores(model: nn.Module, batches: Iterable[Tensor], keep: Sequence[in
             total, count = None, 0
             for x in batches:
                 maps = attention_maps(model, x)
-                if keep is None:  # every block's row from one pass (no masks)
-                    per = [_propagate(maps, j, {}) for j in range(depth)]
-                    s = torch.stack(per, 1)  # (B, depth, n)
+                if keep is None:  # every block's row from one pass down (no masks)
+                    s = torch.stack(_propagate(maps, 0, {}), 1)  # (B, depth, n)
                 else:
-                    s = _propagate(maps, l, masks)
+                    s = _propagate(maps, l, masks)[0]
                 total = s.sum(0) if total is None else total + s.sum(0)
                 count += s.shape[0]
             mean = (total / count).cpu()

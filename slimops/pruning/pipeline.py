@@ -25,7 +25,7 @@ from torch import nn
 
 from slimops.pruning import distributed as D
 from slimops.pruning.checkpoint import (FORMAT_VERSION, MODEL_FORMAT, atomic_save, atomic_write_text, check_free_space,
-                                        load_file, prepare_output_dir)
+                                        load_file, prepare_output_dir, read_json_file)
 from slimops.pruning.guard import check_finite_state, check_on_nonfinite
 from slimops.pruning.compact import build_pruned, compact, compaction_error
 from slimops.pruning.config import SlimConfig
@@ -237,11 +237,12 @@ def score_batches(data, device: torch.device, images: int = 512, batch: int = 12
 
 
 def _format_of(path: str):
-    """The "format" field of a JSON file, or None when it is not a JSON object."""
+    """The "format" field of a JSON file (read as plans are), or None when it is not a JSON object."""
+    from slimops.pruning.plan import MAX_PLAN_BYTES
+
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
+        d = read_json_file(path, MAX_PLAN_BYTES, "slimops.pruning.slim", "a plan")
+    except (OSError, ValueError):
         return None
     return d.get("format") if isinstance(d, dict) else None
 
