@@ -129,4 +129,16 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? zero_point, int bits, "
       "int? per_channel_axis, bool signed, float grad_factor, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- distill family: distillation losses (docs/algorithms.md §9) --------------------------------------------
+  // FAQD's feature-affinity loss, per sample: fs (B, Cs, H, W), ft (B, Ct, H, W); pixels normalised to unit length
+  // (+1e-5), D = S^T S - T^T T (HW x HW, never formed); loss[b] = sum phi(D) / (HW)^2, or with proj (HW, k) the
+  // fast loss sum phi(D proj) / (k (HW)^2); phi = |.| (norm "l1") or (.)^2 ("l2sq"). (B,) float32 (float64 for
+  // float64 features).
+  m.def("feature_affinity_loss(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> Tensor");
+  // (grad_fs, grad_ft) for the per-sample gradient grad (B,), recomputing the tiles; one not asked for in
+  // output_mask is an empty tensor. proj gets no gradient.
+  m.def(
+      "feature_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, Tensor? proj, str norm, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 }

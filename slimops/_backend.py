@@ -57,6 +57,10 @@ AUTO_CUDA = {
     # GPU backend.
     "kept_token_attention": "triton",
     "kept_token_attention_backward": "triton",
+    # The distill family has no CUDA C++ kernel: Triton's tiled kernels (and cuBLAS for the fast loss's products) are
+    # its GPU backend.
+    "feature_affinity_loss": "triton",
+    "feature_affinity_loss_backward": "triton",
 }
 
 _TRITON_MODULES = {op: "slimops.triton.prox" for op in AUTO_CUDA}
@@ -65,6 +69,7 @@ _TRITON_MODULES.update({op: "slimops.triton.spectral" for op in AUTO_CUDA if "sp
 _TRITON_MODULES.update({op: "slimops.triton.sema" for op in AUTO_CUDA if op.startswith("sema")})
 _TRITON_MODULES.update({op: "slimops.triton.quant" for op in AUTO_CUDA if op.startswith(("fda_", "fake_quantize"))})
 _TRITON_MODULES.update({op: "slimops.triton.token_attention" for op in AUTO_CUDA if op.startswith("kept_token")})
+_TRITON_MODULES.update({op: "slimops.triton.distill" for op in AUTO_CUDA if op.startswith("feature_affinity")})
 
 
 @torch.compiler.assume_constant_result  # fixed once the library is loaded; lets Dynamo trace the ops

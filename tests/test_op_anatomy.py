@@ -49,7 +49,7 @@ def _triton_or_skip(op):
 
 
 def test_the_library_registers_the_ops_we_know():
-    assert len(SLIMOPS) == 23
+    assert len(SLIMOPS) == 25
     assert set(SLIMOPS) == set(_backend.AUTO_CUDA), "every op needs a backend entry (slimops/_backend.py)"
 
 
@@ -151,6 +151,8 @@ def _run_every_public_op():
     outs.append(P.fake_quantize(xq, sq, zq, bits=3, per_channel_axis=0, signed=False, grad_factor=0.5, backend="cpu"))
     q, k, v = _t(2, 2, 6, 4, grad=True), _t(2, 2, 5, 4, grad=True), _t(2, 2, 5, 4, grad=True)
     outs.append(P.kept_token_attention(q, k, v, torch.tensor([4, 0, 2]), torch.tensor([[1, 3], [0, 4]]), backend="cpu"))
+    fs, ft = _t(2, 3, 4, 5, grad=True), _t(2, 2, 4, 5, grad=True)
+    outs.append(P.feature_affinity_loss(fs, ft, norm="l1", reduction="none", backend="cpu"))
     sum(o.sum() for o in outs).backward()
 
 

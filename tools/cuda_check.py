@@ -13,7 +13,8 @@ import torch
 # Ops whose GPU backend is Triton (slimops/triton), not a CUDA C++ kernel.
 TRITON_GPU_ONLY: set = {"channel_conv2d", "channel_conv2d_backward", "masked_conv2d", "masked_conv2d_backward",
                         "sema_attention", "sema_attention_backward", "fake_quantize", "fake_quantize_backward",
-                        "kept_token_attention", "kept_token_attention_backward"}
+                        "kept_token_attention", "kept_token_attention_backward",
+                        "feature_affinity_loss", "feature_affinity_loss_backward"}
 
 
 def main(path: str) -> int:

@@ -1,79 +1,47 @@
-"""The feature-affinity (FA) loss of FAQD (Li, Yang, Yin, Qi, Xin 2023; docs/algorithms.md §9), as the authors'
-code computes it, written with PyTorch ops. The fused ``feature_affinity_loss`` op of issue #15 (C++ / Triton, O(HW·k)
-memory in both passes) is not implemented yet; this composite is what the ``faqd`` method of ``slimops quantize``
-uses meanwhile.
+"""The feature-affinity (FA) loss of FAQD (Li, Yang, Yin, Qi, Xin 2023; docs/algorithms.md §9) as the distillation
+pipeline uses it: the teacher's features resized bilinearly to the student's ``H × W`` when they differ and cast to
+the student's dtype (the authors' code), then the fused op :func:`slimops.ops.feature_affinity_loss` (C++ / Triton:
+no ``HW × HW`` matrix in either pass, exact or fast).
 
 Per image, every pixel's channel vector is divided by ``‖·‖₂ + 1e-5`` (``F̂ ∈ ℝ^{C×HW}``) and the affinity matrix is
 ``A = F̂ᵀF̂`` (``HW × HW``, pixel-to-pixel cosine similarity: teacher and student may have different channel counts).
 
-- exact: ``L_FA = Σ_b ‖A_S − A_T‖₁ / (HW)²`` (entrywise ℓ1, summed over the batch). Forms the ``HW × HW`` matrices:
-  O(B·(HW)²) memory.
+- exact: ``L_FA = Σ_b ‖A_S − A_T‖₁ / (HW)²`` (entrywise ℓ1, summed over the batch).
 - fast (``fast=True``): with a fixed ``Z ∈ ℝ^{HW×k}`` of i.i.d. N(0, 1) entries (seeded: the same at every call),
-  ``L_FFA = Σ_b ‖F̂_Sᵀ(F̂_S Z) − F̂_Tᵀ(F̂_T Z)‖₁ / (k·(HW)²)``: O(B·HW·k) memory, never the ``HW × HW`` matrix. Its
-  expectation is ``√(2/π)·Σ_b Σ_i ‖row_i(A_S − A_T)‖₂ / (HW)²``, not ``L_FA`` (a cheaper affinity loss, see §9).
-
-The teacher's features are resized bilinearly to the student's ``H × W`` when they differ (the authors' code).
+  ``L_FFA = Σ_b ‖F̂_Sᵀ(F̂_S Z) − F̂_Tᵀ(F̂_T Z)‖₁ / (k·(HW)²)``. Its expectation is
+  ``√(2/π)·Σ_b Σ_i ‖row_i(A_S − A_T)‖₂ / (HW)²``, not ``L_FA`` (a cheaper affinity loss, see §9); ``norm="l2sq"``
+  gives the squared variant, whose fast value is an unbiased estimate of its exact one.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["feature_affinity_loss", "normalize_pixels", "gaussian_projection", "AffinityFeatures"]
+from slimops.ops.distill import feature_affinity_loss as _fa_op, gaussian_projection
+from slimops.reference.distill import normalize_pixels as _normalize
 
-EPS = 1e-5
+__all__ = ["feature_affinity_loss", "normalize_pixels", "gaussian_projection", "AffinityFeatures"]
 
 
 def normalize_pixels(f: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, C, HW), each pixel's channel vector divided by its L2 norm + 1e-5."""
-    f = f.flatten(2)
-    return f / (f.norm(dim=1, keepdim=True) + EPS)
+    """(B, C, H, W) -> (B, C, HW), each pixel's channel vector divided by its L2 norm + 1e-5 (float64 stays float64,
+    other dtypes are computed in float32)."""
+    return _normalize(f, torch.float64 if f.dtype == torch.float64 else torch.float32)
 
 
-@lru_cache(maxsize=16)
-def _projection_cpu(hw: int, k: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(hw, k, generator=g, dtype=torch.float64)
-
-
-def gaussian_projection(hw: int, k: int, seed: int, device, dtype) -> Tensor:
-    """The fixed ``HW × k`` matrix of N(0, 1) entries (drawn once on the CPU from ``seed``: the same on any device)."""
-    return _projection_cpu(int(hw), int(k), int(seed)).to(device=device, dtype=dtype)
-
-
-def _check(fs: Tensor, ft: Tensor, k: int):
-    where = "slimops.distill.feature_affinity_loss"
-    for name, t in (("fs", fs), ("ft", ft)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.dtype.is_floating_point:
-            raise ValueError(f"{where}: {name} must be a 4-D float tensor (B, C, H, W), got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-    if fs.shape[0] != ft.shape[0]:
-        raise ValueError(f"{where}: fs has batch {fs.shape[0]} but ft has {ft.shape[0]}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{where}: k must be a positive int, got {k!r}")
-
-
-def feature_affinity_loss(fs: Tensor, ft: Tensor, *, fast: bool = False, k: int = 256, seed: int = 0) -> Tensor:
+def feature_affinity_loss(fs: Tensor, ft: Tensor, *, fast: bool = False, k: int = 256, seed: int = 0,
+                          norm: str = "l1") -> Tensor:
     """FA (or with ``fast=True`` FFA) loss between student features ``fs`` and teacher features ``ft``, summed over
     the batch (module docstring). Differentiable in both (detach the teacher's yourself)."""
-    _check(fs, ft, k)
-    if ft.shape[2:] != fs.shape[2:]:
-        ft = F.interpolate(ft, size=fs.shape[2:], mode="bilinear", align_corners=True)
-    dt = torch.float64 if fs.dtype == torch.float64 else torch.float32
-    s, t = normalize_pixels(fs.to(dt)), normalize_pixels(ft.to(dt))
-    hw = s.shape[2]
-    if fast:
-        z = gaussian_projection(hw, k, seed, s.device, dt)
-        d = s.transpose(1, 2) @ (s @ z) - t.transpose(1, 2) @ (t @ z)  # (B, HW, k)
-        return d.abs().sum() / (k * hw * hw)
-    total = s.new_zeros(())
-    for b in range(s.shape[0]):  # one HW x HW pair at a time (the forward's peak; autograd keeps what it needs)
-        total = total + (s[b].t() @ s[b] - t[b].t() @ t[b]).abs().sum()
-    return total / (hw * hw)
+    if isinstance(fs, Tensor) and isinstance(ft, Tensor) and fs.dim() == 4 and ft.dim() == 4:
+        if ft.shape[2:] != fs.shape[2:]:
+            ft = F.interpolate(ft, size=fs.shape[2:], mode="bilinear", align_corners=True)
+        if ft.dtype != fs.dtype and ft.dtype.is_floating_point:
+            ft = ft.to(fs.dtype)
+    return _fa_op(fs, ft, fast=fast, k=k, seed=seed, norm=norm, reduction="sum")
 
 
 class AffinityFeatures:

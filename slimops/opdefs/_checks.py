@@ -19,6 +19,18 @@ def fail(op: str, msg: str, exc=ValueError):
     raise exc(f"slimops.{op}: {msg}")
 
 
+def check_float_tensor(op: str, name: str, t) -> None:
+    """``name`` is a strided float tensor (float32, float64, bfloat16 or float16), else a TypeError / ValueError
+    naming it (the C++ check_floating and strided-layout checks' words)."""
+    if not isinstance(t, Tensor):
+        fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    if t.layout != torch.strided:
+        fail(op, f"{name} must be a strided (dense) tensor, got layout {t.layout}")
+    if t.dtype not in FLOATS:
+        fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
+             TypeError)
+
+
 def check_qkv(op: str, q, k, v) -> None:
     """q, k and v of an attention op: floating-point strided tensors, k and v of q's dtype and device (their shapes
     are each op's own rule)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from slimops.opdefs import OpDef, wire
-from slimops.opdefs._checks import FLOATS, fail, real
+from slimops.opdefs._checks import check_float_tensor, fail, real
 from slimops.reference.quant import SURROGATES, levels
 
 __all__ = ["DEFS", "SURROGATES", "MAX_TERMS", "MAX_BITS", "check_fda_sign", "check_fake_quantize", "check_grad",
@@ -18,16 +18,6 @@ __all__ = ["DEFS", "SURROGATES", "MAX_TERMS", "MAX_BITS", "check_fda_sign", "che
 
 MAX_TERMS = 10_000  # more cosine terms than any schedule uses (the paper's: 10 to 19)
 MAX_BITS = 16
-
-
-def _check_float_tensor(op: str, name: str, t):
-    if not isinstance(t, Tensor):
-        fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
-    if t.layout != torch.strided:
-        fail(op, f"{name} must be a strided (dense) tensor, got layout {t.layout}")
-    if t.dtype not in FLOATS:
-        fail(op, f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {t.dtype}",
-             TypeError)
 
 
 def _int(op: str, name: str, v) -> int:
@@ -38,7 +28,7 @@ def _int(op: str, name: str, v) -> int:
 
 def check_grad(op: str, grad, x: Tensor):
     """``grad`` of a backward op: a float tensor of x's shape on x's device (its dtype may differ)."""
-    _check_float_tensor(op, "grad", grad)
+    check_float_tensor(op, "grad", grad)
     if grad.device != x.device:
         fail(op, f"grad is on {grad.device} but x is on {x.device}")
     if grad.shape != x.shape:
@@ -48,7 +38,7 @@ def check_grad(op: str, grad, x: Tensor):
 def check_fda_sign(op: str, x, n_terms, omega, surrogate, clip) -> Tuple[int, float, float]:
     """Validates the arguments of ``fda_sign`` (shared with its backward, the fakes and the Triton launchers);
     returns (n_terms, omega, clip)."""
-    _check_float_tensor(op, "x", x)
+    check_float_tensor(op, "x", x)
     n = _int(op, "n_terms", n_terms)
     if not 1 <= n <= MAX_TERMS:
         fail(op, f"n_terms must be in [1, {MAX_TERMS}], got {n}")
@@ -67,7 +57,7 @@ def check_fake_quantize(op: str, x, scale, zero_point, bits, per_channel_axis, s
         -> Tuple[Optional[int], int]:
     """Validates the arguments of ``fake_quantize`` (shared with its backward, the fakes and the Triton launchers);
     returns (the per-channel axis in [0, x.dim()) or None, the number of scales)."""
-    _check_float_tensor(op, "x", x)
+    check_float_tensor(op, "x", x)
     b = _int(op, "bits", bits)
     if not 1 <= b <= MAX_BITS:
         fail(op, f"bits must be in [1, {MAX_BITS}], got {b}")
@@ -86,7 +76,7 @@ def check_fake_quantize(op: str, x, scale, zero_point, bits, per_channel_axis, s
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if t is None and name == "zero_point":
             continue
-        _check_float_tensor(op, name, t)
+        check_float_tensor(op, name, t)
         if t.device != x.device:
             fail(op, f"{name} is on {t.device} but x is on {x.device}")
         if axis is None and t.numel() != 1:

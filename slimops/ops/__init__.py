@@ -1,5 +1,6 @@
 """Public functional ops (``slimops.ops.<name>``): argument checks, backend choice, fake kernels, autograd."""
 from slimops.ops.channel_conv import channel_conv2d, masked_conv2d
+from slimops.ops.distill import feature_affinity_loss
 from slimops.ops.token_attention import kept_token_attention
 from slimops.ops.prox import (
     palm_slimming_,
@@ -16,4 +17,5 @@ from slimops.ops.spectral import adaptive_spectral_filter, spectral_filter
 
 __all__ = ["prox", "prox_backward", "prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_",
            "channel_conv2d", "masked_conv2d", "spectral_filter", "adaptive_spectral_filter",
-           "sema_attention", "fda_sign", "fake_quantize", "kept_token_attention"]
+           "sema_attention", "fda_sign", "fake_quantize", "kept_token_attention",
+           "feature_affinity_loss"]

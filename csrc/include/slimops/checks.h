@@ -57,7 +57,9 @@ inline void check_penalty_args(const char* op, Penalty p, double lam, double a, 
 }
 
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "slimops.", op, ": ", arg,
+  // A list, not at::isFloatingType: that also admits the float8 types, which no kernel dispatches.
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, "slimops.", op, ": ", arg,
               " must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
               t.scalar_type());
 }

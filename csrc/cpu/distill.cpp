@@ -1,0 +1,401 @@
+// CPU kernels of the distill family (schemas in csrc/registration.cpp; maths in slimops/reference/distill.py,
+// docs/algorithms.md §9): FAQD's feature-affinity loss, per sample, with f̂ = f / (‖f‖ + 1e-5) per pixel,
+//   Δ = ŜᵀŜ − T̂ᵀT̂ (HW x HW),  loss = Σ φ(Δ) / (HW)²  (exact)  or  Σ φ(ΔZ) / (k (HW)²)  (fast, Z: HW x k),
+// φ = |.| ("l1") or (.)² ("l2sq").
+//
+// Operands: per sample, X = [Ŝ; T̂] ((Cs + Ct) x HW, channel-major like the NCHW input: the normalisation and its
+// backward run along contiguous pixel rows) and, for the exact loss, Y = [Ŝ; −T̂], so that Δ = XᵀY is one product
+// over K = Cs + Ct.
+//
+// Exact: the pixels are cut into blocks of kBlock; one work item is a (sample, I <= J) pair of blocks: the tile
+// Δ_IJ = X_Iᵀ Y_J by the register-blocked product of small_mm.h and the sum of φ over it (twice off the diagonal:
+// Δ is symmetric). Nothing of size HW x HW exists; per-item partial sums are added in a fixed order (the result
+// does not depend on the thread count). Backward: with E = φ'(Δ) (symmetric), ∂/∂Ŝ = 2ŜE and ∂/∂T̂ = −2T̂E; one
+// work item is a (sample, block I) and accumulates G_I = Σ_J X_J E_JI over every J, recomputing each tile; then
+// the normalisation's backward per pixel, ∂/∂f = g/(n + ε) − f̂ (f̂ᵀg)/n.
+//
+// Fast: U = XZ, D = Xᵀ[U_s; −U_t] (HW x k), loss from D; backward with G = φ'(D) (scaled),
+// ∂/∂X = [U_s; −U_t] Gᵀ + [Ŝ G; −T̂ G] Zᵀ. These are large dense products, for which torch's BLAS (MKL / oneDNN,
+// with the CPU's widest ISA) beats small_mm; the kernel only packs and normalises, and keeps the memory to
+// O(HW (k + K)) per sample (samples in chunks), saving nothing for the backward but the inputs.
+//
+// Accumulation in float32 for float32/bfloat16/float16 features (float64 for float64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "attention_tiles.h"
+#include "slimops/dispatch.h"
+#include "slimops/distill_checks.h"
+
+namespace slimops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlock = 64;           // pixels per tile side (a multiple of kMMCols)
+constexpr double kEps = 1e-5;            // the FAQD code's normaliser guard
+constexpr int64_t kChunkElems = 1 << 23; // workspace elements per chunk of samples (32 MiB of float32)
+
+// A (B, C, H, W) operand read in place with any strides.
+template <typename S>
+struct Feat {
+  const S* p;
+  int64_t sb, sc, sh, sw;
+};
+
+template <typename S>
+Feat<S> feat(const at::Tensor& t) {
+  return {t.data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Normalises one sample's pixels of f into `c` rows of x (row stride ld, the columns past HW zeroed) and, when y is
+// given, their copy times `ysign`; nrm[p] = ‖f[:, p]‖.
+template <typename S, typename T>
+void pack_normalised(const Feat<S>& f, int64_t b, int64_t c, int64_t h, int64_t w, int64_t ld, T* x, T* y, T ysign,
+                     T* nrm, std::vector<T>& inv) {
+  const int64_t hw = h * w;
+  inv.assign(static_cast<size_t>(hw), T(0));
+  std::fill(nrm, nrm + hw, T(0));
+  const S* base = f.p + b * f.sb;
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t i = 0; i < h; ++i) {
+      const S* row = base + ch * f.sc + i * f.sh;
+      T* n = nrm + i * w;
+      for (int64_t j = 0; j < w; ++j) {
+        const T v = static_cast<T>(row[j * f.sw]);
+        n[j] += v * v;
+      }
+    }
+  for (int64_t p = 0; p < hw; ++p) {
+    nrm[p] = std::sqrt(nrm[p]);
+    inv[p] = T(1) / (nrm[p] + static_cast<T>(kEps));
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    T* xr = x + ch * ld;
+    for (int64_t i = 0; i < h; ++i) {
+      const S* row = base + ch * f.sc + i * f.sh;
+      T* xo = xr + i * w;
+      const T* iv = inv.data() + i * w;
+      for (int64_t j = 0; j < w; ++j) xo[j] = static_cast<T>(row[j * f.sw]) * iv[j];
+    }
+    std::fill(xr + hw, xr + ld, T(0));
+    if (y != nullptr) {
+      T* yr = y + ch * ld;
+      for (int64_t p = 0; p < ld; ++p) yr[p] = ysign * xr[p];
+    }
+  }
+}
+
+// The normalisation's backward for the columns [p0, p0 + np) of one part (c rows): g holds the gradient of f̂ for
+// those columns (row stride ldg) before the factor `scale`; x the part's f̂ rows (stride ldx, full width); out the
+// part's (c, HW) contiguous gradient of f for this sample.
+template <typename S, typename T>
+void normalise_backward(int64_t c, int64_t hw, int64_t p0, int64_t np, const T* g, int64_t ldg, const T* x, int64_t ldx,
+                        const T* nrm, T scale, S* out, std::vector<T>& dot) {
+  np = std::min(np, hw - p0);
+  if (np <= 0) return;
+  dot.assign(static_cast<size_t>(np), T(0));
+  for (int64_t r = 0; r < c; ++r) {
+    const T *gr = g + r * ldg, *xr = x + r * ldx + p0;
+    for (int64_t p = 0; p < np; ++p) dot[p] += xr[p] * gr[p];
+  }
+  for (int64_t p = 0; p < np; ++p) {
+    const T n = nrm[p0 + p];
+    // f̂ (f̂ᵀg)/n: 0 where the pixel is all zeros (f̂ = 0 there, the limit of the formula).
+    dot[p] = n > T(0) ? scale * dot[p] / n : T(0);
+  }
+  for (int64_t r = 0; r < c; ++r) {
+    const T *gr = g + r * ldg, *xr = x + r * ldx + p0;
+    S* o = out + r * hw + p0;
+    for (int64_t p = 0; p < np; ++p) {
+      const T inv = T(1) / (nrm[p0 + p] + static_cast<T>(kEps));
+      o[p] = static_cast<S>(scale * gr[p] * inv - xr[p] * dot[p]);
+    }
+  }
+}
+
+// φ'(d): sign for l1 (0 at 0 and at NaN: torch.sign's and autograd's |.| convention, so a NaN entry of Δ does not
+// spread into the gradient of the side that is finite), 2d for l2sq.
+template <typename T>
+inline T dphi(T d, bool l1) {
+  if (!l1) return T(2) * d;
+  return d > T(0) ? T(1) : (d < T(0) ? T(-1) : T(0));
+}
+
+// Samples per chunk: the workspace of a chunk stays near kChunkElems (at least one sample).
+inline int64_t chunk_samples(int64_t b, int64_t per_sample) {
+  return std::max<int64_t>(1, std::min<int64_t>(b, kChunkElems / std::max<int64_t>(1, per_sample)));
+}
+
+// ---- exact loss --------------------------------------------------------------------------------------------
+
+struct Tiling {
+  int64_t hwp, nblk;
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, J), I <= J
+  explicit Tiling(int64_t hw) : hwp(pad16(hw)), nblk((pad16(hw) + kBlock - 1) / kBlock) {
+    for (int64_t i = 0; i < nblk; ++i)
+      for (int64_t j = i; j < nblk; ++j) pairs.emplace_back(i, j);
+  }
+  int64_t len(int64_t blk) const { return std::min(kBlock, hwp - blk * kBlock); }  // a multiple of kMMCols
+};
+
+// X and Y of a chunk of samples [b0, b0 + nb): per sample x (K x hwp), y (K x hwp), nrm (2 x hwp: student, teacher).
+template <typename T>
+struct Packed {
+  int64_t kk, hwp;
+  std::vector<T> buf;
+  Packed(int64_t nb, int64_t kk_, int64_t hwp_) : kk(kk_), hwp(hwp_), buf(static_cast<size_t>(nb * per_sample())) {}
+  int64_t per_sample() const { return (2 * kk + 2) * hwp; }
+  T* x(int64_t i) { return buf.data() + i * per_sample(); }
+  T* y(int64_t i) { return x(i) + kk * hwp; }
+  T* nrm(int64_t i) { return y(i) + kk * hwp; }
+};
+
+template <typename S, typename T>
+void pack_chunk(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb, int64_t ld,
+                bool with_y, Packed<T>& pk) {
+  at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> inv;
+    for (int64_t i = lo; i < hi; ++i) {
+      T *x = pk.x(i), *y = with_y ? pk.y(i) : nullptr, *n = pk.nrm(i);
+      pack_normalised<S, T>(fs, b0 + i, g.cs, g.h, g.w, ld, x, y, T(1), n, inv);
+      pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, ld, x + g.cs * ld, y ? y + g.cs * ld : nullptr, T(-1),
+                            n + ld, inv);
+    }
+  });
+}
+
+template <typename S, typename T>
+void exact_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, T* loss) {
+  const Tiling tl(g.hw);
+  const int64_t kk = g.cs + g.ct, np = static_cast<int64_t>(tl.pairs.size());
+  const int64_t chunk = chunk_samples(g.b, (2 * kk + 2) * tl.hwp);
+  std::vector<double> part;
+  for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.b - b0);
+    Packed<T> pk(nb, kk, tl.hwp);
+    pack_chunk<S, T>(g, fs, ft, b0, nb, tl.hwp, true, pk);
+    part.assign(static_cast<size_t>(nb * np), 0.0);
+    at::parallel_for(0, nb * np, grain(kBlock * kBlock * std::max<int64_t>(kk, 1)), [&](int64_t lo, int64_t hi) {
+      std::vector<T> tile(static_cast<size_t>(kBlock * kBlock));
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t i = t / np;
+        const auto [bi, bj] = tl.pairs[t % np];
+        const int64_t mi = tl.len(bi), mj = tl.len(bj);
+        // Δ_IJ (mi x mj) = X_Iᵀ Y_J: A element (r, p) = x[p, I0 + r].
+        small_mm<T>(mi, kk, mj, pk.x(i) + bi * kBlock, 1, tl.hwp, pk.y(i) + bj * kBlock, tl.hwp, tile.data(), mj,
+                    false);
+        T s = 0;
+        if (g.l1) {
+          for (int64_t e = 0; e < mi * mj; ++e) s += std::abs(tile[e]);
+        } else {
+          for (int64_t e = 0; e < mi * mj; ++e) s += tile[e] * tile[e];
+        }
+        part[t] = static_cast<double>(s) * (bi == bj ? 1.0 : 2.0);
+      }
+    });
+    const double denom = static_cast<double>(g.hw) * static_cast<double>(g.hw);
+    for (int64_t i = 0; i < nb; ++i) {
+      double s = 0;
+      for (int64_t p = 0; p < np; ++p) s += part[i * np + p];
+      loss[b0 + i] = static_cast<T>(s / denom);
+    }
+  }
+}
+
+template <typename S>
+struct GradOut {
+  S *fs, *ft;  // contiguous (B, C, H, W), null when not asked for
+};
+
+template <typename S, typename T>
+void exact_backward(const AffinityGeom& g, const T* grad, const Feat<S>& fs, const Feat<S>& ft, const GradOut<S>& out) {
+  const Tiling tl(g.hw);
+  const int64_t kk = g.cs + g.ct;
+  // The rows of G needed: the student's, the teacher's or both.
+  const int64_t r0 = out.fs != nullptr ? 0 : g.cs, r1 = out.ft != nullptr ? kk : g.cs, nr = r1 - r0;
+  const int64_t chunk = chunk_samples(g.b, (2 * kk + 2) * tl.hwp);
+  const double denom = static_cast<double>(g.hw) * static_cast<double>(g.hw);
+  for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.b - b0);
+    Packed<T> pk(nb, kk, tl.hwp);
+    pack_chunk<S, T>(g, fs, ft, b0, nb, tl.hwp, true, pk);
+    const int64_t work = 2 * tl.hwp * kBlock * std::max<int64_t>(kk, 1);
+    at::parallel_for(0, nb * tl.nblk, grain(work), [&](int64_t lo, int64_t hi) {
+      std::vector<T> tile(static_cast<size_t>(kBlock * kBlock)), acc(static_cast<size_t>(std::max<int64_t>(nr, 1) * kBlock));
+      std::vector<T> dot;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t i = t / tl.nblk, bi = t % tl.nblk, mi = tl.len(bi), b = b0 + i;
+        const T* x = pk.x(i);
+        std::fill(acc.begin(), acc.end(), T(0));
+        if (nr > 0 && kk > 0) {
+          for (int64_t bj = 0; bj < tl.nblk; ++bj) {
+            const int64_t mj = tl.len(bj);
+            // Δ_JI (mj x mi) = X_Jᵀ Y_I, then E_JI = φ'(Δ_JI) in place.
+            small_mm<T>(mj, kk, mi, x + bj * kBlock, 1, tl.hwp, pk.y(i) + bi * kBlock, tl.hwp, tile.data(), mi, false);
+            for (int64_t e = 0; e < mj * mi; ++e) tile[e] = dphi(tile[e], g.l1);
+            // G_I (rows r0..r1) += X_J E_JI: A element (r, p) = x[r0 + r, J0 + p].
+            small_mm<T>(nr, mj, mi, x + r0 * tl.hwp + bj * kBlock, tl.hwp, 1, tile.data(), mi, acc.data(), mi, true);
+          }
+        }
+        const T c = static_cast<T>(2.0 * static_cast<double>(grad[b]) / denom);
+        const T* nrm = pk.nrm(i);
+        if (out.fs != nullptr)
+          normalise_backward<S, T>(g.cs, g.hw, bi * kBlock, mi, acc.data(), mi, x, tl.hwp, nrm, c,
+                                   out.fs + b * g.cs * g.hw, dot);
+        if (out.ft != nullptr)
+          normalise_backward<S, T>(g.ct, g.hw, bi * kBlock, mi, acc.data() + (g.cs - r0) * mi, mi, x + g.cs * tl.hwp,
+                                   tl.hwp, nrm + tl.hwp, -c, out.ft + b * g.ct * g.hw, dot);
+      }
+    });
+  }
+}
+
+// ---- fast loss (products by torch's BLAS) ----------------------------------------------------------------------
+
+// The chunk's X (nb, K, HW) in T, and the per-pixel norms (nb, 2, HW).
+template <typename S, typename T>
+std::pair<at::Tensor, at::Tensor> pack_fast(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0,
+                                            int64_t nb, const at::TensorOptions& opt) {
+  const int64_t kk = g.cs + g.ct;
+  at::Tensor x = at::empty({nb, kk, g.hw}, opt), nrm = at::empty({nb, 2, g.hw}, opt);
+  T *xp = x.data_ptr<T>(), *np = nrm.data_ptr<T>();
+  at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> inv;
+    for (int64_t i = lo; i < hi; ++i) {
+      T *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
+      pack_normalised<S, T>(fs, b0 + i, g.cs, g.h, g.w, g.hw, xi, nullptr, T(1), ni, inv);
+      pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, g.hw, xi + g.cs * g.hw, nullptr, T(1), ni + g.hw, inv);
+    }
+  });
+  return {x, nrm};
+}
+
+// U_y = [Ŝ Z; −T̂ Z] (nb, K, k) and D = Xᵀ U_y (nb, HW, k).
+inline std::pair<at::Tensor, at::Tensor> fast_products(const AffinityGeom& g, const at::Tensor& x, const at::Tensor& z) {
+  const int64_t nb = x.size(0), kk = x.size(1);
+  at::Tensor u = at::mm(x.view({nb * kk, g.hw}), z).view({nb, kk, g.k});
+  u.narrow(1, g.cs, g.ct).neg_();
+  return {u, at::bmm(x.transpose(1, 2), u)};
+}
+
+template <typename S, typename T>
+void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, const at::Tensor& z, T* loss) {
+  const int64_t kk = g.cs + g.ct;
+  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2 * g.k + 2));
+  const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
+  for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.b - b0);
+    at::Tensor x, nrm, u, d;
+    std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
+    std::tie(u, d) = fast_products(g, x, z);
+    at::Tensor s = (g.l1 ? d.abs() : d.square()).sum({1, 2}, false, at::kDouble).div_(denom);
+    const double* sp = s.data_ptr<double>();
+    for (int64_t i = 0; i < nb; ++i) loss[b0 + i] = static_cast<T>(sp[i]);
+  }
+}
+
+template <typename S, typename T>
+void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>& fs, const Feat<S>& ft,
+                   const at::Tensor& z, const GradOut<S>& out) {
+  const int64_t kk = g.cs + g.ct;
+  const int64_t r0 = out.fs != nullptr ? 0 : g.cs, r1 = out.ft != nullptr ? kk : g.cs, nr = r1 - r0;
+  const int64_t chunk = chunk_samples(g.b, g.hw * (2 * kk + 3 * g.k + 2));
+  const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
+  for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.b - b0);
+    at::Tensor x, nrm, u, d;
+    std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
+    std::tie(u, d) = fast_products(g, x, z);
+    // G = φ'(D) grad[b] / (k (HW)²), in place of D.
+    if (g.l1) d.sign_();  // sign(NaN) = 0, as dphi
+    else d.mul_(2);
+    d.mul_(grad.narrow(0, b0, nb).div(denom).view({nb, 1, 1}));
+    // V_y = [Ŝ G; −T̂ G] on the rows wanted; ∂/∂X = U_y Gᵀ + V_y Zᵀ.
+    at::Tensor xr = x.narrow(1, r0, nr), v = at::bmm(xr, d);
+    if (r1 > g.cs) v.narrow(1, std::max<int64_t>(g.cs - r0, 0), r1 - std::max(g.cs, r0)).neg_();
+    at::Tensor gx = at::bmm(u.narrow(1, r0, nr), d.transpose(1, 2));  // (nb, nr, HW), contiguous
+    gx.view({nb * nr, g.hw}).addmm_(v.reshape({nb * nr, g.k}), z.t());
+    const T *gp = gx.data_ptr<T>(), *xp = x.data_ptr<T>(), *np = nrm.data_ptr<T>();
+    at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> dot;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t b = b0 + i;
+        const T *gi = gp + i * nr * g.hw, *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
+        if (out.fs != nullptr)
+          normalise_backward<S, T>(g.cs, g.hw, 0, g.hw, gi, g.hw, xi, g.hw, ni, T(1), out.fs + b * g.cs * g.hw, dot);
+        if (out.ft != nullptr)
+          normalise_backward<S, T>(g.ct, g.hw, 0, g.hw, gi + (g.cs - r0) * g.hw, g.hw, xi + g.cs * g.hw, g.hw,
+                                   ni + g.hw, T(1), out.ft + b * g.ct * g.hw, dot);
+      }
+    });
+  }
+}
+
+// ---- the ops -----------------------------------------------------------------------------------------------
+
+at::ScalarType compute_type(const at::Tensor& fs) {
+  return fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor feature_affinity_loss_cpu(const at::Tensor& fs, const at::Tensor& ft, const std::optional<at::Tensor>& proj,
+                                     c10::string_view norm) {
+  const char* op = "feature_affinity_loss";
+  const AffinityGeom g = check_feature_affinity(op, fs, ft, proj, norm);
+  at::Tensor loss = at::empty({g.b}, fs.options().dtype(compute_type(fs)));
+  if (g.b == 0) return loss;
+  SLIMOPS_DISPATCH_FLOATS(fs.scalar_type(), "feature_affinity_loss_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    T* lp = loss.data_ptr<T>();
+    if (g.k > 0) fast_forward<scalar_t, T>(g, feat<scalar_t>(fs), feat<scalar_t>(ft), proj->to(loss.scalar_type()).contiguous(), lp);
+    else exact_forward<scalar_t, T>(g, feat<scalar_t>(fs), feat<scalar_t>(ft), lp);
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_affinity_loss_backward_cpu(const at::Tensor& grad_in, const at::Tensor& fs,
+                                                                      const at::Tensor& ft,
+                                                                      const std::optional<at::Tensor>& proj,
+                                                                      c10::string_view norm,
+                                                                      std::array<bool, 2> output_mask) {
+  const char* op = "feature_affinity_loss_backward";
+  const AffinityGeom g = check_feature_affinity(op, fs, ft, proj, norm);
+  check_affinity_grad(op, grad_in, fs);
+  at::Tensor gs = output_mask[0] ? at::empty(fs.sizes(), fs.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : fs.new_empty({0});
+  at::Tensor gt = output_mask[1] ? at::empty(ft.sizes(), ft.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : ft.new_empty({0});
+  if (g.b == 0 || !(output_mask[0] || output_mask[1])) return {gs, gt};
+  const at::Tensor grad = grad_in.to(compute_type(fs)).contiguous();
+  SLIMOPS_DISPATCH_FLOATS(fs.scalar_type(), "feature_affinity_loss_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const GradOut<scalar_t> out{output_mask[0] ? gs.data_ptr<scalar_t>() : nullptr,
+                                output_mask[1] ? gt.data_ptr<scalar_t>() : nullptr};
+    if (g.k > 0)
+      fast_backward<scalar_t, T>(g, grad, feat<scalar_t>(fs), feat<scalar_t>(ft), proj->to(grad.scalar_type()).contiguous(),
+                                 out);
+    else exact_backward<scalar_t, T>(g, grad.data_ptr<T>(), feat<scalar_t>(fs), feat<scalar_t>(ft), out);
+  });
+  return {gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimops, CPU, m) {
+  m.impl("feature_affinity_loss", &feature_affinity_loss_cpu);
+  m.impl("feature_affinity_loss_backward", &feature_affinity_loss_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace slimops
