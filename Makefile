@@ -70,6 +70,8 @@ bench: build
 	$(VPY) bench/bench_spectral.py
 	$(VPY) bench/bench_sema.py
 	$(VPY) bench/bench_quant.py
+	$(VPY) bench/bench_token_attention.py
+	$(VPY) bench/bench_distill.py
 
 info: build
 	$(VPY) -m slimops info
