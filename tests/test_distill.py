@@ -61,6 +61,8 @@ def test_gradients_resize_and_bad_input():
         feature_affinity_loss(fs, ft[:1])
     with pytest.raises(ValueError, match="k must be"):
         feature_affinity_loss(fs, ft, fast=True, k=0)
+    with pytest.raises(ValueError, match="norm"):
+        feature_affinity_loss(fs, ft, norm="l2")
 
 
 def test_stage_outputs_of_vgg_are_the_relus_before_each_pooling():
@@ -79,9 +81,9 @@ def test_faqd_quantize_run(cli_files, tmp_path):
     from slimops.quant.pipeline import QuantizeConfig, quantize
 
     m = quantize(QuantizeConfig(teacher=str(cli_files / "dense.pt"), out=str(tmp_path / "fa"), method="faqd",
-                                label_free=True, fa_fast=True, fa_k=16, epochs=1, batch=128, progress=False,
-                                plots=False))
-    assert m["quant"]["fa_fast"] and m["quant"]["label_free"]
+                                label_free=True, fa_fast=True, fa_k=16, fa_norm="l2sq", epochs=1, batch=128,
+                                progress=False, plots=False))
+    assert m["quant"]["fa_fast"] and m["quant"]["label_free"] and m["quant"]["fa_norm"] == "l2sq"
     assert set(m["fa_loss_per_layer"]) == {"features.relu0", "features.relu1", "features.relu3", "features.relu5",
                                            "features.relu7"}
     assert all(math.isfinite(v) and v >= 0 for v in m["fa_loss_per_layer"].values())

@@ -124,3 +124,9 @@ def test_ddp_two_processes_binary_and_lsq(cli_files, tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
         model, _ = load_quantized_file(os.path.join(out, "quantized.pt"))
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_fa_norm_is_checked_by_the_config():
+    assert QuantizeConfig(teacher="t", method="faqd", fa_norm="l2sq").fa_norm == "l2sq"
+    with pytest.raises(ValueError, match="fa_norm must be 'l1' or 'l2sq'"):
+        QuantizeConfig(teacher="t", method="faqd", fa_norm="l2")

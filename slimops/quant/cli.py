@@ -49,6 +49,9 @@ def main_quantize(argv=None) -> dict:
     ap.add_argument("--fa-fast", action="store_true",
                     help="faqd: the fast projected affinity loss (O(HW k) memory) instead of the exact one")
     ap.add_argument("--fa-k", type=positive_count, default=256, help="faqd --fa-fast: Gaussian vectors")
+    ap.add_argument("--fa-norm", default="l1", choices=("l1", "l2sq"),
+                    help="faqd: l1 (the paper's |.| of the affinity difference) or l2sq (its square; the fast l2sq "
+                         "loss is an unbiased estimate of the exact one)")
     ap.add_argument("--first-last-bits", type=_bits, default=8, help="bits of the first and last layer (32: float)")
     _common(ap)
     ap.add_argument("--batch", type=positive_count, default=64)

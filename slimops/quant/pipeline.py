@@ -9,7 +9,8 @@ Methods (``method=``):
   ``label_free=True`` drops the labels (the teacher's logits are the only supervision);
 - ``faqd``: FAQD (Li, Yang, Yin, Qi, Xin 2023) with the authors' code's loss: KD + ``fa_weight`` (0.1) × the
   feature-affinity loss summed over the stage outputs + 0.3 × cross-entropy (0 with ``label_free``); the FA loss
-  exact, or the fast projected one with ``fa_fast`` (``fa_k`` Gaussian vectors) — :mod:`slimops.distill.affinity`;
+  exact, or the fast projected one with ``fa_fast`` (``fa_k`` Gaussian vectors), ``fa_norm`` l1 (the paper's) or
+  l2sq — :mod:`slimops.distill.affinity`;
 - ``fda`` / ``ste``: a binary student (``wbits = abits = 1``) with the FDA sign gradient and noise adaptation
   (the paper's schedule per epoch), or the straight-through baseline; cross-entropy, or KD when ``label_free``.
 
@@ -63,6 +64,7 @@ class QuantizeConfig:
     fa_weight: float = 0.1
     fa_fast: bool = False
     fa_k: int = 256
+    fa_norm: str = "l1"
     first_last_bits: int = 8
     data: str = "digits"
     data_dir: Optional[str] = None
@@ -105,6 +107,8 @@ class QuantizeConfig:
                 raise ValueError(f"{where}: {name} must be finite and >= 0, got {v}")
         if isinstance(self.fa_k, bool) or not isinstance(self.fa_k, int) or self.fa_k < 1:
             raise ValueError(f"{where}: fa_k must be a positive integer, got {self.fa_k!r}")
+        if self.fa_norm not in ("l1", "l2sq"):
+            raise ValueError(f"{where}: fa_norm must be 'l1' or 'l2sq', got {self.fa_norm!r}")
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
             raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}")
         if self.on_nonfinite not in ("stop", "skip"):
@@ -151,7 +155,8 @@ def _criterion(cfg: QuantizeConfig, teacher: Optional[nn.Module], student: Optio
                 total = total + kd_weight * kd_logit_loss(out, t, cfg.temperature)
         if fa_weight:
             for fs, ft in zip(s_maps.pop(), t_maps.pop()):
-                total = total + fa_weight * feature_affinity_loss(fs, ft.detach(), fast=cfg.fa_fast, k=cfg.fa_k)
+                total = total + fa_weight * feature_affinity_loss(fs, ft.detach(), fast=cfg.fa_fast, k=cfg.fa_k,
+                                                                   norm=cfg.fa_norm)
         return total
 
     def close():
@@ -207,7 +212,7 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **kw) -> dict:
         quant = {"wbits": cfg.wbits, "abits": cfg.abits, "method": cfg.method, "label_free": cfg.label_free,
                  "first_last_bits": cfg.first_last_bits, "temperature": cfg.temperature, "kd_weight": cfg.kd_weight}
         if cfg.method == "faqd":
-            quant.update(fa_weight=cfg.fa_weight, fa_fast=cfg.fa_fast, fa_k=cfg.fa_k)
+            quant.update(fa_weight=cfg.fa_weight, fa_fast=cfg.fa_fast, fa_k=cfg.fa_k, fa_norm=cfg.fa_norm)
         student = _quantized(teacher, quant).to(dev)
         for p in student.parameters():
             p.requires_grad_(True)
