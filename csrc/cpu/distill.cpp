@@ -46,6 +46,7 @@ namespace {
 constexpr int64_t kBlock = 64;           // pixels per tile side (a multiple of kMMCols)
 constexpr double kEps = 1e-5;            // the FAQD code's normaliser guard
 constexpr int64_t kChunkElems = 1 << 23; // workspace elements per chunk of samples (32 MiB of float32)
+constexpr int64_t kSumBlock = 1 << 16;   // elements per partial sum of the fast loss
 
 // A (B, C, H, W) operand read in place with any strides.
 template <typename S>
@@ -300,9 +301,29 @@ void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, c
     at::Tensor x, nrm, u, d;
     std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
     std::tie(u, d) = fast_products(g, x, z);
-    at::Tensor s = (g.l1 ? d.abs() : d.square()).sum({1, 2}, false, at::kDouble).div_(denom);
-    const double* sp = s.data_ptr<double>();
-    for (int64_t i = 0; i < nb; ++i) loss[b0 + i] = static_cast<T>(sp[i]);
+    // Σ φ(D) per sample in one pass (no |D| temporary): fixed blocks of kSumBlock, partial sums in double, added
+    // in order (the same on any thread count).
+    const int64_t per = g.hw * g.k, nblk = (per + kSumBlock - 1) / kSumBlock;
+    const T* dp = d.template data_ptr<T>();
+    std::vector<double> part(static_cast<size_t>(nb * nblk));
+    at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t i = t / nblk, e0 = (t % nblk) * kSumBlock, e1 = std::min(per, e0 + kSumBlock);
+        const T* di = dp + i * per;
+        T acc = 0;
+        if (g.l1) {
+          for (int64_t e = e0; e < e1; ++e) acc += std::abs(di[e]);
+        } else {
+          for (int64_t e = e0; e < e1; ++e) acc += di[e] * di[e];
+        }
+        part[t] = static_cast<double>(acc);
+      }
+    });
+    for (int64_t i = 0; i < nb; ++i) {
+      double sum = 0;
+      for (int64_t j = 0; j < nblk; ++j) sum += part[i * nblk + j];
+      loss[b0 + i] = static_cast<T>(sum / denom);
+    }
   }
 }
 
@@ -319,9 +340,20 @@ void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>&
     std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
     std::tie(u, d) = fast_products(g, x, z);
     // G = φ'(D) grad[b] / (k (HW)²), in place of D.
-    if (g.l1) d.sign_();  // sign(NaN) = 0, as dphi
-    else d.mul_(2);
-    d.mul_(grad.narrow(0, b0, nb).div(denom).view({nb, 1, 1}));
+    {  // G = φ'(D) grad[b] / (k (HW)²) in place, one pass
+      const int64_t per = g.hw * g.k;
+      T* dp = d.template data_ptr<T>();
+      const T* gp = grad.template data_ptr<T>();
+      const int64_t nblk = (per + kSumBlock - 1) / kSumBlock;
+      at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t t = lo; t < hi; ++t) {
+          const int64_t i = t / nblk, e0 = (t % nblk) * kSumBlock, e1 = std::min(per, e0 + kSumBlock);
+          const T c = static_cast<T>(static_cast<double>(gp[b0 + i]) / denom);
+          T* di = dp + i * per;
+          for (int64_t e = e0; e < e1; ++e) di[e] = dphi(di[e], g.l1) * c;
+        }
+      });
+    }
     // V_y = [Ŝ G; −T̂ G] on the rows wanted; ∂/∂X = U_y Gᵀ + V_y Zᵀ.
     at::Tensor xr = x.narrow(1, r0, nr), v = at::bmm(xr, d);
     if (r1 > g.cs) v.narrow(1, std::max<int64_t>(g.cs - r0, 0), r1 - std::max(g.cs, r0)).neg_();
