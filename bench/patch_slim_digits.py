@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=float, default=0.5, help="mean fraction of the patch tokens the blocks compute")
     ap.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs with the token plan")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs of the fine-tuning lr")
     ap.add_argument("--score-images", type=int, default=512, help="training images the impact scores average over")
     ap.add_argument("--seed", type=int, default=0, help="the fine-tuning seed (batch order)")
     ap.add_argument("--data-seed", type=int, default=0,
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     score_s = time.perf_counter() - t0
     acc_noft = accuracy(slim, ds)
     tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, augment=False, optimizer="adamw",
-                       schedule="cosine", warmup_epochs=0)
+                       schedule="cosine", warmup_epochs=args.warmup_epochs)
     if args.epochs:
         train_stage(slim, ds, MethodConfig("none"), tcfg, stage="patch-slim-finetune", ckpt_path=None, resume=False,
                     device=torch.device("cpu"), dist_info=D.DistInfo(), run_config={"patch_slim": vars(args)},
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     macs_d, macs_s = count_macs(dense, size), count_macs(slim, size)
     blk_d, blk_s = block_macs(dense, size), block_macs(slim, size)
     lat = compare_latency(dense, slim, size, batch=64)
-    res = {"dense": args.dense, "keep": args.keep, "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+    res = {"dense": args.dense, "keep": args.keep, "epochs": args.epochs, "lr": args.lr,
+           "warmup_epochs": args.warmup_epochs, "seed": args.seed,
            "tokens_per_block": list(plan.keep), "tokens": plan.tokens, "params": count_params(slim),
            "acc_dense": acc_dense, "acc_dense_ft": acc_dense_ft, "acc_slim_no_ft": acc_noft, "acc_slim_ft": acc_ft, "macs_dense": macs_d,
            "macs_slim": macs_s, "block_macs_dense": blk_d, "block_macs_slim": blk_s,
