@@ -339,8 +339,7 @@ void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>&
     at::Tensor x, nrm, u, d;
     std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
     std::tie(u, d) = fast_products(g, x, z);
-    // G = φ'(D) grad[b] / (k (HW)²), in place of D.
-    {  // G = φ'(D) grad[b] / (k (HW)²) in place, one pass
+    {  // G = φ'(D) grad[b] / (k (HW)²) in place of D, one pass
       const int64_t per = g.hw * g.k;
       T* dp = d.template data_ptr<T>();
       const T* gp = grad.template data_ptr<T>();
