@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import sys
@@ -511,6 +512,9 @@ def _ddp_worker(out_file):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # A hang anywhere (not only in a collective) prints every thread's stack and exits, well before the test's
+    # deadline, so a CI failure says where it stuck.
+    faulthandler.dump_traceback_later(120, exit=True)
     # a dead peer turns into an error after 60 s rather than gloo's default 30-minute wait
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -526,8 +530,16 @@ def _ddp_worker(out_file):
         if rank == 0:
             torch.save([p.detach() for p in model.module.parameters()], out_file)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Done, and the result is on disk: leave without gloo's teardown, which holds nothing the test needs. It once
+    # deadlocked here (rank 0's gloo thread blocked on a mutex after rank 1 had exited), and a CI run on 2026-12-05
+    # hung silently past the 180 s deadline without the error a stuck collective gives after 60 s — which points
+    # at the teardown again.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
