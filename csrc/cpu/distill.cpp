@@ -265,13 +265,21 @@ void exact_backward(const AffinityGeom& g, const T* grad, const Feat<S>& fs, con
 
 // ---- fast loss (products by torch's BLAS) ----------------------------------------------------------------------
 
-// The chunk's X (nb, K, HW) in T, and the per-pixel norms (nb, 2, HW).
+// One chunk of samples [b0, b0 + nb) through the forward products: X (nb, K, HW) in T and the per-pixel norms
+// (nb, 2, HW), U_y = [Ŝ Z; −T̂ Z] (nb, K, k) and D = Xᵀ U_y (nb, HW, k). The forward needs D; the backward all four
+// (nothing is saved between the two passes, so it recomputes them).
+struct FastChunk {
+  at::Tensor x, nrm, u, d;
+};
+
 template <typename S, typename T>
-std::pair<at::Tensor, at::Tensor> pack_fast(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0,
-                                            int64_t nb, const at::TensorOptions& opt) {
+FastChunk fast_chunk(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb,
+                     const at::Tensor& z) {
   const int64_t kk = g.cs + g.ct;
-  at::Tensor x = at::empty({nb, kk, g.hw}, opt), nrm = at::empty({nb, 2, g.hw}, opt);
-  T *xp = x.data_ptr<T>(), *np = nrm.data_ptr<T>();
+  FastChunk c;
+  c.x = at::empty({nb, kk, g.hw}, z.options());
+  c.nrm = at::empty({nb, 2, g.hw}, z.options());
+  T *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
   at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> inv;
     for (int64_t i = lo; i < hi; ++i) {
@@ -280,44 +288,46 @@ std::pair<at::Tensor, at::Tensor> pack_fast(const AffinityGeom& g, const Feat<S>
       pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, g.hw, xi + g.cs * g.hw, nullptr, T(1), ni + g.hw, inv);
     }
   });
-  return {x, nrm};
+  c.u = at::mm(c.x.view({nb * kk, g.hw}), z).view({nb, kk, g.k});
+  c.u.narrow(1, g.cs, g.ct).neg_();
+  c.d = at::bmm(c.x.transpose(1, 2), c.u);
+  return c;
 }
 
-// U_y = [Ŝ Z; −T̂ Z] (nb, K, k) and D = Xᵀ U_y (nb, HW, k).
-inline std::pair<at::Tensor, at::Tensor> fast_products(const AffinityGeom& g, const at::Tensor& x, const at::Tensor& z) {
-  const int64_t nb = x.size(0), kk = x.size(1);
-  at::Tensor u = at::mm(x.view({nb * kk, g.hw}), z).view({nb, kk, g.k});
-  u.narrow(1, g.cs, g.ct).neg_();
-  return {u, at::bmm(x.transpose(1, 2), u)};
+// f(i, j, e0, e1) for block j = [e0, e1) of kSumBlock elements of each sample i of nb of `per` elements, in
+// parallel; the blocks are fixed, so partial sums made per block do not depend on the thread count.
+template <typename F>
+void for_blocks(int64_t nb, int64_t per, const F& f) {
+  const int64_t nblk = (per + kSumBlock - 1) / kSumBlock;
+  at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t e0 = (t % nblk) * kSumBlock;
+      f(t / nblk, t % nblk, e0, std::min(per, e0 + kSumBlock));
+    }
+  });
 }
 
 template <typename S, typename T>
 void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, const at::Tensor& z, T* loss) {
-  const int64_t kk = g.cs + g.ct;
+  const int64_t kk = g.cs + g.ct, per = g.hw * g.k, nblk = (per + kSumBlock - 1) / kSumBlock;
   const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2 * g.k + 2));
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
+  std::vector<double> part;
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    at::Tensor x, nrm, u, d;
-    std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
-    std::tie(u, d) = fast_products(g, x, z);
-    // Σ φ(D) per sample in one pass (no |D| temporary): fixed blocks of kSumBlock, partial sums in double, added
-    // in order (the same on any thread count).
-    const int64_t per = g.hw * g.k, nblk = (per + kSumBlock - 1) / kSumBlock;
-    const T* dp = d.template data_ptr<T>();
-    std::vector<double> part(static_cast<size_t>(nb * nblk));
-    at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t i = t / nblk, e0 = (t % nblk) * kSumBlock, e1 = std::min(per, e0 + kSumBlock);
-        const T* di = dp + i * per;
-        T acc = 0;
-        if (g.l1) {
-          for (int64_t e = e0; e < e1; ++e) acc += std::abs(di[e]);
-        } else {
-          for (int64_t e = e0; e < e1; ++e) acc += di[e] * di[e];
-        }
-        part[t] = static_cast<double>(acc);
+    const FastChunk c = fast_chunk<S, T>(g, fs, ft, b0, nb, z);
+    // Σ φ(D) per sample in one pass (no |D| temporary), partial sums in double per block, added in order.
+    const T* dp = c.d.data_ptr<T>();
+    part.assign(static_cast<size_t>(nb * nblk), 0.0);
+    for_blocks(nb, per, [&](int64_t i, int64_t j, int64_t e0, int64_t e1) {
+      const T* di = dp + i * per;
+      T acc = 0;
+      if (g.l1) {
+        for (int64_t e = e0; e < e1; ++e) acc += std::abs(di[e]);
+      } else {
+        for (int64_t e = e0; e < e1; ++e) acc += di[e] * di[e];
       }
+      part[i * nblk + j] = static_cast<double>(acc);
     });
     for (int64_t i = 0; i < nb; ++i) {
       double sum = 0;
@@ -330,40 +340,32 @@ void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, c
 template <typename S, typename T>
 void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>& fs, const Feat<S>& ft,
                    const at::Tensor& z, const GradOut<S>& out) {
-  const int64_t kk = g.cs + g.ct;
+  const int64_t kk = g.cs + g.ct, per = g.hw * g.k;
   const int64_t r0 = out.fs != nullptr ? 0 : g.cs, r1 = out.ft != nullptr ? kk : g.cs, nr = r1 - r0;
   const int64_t chunk = chunk_samples(g.b, g.hw * (2 * kk + 3 * g.k + 2));
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
+  const T* gp = grad.data_ptr<T>();
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    at::Tensor x, nrm, u, d;
-    std::tie(x, nrm) = pack_fast<S, T>(g, fs, ft, b0, nb, z.options());
-    std::tie(u, d) = fast_products(g, x, z);
-    {  // G = φ'(D) grad[b] / (k (HW)²) in place of D, one pass
-      const int64_t per = g.hw * g.k;
-      T* dp = d.template data_ptr<T>();
-      const T* gp = grad.template data_ptr<T>();
-      const int64_t nblk = (per + kSumBlock - 1) / kSumBlock;
-      at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t) {
-          const int64_t i = t / nblk, e0 = (t % nblk) * kSumBlock, e1 = std::min(per, e0 + kSumBlock);
-          const T c = static_cast<T>(static_cast<double>(gp[b0 + i]) / denom);
-          T* di = dp + i * per;
-          for (int64_t e = e0; e < e1; ++e) di[e] = dphi(di[e], g.l1) * c;
-        }
-      });
-    }
+    const FastChunk c = fast_chunk<S, T>(g, fs, ft, b0, nb, z);
+    // G = φ'(D) grad[b] / (k (HW)²) in place of D, one pass.
+    T* dp = c.d.data_ptr<T>();
+    for_blocks(nb, per, [&](int64_t i, int64_t, int64_t e0, int64_t e1) {
+      const T s = static_cast<T>(static_cast<double>(gp[b0 + i]) / denom);
+      T* di = dp + i * per;
+      for (int64_t e = e0; e < e1; ++e) di[e] = dphi(di[e], g.l1) * s;
+    });
     // V_y = [Ŝ G; −T̂ G] on the rows wanted; ∂/∂X = U_y Gᵀ + V_y Zᵀ.
-    at::Tensor xr = x.narrow(1, r0, nr), v = at::bmm(xr, d);
+    at::Tensor v = at::bmm(c.x.narrow(1, r0, nr), c.d);
     if (r1 > g.cs) v.narrow(1, std::max<int64_t>(g.cs - r0, 0), r1 - std::max(g.cs, r0)).neg_();
-    at::Tensor gx = at::bmm(u.narrow(1, r0, nr), d.transpose(1, 2));  // (nb, nr, HW), contiguous
+    at::Tensor gx = at::bmm(c.u.narrow(1, r0, nr), c.d.transpose(1, 2));  // (nb, nr, HW), contiguous
     gx.view({nb * nr, g.hw}).addmm_(v.reshape({nb * nr, g.k}), z.t());
-    const T *gp = gx.data_ptr<T>(), *xp = x.data_ptr<T>(), *np = nrm.data_ptr<T>();
+    const T *gxp = gx.data_ptr<T>(), *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
     at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> dot;
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = b0 + i;
-        const T *gi = gp + i * nr * g.hw, *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
+        const T *gi = gxp + i * nr * g.hw, *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
         if (out.fs != nullptr)
           normalise_backward<S, T>(g.cs, g.hw, 0, g.hw, gi, g.hw, xi, g.hw, ni, T(1), out.fs + b * g.cs * g.hw, dot);
         if (out.ft != nullptr)
