@@ -39,21 +39,17 @@ import common  # noqa: E402
 import slimops  # noqa: E402,F401
 from slimops.ops import feature_affinity_loss  # noqa: E402
 from slimops.ops.distill import gaussian_projection  # noqa: E402
+from slimops.reference import distill as ref  # noqa: E402
+from slimops.reference._common import compute_dtype  # noqa: E402
 from slimops.reference.distill import normalize_pixels  # noqa: E402
 
 K_PROJ = 256
 HEADER = ["case", "dtype", "loss", "slimops ms", "composite ms", "per-image ms", "speed-up", "slimops GFLOP/s"]
 
 
-def composite_exact_batched(fs, ft):
-    dt = torch.float64 if fs.dtype == torch.float64 else torch.float32
-    s, t = normalize_pixels(fs, dt), normalize_pixels(ft, dt)
-    hw = s.shape[2]
-    return (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / (hw * hw)
-
-
 def composite_exact_per_image(fs, ft):
-    dt = torch.float64 if fs.dtype == torch.float64 else torch.float32
+    """The FAQD code's loop: one HW x HW difference per image (what slimops.distill ran before the op)."""
+    dt = compute_dtype(fs)
     s, t = normalize_pixels(fs, dt), normalize_pixels(ft, dt)
     hw = s.shape[2]
     total = s.new_zeros(())
@@ -62,21 +58,14 @@ def composite_exact_per_image(fs, ft):
     return total / (hw * hw)
 
 
-def composite_fast(fs, ft, z):
-    dt = torch.float64 if fs.dtype == torch.float64 else torch.float32
-    s, t = normalize_pixels(fs, dt), normalize_pixels(ft, dt)
-    hw = s.shape[2]
-    z = z.to(dt)
-    return (s.transpose(1, 2) @ (s @ z) - t.transpose(1, 2) @ (t @ z)).abs().sum() / (z.shape[1] * hw * hw)
-
-
 def contenders(fs, ft, z, backend):
     return {
         "exact/slimops": lambda: feature_affinity_loss(fs, ft, backend=backend),
-        "exact/composite": lambda: composite_exact_batched(fs, ft),
+        # the reference twin is the batched composite: it forms Δ (B x HW x HW), or ΔZ with the projection
+        "exact/composite": lambda: ref.feature_affinity_loss(fs, ft).sum(),
         "exact/per-image": lambda: composite_exact_per_image(fs, ft),
         "fast/slimops": lambda: feature_affinity_loss(fs, ft, fast=True, k=K_PROJ, backend=backend),
-        "fast/composite": lambda: composite_fast(fs, ft, z),
+        "fast/composite": lambda: ref.feature_affinity_loss(fs, ft, z).sum(),
     }
 
 
@@ -176,25 +165,15 @@ def run(device, dtypes, rounds, shape, backend, memory):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default="auto", help="slimops backend (auto, cpu, triton, reference)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CPU results use 2)")
-    ap.add_argument("--dtypes", default="float32", help="comma-separated, of float32, bfloat16, float16")
+    common.add_run_args(ap, dtypes="float32", rounds_help="timed rounds (default: 7 on CPU, 30 on CUDA)",
+                        quick_help="tiny sizes, 2 rounds; prints only (no results appended)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--size", type=int, default=56, help="H = W of the feature maps")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 7 on CPU, 30 on CUDA)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds; prints only (no results appended)")
-    ap.add_argument("--json", default=None, metavar="PATH", help="also write provenance and the table to PATH")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not append to bench/results")
     ap.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    dtypes = []
-    for dn in args.dtypes.split(","):
-        if dn.strip() not in ("float32", "bfloat16", "float16"):
-            ap.error(f"--dtypes: float32, bfloat16 and/or float16, got {dn!r}")
-        dtypes.append(getattr(torch, dn.strip()))
+    dtypes = common.dtypes_of(ap, args.dtypes)
     if args.quick:
         args.batch, args.channels, args.size = 2, 8, 12
     shape = (args.batch, args.channels, args.size, args.size)

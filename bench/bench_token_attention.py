@@ -112,20 +112,10 @@ def run(device, dtypes, rounds, quick, backend):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default="auto", help="slimops backend (auto, cpu, triton, reference)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CPU results use 2)")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, of float32, bfloat16, float16")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 15 on CPU, 30 on CUDA)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds; prints only (no results appended)")
-    ap.add_argument("--json", default=None, metavar="PATH", help="also write provenance and the table to PATH")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not append to bench/results")
+    common.add_run_args(ap, dtypes="float32,bfloat16", rounds_help="timed rounds (default: 15 on CPU, 30 on CUDA)",
+                        quick_help="tiny shapes, 3 rounds; prints only (no results appended)")
     args = ap.parse_args(argv)
-    dtypes = []
-    for dn in args.dtypes.split(","):
-        if dn.strip() not in ("float32", "bfloat16", "float16"):
-            ap.error(f"--dtypes: float32, bfloat16 and/or float16, got {dn!r}")
-        dtypes.append(getattr(torch, dn.strip()))
+    dtypes = common.dtypes_of(ap, args.dtypes)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rounds = args.rounds or (3 if args.quick else 30 if device.type == "cuda" else 15)

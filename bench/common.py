@@ -6,6 +6,7 @@ alike), and writes ``bench/results/<device>.md`` + ``.csv`` rows tagged with dev
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -53,6 +54,29 @@ def time_side_by_side(fns: Dict[str, Callable[[], None]], device: torch.device, 
                     fn()
                 samples[name].append((time.perf_counter() - t0) / inner)
     return samples
+
+
+def add_run_args(ap: argparse.ArgumentParser, *, dtypes: str, rounds_help: str, quick_help: str) -> None:
+    """The options every op benchmark takes: --device, --backend, --threads, --dtypes (default ``dtypes``),
+    --rounds, --quick, --json, --no-write (read the dtypes back with :func:`dtypes_of`)."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", default="auto", help="slimops backend (auto, cpu, triton, reference)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CPU results use 2)")
+    ap.add_argument("--dtypes", default=dtypes, help="comma-separated, of float32, bfloat16, float16")
+    ap.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write provenance and the table to PATH")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to bench/results")
+
+
+def dtypes_of(ap: argparse.ArgumentParser, text: str) -> List[torch.dtype]:
+    """The --dtypes value as torch dtypes (float32, bfloat16, float16); anything else is the parser's error."""
+    out = []
+    for dn in text.split(","):
+        if dn.strip() not in ("float32", "bfloat16", "float16"):
+            ap.error(f"--dtypes: float32, bfloat16 and/or float16, got {dn!r}")
+        out.append(getattr(torch, dn.strip()))
+    return out
 
 
 def median_ms(samples: List[float]) -> float:
