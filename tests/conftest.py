@@ -12,6 +12,8 @@ Tolerance principle (DESIGN.md "Testing rules"):
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import random
 
@@ -166,6 +168,30 @@ def cli_files(tmp_path_factory):
 
     torch.save({"format": "slimops-model", "version": 1, "kind": "dense", "x": Payload()}, d / "evil.pt")
     return d
+
+
+def triton_family(name: str):
+    """The preamble of a Triton family's tests: ``(slimops.triton.<name> or None, interpreted, device, skip mark)``.
+    The kernels run on CPU tensors through the interpreter (switched on above, before this import, when no GPU is
+    visible) or compiled on CUDA tensors; without triton, or with neither, the mark skips the module."""
+    reason = "needs triton, and TRITON_INTERPRET=1 (set before triton is imported) or a GPU"
+    if importlib.util.find_spec("triton") is None:
+        return None, False, "cuda", pytest.mark.skipif(True, reason=reason)
+    from slimops.triton import _common
+
+    interpreted = _common.INTERPRETED
+    mark = pytest.mark.skipif(not (interpreted or torch.cuda.is_available()), reason=reason)
+    return importlib.import_module(f"slimops.triton.{name}"), interpreted, "cpu" if interpreted else "cuda", mark
+
+
+@pytest.fixture
+def no_matmul_tf32():
+    """Compiled float32 runs on a GPU: torch's TF32 matmul flag off, so the Triton fp32 dots take the modules'
+    fp32-class default (3xTF32) and cuBLAS's products stay fp32. A no-op in the interpreter."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.fixture

@@ -12,24 +12,16 @@ float64 truth, error at most twice the reference's own error in that dtype plus 
 """
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import LOWP, assert_close_lowp
+from conftest import LOWP, assert_close_lowp, triton_family
 from slimops.reference import spectral as ref
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:  # (conftest switched the interpreter on before this import, when there is no GPU)
-    from slimops.triton import _common as _tcommon, spectral as ts
-INTERPRETED = HAS_TRITON and _tcommon.INTERPRETED
-DEV = "cpu" if INTERPRETED else "cuda"
+ts, INTERPRETED, DEV, NEEDS_TRITON = triton_family("spectral")
 
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
-    reason="needs triton, and TRITON_INTERPRET=1 (set before triton is imported) or a GPU",
-)
+pytestmark = NEEDS_TRITON
 
 OPS_NS = "slimops_triton"
 FP_TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10)}

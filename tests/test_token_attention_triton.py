@@ -18,41 +18,24 @@ Shapes are tiny and few: the interpreter runs every tile operation of every prog
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import pytest
 import torch
 
-from conftest import LOWP, assert_close_lowp
+from conftest import LOWP, assert_close_lowp, triton_family
 from slimops.ops import token_attention as K
 from slimops.reference import token_attention as ref
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:  # (conftest switched the interpreter on before this import, when there is no GPU)
-    from slimops.triton import _common as _tcommon, token_attention as tk
-INTERPRETED = HAS_TRITON and _tcommon.INTERPRETED
-DEV = "cpu" if INTERPRETED else "cuda"
+tk, INTERPRETED, DEV, NEEDS_TRITON = triton_family("token_attention")
 
-pytestmark = [
-    pytest.mark.skipif(not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
-                       reason="needs triton, and TRITON_INTERPRET=1 (set before triton is imported) or a GPU"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = [NEEDS_TRITON, pytest.mark.usefixtures("one_thread", "no_matmul_tf32")]
 
 OPS_NS = "slimops_triton"
 FP_TOL = {torch.float32: 1e-5 if INTERPRETED else 1e-4, torch.float64: 1e-10}
 ALL = [True, True, True]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """Compiled fp32 runs on a GPU: torch's TF32 flag off, so the fp32 dots are 3xTF32. A no-op in the
-    interpreter."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _ops():
