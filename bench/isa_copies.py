@@ -4,8 +4,10 @@ torch's own op timed in the same processes as the baseline.
 
 Cases (2 threads by default, float32): SEMA attention forward and fwd+bwd at SEMA-T stage 1 (16, 4 heads, 56x56,
 d 32, window 7); the GFNet global filter fwd+bwd at (16, 14, 14, 384); kept_token_attention forward at DeiT-Ti
-(64, 3 heads, 197 tokens, d 64, 60% kept). Baselines: partition + SDPA (sema's reference), torch.fft
-(spectral's reference), index_select + SDPA.
+(64, 3 heads, 197 tokens, d 64, 60% kept); the fused prox_sgd_ and prox_adamw_ steps (l1) on bench_prox.py's
+25M-parameter set in bfloat16. Baselines: partition + SDPA (sema's reference), torch.fft (spectral's reference),
+index_select + SDPA, SGD(foreach=False) + softshrink and AdamW(fused) + softshrink (bench_prox.py's fastest torch
+contenders in bfloat16).
 
     python bench/isa_copies.py                     # prints the table (and appends it to bench/results/<device>.md)
     python bench/isa_copies.py --no-write
@@ -55,6 +57,34 @@ idx = torch.cat([torch.zeros(1, dtype=torch.long), (torch.randperm(196)[:117] + 
 res["kept_token fwd"] = (med(lambda: P.kept_token_attention(qt, kt, vt, idx, idx), reps),
                          med(lambda: F.scaled_dot_product_attention(qt.index_select(2, idx), kt.index_select(2, idx),
                                                                     vt.index_select(2, idx)), reps))
+# the prox family on the 25M-parameter set of bench_prox.py (24 x 1024x1024 + 24 vectors), bfloat16: one SGD
+# (momentum 0.9) + l1 prox step, and one AdamW + l1 prox step, against the fastest torch contender bench_prox.py
+# found for each (the plain per-tensor SGD loop + softshrink; AdamW(fused) + softshrink)
+shapes = [(1024, 1024)] * 24 + [(1024,)] * 24
+bf = torch.bfloat16
+ps = [torch.randn(s_, dtype=bf) * 0.1 for s_ in shapes]
+gs = [torch.randn(s_, dtype=bf) * 0.01 for s_ in shapes]
+bs = [torch.zeros(s_, dtype=bf) for s_ in shapes]
+ms, vs = [torch.zeros(s_, dtype=bf) for s_ in shapes], [torch.zeros(s_, dtype=bf) for s_ in shapes]
+steps = [torch.zeros(()) for _ in shapes]
+tp = [p_.clone().requires_grad_() for p_ in ps]
+for t_, g_ in zip(tp, gs):
+    t_.grad = g_.clone()
+sgd = torch.optim.SGD(tp, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+adamw = torch.optim.AdamW(tp, lr=1e-3, weight_decay=1e-2, fused=True)
+
+def torch_step(opt, thresh):
+    opt.step()
+    with torch.no_grad():
+        for t_ in tp:
+            t_.copy_(F.softshrink(t_, thresh))
+
+res["prox_sgd_ bf16 25M"] = (
+    med(lambda: P.prox_sgd_(ps, gs, bs, lr=0.1, momentum=0.9, weight_decay=1e-4, penalty="l1", lam=1e-4), reps),
+    med(lambda: torch_step(sgd, 1e-5), reps))
+res["prox_adamw_ bf16 25M"] = (
+    med(lambda: P.prox_adamw_(ps, gs, ms, vs, [], steps, lr=1e-3, penalty="l1", lam=0.1), reps),
+    med(lambda: torch_step(adamw, 1e-4), reps))
 print(json.dumps(res))
 '''
 
@@ -91,7 +121,8 @@ def main(argv=None) -> int:
     if not args.no_write:
         notes = (f"`python bench/isa_copies.py {' '.join(sys.argv[1:] if argv is None else argv)}`. Medians of "
                  f"{args.reps} calls, {args.threads} threads, one process per ISA copy (SLIMOPS_CPU_ISA); the baseline "
-                 "(partition + SDPA, torch.fft, index_select + SDPA) is timed in the same process.")
+                 "(partition + SDPA, torch.fft, index_select + SDPA, the torch optimizer + softshrink) is timed in the "
+                 "same process.")
         print("appended to", common.write_results(device, "CPU kernels per ISA copy", header,
                                                   sorted(rows, key=lambda r: (r[0], r[1])), notes))
     return 0

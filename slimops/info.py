@@ -31,12 +31,15 @@ def cpu_isa() -> str:
 
 def kernel_isa() -> str:
     """The kernel copies that run for :func:`cpu_isa`: base, or avx2 (every kernel with ISA copies), and on an
-    AVX-512 CPU avx512 for the small products and row loops of spectral, sema, token_attention and distill and the quant
-    family's loops (channel_conv's direct convolution has no AVX-512 copy yet and runs avx2)."""
+    AVX-512 CPU avx512 for the small products and row loops of spectral, sema, token_attention and distill, the quant
+    family's loops and the prox family's elementwise loops (channel_conv's direct convolution has no AVX-512 copy yet
+    and runs avx2)."""
     isa = cpu_isa()
     if isa == "base":
         return "base"
-    return "avx2" if isa == "avx2" else "avx512 (spectral, sema, token_attention, distill, quant), avx2 (channel_conv)"
+    if isa == "avx2":
+        return "avx2"
+    return "avx512 (spectral, sema, token_attention, distill, quant, prox), avx2 (channel_conv)"
 
 
 def ops() -> list[str]:

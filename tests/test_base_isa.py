@@ -1,6 +1,7 @@
 """Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
 FMA; small_mm.h and sema_core.inc users: spectral, sema, token_attention; channel_conv's direct convolution; and avx512,
-which small_mm.h, sema_core.inc and the quant family's block loops have) agrees with the references.
+which small_mm.h, sema_core.inc, the quant family's block loops and the prox family's elementwise loops have) agrees
+with the references; the prox family's copies agree with the base copy bit for bit.
 Only the best copy runs by default, so each is checked in a subprocess with SLIMOPS_CPU_ISA set (read once by the
 extension)."""
 import os
@@ -92,6 +93,85 @@ _CHECKS = textwrap.dedent("""
         assert torch.equal(fda_sign(x, backend="cpu"), qref.fda_sign(x))
     print("ok", worst)
 """)
+
+
+# The prox family's elementwise loops (fused_apply.h's isa_for_range) round the same way in every copy: no FMA
+# contraction, the same conversions. Each op, penalty and dtype runs on values around the thresholds and the
+# specials (+-0, +-inf, NaN, bf16/fp16 ties); the results are saved and compared bit for bit with the base copy's.
+_PROX_STEPS = textwrap.dedent("""
+    import sys
+    import torch
+    import slimops
+    from slimops.ops import palm_slimming_, penalty_grad_, prox, prox_adamw_, prox_backward, prox_sgd_, split_step_
+    from slimops.penalties import GRAD as GRAD_PENALTIES, PROX as PROX_PENALTIES, STEP as STEP_PENALTIES
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 0.1, -0.1, 0.10001, 0.0999, float("inf"), float("-inf"), float("nan"), 1e-30])
+    def data(dt, shape=(7, 1301)):  # 1301: a vector body and a remainder in every copy
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.2
+        x.view(-1)[: special.numel()] = special.double()
+        return x.to(dt)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        name = str(dt).split(".")[1]
+        for pen in PROX_PENALTIES:
+            x, g = data(dt), data(dt)
+            out[f"prox/{name}/{pen}"] = prox(x, pen, 0.01, a=0.5, backend="cpu")
+            out[f"prox_backward/{name}/{pen}"] = prox_backward(g, x, pen, 0.01, a=0.5, backend="cpu")
+        for pen in STEP_PENALTIES:
+            for mom, nest, init in ((0.0, False, False), (0.9, False, True), (0.9, False, False), (0.9, True, False)):
+                p, g, b = [data(dt)], [data(dt)], [data(dt)]
+                prox_sgd_(p, g, b, lr=0.1, momentum=mom, weight_decay=1e-4, nesterov=nest, init_momentum=init,
+                          penalty=pen, lam=0.01, a=0.5, backend="cpu")
+                out[f"prox_sgd_/{name}/{pen}/{mom}/{nest}/{init}"] = torch.cat([p[0], b[0]])
+            if dt == torch.float16:
+                continue  # AdamW's moments in float16 overflow; the kernel is the same template
+            for ams, b1 in ((False, 0.9), (True, 0.9), (False, 0.2)):  # b1 0.2: the other lerp form
+                p, g, m, v = [data(dt)], [data(dt)], [data(dt)], [data(dt).abs()]
+                vm = [data(dt).abs()] if ams else []
+                prox_adamw_(p, g, m, v, vm, [torch.zeros(())], lr=1e-2, beta1=b1, amsgrad=ams, penalty=pen,
+                            lam=0.5, a=0.5, backend="cpu")
+                out[f"prox_adamw_/{name}/{pen}/{ams}/{b1}"] = torch.cat([p[0], m[0], v[0]] + vm)
+            if pen == "none":
+                continue  # palm_slimming_ and split_step_ take prox penalties
+            gam, xi = [data(dt)], [data(dt)]
+            palm_slimming_(gam, xi, alpha=10.0, beta=100.0, lam=0.5, penalty=pen, a=0.5, backend="cpu")
+            out[f"palm_slimming_/{name}/{pen}"] = torch.cat([gam[0], xi[0]])
+            w, g, u = [data(dt)], [data(dt)], [data(dt)]
+            split_step_(w, g, u, lr=0.1, beta=1.0, penalty=pen, lam=1e-3, a=0.5, backend="cpu")
+            out[f"split_step_/{name}/{pen}"] = torch.cat([w[0], u[0]])
+        for pen in GRAD_PENALTIES:
+            g, w = [data(dt)], [data(dt)]
+            penalty_grad_(g, w, penalty=pen, s=1e-2, a=0.5, backend="cpu")
+            out[f"penalty_grad_/{name}/{pen}"] = g[0]
+    torch.save(out, sys.argv[1])
+""")
+
+
+def test_prox_family_copies_are_bit_identical(tmp_path):
+    if DETECTED == "base":
+        pytest.skip("this CPU runs the base copy only")
+    results = {}
+    for isa in ORDER[: ORDER.index(DETECTED) + 1]:
+        env = dict(os.environ, SLIMOPS_CPU_ISA=isa, OMP_NUM_THREADS="1")
+        env.pop("SLIMOPS_CPU_BASE_ISA", None)
+        path = str(tmp_path / f"{isa}.pt")
+        res = run_with_deadline([sys.executable, "-c", _PROX_STEPS, path], env=env, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        import torch
+
+        results[isa] = torch.load(path, weights_only=True)
+    base = results["base"]
+    assert len(base) > 100
+    for isa, got in results.items():
+        assert got.keys() == base.keys()
+        for key, want in base.items():
+            # bit patterns (-0.0 != 0.0 here), except that a NaN matches any NaN: x86 propagates the first operand's
+            # NaN, and the copies may order a commutative product differently (inf - inf gave -nan in one, nan in
+            # the other)
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
+            same = (got[key].view(bits) == want.view(bits)) | (got[key].isnan() & want.isnan())
+            assert bool(same.all()), (isa, key)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

@@ -58,11 +58,11 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
     scalar_t* __restrict__ o = out.data_ptr<scalar_t>();
     parallel_chunks({out}, group, [&](const Chunk& ch) {
       if (!group) {
-        for (int64_t j = ch.begin; j < ch.end; ++j) {
+        isa_for_range(ch.begin, ch.end, [=](int64_t j) {
           const acc_t y = load<acc_t>(xin[j]);
           const acc_t z = prox_elementwise<acc_t>(y, p, l, aa, t);
           put(o[j], load<acc_t>(gin[j]) * prox_elementwise_derivative<acc_t>(y, z, p, l, aa, t));
-        }
+        });
         return;
       }
       // Block soft threshold z -> (1 - t/n) z, n = ||z||: J^T g = (1 - t/n) g + t (z.g) z / n^3.
@@ -175,6 +175,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const acc_t lw = acc_t(1) - b1;
     const bool lerp_small = std::abs(lw) < acc_t(0.5);
     const acc_t lerp_coeff = lerp_small ? lw : lw - acc_t(1);
+    const uint64_t lerp_mask = lerp_small ? ~uint64_t(0) : uint64_t(0);  // picks m (all ones) or g
     dispatch_bool(amsgrad, [&](auto kAmsgrad) {  // a compile-time option: no branch in the loop
       auto make_update = [&](int64_t i, const scalar_t* wp) {
         const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
@@ -186,7 +187,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           const acc_t gj = load<acc_t>(gp[j]) * gscale;
           const acc_t w = load<acc_t>(wp[j]) * decay;
           const acc_t m_old = load<acc_t>(mp[j]);
-          const acc_t m = (lerp_small ? m_old : gj) + lerp_coeff * (gj - m_old);
+          const acc_t m = select_bits(lerp_mask, m_old, gj) + lerp_coeff * (gj - m_old);
           acc_t v = b2 * load<acc_t>(vp[j]) + (acc_t(1) - b2) * gj * gj;
           put(mp[j], m);
           put(vp[j], v);
@@ -246,10 +247,10 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
       parallel_chunks(grads, false, [&](const Chunk& ch) {
         scalar_t* __restrict__ gp = grads[ch.tensor].data_ptr<scalar_t>();
         const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
-        for (int64_t j = ch.begin; j < ch.end; ++j) {
+        isa_for_range(ch.begin, ch.end, [=](int64_t j) {
           const acc_t d = penalty_subgradient<acc_t>(load<acc_t>(wp[j]), kP, a_, eps_);
           put(gp[j], load<acc_t>(gp[j]) + s_ * d);
-        }
+        });
       });
     };
     switch (p) {

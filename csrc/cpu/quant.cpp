@@ -90,8 +90,6 @@ inline int64_t grain_blocks(const QuantGeom& g) {
 
 // ---- the loops over one block (one grid), and their ISA copies --------------------------------------------------
 
-#define SLIMOPS_ALWAYS_INLINE inline __attribute__((always_inline))
-
 // The integer level of v = x / s (clamped to one step outside the grid before rounding: the same levels, and
 // rne_near's bound holds).
 template <typename acc_t, bool kBinary>
