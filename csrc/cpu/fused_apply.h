@@ -49,7 +49,8 @@ __attribute__((noinline)) void range_base(int64_t begin, int64_t end, const Body
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SLIMOPS_HAS_RANGE_COPIES 1
 template <typename Body>
-__attribute__((noinline, target("avx2"), optimize("fp-contract=off"))) void range_avx2(int64_t begin, int64_t end, const Body& body) {
+__attribute__((noinline, target("avx2"), optimize("fp-contract=off"))) void range_avx2(int64_t begin, int64_t end,
+                                                                                   const Body& body) {
   range_loop(begin, end, body);
 }
 template <typename Body>
@@ -111,9 +112,10 @@ inline void put(scalar_t& dst, acc_t v) {
   }
 }
 
-// (mask ? a : b) for a loop-invariant mask of all ones or all zeros, as bit operations. GCC leaves a loop whose
-// select has a loop-invariant condition on a float scalar (the bfloat16 AdamW step ran 5x slower than float32);
-// and / or on the bits vectorise, and give the same value.
+// (mask ? a : b) for a mask of all ones or all zeros, as bit operations on values already computed. GCC leaves a
+// loop scalar where a ?: on floats has a loop-invariant condition (the bfloat16 AdamW step ran 5x slower than
+// float32) or where it moves a float operation into one arm (it keeps that a branch under -ftrapping-math: the
+// quant family's FDA gradient); and / or on the bits vectorise, and give the same value.
 template <typename T>
 inline T select_bits(uint64_t mask, T a, T b) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8);
