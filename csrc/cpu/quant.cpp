@@ -163,15 +163,22 @@ SLIMOPS_ALWAYS_INLINE float odd_of(float k) {
   return rint_float(h) != h ? 1.0f : 0.0f;
 }
 
+constexpr float kInvPiF = 0.318309886183790671538f, kPiHiF = 3.140625f, kPiLoF = 9.67653589793e-4f;  // cos_odd_sum's
+
+// sin v for any float v: reduced by pi (v = kv pi + rv), sin v = (-1)^kv sin rv.
+SLIMOPS_ALWAYS_INLINE float sin_reduced(float v) {
+  const float kv = rint_float(v * kInvPiF);
+  const float rv = (v - kv * kPiHiF) - kv * kPiLoF;
+  return sin_half_period(rv) * (1.0f - 2.0f * odd_of(kv));
+}
+
 SLIMOPS_ALWAYS_INLINE float fda_cos_odd_sum(float u, int n) {
-  const float kInvPi = 0.318309886183790671538f, kPiHi = 3.140625f, kPiLo = 9.67653589793e-4f;  // as cos_odd_sum
-  const float k = rint_float(u * kInvPi);
-  const float d = (u - k * kPiHi) - k * kPiLo;
-  const float sd = sin_half_period(d);
-  const float v = static_cast<float>(2 * n) * d;  // sin(2 n d): reduce by pi again
-  const float kv = rint_float(v * kInvPi);
-  const float rv = (v - kv * kPiHi) - kv * kPiLo;
-  const float s2 = sin_half_period(rv) * (1.0f - 2.0f * odd_of(kv));
+  const float k = rint_float(u * kInvPiF);
+  const float d = (u - k * kPiHiF) - k * kPiLoF;
+  // sin d reduced again: |d| <= pi/2 only while k pi_hi is exact (|k| < 2^15); beyond, d is what cos_odd_sum (and
+  // the Triton kernel) compute too, and its sine must still be right. For |d| <= pi/2 the reduction is exact (k 0).
+  const float sd = sin_reduced(d);
+  const float s2 = sin_reduced(static_cast<float>(2 * n) * d);
   const uint64_t at_zero = mask_of(sd == 0.0f);
   const float q = s2 / select_bits(at_zero, 1.0f, 2.0f * sd);
   const float r = select_bits(at_zero, static_cast<float>(n), q);
