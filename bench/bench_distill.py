@@ -62,10 +62,10 @@ def contenders(fs, ft, z, backend):
     return {
         "exact/slimops": lambda: feature_affinity_loss(fs, ft, backend=backend),
         # the reference twin is the batched composite: it forms Δ (B x HW x HW), or ΔZ with the projection
-        "exact/composite": lambda: ref.feature_affinity_loss(fs, ft).sum(),
+        "exact/composite": lambda: ref.affinity_loss(fs, ft).sum(),
         "exact/per-image": lambda: composite_exact_per_image(fs, ft),
         "fast/slimops": lambda: feature_affinity_loss(fs, ft, fast=True, k=K_PROJ, backend=backend),
-        "fast/composite": lambda: ref.feature_affinity_loss(fs, ft, z).sum(),
+        "fast/composite": lambda: ref.affinity_loss(fs, ft, z).sum(),
     }
 
 

@@ -133,12 +133,14 @@ TORCH_LIBRARY(slimops, m) {
   // ---- distill family: distillation losses (docs/algorithms.md §9) --------------------------------------------
   // FAQD's feature-affinity loss, per sample: fs (B, Cs, H, W), ft (B, Ct, H, W); pixels normalised to unit length
   // (+1e-5), D = S^T S - T^T T (HW x HW, never formed); loss[b] = sum phi(D) / (HW)^2, or with proj (HW, k) the
-  // fast loss sum phi(D proj) / (k (HW)^2); phi = |.| (norm "l1") or (.)^2 ("l2sq"). (B,) float32 (float64 for
-  // float64 features).
-  m.def("feature_affinity_loss(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> Tensor");
-  // (grad_fs, grad_ft) for the per-sample gradient grad (B,), recomputing the tiles; one not asked for in
-  // output_mask is an empty tensor. proj gets no gradient.
+  // fast loss sum phi(D proj) / (k (HW)^2); phi = |.| (norm "l1") or (.)^2 ("l2sq"). Returns (loss (B,), u, e) in
+  // float32 (float64 for float64 features): the fast loss's products, saved for its backward (as SDPA's logsumexp),
+  // u = [S proj; -T proj] (B, Cs + Ct, k) and e = phi'(D proj) (B, HW, k); for the exact loss both are empty.
+  m.def("feature_affinity_loss(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> (Tensor, Tensor, Tensor)");
+  // (grad_fs, grad_ft) for the per-sample gradient grad (B,); one not asked for in output_mask is an empty tensor.
+  // proj gets no gradient. The fast loss's backward reads u and e when given (the forward's outputs: no product
+  // is recomputed) and recomputes them when not; the exact loss recomputes its tiles.
   m.def(
-      "feature_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, Tensor? proj, str norm, bool[2] output_mask) "
-      "-> (Tensor, Tensor)");
+      "feature_affinity_loss_backward(Tensor grad, Tensor fs, Tensor ft, Tensor? proj, str norm, bool[2] output_mask, "
+      "Tensor? u=None, Tensor? e=None) -> (Tensor, Tensor)");
 }

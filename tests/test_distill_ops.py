@@ -39,6 +39,11 @@ from slimops.reference import distill as ref
 from tests.conftest import LOWP, assert_close_lowp
 
 OPS = torch.ops.slimops
+
+
+def op_loss(*args):
+    """The raw op's per-sample loss (its 1st output; the 2nd and 3rd are the fast loss's saved products)."""
+    return OPS.feature_affinity_loss(*args)[0]
 F32, F64 = torch.float32, torch.float64
 EPS = 1e-5
 NORMS = ("l1", "l2sq")
@@ -155,7 +160,7 @@ def _grad(b, dtype, seed=1):
 @pytest.mark.parametrize("norm", NORMS)
 def test_reference_matches_oracle(norm, k):
     fs, ft, proj = _case(2, 3, 5, 4, 5, k=k)
-    close(ref.feature_affinity_loss(fs, ft, proj, norm), oracle(fs, ft, proj, norm), 1e-12)
+    close(ref.affinity_loss(fs, ft, proj, norm), oracle(fs, ft, proj, norm), 1e-12)
     g = _grad(2, F64)
     got = ref.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True])
     want = oracle_grads(g, fs, ft, proj, norm)
@@ -210,9 +215,9 @@ CASES = [(2, 3, 5, 1, 1), (2, 4, 6, 5, 6), (1, 2, 7, 8, 8), (1, 5, 3, 9, 11), (2
 def test_cpu_matches_reference(case, k, norm, dtype):
     fs, ft, proj = _case(*case, dtype=dtype, k=k)
     rtol = RTOL[dtype]
-    loss = OPS.feature_affinity_loss(fs, ft, proj, norm)
+    loss = op_loss(fs, ft, proj, norm)
     assert loss.dtype == dtype and loss.shape == (case[0],)
-    close(loss, ref.feature_affinity_loss(fs, ft, proj, norm), rtol, "loss", LOSS_ATOL[dtype])
+    close(loss, ref.affinity_loss(fs, ft, proj, norm), rtol, "loss", LOSS_ATOL[dtype])
     g = _grad(case[0], dtype)
     scales = cancellation_scale(g, fs, ft, proj, norm)
     for mask in MASKS:
@@ -233,25 +238,121 @@ def test_cpu_matches_reference(case, k, norm, dtype):
 def test_fast_with_one_column_and_more_columns_than_pixels(norm):
     for k in (1, 40):
         fs, ft, proj = _case(2, 3, 2, 3, 3, k=k)
-        close(OPS.feature_affinity_loss(fs, ft, proj, norm), oracle(fs, ft, proj, norm), 1e-11)
+        close(op_loss(fs, ft, proj, norm), oracle(fs, ft, proj, norm), 1e-11)
         g = _grad(2, F64)
         for a, b in zip(OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True]),
                         oracle_grads(g, fs, ft, proj, norm)):
             close(a, b, 1e-10)
 
 
-@pytest.mark.parametrize("k", [None, 2000], ids=["exact", "fast"])
+@pytest.mark.parametrize("k", [None, 16], ids=["exact", "fast"])
 def test_chunks_of_samples(k):
     """Batches the kernels cut into chunks (a 32 MiB workspace per chunk): the exact loss with 2000 channels at 4x4
-    (131 samples per chunk), the fast loss with k = 2000 at 8x8 (32 per chunk forward, 21 backward)."""
-    fs, ft, proj = (_case(133, 1000, 1000, 4, 4) if k is None else _case(45, 3, 2, 8, 8, k=k))
+    (131 samples per chunk), the fast loss with 2000 channels at 8x8 and k = 16 (65 samples per chunk forward, 32
+    backward from the saved products, 28 recomputing them)."""
+    fs, ft, proj = (_case(133, 1000, 1000, 4, 4) if k is None else _case(70, 1000, 1000, 8, 8, k=k))
     g = _grad(fs.shape[0], F64)
     for norm in NORMS:
-        close(OPS.feature_affinity_loss(fs, ft, proj, norm), ref.feature_affinity_loss(fs, ft, proj, norm), 1e-11)
+        loss, u, e = OPS.feature_affinity_loss(fs, ft, proj, norm)
+        close(loss, ref.affinity_loss(fs, ft, proj, norm), 1e-11)
+        saved = [{}] if k is None else [{}, dict(u=u, e=e)]
         for mask in ([True, True], [False, True]):
-            for a, b in zip(OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask),
-                            ref.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask)):
-                close(a, b, 1e-10)
+            want = ref.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask)
+            for kw in saved:
+                for a, b in zip(OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask, **kw), want):
+                    close(a, b, 1e-10, f"{norm} {mask} {sorted(kw)}")
+
+
+# ---- 2b. the fast loss's saved products ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_saved_products_match_the_reference_and_the_recomputing_backward(case, norm, dtype):
+    """The forward's u = [ŜZ; −T̂Z] and e = φ'(ΔZ) are the reference twin's, and the backward that reads them gives
+    the gradients of the backward that recomputes them (and of the reference's autograd), for every output mask."""
+    fs, ft, proj = _case(*case, dtype=dtype, k=6)
+    b, kk, hw = case[0], case[1] + case[2], case[3] * case[4]
+    loss, u, e = OPS.feature_affinity_loss(fs, ft, proj, norm)
+    r_loss, r_u, r_e = ref.feature_affinity_loss(fs, ft, proj, norm)
+    acc = F64 if dtype == F64 else F32
+    assert u.shape == (b, kk, 6) and e.shape == (b, hw, 6) and u.dtype == e.dtype == acc
+    close(loss, r_loss, RTOL[dtype], "loss", LOSS_ATOL[dtype])
+    close(u, r_u, RTOL[dtype], "u")
+    d = ref.feature_affinity_loss(fs, ft, proj, "l2sq")[2] / 2  # ΔZ
+    if norm == "l1":  # signs: equal wherever ΔZ is not within rounding of 0
+        clear = d.abs() > 1e-4 * d.abs().max()
+        assert torch.equal(e[clear], r_e[clear]) and set(e.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    else:
+        close(e, r_e, RTOL[dtype], "e", LOSS_ATOL[dtype])
+    g = _grad(b, dtype)
+    scales = cancellation_scale(g, fs, ft, proj, norm)
+    for mask in MASKS:
+        fast = OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask, u, e)
+        again = OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask)
+        want = ref.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask, r_u, r_e)
+        for name, a, r, w, m, sc in zip(("grad_fs", "grad_ft"), fast, again, want, mask, scales):
+            assert a.shape == r.shape == w.shape
+            close(a, r, RTOL[dtype], f"{name} {mask} saved vs recomputed", GRAD_ATOL[dtype] * sc)
+            close(a, w, RTOL[dtype], f"{name} {mask} saved vs reference", GRAD_ATOL[dtype] * sc)
+
+
+def test_exact_loss_saves_nothing_and_autograd_saves_the_products():
+    fs, ft, proj = _case(2, 3, 2, 4, 5, dtype=F32, k=3)
+    _, u, e = OPS.feature_affinity_loss(fs, ft, None, "l1")
+    assert u.shape == e.shape == (0,) and u.dtype == e.dtype == F32
+    _, u, e = OPS.feature_affinity_loss(fs[:0], ft[:0], proj, "l1")
+    assert u.shape == (0, 5, 3) and e.shape == (0, 20, 3)
+    # through autograd: u and e are outputs that need no gradient, saved for the backward (which reads them)
+    a = fs.clone().requires_grad_()
+    loss, u, e = OPS.feature_affinity_loss(a, ft, proj, "l2sq")
+    assert loss.requires_grad and not u.requires_grad and not e.requires_grad
+    loss.sum().backward(retain_graph=True)
+    first = a.grad.clone()
+    close(first, ref.feature_affinity_loss_backward(torch.ones(2), fs, ft, proj, "l2sq", [True, False])[0], RTOL[F32])
+    a.grad = None
+    with torch.no_grad():
+        e.mul_(2)  # a saved tensor changed in place: autograd's version check catches it, as for any saved input
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+def _saved_good():
+    fs, ft, proj, norm = _good()
+    _, u, e = OPS.feature_affinity_loss(fs, ft, proj, norm)
+    return fs, ft, proj, norm, u, e
+
+
+SAVED_BAD = [
+    ("u only", lambda u, e, p: (u, None, p), ValueError, "give both or neither"),
+    ("e only", lambda u, e, p: (None, e, p), ValueError, "give both or neither"),
+    ("exact loss", lambda u, e, p: (u, e, None), ValueError, "give them only with proj"),
+    ("u dtype", lambda u, e, p: (u.double(), e, p), TypeError, "u has dtype"),
+    ("e dtype", lambda u, e, p: (u, e.half(), p), TypeError, "e has dtype"),
+    ("u device", lambda u, e, p: (u.to("meta"), e, p), ValueError, "u is on meta but fs is on cpu"),
+    ("u rows", lambda u, e, p: (u[:, 1:], e, p), ValueError, "u must be (B, Cs + Ct, k) = (2, 5, 3), got shape"),
+    ("u batch", lambda u, e, p: (u[:1], e, p), ValueError, "u must be (B, Cs + Ct, k)"),
+    ("e pixels", lambda u, e, p: (u, e[:, :-1], p), ValueError, "e must be (B, H*W, k) = (2, 20, 3), got shape"),
+    ("e 2-D", lambda u, e, p: (u, e[0], p), ValueError, "e must be (B, H*W, k)"),
+    ("e columns", lambda u, e, p: (u, e[..., :2], p), ValueError, "e must be (B, H*W, k)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["raw", "fake"])
+@pytest.mark.parametrize("name,mutate,exc,msg", SAVED_BAD, ids=[b[0] for b in SAVED_BAD])
+def test_bad_saved_products(backend, name, mutate, exc, msg):
+    fs, ft, proj, norm, u, e = _saved_good()
+    u, e, proj = mutate(u, e, proj)
+    g = torch.ones(2)
+    if backend == "fake":
+        meta = lambda t: t if t is None else (  # noqa: E731
+            torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t.to("meta"))
+        g, fs, ft, proj, u, e = (meta(t) for t in (g, fs, ft, proj, u, e))
+        msg = msg.replace("on meta but fs is on cpu", "on cpu but fs is on meta")
+    with pytest.raises(exc) as err:
+        OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True], u, e)
+    assert "slimops.feature_affinity_loss_backward: " in str(err.value) and msg in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("cs,ct", [(0, 3), (4, 0), (0, 0)])
@@ -293,7 +394,7 @@ def test_empty_batch(k):
         ga, gb = torch.autograd.grad(loss, (a, b))
         assert ga.shape == fs.shape and gb.shape == ft.shape
     for norm in NORMS:
-        assert OPS.feature_affinity_loss(fs, ft, proj, norm).shape == (0,)
+        assert op_loss(fs, ft, proj, norm).shape == (0,)
         for mask in MASKS:
             got = OPS.feature_affinity_loss_backward(torch.zeros(0, dtype=F64), fs, ft, proj, norm, mask)
             assert [t.shape for t in got] == [fs.shape if mask[0] else (0,), ft.shape if mask[1] else (0,)]
@@ -304,7 +405,7 @@ def test_empty_batch(k):
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nan_and_inf_reach_only_their_sample(norm, k, bad):
     fs, ft, proj = _case(3, 4, 2, 5, 6, k=k)
-    clean = OPS.feature_affinity_loss(fs, ft, proj, norm)
+    clean = op_loss(fs, ft, proj, norm)
     g = _grad(3, F64)
     clean_grads = OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True])
     for side in ("fs", "ft"):
@@ -340,11 +441,11 @@ def test_nan_gradients_match_the_reference(norm, k):
 @pytest.mark.parametrize("dtype", LOWP)
 def test_low_precision_within_twice_the_references_error(dtype, norm, k):
     fs, ft, proj = _case(2, 8, 6, 9, 11, k=k, tscale=1.0)
-    truth = ref.feature_affinity_loss(fs, ft, proj, norm)
+    truth = ref.affinity_loss(fs, ft, proj, norm)
     lf, lt = fs.to(dtype), ft.to(dtype)
-    got = OPS.feature_affinity_loss(lf, lt, proj, norm)
+    got = op_loss(lf, lt, proj, norm)
     assert got.dtype == F32  # computed (and returned) in float32
-    assert_close_lowp(got, ref.feature_affinity_loss(lf, lt, proj, norm), truth, floor=1e-6 * truth.abs().max().item())
+    assert_close_lowp(got, ref.affinity_loss(lf, lt, proj, norm), truth, floor=1e-6 * truth.abs().max().item())
     g = _grad(2, F64)
     want64 = ref.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True])
     lowref = ref.feature_affinity_loss_backward(g.to(dtype), lf, lt, proj, norm, [True, True])
@@ -359,10 +460,10 @@ def test_proj_dtype_is_the_compute_dtype():
     float64), as the reference does."""
     fs, ft, proj = _case(2, 3, 2, 4, 4, dtype=F32, k=5)
     for p in (proj.double(), proj.to(torch.bfloat16)):
-        close(OPS.feature_affinity_loss(fs, ft, p, "l1"), ref.feature_affinity_loss(fs, ft, p, "l1"), RTOL[F32])
+        close(op_loss(fs, ft, p, "l1"), ref.affinity_loss(fs, ft, p, "l1"), RTOL[F32])
     fs, ft, proj = _case(2, 3, 2, 4, 4, k=5)
-    close(OPS.feature_affinity_loss(fs, ft, proj.float(), "l2sq"),
-          ref.feature_affinity_loss(fs, ft, proj.float(), "l2sq"), RTOL[F64])
+    close(op_loss(fs, ft, proj.float(), "l2sq"),
+          ref.affinity_loss(fs, ft, proj.float(), "l2sq"), RTOL[F64])
 
 
 def _layouts(dtype=F64):
@@ -385,8 +486,8 @@ def test_strided_inputs(layout, k):
     proj = None if k is None else torch.randn(3, 99, dtype=F64).t()  # a transposed projection too
     g = _grad(2, F64)
     for norm in NORMS:
-        want = ref.feature_affinity_loss(fs.contiguous(), ft.contiguous(), proj, norm)
-        close(OPS.feature_affinity_loss(fs, ft, proj, norm), want, 1e-11, layout)
+        want = ref.affinity_loss(fs.contiguous(), ft.contiguous(), proj, norm)
+        close(op_loss(fs, ft, proj, norm), want, 1e-11, layout)
         for mask in MASKS:
             got = OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, mask)
             exp = ref.feature_affinity_loss_backward(g, fs.contiguous(), ft.contiguous(), proj, norm, mask)
@@ -417,7 +518,7 @@ def test_exact_is_independent_of_the_thread_count(dtype):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs.append([OPS.feature_affinity_loss(fs, ft, None, norm) for norm in NORMS]
+            runs.append([op_loss(fs, ft, None, norm) for norm in NORMS]
                         + [t for norm in NORMS for t in OPS.feature_affinity_loss_backward(g, fs, ft, None, norm,
                                                                                            [True, True])])
     finally:
@@ -468,7 +569,7 @@ def test_seeded_fast_path_is_the_gaussian_projection():
         other = K.feature_affinity_loss(fs, ft, fast=True, k=11, seed=6, norm=norm, reduction="none")
         assert not torch.equal(seeded, other)
         f32 = K.feature_affinity_loss(fs.float(), ft.float(), fast=True, k=11, seed=5, norm=norm, reduction="none")
-        close(f32, ref.feature_affinity_loss(fs.float(), ft.float(), z.float(), norm), RTOL[F32])
+        close(f32, ref.affinity_loss(fs.float(), ft.float(), z.float(), norm), RTOL[F32])
         close(K.feature_affinity_loss(fs, ft, fast=True, k=11, seed=5, norm=norm, backend="reference"),
               seeded.sum(), 1e-12)
 
@@ -500,9 +601,12 @@ def test_opcheck():
     g = _grad(2, F32)
     for p, norm in ((None, "l1"), (proj, "l2sq"), (proj, "l1")):
         torch.library.opcheck(OPS.feature_affinity_loss.default, (fs, ft, p, norm))
+        saved = OPS.feature_affinity_loss(fs.detach(), ft.detach(), p, norm)[1:] if p is not None else (None, None)
         for mask in ([True, True], [False, True]):
             torch.library.opcheck(OPS.feature_affinity_loss_backward.default,
                                   (g, fs.detach(), ft.detach(), p, norm, mask))
+            torch.library.opcheck(OPS.feature_affinity_loss_backward.default,
+                                  (g, fs.detach(), ft.detach(), p, norm, mask, *saved))
     torch.library.opcheck(OPS.feature_affinity_loss.default, (fs, ft))  # the schema's defaults
     torch.library.opcheck(OPS.feature_affinity_loss.default, (fs[:0], ft[:0], None, "l1"))
 
@@ -598,13 +702,13 @@ def test_bad_input(backend, name, mutate, exc, msg):
     op = "feature_affinity_loss_backward" if backend == "raw_backward" else "feature_affinity_loss"
     with pytest.raises(exc) as e:
         if backend == "raw":
-            OPS.feature_affinity_loss(fs, ft, proj, norm)
+            op_loss(fs, ft, proj, norm)
         elif backend == "raw_backward":
             OPS.feature_affinity_loss_backward(torch.ones(2), fs, ft, proj, norm, [True, True])
         elif backend == "fake":  # fs on meta, the others too (those a case put on meta: back on the CPU)
             flip = lambda t: t if t is None else (  # noqa: E731
                 torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t.to("meta"))
-            OPS.feature_affinity_loss(fs.to("meta"), flip(ft), flip(proj), norm)
+            op_loss(fs.to("meta"), flip(ft), flip(proj), norm)
         else:
             _public(fs, ft, proj, norm, backend)
     text = str(e.value)
@@ -640,7 +744,7 @@ def test_not_tensors_and_sparse(backend):
             K.feature_affinity_loss(args[0], args[1], fast=args[2] is not None, proj=args[2], backend=backend)
     # the raw op: the dispatcher has no sparse kernel, and says so naming the op
     with pytest.raises(NotImplementedError, match="slimops::feature_affinity_loss"):
-        OPS.feature_affinity_loss(sparse, ft, None, "l1")
+        op_loss(sparse, ft, None, "l1")
 
 
 BAD_WRAPPER = [
@@ -716,7 +820,7 @@ def test_raw_op_refuses_float8():
     """float8 passes C++'s at::isFloatingType but has no kernel: an error naming the op, never a crash."""
     x = torch.randn(1, 2, 3, 3).to(torch.float8_e4m3fn)
     with pytest.raises((TypeError, RuntimeError), match="feature_affinity_loss"):
-        OPS.feature_affinity_loss(x, x, None, "l1")
+        op_loss(x, x, None, "l1")
     with pytest.raises(TypeError, match=r"slimops\.feature_affinity_loss: fs must be a floating-point tensor"):
         K.feature_affinity_loss(x, x)
 

@@ -130,25 +130,32 @@ def _check_case(fs, ft, proj, norm, g, what="", mask=ALL):
     pc = None if proj is None else proj.cpu()
     hi = (fsc.double(), ftc.double(), None if pc is None else pc.double())
     terms = _terms(fsc, ftc, pc, norm, gc)
-    loss = _ops().feature_affinity_loss(fs, ft, proj, norm)
-    want = ref.feature_affinity_loss(fsc, ftc, pc, norm)
+    loss, u, e_saved = _ops().feature_affinity_loss(fs, ft, proj, norm)
+    want = ref.affinity_loss(fsc, ftc, pc, norm)
     if lowp:
-        _close_lowp(loss, want, ref.feature_affinity_loss(*hi, norm), f"{what} loss")
+        _close_lowp(loss, want, ref.affinity_loss(*hi, norm), f"{what} loss")
     else:
         _close(loss, want, f"{what} loss", terms=terms[0])
-    got = _ops().feature_affinity_loss_backward(g, fs, ft, proj, norm, list(mask))
     exp = ref.feature_affinity_loss_backward(gc, fsc, ftc, pc, norm, mask)
     truths = ref.feature_affinity_loss_backward(gc.double(), *hi, norm, mask) if lowp else (None, None)
-    assert len(got) == 2
-    for name, a, e, t, m, size in zip(("fs", "ft"), got, exp, truths, mask, terms[1:]):
-        if not m:
-            assert a.numel() == 0, f"{what} grad_{name}: not asked for, must be empty"
-            continue
-        assert a.is_contiguous() and a.device.type == DEV, f"{what} grad_{name}"
-        if lowp:
-            _close_lowp(a, e, t, f"{what} grad_{name}")
-        else:
-            _close(a, e, f"{what} grad_{name}", terms=size)
+    # the fast loss's backward twice: recomputing the products, and reading the forward's saved u and e
+    variants = [("", ())] if proj is None else [("", ()), (" (saved u, e)", (u, e_saved))]
+    for how, saved in variants:
+        got = _ops().feature_affinity_loss_backward(g, fs, ft, proj, norm, list(mask), *saved)
+        assert len(got) == 2
+        for name, a, e, t, m, size in zip(("fs", "ft"), got, exp, truths, mask, terms[1:]):
+            if not m:
+                assert a.numel() == 0, f"{what} grad_{name}{how}: not asked for, must be empty"
+                continue
+            assert a.is_contiguous() and a.device.type == DEV, f"{what} grad_{name}{how}"
+            if lowp:
+                _close_lowp(a, e, t, f"{what} grad_{name}{how}")
+            else:
+                _close(a, e, f"{what} grad_{name}{how}", terms=size)
+    if proj is None:
+        assert u.shape == e_saved.shape == (0,), what
+    elif not lowp:  # u = [ŜZ; −T̂Z] is the reference twin's
+        _close(u, ref.feature_affinity_loss(fsc, ftc, pc, norm)[1], f"{what} u", terms=terms[0])
     return loss, got
 
 
@@ -218,7 +225,7 @@ def test_no_student_channels():
         fs, ft, proj = _case(2, 0, 3, 3, 4, k=3 if fast else None)
         _check_case(fs, ft, proj, "l2sq", _grad(2), f"Cs=0 fast={fast}")
     fs, ft, _ = _case(2, 0, 0, 3, 4)
-    assert torch.equal(_ops().feature_affinity_loss(fs, ft, None, "l1").cpu(), torch.zeros(2))
+    assert torch.equal(_ops().feature_affinity_loss(fs, ft, None, "l1")[0].cpu(), torch.zeros(2))
     gs, gt = _ops().feature_affinity_loss_backward(_grad(2), fs, ft, None, "l1", ALL)
     assert gs.shape == fs.shape and gt.shape == ft.shape
 
@@ -227,7 +234,7 @@ def test_empty_batch():
     """B = 0: an empty (0,) loss of the math dtype, gradients of the (empty) input shapes; no launch."""
     for dtype, fast in ((F32, False), (F64, True), (torch.bfloat16, False)):
         fs, ft, proj = _case(0, 3, 2, 4, 4, dtype=dtype, k=3 if fast else None)
-        loss = _ops().feature_affinity_loss(fs, ft, proj, "l1")
+        loss = _ops().feature_affinity_loss(fs, ft, proj, "l1")[0]
         assert loss.shape == (0,) and loss.dtype == (F64 if dtype == F64 else F32)
         gs, gt = _ops().feature_affinity_loss_backward(_grad(0, dtype), fs, ft, proj, "l1", [True, False])
         assert gs.shape == fs.shape and gs.dtype == dtype and gt.numel() == 0
@@ -282,9 +289,9 @@ def test_deterministic():
     """No atomics: two calls give bit-identical results."""
     fs, ft, _ = _case(2, 3, 4, 7, 10)
     g = _grad(2)
-    a = _ops().feature_affinity_loss(fs, ft, None, "l1")
+    a = _ops().feature_affinity_loss(fs, ft, None, "l1")[0]
     ga = _ops().feature_affinity_loss_backward(g, fs, ft, None, "l1", ALL)
-    assert torch.equal(a, _ops().feature_affinity_loss(fs, ft, None, "l1"))
+    assert torch.equal(a, _ops().feature_affinity_loss(fs, ft, None, "l1")[0])
     for x, y in zip(ga, _ops().feature_affinity_loss_backward(g, fs, ft, None, "l1", ALL)):
         assert torch.equal(x, y)
 
@@ -323,6 +330,9 @@ def test_opcheck():
     for p, mask in ((None, [True, True]), (proj, [False, True]), (None, [False, False])):
         torch.library.opcheck(_ops().feature_affinity_loss_backward.default, (g, fs, ft, p, "l1", mask),
                               test_utils=fast)
+    u, e = _ops().feature_affinity_loss(fs, ft, proj, "l1")[1:]
+    torch.library.opcheck(_ops().feature_affinity_loss_backward.default, (g, fs, ft, proj, "l1", ALL, u, e),
+                          test_utils=fast)
 
 
 def test_autograd_through_public_op():
@@ -396,6 +406,16 @@ def test_bad_input():
         cpp = _error_of(torch.ops.slimops.feature_affinity_loss_backward, gg, fs, ft, None, "l1", ALL)
         ours = _error_of(_ops().feature_affinity_loss_backward, gg.to(DEV), fs.to(DEV), ft.to(DEV), None, "l1", ALL)
         assert type(ours) is type(cpp) and _words(ours) == _words(cpp), f"{name}: {ours!r} vs {cpp!r}"
+    proj = torch.randn(20, 3)
+    _, u, e = torch.ops.slimops.feature_affinity_loss(fs, ft, proj, "l1")
+    for name, saved in (("u only", (u, None)), ("saved with exact", (u, e)), ("u rows", (u[:, 1:], e)),
+                        ("e dtype", (u, e.double())), ("e pixels", (u, e[:, 1:]))):
+        p = None if name == "saved with exact" else proj
+        cpp = _error_of(torch.ops.slimops.feature_affinity_loss_backward, g, fs, ft, p, "l1", ALL, *saved)
+        ours = _error_of(_ops().feature_affinity_loss_backward, *(None if a is None else a.to(DEV) for a in
+                                                                  (g, fs, ft, p)), "l1", ALL,
+                         *(None if a is None else a.to(DEV) for a in saved))
+        assert type(ours) is type(cpp) and _words(ours) == _words(cpp), f"{name}: {ours!r} vs {cpp!r}"
     with pytest.raises(ValueError, match=r"slimops\.feature_affinity_loss: ft has batch size 1 but fs has 2"):
         K.feature_affinity_loss(fs.to(DEV), ft[:1].to(DEV), backend="triton")
 
@@ -407,7 +427,7 @@ def test_wrong_device_for_backend():
         pytest.skip("no second device to try")
     fs, ft, _ = (t.to(other) if t is not None else t for t in _case(1, 2, 2, 3, 3))
     with pytest.raises(ValueError, match=r"slimops\.feature_affinity_loss: .*(Triton|interpreter)"):
-        _ops().feature_affinity_loss(fs, ft, None, "l1")
+        _ops().feature_affinity_loss(fs, ft, None, "l1")[0]
 
 
 # ---- GPU only: realistic sizes ---------------------------------------------------------------------------

@@ -678,7 +678,7 @@ class FeatureAffinity(Spec):
         if c["fast"] and proj is None:  # the op's documented projection: N(0, 1) drawn in float64 from the seed
             proj = PD.gaussian_projection(fs.shape[2] * fs.shape[3], c["k"], c["seed"], fs.device,
                                           F64 if fs.dtype == F64 else F32)
-        per = RD.feature_affinity_loss(fs, c["ft"], proj, c["norm"])
+        per = RD.affinity_loss(fs, c["ft"], proj, c["norm"])
         return {"none": per, "sum": per.sum(), "mean": per.mean()}[c["reduction"]]
 
 

@@ -14,10 +14,12 @@
 // work item is a (sample, block I) and accumulates G_I = Σ_J X_J E_JI over every J, recomputing each tile; then
 // the normalisation's backward per pixel, ∂/∂f = g/(n + ε) − f̂ (f̂ᵀg)/n.
 //
-// Fast: U = XZ, D = Xᵀ[U_s; −U_t] (HW x k), loss from D; backward with G = φ'(D) (scaled),
-// ∂/∂X = [U_s; −U_t] Gᵀ + [Ŝ G; −T̂ G] Zᵀ. These are large dense products, for which torch's BLAS (MKL / oneDNN,
-// with the CPU's widest ISA) beats small_mm; the kernel only packs and normalises, and keeps the memory to
-// O(HW (k + K)) per sample (samples in chunks), saving nothing for the backward but the inputs.
+// Fast: U_y = [Ŝ Z; −T̂ Z] (K x k), D = Xᵀ U_y (HW x k), loss from D; backward with G = φ'(D) (scaled),
+// ∂/∂X = U_y Gᵀ + [Ŝ G; −T̂ G] Zᵀ. These are large dense products, for which torch's BLAS (MKL / oneDNN) beats
+// small_mm; the kernel packs, normalises and makes the elementwise passes. The forward returns U_y and E = φ'(D)
+// (the op's 2nd and 3rd outputs, O(HW k) per sample, as SDPA returns its logsumexp), so that the backward makes
+// 3 products of Cs·HW·k multiply-adds for the student's gradient instead of 7 (it recomputes U_y and D when they
+// are not given). Scratch beyond the outputs: O(HW K) per sample of a chunk of samples.
 //
 // Accumulation in float32 for float32/bfloat16/float16 features (float64 for float64).
 #include <ATen/ATen.h>
@@ -265,20 +267,23 @@ void exact_backward(const AffinityGeom& g, const T* grad, const Feat<S>& fs, con
 
 // ---- fast loss (products by torch's BLAS) ----------------------------------------------------------------------
 
-// One chunk of samples [b0, b0 + nb) through the forward products: X (nb, K, HW) in T and the per-pixel norms
-// (nb, 2, HW), U_y = [Ŝ Z; −T̂ Z] (nb, K, k) and D = Xᵀ U_y (nb, HW, k). The forward needs D; the backward all four
-// (nothing is saved between the two passes, so it recomputes them).
-struct FastChunk {
-  at::Tensor x, nrm, u, d;
+// φ' of the fast loss, branch-free so that its passes vectorise: sign for l1 (0 at 0 and at NaN, as dphi), 2d for
+// l2sq.
+template <typename T>
+inline T dphi_fast(T d, bool l1) {
+  return l1 ? static_cast<T>(static_cast<int>(d > T(0)) - static_cast<int>(d < T(0))) : T(2) * d;
+}
+
+// X (nb, K, HW) in T and the per-pixel norms (nb, 2, HW) of the chunk of samples [b0, b0 + nb).
+struct FastPack {
+  at::Tensor x, nrm;
 };
 
 template <typename S, typename T>
-FastChunk fast_chunk(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb,
-                     const at::Tensor& z) {
+FastPack fast_pack(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb,
+                   const at::TensorOptions& opts) {
   const int64_t kk = g.cs + g.ct;
-  FastChunk c;
-  c.x = at::empty({nb, kk, g.hw}, z.options());
-  c.nrm = at::empty({nb, 2, g.hw}, z.options());
+  FastPack c{at::empty({nb, kk, g.hw}, opts), at::empty({nb, 2, g.hw}, opts)};
   T *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
   at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> inv;
@@ -288,10 +293,18 @@ FastChunk fast_chunk(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft
       pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, g.hw, xi + g.cs * g.hw, nullptr, T(1), ni + g.hw, inv);
     }
   });
-  c.u = at::mm(c.x.view({nb * kk, g.hw}), z).view({nb, kk, g.k});
-  c.u.narrow(1, g.cs, g.ct).neg_();
-  c.d = at::bmm(c.x.transpose(1, 2), c.u);
   return c;
+}
+
+// U_y = [Ŝ Z; −T̂ Z] into u (nb, K, k) and D = Xᵀ U_y into d (nb, HW, k); u and d contiguous (slices of the
+// forward's outputs, or scratch).
+inline void fast_products(const AffinityGeom& g, const at::Tensor& x, const at::Tensor& z, at::Tensor u,
+                          at::Tensor d) {
+  const int64_t nb = x.size(0), kk = g.cs + g.ct;
+  at::Tensor uv = u.view({nb * kk, g.k});
+  at::mm_out(uv, x.view({nb * kk, g.hw}), z);
+  u.narrow(1, g.cs, g.ct).neg_();
+  at::bmm_out(d, x.transpose(1, 2), u);
 }
 
 // f(i, j, e0, e1) for block j = [e0, e1) of kSumBlock elements of each sample i of nb of `per` elements, in
@@ -307,27 +320,57 @@ void for_blocks(int64_t nb, int64_t per, const F& f) {
   });
 }
 
+// Σ φ(d[e0, e1)) and d ← φ'(d) in place, one pass. The sum runs in kLanes independent lanes (added in a fixed order
+// at the end), so the loop vectorises without reassociation and the result does not depend on the ISA.
+template <typename T>
+T phi_sum_and_dphi(T* d, int64_t e0, int64_t e1, bool l1) {
+  constexpr int64_t kLanes = 16;
+  T lane[kLanes] = {};
+  int64_t e = e0;
+  if (l1) {
+    for (; e + kLanes <= e1; e += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T v = d[e + l];
+        lane[l] += std::abs(v);
+        d[e + l] = dphi_fast(v, true);
+      }
+  } else {
+    for (; e + kLanes <= e1; e += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T v = d[e + l];
+        lane[l] += v * v;
+        d[e + l] = dphi_fast(v, false);
+      }
+  }
+  for (int64_t l = 0; e < e1; ++e, ++l) {
+    const T v = d[e];
+    lane[l] += l1 ? std::abs(v) : v * v;
+    d[e] = dphi_fast(v, l1);
+  }
+  T s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  return s;
+}
+
+// The forward: loss (B,), u (B, K, k) = U_y and e (B, HW, k) = φ'(D), the two saved for the backward. Samples go
+// in chunks (the packed X is the only scratch); D is computed in e's memory and turned into φ'(D) by the pass
+// that sums φ(D).
 template <typename S, typename T>
-void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, const at::Tensor& z, T* loss) {
+void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, const at::Tensor& z, T* loss,
+                  at::Tensor& u, at::Tensor& e) {
   const int64_t kk = g.cs + g.ct, per = g.hw * g.k, nblk = (per + kSumBlock - 1) / kSumBlock;
-  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2 * g.k + 2));
+  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2));
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
   std::vector<double> part;
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    const FastChunk c = fast_chunk<S, T>(g, fs, ft, b0, nb, z);
-    // Σ φ(D) per sample in one pass (no |D| temporary), partial sums in double per block, added in order.
-    const T* dp = c.d.data_ptr<T>();
+    const FastPack c = fast_pack<S, T>(g, fs, ft, b0, nb, z.options());
+    at::Tensor d = e.narrow(0, b0, nb);
+    fast_products(g, c.x, z, u.narrow(0, b0, nb), d);
+    T* dp = d.data_ptr<T>();
     part.assign(static_cast<size_t>(nb * nblk), 0.0);
     for_blocks(nb, per, [&](int64_t i, int64_t j, int64_t e0, int64_t e1) {
-      const T* di = dp + i * per;
-      T acc = 0;
-      if (g.l1) {
-        for (int64_t e = e0; e < e1; ++e) acc += std::abs(di[e]);
-      } else {
-        for (int64_t e = e0; e < e1; ++e) acc += di[e] * di[e];
-      }
-      part[i * nblk + j] = static_cast<double>(acc);
+      part[i * nblk + j] = static_cast<double>(phi_sum_and_dphi(dp + i * per, e0, e1, g.l1));
     });
     for (int64_t i = 0; i < nb; ++i) {
       double sum = 0;
@@ -337,40 +380,51 @@ void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, c
   }
 }
 
+// The backward, from the forward's u and e when `saved` (only X is re-packed: an elementwise pass) or recomputing
+// them per chunk. With G = φ'(D) grad[b] / (k (HW)²): ∂/∂X = U_y Gᵀ + V_y Zᵀ, V_y = [Ŝ G; −T̂ G], on the rows
+// asked for; the per-sample factor grad[b] / (k (HW)²) is applied in the normalisation's backward.
 template <typename S, typename T>
 void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>& fs, const Feat<S>& ft,
-                   const at::Tensor& z, const GradOut<S>& out) {
+                   const at::Tensor& z, const at::Tensor* saved_u, const at::Tensor* saved_e, const GradOut<S>& out) {
   const int64_t kk = g.cs + g.ct, per = g.hw * g.k;
   const int64_t r0 = out.fs != nullptr ? 0 : g.cs, r1 = out.ft != nullptr ? kk : g.cs, nr = r1 - r0;
-  const int64_t chunk = chunk_samples(g.b, g.hw * (2 * kk + 3 * g.k + 2));
+  const bool saved = saved_u != nullptr;
+  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2 + nr) + (saved ? 0 : kk * g.k + per));
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
   const T* gp = grad.data_ptr<T>();
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    const FastChunk c = fast_chunk<S, T>(g, fs, ft, b0, nb, z);
-    // G = φ'(D) grad[b] / (k (HW)²) in place of D, one pass.
-    T* dp = c.d.data_ptr<T>();
-    for_blocks(nb, per, [&](int64_t i, int64_t, int64_t e0, int64_t e1) {
-      const T s = static_cast<T>(static_cast<double>(gp[b0 + i]) / denom);
-      T* di = dp + i * per;
-      for (int64_t e = e0; e < e1; ++e) di[e] = dphi(di[e], g.l1) * s;
-    });
-    // V_y = [Ŝ G; −T̂ G] on the rows wanted; ∂/∂X = U_y Gᵀ + V_y Zᵀ.
-    at::Tensor v = at::bmm(c.x.narrow(1, r0, nr), c.d);
+    const FastPack c = fast_pack<S, T>(g, fs, ft, b0, nb, z.options());
+    at::Tensor u, e;
+    if (saved) {
+      u = saved_u->narrow(0, b0, nb);
+      e = saved_e->narrow(0, b0, nb);
+    } else {
+      u = at::empty({nb, kk, g.k}, z.options());
+      e = at::empty({nb, g.hw, g.k}, z.options());
+      fast_products(g, c.x, z, u, e);
+      T* ep = e.data_ptr<T>();
+      for_blocks(nb, per, [&](int64_t i, int64_t, int64_t e0, int64_t e1) {
+        T* ei = ep + i * per;
+        for (int64_t q = e0; q < e1; ++q) ei[q] = dphi_fast(ei[q], g.l1);
+      });
+    }
+    at::Tensor v = at::bmm(c.x.narrow(1, r0, nr), e);  // (nb, nr, k)
     if (r1 > g.cs) v.narrow(1, std::max<int64_t>(g.cs - r0, 0), r1 - std::max(g.cs, r0)).neg_();
-    at::Tensor gx = at::bmm(c.u.narrow(1, r0, nr), c.d.transpose(1, 2));  // (nb, nr, HW), contiguous
+    at::Tensor gx = at::bmm(u.narrow(1, r0, nr), e.transpose(1, 2));  // (nb, nr, HW), contiguous
     gx.view({nb * nr, g.hw}).addmm_(v.reshape({nb * nr, g.k}), z.t());
     const T *gxp = gx.data_ptr<T>(), *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
     at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> dot;
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = b0 + i;
+        const T s = static_cast<T>(static_cast<double>(gp[b]) / denom);
         const T *gi = gxp + i * nr * g.hw, *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
         if (out.fs != nullptr)
-          normalise_backward<S, T>(g.cs, g.hw, 0, g.hw, gi, g.hw, xi, g.hw, ni, T(1), out.fs + b * g.cs * g.hw, dot);
+          normalise_backward<S, T>(g.cs, g.hw, 0, g.hw, gi, g.hw, xi, g.hw, ni, s, out.fs + b * g.cs * g.hw, dot);
         if (out.ft != nullptr)
           normalise_backward<S, T>(g.ct, g.hw, 0, g.hw, gi + (g.cs - r0) * g.hw, g.hw, xi + g.cs * g.hw, g.hw,
-                                   ni + g.hw, T(1), out.ft + b * g.ct * g.hw, dot);
+                                   ni + g.hw, s, out.ft + b * g.ct * g.hw, dot);
       }
     });
   }
@@ -382,42 +436,50 @@ at::ScalarType compute_type(const at::Tensor& fs) {
   return fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor feature_affinity_loss_cpu(const at::Tensor& fs, const at::Tensor& ft, const std::optional<at::Tensor>& proj,
-                                     c10::string_view norm) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_affinity_loss_cpu(const at::Tensor& fs, const at::Tensor& ft,
+                                                                         const std::optional<at::Tensor>& proj,
+                                                                         c10::string_view norm) {
   const char* op = "feature_affinity_loss";
   const AffinityGeom g = check_feature_affinity(op, fs, ft, proj, norm);
-  at::Tensor loss = at::empty({g.b}, fs.options().dtype(compute_type(fs)));
-  if (g.b == 0) return loss;
+  const auto opts = fs.options().dtype(compute_type(fs));
+  at::Tensor loss = at::empty({g.b}, opts);
+  at::Tensor u = g.k > 0 ? at::empty({g.b, g.cs + g.ct, g.k}, opts) : at::empty({0}, opts);
+  at::Tensor e = g.k > 0 ? at::empty({g.b, g.hw, g.k}, opts) : at::empty({0}, opts);
+  if (g.b == 0) return {loss, u, e};
   SLIMOPS_DISPATCH_FLOATS(fs.scalar_type(), "feature_affinity_loss_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     T* lp = loss.data_ptr<T>();
-    if (g.k > 0) fast_forward<scalar_t, T>(g, feat<scalar_t>(fs), feat<scalar_t>(ft), proj->to(loss.scalar_type()).contiguous(), lp);
+    if (g.k > 0)
+      fast_forward<scalar_t, T>(g, feat<scalar_t>(fs), feat<scalar_t>(ft), proj->to(opts.dtype()).contiguous(), lp, u,
+                                e);
     else exact_forward<scalar_t, T>(g, feat<scalar_t>(fs), feat<scalar_t>(ft), lp);
   });
-  return loss;
+  return {loss, u, e};
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_affinity_loss_backward_cpu(const at::Tensor& grad_in, const at::Tensor& fs,
-                                                                      const at::Tensor& ft,
-                                                                      const std::optional<at::Tensor>& proj,
-                                                                      c10::string_view norm,
-                                                                      std::array<bool, 2> output_mask) {
+std::tuple<at::Tensor, at::Tensor> feature_affinity_loss_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& fs, const at::Tensor& ft, const std::optional<at::Tensor>& proj,
+    c10::string_view norm, std::array<bool, 2> output_mask, const std::optional<at::Tensor>& u,
+    const std::optional<at::Tensor>& e) {
   const char* op = "feature_affinity_loss_backward";
   const AffinityGeom g = check_feature_affinity(op, fs, ft, proj, norm);
   check_affinity_grad(op, grad_in, fs);
+  const bool saved = check_affinity_saved(op, g, fs, u, e);
   at::Tensor gs = output_mask[0] ? at::empty(fs.sizes(), fs.options().memory_format(at::MemoryFormat::Contiguous))
                                  : fs.new_empty({0});
   at::Tensor gt = output_mask[1] ? at::empty(ft.sizes(), ft.options().memory_format(at::MemoryFormat::Contiguous))
                                  : ft.new_empty({0});
   if (g.b == 0 || !(output_mask[0] || output_mask[1])) return {gs, gt};
   const at::Tensor grad = grad_in.to(compute_type(fs)).contiguous();
+  const at::Tensor su = saved ? u->contiguous() : at::Tensor(), se = saved ? e->contiguous() : at::Tensor();
   SLIMOPS_DISPATCH_FLOATS(fs.scalar_type(), "feature_affinity_loss_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const GradOut<scalar_t> out{output_mask[0] ? gs.data_ptr<scalar_t>() : nullptr,
                                 output_mask[1] ? gt.data_ptr<scalar_t>() : nullptr};
     if (g.k > 0)
-      fast_backward<scalar_t, T>(g, grad, feat<scalar_t>(fs), feat<scalar_t>(ft), proj->to(grad.scalar_type()).contiguous(),
-                                 out);
+      fast_backward<scalar_t, T>(g, grad, feat<scalar_t>(fs), feat<scalar_t>(ft),
+                                 proj->to(grad.scalar_type()).contiguous(), saved ? &su : nullptr,
+                                 saved ? &se : nullptr, out);
     else exact_backward<scalar_t, T>(g, grad.data_ptr<T>(), feat<scalar_t>(fs), feat<scalar_t>(ft), out);
   });
   return {gs, gt};

@@ -13,7 +13,7 @@ from slimops.opdefs._checks import check_float_tensor, fail
 from slimops.reference._common import compute_dtype
 from slimops.reference.distill import NORMS
 
-__all__ = ["DEFS", "NORMS", "check_feature_affinity", "check_grad"]
+__all__ = ["DEFS", "NORMS", "check_feature_affinity", "check_grad", "check_saved", "saved_shapes"]
 
 
 def check_feature_affinity(op: str, fs, ft, proj, norm) -> Tuple[int, Optional[int]]:
@@ -48,6 +48,35 @@ def check_feature_affinity(op: str, fs, ft, proj, norm) -> Tuple[int, Optional[i
     return hw, int(proj.shape[1])
 
 
+def check_saved(op: str, fs: Tensor, ft: Tensor, k: Optional[int], u, e) -> bool:
+    """The fast loss's saved products given to the backward (the forward's ``u`` and ``e``): both or neither, only
+    with ``proj``; ``u`` (B, Cs + Ct, k) and ``e`` (B, H*W, k) in the compute dtype on the features' device. Returns
+    whether they are given."""
+    if (u is None) != (e is None):
+        fail(op, "u and e are the fast loss's saved products (the forward's 2nd and 3rd outputs): give both or neither")
+    if u is None:
+        return False
+    if k is None:
+        fail(op, "u and e are the fast loss's saved products: give them only with proj (the exact loss saves nothing)")
+    want = compute_dtype(fs)
+    for name, t in (("u", u), ("e", e)):
+        if not isinstance(t, Tensor):
+            fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if t.layout != torch.strided:
+            fail(op, f"{name} must be a strided (dense) tensor, got layout {t.layout}")
+        if t.dtype != want:
+            fail(op, f"{name} has dtype {t.dtype} but the forward saves it in {want} for {fs.dtype} features",
+                 TypeError)
+        if t.device != fs.device:
+            fail(op, f"{name} is on {t.device} but fs is on {fs.device}")
+    b, kk, hw = int(fs.shape[0]), int(fs.shape[1]) + int(ft.shape[1]), int(fs.shape[2]) * int(fs.shape[3])
+    if tuple(u.shape) != (b, kk, k):
+        fail(op, f"u must be (B, Cs + Ct, k) = ({b}, {kk}, {k}), got shape {tuple(u.shape)}")
+    if tuple(e.shape) != (b, hw, k):
+        fail(op, f"e must be (B, H*W, k) = ({b}, {hw}, {k}), got shape {tuple(e.shape)}")
+    return True
+
+
 def check_grad(op: str, grad, fs: Tensor):
     """``grad`` of the backward: the per-sample loss gradient, a float tensor (B,) on the features' device."""
     check_float_tensor(op, "grad", grad)
@@ -60,33 +89,50 @@ def check_grad(op: str, grad, fs: Tensor):
 # ---- fake kernels ---------------------------------------------------------------------------------------
 
 
+def saved_shapes(fs: Tensor, ft: Tensor, k: Optional[int]) -> Tuple[tuple, tuple]:
+    """Shapes of the forward's ``u`` and ``e``: (B, Cs + Ct, k) and (B, H*W, k) for the fast loss, (0,) exact."""
+    if k is None:
+        return (0,), (0,)
+    b = int(fs.shape[0])
+    return (b, int(fs.shape[1]) + int(ft.shape[1]), k), (b, int(fs.shape[2]) * int(fs.shape[3]), k)
+
+
 def _fake(fs, ft, proj=None, norm="l1"):
-    check_feature_affinity("feature_affinity_loss", fs, ft, proj, norm)
-    return fs.new_empty((fs.shape[0],), dtype=compute_dtype(fs))
+    _, k = check_feature_affinity("feature_affinity_loss", fs, ft, proj, norm)
+    dt = compute_dtype(fs)
+    u_shape, e_shape = saved_shapes(fs, ft, k)
+    return fs.new_empty((fs.shape[0],), dtype=dt), fs.new_empty(u_shape, dtype=dt), fs.new_empty(e_shape, dtype=dt)
 
 
-def _backward_fake(grad, fs, ft, proj, norm, output_mask):
+def _backward_fake(grad, fs, ft, proj, norm, output_mask, u=None, e=None):
     op = "feature_affinity_loss_backward"
-    check_feature_affinity(op, fs, ft, proj, norm)
+    _, k = check_feature_affinity(op, fs, ft, proj, norm)
     check_grad(op, grad, fs)
+    check_saved(op, fs, ft, k, u, e)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if m else t.new_empty(0)
                  for t, m in zip((fs, ft), output_mask))
 
 
 # ---- autograd: the backward is the family's own backward op, of the same backend ------------------------
+# The fast loss's u and e (the forward's 2nd and 3rd outputs) are saved and handed to the backward, which then
+# recomputes no product; they are not differentiable (their incoming gradients are ignored).
 
 
 def _setup(ctx, inputs, output):
     fs, ft, proj, norm = inputs
-    ctx.save_for_backward(fs, ft, proj)
+    _, u, e = output
+    ctx.mark_non_differentiable(u, e)
+    if proj is None:
+        u = e = None
+    ctx.save_for_backward(fs, ft, proj, u, e)
     ctx.norm = norm
 
 
 def _make_backward(backward_op):
-    def _backward(ctx, grad):
-        fs, ft, proj = ctx.saved_tensors
+    def _backward(ctx, grad, _grad_u=None, _grad_e=None):
+        fs, ft, proj, u, e = ctx.saved_tensors
         m = [bool(x) for x in ctx.needs_input_grad[:2]]
-        gs, gt = backward_op(grad.contiguous(), fs, ft, proj, ctx.norm, m)
+        gs, gt = backward_op(grad.contiguous(), fs, ft, proj, ctx.norm, m, u, e)
         # proj is a fixed projection: no gradient flows to it.
         return gs if m[0] else None, gt if m[1] else None, None, None
 

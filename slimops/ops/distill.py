@@ -21,8 +21,10 @@
 
 Memory: the kernels never form an ``HW × HW`` matrix, in either pass: the exact loss is computed tile by tile
 (flash-style: O(HW·(Cs + Ct)) memory, (HW)²·(Cs + Ct) multiply-adds, the backward recomputes the tiles), the fast
-one from ``ŜZ`` and ``ΔZ`` (O(HW·k)). Nothing is saved for the backward but the inputs. Differentiable in fs and ft
-(detach the teacher's features yourself); ``proj`` gets no gradient.
+one from ``ŜZ`` and ``ΔZ`` (O(HW·k)). The exact loss saves nothing for the backward but the inputs; the fast one
+also saves ``[ŜZ; −T̂Z]`` and ``φ'(ΔZ)`` (the raw op's 2nd and 3rd outputs: ``4·HW·k`` bytes per sample in float32,
+3.2 MB at 56 × 56 and k = 256), so that its backward recomputes no product. Differentiable in fs and ft (detach the
+teacher's features yourself); ``proj`` gets no gradient.
 
 float16/bfloat16/float32 features are computed in float32 (the loss is float32), float64 in float64.
 
@@ -118,7 +120,7 @@ def feature_affinity_loss(fs: Tensor, ft: Tensor, *, fast: bool = False, k: int 
         proj = gaussian_projection(fs.shape[2] * fs.shape[3], k, seed, fs.device, compute_dtype(fs))
     check_feature_affinity(op, fs, ft, proj, norm)
     _, fn = _backend.pick(op, backend, fs.device, ref)
-    per_sample = fn(fs, ft, proj, norm)
+    per_sample = fn(fs, ft, proj, norm)[0]  # (loss, u, e): u and e are the fast loss's saved products
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()

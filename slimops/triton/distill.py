@@ -10,11 +10,12 @@ features (any strides; the channel counts may differ), per sample b each pixel's
     exact (proj None):      loss[b] = Σ φ(Δ) / (HW)²
     fast  (proj = Z, HW x k): loss[b] = Σ φ(ΔZ) / (k·(HW)²),   ΔZ = Ŝᵀ(ŜZ) − T̂ᵀ(T̂Z)
 
-- ``feature_affinity_loss(fs, ft, proj=None, norm="l1")``: the per-sample losses (B,), float32 (float64 for
-  float64 features).
-- ``feature_affinity_loss_backward(grad, fs, ft, proj, norm, output_mask)``: (grad_fs, grad_ft), contiguous, in
-  the features' dtype, recomputing everything from the inputs (nothing is saved by the forward); one not asked
-  for is an empty tensor; proj gets no gradient.
+- ``feature_affinity_loss(fs, ft, proj=None, norm="l1")``: ``(loss, u, e)``, the per-sample losses (B,) and, for
+  the fast loss, its products saved for the backward, ``u = [ŜZ; −T̂Z]`` (B, K, k) and ``e = φ'(ΔZ)`` (B, HW, k)
+  (both empty for the exact loss); float32 (float64 for float64 features).
+- ``feature_affinity_loss_backward(grad, fs, ft, proj, norm, output_mask, u=None, e=None)``: (grad_fs, grad_ft),
+  contiguous, in the features' dtype; the exact loss recomputes its tiles, the fast one reads ``u`` and ``e``
+  (recomputing them when not given); one not asked for is an empty tensor; proj gets no gradient.
 
 Kernel design (the tiling of the C++ CPU kernel, ``csrc/cpu/distill.cpp``; no atomics anywhere: deterministic)
 ------------------------------------------------------------------------------------------------------------------
@@ -42,11 +43,13 @@ Kernel design (the tiling of the C++ CPU kernel, ``csrc/cpu/distill.cpp``; no at
   asked for) applies the scale (``±2·g[b]/(HW)²``, a (B,) tensor) and the normalisation's backward per pixel,
   ``∂/∂f = s·(G/(n + ε) − f̂ (f̂ᵀG)/n)`` (the second term 0 where n = 0, the limit of the formula), and stores
   the gradient, rounded once, contiguous in the features' dtype.
-* **Fast** (products by torch: cuBLAS on a GPU): ``U = X Z`` (K x k per sample), ``D = Xᵀ [U_s; −U_t]`` (HW x k),
-  loss ``Σ φ(D) / (k·(HW)²)`` (summed in float64); backward with ``G = φ'(D)``:
-  ``∂/∂X[rows] = U[rows] Gᵀ + (X[rows] G) Zᵀ`` (only the rows asked for), then ``_norm_bwd_kernel`` with the
-  scale ``±g[b]/(k·(HW)²)``. Samples go through the products in chunks of about ``_FAST_CHUNK_ELEMS`` workspace
-  elements: memory O(HW·(K + k)) per sample of a chunk, never an HW x HW tensor.
+* **Fast** (products by torch: cuBLAS on a GPU): ``U_y = [Ŝ Z; −T̂ Z]`` (K x k per sample) into the output ``u``,
+  ``D = Xᵀ U_y`` (HW x k) into the output ``e``, loss ``Σ φ(D) / (k·(HW)²)`` (summed in float64), then ``e = φ'(D)``
+  in place; backward with ``G = φ'(D)`` read from ``e``: ``∂/∂X[rows] = U[rows] Gᵀ + (X[rows] G) Zᵀ`` (only the
+  rows asked for; U unsigned), then ``_norm_bwd_kernel`` with the scale ``±g[b]/(k·(HW)²)``: 3 products instead
+  of 7 when u and e are given. Samples go through the products in chunks of about ``_FAST_CHUNK_ELEMS`` workspace
+  elements: memory O(HW·k) per sample (the saved e) plus O(HW·K) scratch per sample of a chunk, never an HW x HW
+  tensor.
 
 Tiles and launch configuration
 ------------------------------
@@ -398,18 +401,26 @@ def _signs(p: _Plan) -> Tensor:
     return s
 
 
-def _fast_products(x: Tensor, z: Tensor, signs: Tensor) -> Tuple[Tensor, Tensor]:
-    """U = X Z (nb, K, k) and D = Xᵀ [U_s; −U_t] (nb, HW, k)."""
-    u = torch.matmul(x, z)
-    return u, torch.bmm(x.transpose(1, 2), u * signs)
+def _fast_products(x: Tensor, z: Tensor, signs: Tensor, u: Tensor, d: Tensor):
+    """U_y = [Ŝ Z; −T̂ Z] into u (nb, K, k) and D = Xᵀ U_y into d (nb, HW, k)."""
+    torch.mul(torch.matmul(x, z), signs, out=u)
+    torch.bmm(x.transpose(1, 2), u, out=d)
 
 
-def _fast_forward(p: _Plan, x: Tensor, z: Tensor) -> Tensor:
+def _dphi_(d: Tensor, l1: bool) -> Tensor:
+    """φ'(D) in place: sign for l1 (sign(NaN) = 0, as _dphi), 2D for l2sq."""
+    return torch.sign(d, out=d) if l1 else d.mul_(2)
+
+
+def _fast_forward(p: _Plan, x: Tensor, z: Tensor, u: Tensor, e: Tensor) -> Tensor:
+    """Σ φ(D) per sample (float64), filling u with U_y and e with φ'(D) (the backward's saved products)."""
     out = torch.empty(p.B, dtype=torch.float64, device=p.device)
     signs = _signs(p)
-    for b0, b1 in _chunks(p, p.K * p.k * 2 + p.hw * p.k):
-        _, d = _fast_products(x[b0:b1], z, signs)
+    for b0, b1 in _chunks(p, p.K * p.k):
+        d = e[b0:b1]
+        _fast_products(x[b0:b1], z, signs, u[b0:b1], d)
         out[b0:b1] = (d.abs() if p.l1 else d.square()).sum((1, 2), dtype=torch.float64)
+        _dphi_(d, p.l1)
     return out
 
 
@@ -432,17 +443,26 @@ def _exact_backward_rows(p: _Plan, x: Tensor, r0: int, r1: int) -> Tensor:
     return g
 
 
-def _fast_backward_rows(p: _Plan, x: Tensor, z: Tensor, r0: int, r1: int) -> Tensor:
-    """G (B, R1 − R0, HW) = U[R0:R1] φ'(D)ᵀ + (X[R0:R1] φ'(D)) Zᵀ, unscaled."""
+def _fast_backward_rows(p: _Plan, x: Tensor, z: Tensor, r0: int, r1: int, u: Optional[Tensor],
+                        e: Optional[Tensor]) -> Tensor:
+    """G (B, R1 − R0, HW) = U[R0:R1] φ'(D)ᵀ + (X[R0:R1] φ'(D)) Zᵀ, unscaled (U unsigned: the teacher's sign is in its
+    scale), from the forward's saved u (U_y) and e (φ'(D)) when given, else recomputing them per chunk."""
     nr = r1 - r0
     g = torch.empty((p.B, nr, p.hw), dtype=p.acc, device=p.device)
     signs = _signs(p)
     zt = z.t()
-    for b0, b1 in _chunks(p, p.K * p.k * 2 + 2 * p.hw * p.k + nr * p.k):
+    scratch = 0 if u is not None else p.K * p.k + p.hw * p.k
+    for b0, b1 in _chunks(p, scratch + nr * p.k + nr * p.hw):
         xc = x[b0:b1]
-        u, d = _fast_products(xc, z, signs)
-        e = torch.sign(d) if p.l1 else d.mul_(2)  # φ'(D); sign(NaN) = 0, as _dphi
-        torch.baddbmm(torch.matmul(torch.bmm(xc[:, r0:r1], e), zt), u[:, r0:r1], e.transpose(1, 2), out=g[b0:b1])
+        if u is not None:
+            uc, ec = u[b0:b1], e[b0:b1]
+        else:
+            uc = torch.empty((b1 - b0, p.K, p.k), dtype=p.acc, device=p.device)
+            ec = torch.empty((b1 - b0, p.hw, p.k), dtype=p.acc, device=p.device)
+            _fast_products(xc, z, signs, uc, ec)
+            _dphi_(ec, p.l1)
+        rows = uc[:, r0:r1] * signs[r0:r1]
+        torch.baddbmm(torch.matmul(torch.bmm(xc[:, r0:r1], ec), zt), rows, ec.transpose(1, 2), out=g[b0:b1])
     return g
 
 
@@ -471,34 +491,41 @@ def _projection(p: _Plan, proj: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("slimops_triton::feature_affinity_loss", mutates_args=(),
-                         schema="(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> Tensor")
-def feature_affinity_loss(fs: Tensor, ft: Tensor, proj: Optional[Tensor] = None, norm: str = "l1") -> Tensor:
-    """Per-sample feature-affinity losses (B,): exact (tiles of Δ) or fast (through proj)."""
+                         schema="(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> (Tensor, Tensor, Tensor)")
+def feature_affinity_loss(fs: Tensor, ft: Tensor, proj: Optional[Tensor] = None,
+                          norm: str = "l1") -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss (B,), u, e): the per-sample feature-affinity losses, exact (tiles of Δ) or fast (through proj), and the
+    fast loss's saved products u = [ŜZ; −T̂Z] (B, K, k) and e = φ'(ΔZ) (B, HW, k) (empty for the exact loss)."""
     p = _Plan("feature_affinity_loss", fs, ft, proj, norm)
+    u_shape, e_shape = _defs.saved_shapes(fs, ft, p.k)
+    u = torch.empty(u_shape, dtype=p.acc, device=p.device)
+    e = torch.empty(e_shape, dtype=p.acc, device=p.device)
     if p.B == 0:
-        return torch.empty(0, dtype=p.acc, device=p.device)
-    if p.K == 0:  # no channels: Δ = 0
-        return torch.zeros(p.B, dtype=p.acc, device=p.device)
+        return torch.empty(0, dtype=p.acc, device=p.device), u, e
+    if p.K == 0:  # no channels: Δ = 0, and so are U and φ'(ΔZ)
+        return torch.zeros(p.B, dtype=p.acc, device=p.device), u, e.zero_()
     x, _ = _normalise(p, fs, ft)
     if p.k is None:
         sums = _exact_forward(p, x)
         denom = float(p.hw) * float(p.hw)
     else:
-        sums = _fast_forward(p, x, _projection(p, proj))
+        sums = _fast_forward(p, x, _projection(p, proj), u, e)
         denom = float(p.k) * float(p.hw) * float(p.hw)
-    return (sums / denom).to(p.acc)
+    return (sums / denom).to(p.acc), u, e
 
 
 @torch.library.custom_op("slimops_triton::feature_affinity_loss_backward", mutates_args=(),
-                         schema="(Tensor grad, Tensor fs, Tensor ft, Tensor? proj, str norm, bool[2] output_mask) "
-                                "-> (Tensor, Tensor)")
+                         schema="(Tensor grad, Tensor fs, Tensor ft, Tensor? proj, str norm, bool[2] output_mask, "
+                                "Tensor? u=None, Tensor? e=None) -> (Tensor, Tensor)")
 def feature_affinity_loss_backward(grad: Tensor, fs: Tensor, ft: Tensor, proj: Optional[Tensor], norm: str,
-                                   output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
-    """(grad_fs, grad_ft), contiguous in the features' dtype, recomputing the tiles (exact) or the products (fast);
-    one not asked for is an empty tensor."""
+                                   output_mask: Sequence[bool], u: Optional[Tensor] = None,
+                                   e: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(grad_fs, grad_ft), contiguous in the features' dtype, recomputing the tiles (exact) or reading the fast
+    loss's saved products u and e (recomputing them when not given); one not asked for is an empty tensor."""
     op = "feature_affinity_loss_backward"
     p = _Plan(op, fs, ft, proj, norm)
     _defs.check_grad(op, grad, fs)
+    saved = _defs.check_saved(op, fs, ft, p.k, u, e)
     want_s, want_t = (bool(m) for m in output_mask)
     gs = torch.empty(fs.shape, dtype=fs.dtype, device=fs.device) if want_s else fs.new_empty(0)
     gt = torch.empty(ft.shape, dtype=ft.dtype, device=ft.device) if want_t else ft.new_empty(0)
@@ -511,7 +538,7 @@ def feature_affinity_loss_backward(grad: Tensor, fs: Tensor, ft: Tensor, proj: O
         rows = _exact_backward_rows(p, x, r0, r1)
         scale = g * (2.0 / (float(p.hw) * float(p.hw)))
     else:
-        rows = _fast_backward_rows(p, x, _projection(p, proj), r0, r1)
+        rows = _fast_backward_rows(p, x, _projection(p, proj), r0, r1, u if saved else None, e if saved else None)
         scale = g * (1.0 / (float(p.k) * float(p.hw) * float(p.hw)))
     scale = scale.contiguous()
     if want_s:

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "slimops/checks.h"
 
@@ -61,6 +62,36 @@ inline void check_affinity_grad(const char* op, const at::Tensor& grad, const at
                     fs.device());
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == fs.size(0), "slimops.", op,
                     ": grad must have the output's shape (", fs.size(0), ",), got ", grad.sizes());
+}
+
+// The fast loss's saved products, given to the backward (the forward's 2nd and 3rd outputs): both or neither,
+// only with proj; u (B, Cs + Ct, k) and e (B, HW, k) in the compute dtype (float64 for float64 features, else
+// float32), on the features' device. Returns whether they are given.
+inline bool check_affinity_saved(const char* op, const AffinityGeom& g, const at::Tensor& fs,
+                                 const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& e) {
+  TORCH_CHECK_VALUE(u.has_value() == e.has_value(), "slimops.", op,
+                    ": u and e are the fast loss's saved products (the forward's 2nd and 3rd outputs): give both "
+                    "or neither");
+  if (!u.has_value()) return false;
+  TORCH_CHECK_VALUE(g.k > 0, "slimops.", op,
+                    ": u and e are the fast loss's saved products: give them only with proj (the exact loss saves "
+                    "nothing)");
+  const at::ScalarType want = fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::pair<const char*, const at::Tensor*> saved[] = {{"u", &*u}, {"e", &*e}};
+  for (const auto& [name, t] : saved) {
+    TORCH_CHECK_VALUE(t->layout() == at::kStrided, "slimops.", op, ": ", name, " must be a strided (dense) tensor, got "
+                      "layout ", t->layout());
+    TORCH_CHECK_TYPE(t->scalar_type() == want, "slimops.", op, ": ", name, " has dtype ", t->scalar_type(),
+                     " but the forward saves it in ", want, " for ", fs.scalar_type(), " features");
+    TORCH_CHECK_VALUE(t->device() == fs.device(), "slimops.", op, ": ", name, " is on ", t->device(), " but fs is on ",
+                      fs.device());
+  }
+  TORCH_CHECK_VALUE(u->dim() == 3 && u->size(0) == g.b && u->size(1) == g.cs + g.ct && u->size(2) == g.k, "slimops.",
+                    op, ": u must be (B, Cs + Ct, k) = (", g.b, ", ", g.cs + g.ct, ", ", g.k, "), got shape ",
+                    u->sizes());
+  TORCH_CHECK_VALUE(e->dim() == 3 && e->size(0) == g.b && e->size(1) == g.hw && e->size(2) == g.k, "slimops.", op,
+                    ": e must be (B, H*W, k) = (", g.b, ", ", g.hw, ", ", g.k, "), got shape ", e->sizes());
+  return true;
 }
 
 }  // namespace slimops
