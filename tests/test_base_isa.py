@@ -1,7 +1,8 @@
 """Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
 FMA; small_mm.h and sema_core.inc users: spectral, sema, token_attention; channel_conv's direct convolution; and avx512,
-which small_mm.h, sema_core.inc, the quant family's block loops and the prox family's elementwise loops have) agrees
-with the references; the prox family's copies agree with the base copy bit for bit.
+which small_mm.h, sema_core.inc, the direct convolution, the quant family's block loops and the prox family's
+elementwise loops have) agrees with the references; the prox family's copies agree with the base copy bit for bit, the
+direct convolution's AVX-512 copy with its AVX2 copy.
 Only the best copy runs by default, so each is checked in a subprocess with SLIMOPS_CPU_ISA set (read once by the
 extension)."""
 import os
@@ -148,19 +149,27 @@ _PROX_STEPS = textwrap.dedent("""
 """)
 
 
-def test_prox_family_copies_are_bit_identical(tmp_path):
-    if DETECTED == "base":
-        pytest.skip("this CPU runs the base copy only")
+def _results_per_isa(script: str, isas, tmp_path) -> dict:
+    """{isa: the dict of tensors ``script`` saves to the path it is given} from one fresh process per ISA copy."""
+    import torch
+
     results = {}
-    for isa in ORDER[: ORDER.index(DETECTED) + 1]:
+    for isa in isas:
         env = dict(os.environ, SLIMOPS_CPU_ISA=isa, OMP_NUM_THREADS="1")
         env.pop("SLIMOPS_CPU_BASE_ISA", None)
         path = str(tmp_path / f"{isa}.pt")
-        res = run_with_deadline([sys.executable, "-c", _PROX_STEPS, path], env=env, timeout=300)
+        res = run_with_deadline([sys.executable, "-c", script, path], env=env, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
-        import torch
-
         results[isa] = torch.load(path, weights_only=True)
+    return results
+
+
+def test_prox_family_copies_are_bit_identical(tmp_path):
+    if DETECTED == "base":
+        pytest.skip("this CPU runs the base copy only")
+    import torch
+
+    results = _results_per_isa(_PROX_STEPS, ORDER[: ORDER.index(DETECTED) + 1], tmp_path)
     base = results["base"]
     assert len(base) > 100
     for isa, got in results.items():
@@ -172,6 +181,57 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
             bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
             same = (got[key].view(bits) == want.view(bits)) | (got[key].isnan() & want.isnan())
             assert bool(same.all()), (isa, key)
+
+
+# channel_conv's direct convolution (csrc/cpu/direct_conv.h): the AVX2 copy (16-pixel blocks) and the AVX-512 copy
+# (32-pixel blocks, or 16 on short rows) sum every output pixel in the same order, so they agree bit for bit. The
+# cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
+# size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
+# stride, float32 and bfloat16 inputs, static and per-sample (masked) channels.
+_DIRECT_CONV = textwrap.dedent("""
+    import sys
+    import torch
+    import slimops
+    from slimops.ops import channel_conv2d, masked_conv2d
+    from slimops.reference import channel_conv as cref
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    out = {}
+    cases = [(1, 3, 3, 1), (7, 7, 3, 3), (14, 14, 3, 3), (9, 17, 3, 3), (28, 28, 3, 3), (5, 33, 5, 5), (56, 56, 1, 1),
+             (3, 112, 3, 3), (6, 20, 2, 3)]
+    for i, (h, w, kh, kw) in enumerate(cases):
+        for nout in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13):
+            if nout not in (1, 6, 13) and i % 3:
+                continue  # every row count on a third of the shapes
+            for dt in (torch.float32, torch.bfloat16):
+                x, wt, b = rnd(2, 10, h, w).to(dt), rnd(16, 10, kh, kw).to(dt), rnd(16).to(dt)
+                ii = torch.tensor([0, 2, 3, 7, 9])
+                oo = torch.randperm(16, generator=gen)[:nout].sort().values
+                dil, st = (2, 1) if i == 1 else (1, 2) if i == 4 else (1, 1)
+                pad = (kh // 2 * dil, kw // 2 * dil)
+                key = f"{h}x{w}/{kh}x{kw}/{nout}/{str(dt)[6:]}"
+                y = channel_conv2d(x, wt, b, ii, oo, stride=(st, 1), padding=pad, dilation=dil, backend="cpu")
+                want = cref.channel_conv2d(x.double(), wt.double(), b.double(), ii, oo, (st, 1), pad, dil)
+                tol = 1e-4 if dt == torch.float32 else 2e-2 * (want.abs().max().item() + 1)
+                assert (y.double() - want).abs().max().item() < tol, key
+                mask = torch.rand(2, 16, generator=gen) < nout / 16
+                out[key] = y
+                out[key + "/masked"] = masked_conv2d(x, wt, b, mask, stride=(st, 1), padding=pad, dilation=dil,
+                                                     backend="cpu")
+    torch.save(out, sys.argv[1])
+""")
+
+
+def test_direct_conv_copies_are_bit_identical(tmp_path):
+    if ORDER.index(DETECTED) < ORDER.index("avx512"):
+        pytest.skip(f"this CPU runs {DETECTED} at most: one direct-conv copy")
+    import torch
+
+    results = _results_per_isa(_DIRECT_CONV, ("avx2", "avx512"), tmp_path)
+    assert len(results["avx2"]) > 100 and results["avx2"].keys() == results["avx512"].keys()
+    for key, want in results["avx2"].items():
+        assert torch.equal(results["avx512"][key], want), key
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

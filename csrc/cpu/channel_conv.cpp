@@ -31,7 +31,7 @@
 #include <tuple>
 #include <vector>
 
-#include "direct_conv_avx2.h"
+#include "direct_conv.h"
 #include "slimops/channel_conv_checks.h"
 
 namespace slimops {
@@ -267,7 +267,7 @@ struct ForwardWork {
     bool done = k == 0;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!done && dpanel) {
-        if (xp.empty()) xp.resize(static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPX));
+        if (xp.empty()) xp.resize(static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax));
         done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp.data(), res);
       }
     }

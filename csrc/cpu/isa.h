@@ -2,9 +2,9 @@
 //
 // The kernels with ISA-specific copies have a base-ISA copy and copies compiled with target attributes, so one
 // binary runs on any x86-64 and uses what the CPU has: base / AVX2 + FMA / AVX-512 for small_mm.h's register-blocked
-// products and sema_core.inc's row loops (spectral, sema, token_attention), the quant family's block loops and the prox
-// family's elementwise loops (fused_apply.h); base / AVX2 for channel_conv's direct convolution (it runs its AVX2 copy
-// on an AVX-512 machine). SLIMOPS_CPU_ISA=base|avx2|avx512 caps the choice (the tests run every copy the machine
+// products and sema_core.inc's row loops (spectral, sema, token_attention), the quant family's block loops, the prox
+// family's elementwise loops (fused_apply.h) and channel_conv's direct convolution (direct_conv.h; its base ISA is
+// im2col + BLAS). SLIMOPS_CPU_ISA=base|avx2|avx512 caps the choice (the tests run every copy the machine
 // supports this way); the older SLIMOPS_CPU_BASE_ISA=1 means base.
 #pragma once
 

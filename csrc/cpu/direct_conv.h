@@ -1,15 +1,23 @@
-// Direct convolution microkernel (x86-64 AVX2 + FMA, float32 accumulation) for the forward pass of the
-// channel_conv family at horizontal stride 1.
+// Direct convolution microkernel (x86-64 AVX2 + FMA, and AVX-512; float32 accumulation) for the forward pass of
+// the channel_conv family at horizontal stride 1.
 //
 // Why: im2col + GEMM writes the input 9x (3x3) and the GEMM packs it again; at the channel counts a
 // slimmed layer keeps (16..128) that overhead costs ~30% against oneDNN's direct conv. Here one sample's
 // kept input channels are copied once into a zero-padded float buffer (the gather, the padding and the
-// bf16/fp16 conversion in one pass, L2-resident), and a 6 x 16 register block (6 output channels x 16
-// pixels of one output row: 12 accumulators) sums broadcast weights times unaligned input loads over
-// channels and taps. Rows of the weight block are packed as [row block][channel][tap][6].
+// bf16/fp16 conversion in one pass, L2-resident), and a register block of 6 output channels x one pixel block
+// of one output row sums broadcast weights times unaligned input loads over channels and taps. Rows of the
+// weight block are packed as [row block][channel][tap][6].
 //
-// Compiled with a target attribute (no global -mavx2) and used only when the CPU reports AVX2 and FMA (and
-// SLIMOPS_CPU_ISA does not cap it below: isa.h).
+// Two copies, compiled with target attributes (no global -mavx2) and picked by cpu_isa() (isa.h: what the CPU
+// has, capped by SLIMOPS_CPU_ISA):
+//   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators;
+//   AVX-512      32 pixels (two 16-float vectors, 12 accumulators) or, where a row is short enough that
+//                32-pixel blocks would mostly compute padding (direct_px: ow = 7, 14), 16 pixels (one vector,
+//                6 accumulators). Measured on a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of
+//                channel_conv2d at 50/50% on 32x128->128 at 28x28 went from 0.45x to ~0.8x oneDNN's conv on
+//                the compacted tensors (docs/channel_conv.md); oneDNN's conv runs AVX-512 there too.
+// Every output pixel is one chain of FMAs over (channel, tap) in the same order in both copies, so they agree
+// bit for bit.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,8 +39,9 @@
 namespace slimops {
 namespace cpu {
 
-constexpr int64_t kRB = 6;   // output channels per register block
-constexpr int64_t kPX = 16;  // output pixels per register block (two 8-float vectors)
+constexpr int64_t kRB = 6;       // output channels per register block
+constexpr int64_t kPX = 16;      // output pixels per register block of the AVX2 copy (two 8-float vectors)
+constexpr int64_t kPXMax = 32;   // the widest pixel block (AVX-512: two 16-float vectors)
 
 inline bool direct_conv_available() {
 #if SLIMOPS_DIRECT_CONV
@@ -42,14 +51,24 @@ inline bool direct_conv_available() {
 #endif
 }
 
+// Output pixels per register block for rows of ow pixels: 16 (AVX2, and base: unused), on AVX-512 32 unless the
+// 16-pixel kernel does more useful work per FMA: it runs 6 accumulator chains, ~3/4 of the FMA rate the 12
+// chains of the 32-pixel kernel reach, so 32 wins unless its last block is mostly padding (ow = 14: 14 of 32
+// lanes useful against 3/4 x 14 of 16).
+inline int64_t direct_px(int64_t ow) {
+  if (cpu_isa() != CpuIsa::kAvx512) return kPX;
+  const int64_t b32 = (ow + 31) / 32 * 32, b16 = (ow + 15) / 16 * 16;
+  return 4 * b16 <= 3 * b32 ? 16 : 32;  // useful fraction ow/b32 against (3/4) ow/b16
+}
+
 // The padded input buffer of one sample: nc planes of hp x wp floats. wp leaves room for the last
-// 16-pixel block to read past the row end (zeros) and is rounded to 8 floats.
+// pixel block (px wide) to read past the row end (zeros) and is rounded to 8 floats.
 struct DirectGeom {
-  int64_t hp, wp;
-  explicit DirectGeom(const ConvGeom& g) {
+  int64_t hp, wp, px;
+  explicit DirectGeom(const ConvGeom& g) : px(direct_px(g.ow)) {
     hp = g.h + 2 * g.ph;
-    const int64_t ow16 = (g.ow + kPX - 1) / kPX * kPX;
-    wp = std::max(g.w + 2 * g.pw, ow16 + (g.kw - 1) * g.dw);
+    const int64_t owb = (g.ow + px - 1) / px * px;
+    wp = std::max(g.w + 2 * g.pw, owb + (g.kw - 1) * g.dw);
     wp = (wp + 7) / 8 * 8;
   }
   int64_t plane() const { return hp * wp; }
@@ -154,30 +173,90 @@ __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restric
   }
 }
 
-using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
-                              int64_t, const float*, float* const*);
-
-template <int TAPS>
-DirectRowsFn direct_rows_for(int64_t rows) {
-  switch (rows) {
-    case 6: return &direct_conv_rows<6, TAPS>;
-    case 5: return &direct_conv_rows<5, TAPS>;
-    case 4: return &direct_conv_rows<4, TAPS>;
-    case 3: return &direct_conv_rows<3, TAPS>;
-    case 2: return &direct_conv_rows<2, TAPS>;
-    default: return &direct_conv_rows<1, TAPS>;
+// The AVX-512 copy of direct_conv_rows: NV 16-float vectors per row (pixel blocks of 16 NV), the same sums in the
+// same order; the last block of a row is stored under a lane mask.
+template <int R, int NV, int TAPS>
+__attribute__((target("avx512f,fma"))) void direct_conv_rows_avx512(const float* __restrict xp, int64_t nc,
+                                                                    int64_t taps_rt, const int64_t* __restrict off,
+                                                                    int64_t oy0, int64_t oy1, int64_t ow,
+                                                                    int64_t row_step, int64_t plane,
+                                                                    const float* __restrict panel, float* const* out) {
+  static_assert(R >= 1 && R <= kRB && (NV == 1 || NV == 2), "row block");
+  constexpr int64_t PX = 16 * NV;
+  const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    for (int64_t ox0 = 0; ox0 < ow; ox0 += PX) {
+      __m512 a[R][NV];
+      for (int q = 0; q < R; ++q)
+        for (int v = 0; v < NV; ++v) a[q][v] = _mm512_setzero_ps();
+      const float* xc = xp + oy * row_step + ox0;
+      const float* wt = panel;
+      for (int64_t c = 0; c < nc; ++c, xc += plane) {
+#pragma GCC unroll 25
+        for (int64_t t = 0; t < taps; ++t, wt += kRB) {
+          const float* xx = xc + off[t];
+          __m512 x[NV];
+          for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(xx + 16 * v);
+#pragma GCC unroll 6
+          for (int q = 0; q < R; ++q) {
+            const __m512 w = _mm512_set1_ps(wt[q]);
+            for (int v = 0; v < NV; ++v) a[q][v] = _mm512_fmadd_ps(w, x[v], a[q][v]);
+          }
+        }
+      }
+      const int64_t n = std::min(PX, ow - ox0);
+#pragma GCC unroll 6
+      for (int q = 0; q < R; ++q) {
+        float* dst = out[q] + oy * ow + ox0;
+        for (int v = 0; v < NV; ++v) {
+          const int64_t left = n - 16 * v;
+          if (left >= 16) _mm512_storeu_ps(dst + 16 * v, a[q][v]);
+          else if (left > 0)
+            _mm512_mask_storeu_ps(dst + 16 * v, static_cast<__mmask16>((1u << left) - 1u), a[q][v]);
+        }
+      }
+    }
   }
 }
 
-inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
-  return taps == 9 ? direct_rows_for<9>(rows) : taps == 1 ? direct_rows_for<1>(rows)
-       : taps == 25 ? direct_rows_for<25>(rows) : direct_rows_for<0>(rows);
+using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, const float*, float* const*);
+
+// The kernel for a block of `rows` (1..kRB) rows: AVX2 (K = 0) or AVX-512 with K vectors per row (K = 1, 2).
+template <int K, int R, int TAPS>
+constexpr DirectRowsFn direct_rows_fn() {
+  if constexpr (K == 0) return &direct_conv_rows<R, TAPS>;
+  else return &direct_conv_rows_avx512<R, K, TAPS>;
+}
+
+template <int K, int TAPS>
+DirectRowsFn direct_rows_for(int64_t rows) {
+  switch (rows) {
+    case 6: return direct_rows_fn<K, 6, TAPS>();
+    case 5: return direct_rows_fn<K, 5, TAPS>();
+    case 4: return direct_rows_fn<K, 4, TAPS>();
+    case 3: return direct_rows_fn<K, 3, TAPS>();
+    case 2: return direct_rows_fn<K, 2, TAPS>();
+    default: return direct_rows_fn<K, 1, TAPS>();
+  }
+}
+
+template <int K>
+DirectRowsFn direct_rows_isa(int64_t taps, int64_t rows) {
+  return taps == 9 ? direct_rows_for<K, 9>(rows) : taps == 1 ? direct_rows_for<K, 1>(rows)
+       : taps == 25 ? direct_rows_for<K, 25>(rows) : direct_rows_for<K, 0>(rows);
+}
+
+// px: the pixel block of the call (DirectGeom::px): 16 on AVX2, 16 or 32 on AVX-512.
+inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows, int64_t px) {
+  if (cpu_isa() != CpuIsa::kAvx512) return direct_rows_isa<0>(taps, rows);
+  return px == 32 ? direct_rows_isa<2>(taps, rows) : direct_rows_isa<1>(taps, rows);
 }
 
 #endif
 
-// The forward of one sample through the microkernel: res rows r (float, oh*ow each, row stride ohw)
-// = W rows r of the packed direct panel times the sample's kept channels. Returns false when the
+// The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
+// stride ohw) = W rows r of the packed direct panel times the sample's kept channels. Returns false when the
 // kernel does not apply (no AVX2/FMA, or horizontal stride > 1), leaving res untouched.
 template <typename scalar_t>
 bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
@@ -201,8 +280,8 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
       const int64_t nrows = direct_block_rows(r0, nr);
       float* rows[kRB];
       for (int64_t q = 0; q < nrows; ++q) rows[q] = res + (r0 + q) * ohw;
-      direct_rows_kernel(taps, nrows)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
-                                      dpanel + b * nc * taps * kRB, rows);
+      direct_rows_kernel(taps, nrows, d.px)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
+                                            dpanel + b * nc * taps * kRB, rows);
       r0 += nrows;
     }
   }
