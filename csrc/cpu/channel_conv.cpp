@@ -292,16 +292,39 @@ struct ForwardWork {
 
 // Backward of one sample: given dy rows (nr x ohw, acc_t), adds W_panel^T dy into gx (via col2im) and
 // dy @ im2col(x_n)^T into the weight-panel gradient gw (nr x K), and row sums of dy into gb; in tiles of
-// output rows, like the forward.
+// output rows, like the forward. With a transposed direct panel (direct_conv.h: float accumulation, stride 1),
+// gx is instead the direct convolution of dy with the flipped kernel, written whole (each kept channel's plane gets
+// this sample's only contribution: the planes need no zeroing first).
 template <typename scalar_t, typename acc_t>
 struct BackwardWork {
   const ConvGeom& g;
   int64_t k, rows;
   std::vector<acc_t> cols, dy;
+  std::vector<int64_t> seq;     // 0, 1, ..., nr - 1: dy's rows as the channels of the transposed convolution
+  std::vector<float> xpt;       // dy zero-padded for it
+  std::vector<float*> gx_rows;  // the kept channels' planes of gx
+  std::vector<float> xpg;       // x zero-padded for the direct weight gradient
 
   BackwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
-        cols(static_cast<size_t>(k * rows * geom.ow)), dy(static_cast<size_t>(nr * geom.ohw())) {}
+        cols(static_cast<size_t>(k * rows * geom.ow)), dy(static_cast<size_t>(nr * geom.ohw())), seq(iota(nr)) {}
+
+  // gx's kept planes by the transposed direct convolution; false when it does not apply.
+  bool direct_gx(const int64_t* chans, int64_t nc, int64_t nr, const float* dpanel_t, acc_t* gx_n) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (dpanel_t == nullptr) return false;
+      const ConvGeom gt = transposed_geometry(g);
+      const size_t need = static_cast<size_t>(static_cast<int64_t>(seq.size()) * DirectGeom(gt).plane() + 2 * kPXMax);
+      if (xpt.size() < need) xpt.resize(need);
+      gx_rows.resize(static_cast<size_t>(nc));
+      for (int64_t c = 0; c < nc; ++c) gx_rows[c] = gx_n + chans[c] * g.hw();
+      return direct_conv_sample<float>(dy.data(), seq.data(), nr, gt, dpanel_t, nc, xpt.data(), nullptr,
+                                       gx_rows.data());
+    } else {
+      (void)chans, (void)nc, (void)nr, (void)dpanel_t, (void)gx_n;
+      return false;
+    }
+  }
 
   // Loads the rows `src_rows` of grad_out[n] into dy (acc_t).
   void load_dy(const scalar_t* go_n, const int64_t* src_rows, int64_t nr) {
@@ -313,8 +336,8 @@ struct BackwardWork {
     }
   }
 
-  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, int64_t nr, acc_t* gx_n,
-           acc_t* gw, acc_t* gb) {
+  void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, const float* dpanel_t,
+           int64_t nr, acc_t* gx_n, acc_t* gw, acc_t* gb) {
     const int64_t ohw = g.ohw();
     if (nr == 0) return;
     if (gb) {
@@ -326,6 +349,15 @@ struct BackwardWork {
       }
     }
     if (k == 0 || !(gx_n || gw)) return;
+    if (gx_n && direct_gx(chans, nc, nr, dpanel_t, gx_n)) gx_n = nullptr;  // done
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (gw && direct_gw_applies(g)) {
+        const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
+        if (xpg.size() < need) xpg.resize(need);
+        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), gw, k)) gw = nullptr;  // done
+      }
+    }
+    if (!(gx_n || gw)) return;
     for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
       const acc_t* dyt = dy.data() + oy0 * g.ow;
@@ -471,8 +503,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.channel_conv2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool same = std::is_same_v<acc_t, scalar_t>;
-    std::vector<acc_t> panel(static_cast<size_t>(nr * k));
-    pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
+    // grad_x by the transposed direct convolution (direct_conv.h), or by a GEMM against the packed panel
+    std::vector<acc_t> panel;
+    std::vector<float> dpanel_t;
+    if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
+      dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
+      pack_weight_direct_transposed<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
+                                              dpanel_t.data());
+    } else if (need_x) {
+      panel.resize(static_cast<size_t>(nr * k));
+      pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
+    }
     const int64_t ns = slots();
     std::vector<std::vector<acc_t>> gw_acc(ns), gb_acc(ns), gx_buf(ns);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
@@ -496,8 +537,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
           for (int64_t ci = 0; ci < nc; ++ci) std::fill_n(gx_n + chans[ci] * g.hw(), g.hw(), acc_t(0));
         }
       }
-      w->run(xp + n * xr.stride, chans, nc, panel.data(), nr, gx_n, need_w ? gw_acc[slot].data() : nullptr,
-             need_b ? gb_acc[slot].data() : nullptr);
+      w->run(xp + n * xr.stride, chans, nc, panel.data(), dpanel_t.empty() ? nullptr : dpanel_t.data(), nr, gx_n,
+             need_w ? gw_acc[slot].data() : nullptr, need_b ? gb_acc[slot].data() : nullptr);
       if constexpr (!same) {
         if (need_x) {
           scalar_t* d = gx.mutable_data_ptr<scalar_t>() + n * g.cx * g.hw();
@@ -606,6 +647,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     // Per slot: a packed panel of this sample's rows, the full-size weight and bias accumulators (a
     // sample's rows are scattered into them), and a float image for the input gradient of low precision.
     std::vector<std::vector<acc_t>> panels(ns), gw_acc(ns), gb_acc(ns), gx_buf(ns), gw_rows(ns);
+    std::vector<std::vector<float>> dpanels_t(ns);  // grad_x by the transposed direct convolution (direct_conv.h)
+    const bool direct_x = std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
@@ -620,10 +663,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         if (need_w) gw_acc[slot].assign(static_cast<size_t>(c_out * k), acc_t(0)), gw_rows[slot].resize(c_out * k);
         if (need_b) gb_acc[slot].assign(static_cast<size_t>(c_out), acc_t(0));
         if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(c_in * g.hw()));
+        if (direct_x) dpanels_t[slot].resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
       }
       if (nr == 0) return;
       w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
-      pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
+      if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
+        pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
+      if (direct_x)
+        pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in,
+                                                dpanels_t[slot].data());
       acc_t* gx_n = nullptr;
       if (need_x) {
         if constexpr (same) {
@@ -639,8 +687,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         gwr = gw_rows[slot].data();
         std::fill_n(gwr, nr * k, acc_t(0));
       }
-      w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), nr, gx_n, gwr,
-             need_b ? gbr.data() : nullptr);
+      w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), direct_x ? dpanels_t[slot].data() : nullptr,
+             nr, gx_n, gwr, need_b ? gbr.data() : nullptr);
       for (int64_t i = 0; i < nr; ++i) {
         if (need_w) {
           acc_t* d = gw_acc[slot].data() + r[i] * k;

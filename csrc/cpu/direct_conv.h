@@ -1,5 +1,6 @@
-// Direct convolution microkernel (x86-64 AVX2 + FMA, and AVX-512; float32 accumulation) for the forward pass of
-// the channel_conv family at horizontal stride 1.
+// Direct convolution microkernels (x86-64 AVX2 + FMA, and AVX-512; float32 accumulation) for the channel_conv
+// family: the forward at horizontal stride 1, grad_x as the transposed convolution at stride 1, and (AVX-512)
+// grad_w of 3x3 kernels.
 //
 // Why: im2col + GEMM writes the input 9x (3x3) and the GEMM packs it again; at the channel counts a
 // slimmed layer keeps (16..128) that overhead costs ~30% against oneDNN's direct conv. Here one sample's
@@ -14,8 +15,9 @@
 //   AVX-512      32 pixels (two 16-float vectors, 12 accumulators) or, where a row is short enough that
 //                32-pixel blocks would mostly compute padding (direct_px: ow = 7, 14), 16 pixels (one vector,
 //                6 accumulators). Measured on a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of
-//                channel_conv2d at 50/50% on 32x128->128 at 28x28 went from 0.45x to ~0.8x oneDNN's conv on
-//                the compacted tensors (docs/channel_conv.md); oneDNN's conv runs AVX-512 there too.
+//                channel_conv2d at 50/50% went from 0.48x / 0.58x to 0.86x / 0.94x oneDNN's conv on the
+//                compacted tensors (32x128->128 at 28x28 / 32x64->64 at 56x56; docs/channel_conv.md); oneDNN's
+//                conv runs AVX-512 there too.
 // Every output pixel is one chain of FMAs over (channel, tap) in the same order in both copies, so they agree
 // bit for bit.
 #pragma once
@@ -88,21 +90,27 @@ inline int64_t direct_panel_size(int64_t nr, int64_t nc, int64_t taps) {
   return ((nr + kRB - 1) / kRB + 1) * nc * taps * kRB;
 }
 
-// weight[rows][:, chans] as one [c][tap][kRB] slab per row block (blocks from direct_block_rows, lanes past
-// a block's rows zero).
+// The direct panel layout: one [channel][tap][kRB] slab per block of panel rows (blocks from direct_block_rows),
+// lanes past a block's rows zero; at(q, c, t) is the weight of panel row q, channel c, tap t.
+template <typename At>
+void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at, float* out) {
+  for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
+    const int64_t nb = direct_block_rows(r0, nrows);
+    float* slab = out + b * nchans * taps * kRB;
+    for (int64_t c = 0; c < nchans; ++c)
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t q = 0; q < kRB; ++q) slab[(c * taps + t) * kRB + q] = q < nb ? at(r0 + q, c, t) : 0.f;
+    r0 += nb;
+  }
+}
+
+// weight[rows][:, chans] as a direct panel (the forward's).
 template <typename scalar_t>
 void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
                         const int64_t* chans, int64_t nc, float* out) {
-  for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
-    const int64_t nb = direct_block_rows(r0, nr);
-    float* slab = out + b * nc * taps * kRB;
-    for (int64_t c = 0; c < nc; ++c)
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t q = 0; q < kRB; ++q)
-          slab[(c * taps + t) * kRB + q] =
-              q < nb ? static_cast<float>(w[(rows[r0 + q] * c_in + chans[c]) * taps + t]) : 0.f;
-    r0 += nb;
-  }
+  pack_direct_panel(nr, nc, taps, [&](int64_t q, int64_t c, int64_t t) {
+    return static_cast<float>(w[(rows[q] * c_in + chans[c]) * taps + t]);
+  }, out);
 }
 
 // Copies x_n's channels chans[0..nc) into the zero-padded buffer (converting to float).
@@ -256,11 +264,12 @@ inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows, int64_t px) {
 #endif
 
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
-// stride ohw) = W rows r of the packed direct panel times the sample's kept channels. Returns false when the
-// kernel does not apply (no AVX2/FMA, or horizontal stride > 1), leaving res untouched.
+// stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
+// out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA, or horizontal stride > 1), leaving
+// the output untouched.
 template <typename scalar_t>
 bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
-                        const float* dpanel, int64_t nr, float* xp_buf, float* res) {
+                        const float* dpanel, int64_t nr, float* xp_buf, float* res, float* const* out_rows = nullptr) {
 #if SLIMOPS_DIRECT_CONV
   if (!dpanel || g.sw != 1 || nc == 0 || !direct_conv_available()) return false;
   const DirectGeom d(g);
@@ -279,7 +288,7 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
     for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
       const int64_t nrows = direct_block_rows(r0, nr);
       float* rows[kRB];
-      for (int64_t q = 0; q < nrows; ++q) rows[q] = res + (r0 + q) * ohw;
+      for (int64_t q = 0; q < nrows; ++q) rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
       direct_rows_kernel(taps, nrows, d.px)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
                                             dpanel + b * nc * taps * kRB, rows);
       r0 += nrows;
@@ -287,7 +296,7 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   }
   return true;
 #else
-  (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res;
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows;
   return false;
 #endif
 }
@@ -295,6 +304,113 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
 // Whether a call can use the microkernel (then the caller packs a direct panel).
 inline bool direct_conv_applies(const ConvGeom& g, int64_t nc) {
   return direct_conv_available() && g.sw == 1 && nc > 0;
+}
+
+// ---- the input gradient as a direct convolution ---------------------------------------------------------------
+// At stride 1, grad_x[c] = Σ_r Σ_(i,j) W[r, c, kh-1-i, kw-1-j] dy_pad[r][y + i dh, x + j dw], with dy zero-padded by
+// (k-1) d - p: the transposed convolution is a stride-1 convolution of dy with the flipped, transposed kernel, which
+// the same microkernel computes (no col2im, no GEMM). It needs p <= (k-1) d on both axes (true of every "same" or
+// "valid" padding); other calls keep im2col + GEMM.
+
+inline bool transposed_direct_applies(const ConvGeom& g) {
+  return direct_conv_available() && g.sh == 1 && g.sw == 1 && g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw;
+}
+
+// The geometry of that convolution: dy (oh x ow) in, grad_x (h x w) out, same kernel size and dilation.
+inline ConvGeom transposed_geometry(const ConvGeom& g) {
+  ConvGeom t = g;
+  t.h = g.oh, t.w = g.ow, t.oh = g.h, t.ow = g.w;
+  t.ph = (g.kh - 1) * g.dh - g.ph, t.pw = (g.kw - 1) * g.dw - g.pw;
+  return t;
+}
+
+// weight[rows][:, chans] transposed and flipped as a direct panel: its rows are the input channels chans (grad_x's
+// rows), its channels the output rows `rows` (dy's), tap t <- taps - 1 - t.
+template <typename scalar_t>
+void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
+                                   const int64_t* chans, int64_t nc, float* out) {
+  pack_direct_panel(nc, nr, taps, [&](int64_t q, int64_t r, int64_t t) {
+    return static_cast<float>(w[(rows[r] * c_in + chans[q]) * taps + (taps - 1 - t)]);
+  }, out);
+}
+
+// ---- the weight gradient of a 3x3 kernel, direct (AVX-512) -------------------------------------------------------
+// gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, stride sw = 1): per
+// sample, per input channel c and pair of dy rows, 18 accumulators (2 rows x 9 taps) of 16 pixels swept over the
+// output rows, then reduced. The x plane is the forward's padded buffer (pad_input), read in place for every tap: no
+// im2col and no GEMM. The accumulators are named variables (a macro per tap), not an array: GCC kept an array of
+// them on the stack, one store per FMA. The last block of a row loads dy and x under a lane mask (zeros past the row:
+// a padded x entry past the row can be a real pixel, whose inf or NaN must not meet a product with nothing).
+// AVX-512 only: with 16 registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster
+// than im2col + BLAS, which it keeps.
+
+inline bool direct_gw_applies(const ConvGeom& g) {
+  return cpu_isa() == CpuIsa::kAvx512 && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1;
+}
+
+#if SLIMOPS_DIRECT_CONV
+#define SLIMOPS_GW_TAPS(X) X(0, 0, 0) X(1, 0, 1) X(2, 0, 2) X(3, 1, 0) X(4, 1, 1) X(5, 1, 2) X(6, 2, 0) X(7, 2, 1) X(8, 2, 2)
+#define SLIMOPS_GW_DECL(t, i, j) __m512 a##t = _mm512_setzero_ps(), b##t = _mm512_setzero_ps();
+#define SLIMOPS_GW_STEP(t, i, j)                                              \
+  {                                                                           \
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x##i + ox0 + j);               \
+    a##t = _mm512_fmadd_ps(d0, xv, a##t);                                     \
+    b##t = _mm512_fmadd_ps(d1, xv, b##t);                                     \
+  }
+#define SLIMOPS_GW_STORE(t, i, j) g0[t] += _mm512_reduce_add_ps(a##t), g1[t] += _mm512_reduce_add_ps(b##t);
+
+// Two dy rows r0, r1 (oh * ow floats each) against the padded plane xc (row stride wp, rows sh apart): g0[t] and
+// g1[t] (t = 3 i + j) += the sums. r1 may equal r0 (an odd last row: its second result goes to a scratch g1).
+__attribute__((target("avx512f,fma"))) inline void direct_gw_pair_avx512(const float* __restrict r0,
+                                                                         const float* __restrict r1,
+                                                                         const float* __restrict xc, int64_t oh,
+                                                                         int64_t ow, int64_t sh, int64_t wp, float* g0,
+                                                                         float* g1) {
+  SLIMOPS_GW_TAPS(SLIMOPS_GW_DECL)
+  for (int64_t oy = 0; oy < oh; ++oy) {
+    const float* x0 = xc + oy * sh * wp;
+    const float *x1 = x0 + wp, *x2 = x1 + wp;
+    const float *p0 = r0 + oy * ow, *p1 = r1 + oy * ow;
+    for (int64_t ox0 = 0; ox0 < ow; ox0 += 16) {
+      const int64_t n = std::min<int64_t>(16, ow - ox0);
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+      const __m512 d0 = _mm512_maskz_loadu_ps(m, p0 + ox0), d1 = _mm512_maskz_loadu_ps(m, p1 + ox0);
+      SLIMOPS_GW_TAPS(SLIMOPS_GW_STEP)
+    }
+  }
+  SLIMOPS_GW_TAPS(SLIMOPS_GW_STORE)
+}
+#undef SLIMOPS_GW_STORE
+#undef SLIMOPS_GW_STEP
+#undef SLIMOPS_GW_DECL
+#undef SLIMOPS_GW_TAPS
+#endif
+
+// One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats) against the sample's kept channels
+// chans, padded into xp_buf (nc * DirectGeom(g).plane() + 2 kPXMax floats). False (nothing done) when it does not
+// apply.
+template <typename scalar_t>
+bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* dy,
+                      int64_t nr, float* xp_buf, float* gw, int64_t ldg) {
+#if SLIMOPS_DIRECT_CONV
+  if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
+  const DirectGeom d(g);
+  pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
+  const int64_t ohw = g.ohw();
+  float scratch[9];
+  for (int64_t c = 0; c < nc; ++c) {
+    const float* xc = xp_buf + c * d.plane();
+    for (int64_t r = 0; r < nr; r += 2) {
+      const bool pair = r + 1 < nr;
+      direct_gw_pair_avx512(dy + r * ohw, dy + (pair ? r + 1 : r) * ohw, xc, g.oh, g.ow, g.sh, d.wp, gw + r * ldg + c * 9,
+                            pair ? gw + (r + 1) * ldg + c * 9 : scratch);
+    }
+  }
+  return true;
+#else
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)gw, (void)ldg;
+  return false;
+#endif
 }
 
 }  // namespace cpu
