@@ -189,7 +189,8 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
 # against the reference in each. The
 # cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
 # size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
-# stride, float32 and bfloat16 inputs, static and per-sample (masked) channels.
+# stride, float32 and bfloat16 inputs, static and per-sample (masked) channels, and enough input channels that the flat
+# AVX-512 kernel (direct_flat) cuts its positions into one-block chunks.
 _DIRECT_CONV = textwrap.dedent("""
     import sys
     import torch
@@ -225,7 +226,8 @@ _DIRECT_CONV = textwrap.dedent("""
                 # direct 3x3 kernel in the AVX-512 copy (im2col + GEMM in the AVX2 one): against the reference
                 g = rnd(*y.shape).to(dt)
                 args = ((st, 1), pad, dil)
-                gx, gw, _ = torch.ops.slimops.channel_conv2d_backward(g, x, wt, ii, oo, *args, False, [True, True, False])
+                gx, gw, _ = torch.ops.slimops.channel_conv2d_backward(g, x, wt, ii, oo, *args, False,
+                                                                      [True, True, False])
                 want = cref.channel_conv2d_backward(g.double(), x.double(), wt.double(), ii, oo, *args, False,
                                                     [True, True, False])
                 for name, a, e in (("gx", gx, want[0]), ("gw", gw, want[1])):
@@ -238,6 +240,12 @@ _DIRECT_CONV = textwrap.dedent("""
                 for name, a, e in (("masked gx", mgx, mwant[0]), ("masked gw", mgw, mwant[1])):
                     assert (a.double() - e).abs().max().item() < tol * (e.abs().max().item() + 1), (key, name)
                 out[key + "/masked/gx"] = mgx
+    # 700 kept input channels: the flat AVX-512 kernel's chunks shrink to one 32-pixel block, ending mid-row
+    x, wt = rnd(2, 700, 9, 13), rnd(8, 700, 3, 3) * 0.05
+    ii, oo = torch.arange(700), torch.arange(8)
+    y = channel_conv2d(x, wt, None, ii, oo, padding=1, backend="cpu")
+    assert (y.double() - cref.channel_conv2d(x, wt, None, ii, oo, 1, 1, 1)).abs().max() < 1e-4
+    out["700 channels"] = y
     torch.save(out, sys.argv[1])
 """)
 

@@ -490,8 +490,9 @@ def _projection(p: _Plan, proj: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("slimops_triton::feature_affinity_loss", mutates_args=(),
-                         schema="(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> (Tensor, Tensor, Tensor)")
+@torch.library.custom_op(
+    "slimops_triton::feature_affinity_loss", mutates_args=(),
+    schema="(Tensor fs, Tensor ft, Tensor? proj=None, str norm=\"l1\") -> (Tensor, Tensor, Tensor)")
 def feature_affinity_loss(fs: Tensor, ft: Tensor, proj: Optional[Tensor] = None,
                           norm: str = "l1") -> Tuple[Tensor, Tensor, Tensor]:
     """(loss (B,), u, e): the per-sample feature-affinity losses, exact (tiles of Δ) or fast (through proj), and the
