@@ -199,6 +199,30 @@ __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restric
   }
 }
 
+// One register block of the AVX-512 kernels: a[q][v] lane l = Σ_(c, t) panel[c][t][q] x_c[off[t] + 16 v + l], the
+// input block starting at xc (channel planes `plane` apart), summed in the order of direct_conv_rows.
+template <int R, int NV, int TAPS>
+__attribute__((target("avx512f,fma"), always_inline)) inline void direct_block_avx512(
+    const float* __restrict xc, int64_t nc, int64_t taps, const int64_t* __restrict off, int64_t plane,
+    const float* __restrict panel, __m512 (&a)[R][NV]) {
+  for (int q = 0; q < R; ++q)
+    for (int v = 0; v < NV; ++v) a[q][v] = _mm512_setzero_ps();
+  const float* wt = panel;
+  for (int64_t c = 0; c < nc; ++c, xc += plane) {
+#pragma GCC unroll 25
+    for (int64_t t = 0; t < (TAPS > 0 ? TAPS : taps); ++t, wt += kRB) {
+      const float* xx = xc + off[t];
+      __m512 x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(xx + 16 * v);
+#pragma GCC unroll 6
+      for (int q = 0; q < R; ++q) {
+        const __m512 w = _mm512_set1_ps(wt[q]);
+        for (int v = 0; v < NV; ++v) a[q][v] = _mm512_fmadd_ps(w, x[v], a[q][v]);
+      }
+    }
+  }
+}
+
 // The AVX-512 copy of direct_conv_rows: NV 16-float vectors per row (pixel blocks of 16 NV), the same sums in the
 // same order; the last block of a row is stored under a lane mask.
 template <int R, int NV, int TAPS>
@@ -213,23 +237,7 @@ __attribute__((target("avx512f,fma"))) void direct_conv_rows_avx512(const float*
   for (int64_t oy = oy0; oy < oy1; ++oy) {
     for (int64_t ox0 = 0; ox0 < ow; ox0 += PX) {
       __m512 a[R][NV];
-      for (int q = 0; q < R; ++q)
-        for (int v = 0; v < NV; ++v) a[q][v] = _mm512_setzero_ps();
-      const float* xc = xp + oy * row_step + ox0;
-      const float* wt = panel;
-      for (int64_t c = 0; c < nc; ++c, xc += plane) {
-#pragma GCC unroll 25
-        for (int64_t t = 0; t < taps; ++t, wt += kRB) {
-          const float* xx = xc + off[t];
-          __m512 x[NV];
-          for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(xx + 16 * v);
-#pragma GCC unroll 6
-          for (int q = 0; q < R; ++q) {
-            const __m512 w = _mm512_set1_ps(wt[q]);
-            for (int v = 0; v < NV; ++v) a[q][v] = _mm512_fmadd_ps(w, x[v], a[q][v]);
-          }
-        }
-      }
+      direct_block_avx512<R, NV, TAPS>(xp + oy * row_step + ox0, nc, taps, off, plane, panel, a);
       const int64_t n = std::min(PX, ow - ox0);
 #pragma GCC unroll 6
       for (int q = 0; q < R; ++q) {
@@ -262,8 +270,8 @@ __attribute__((target("avx512f"))) inline void store_flat(float* out, __m512 v, 
 constexpr int kFlatVectors = 2;
 
 // The flat AVX-512 kernel (direct_flat): the flat positions [pa, pb) in blocks of 16 kFlatVectors (its caller cuts
-// the positions into chunks, not rows: the DirectRowsFn arguments oy0, oy1 are pa, pb here, and row_step is wp); the same sums in
-// the same order as direct_conv_rows.
+// the positions into chunks, not rows: the DirectRowsFn arguments oy0, oy1 are pa, pb here, and row_step is wp);
+// the same sums in the same order as direct_conv_rows.
 template <int R, int TAPS>
 __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float* __restrict xp, int64_t nc,
                                                                     int64_t taps_rt, const int64_t* __restrict off,
@@ -275,23 +283,7 @@ __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float*
   const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
   for (int64_t p0 = pa; p0 < pb; p0 += 16 * NV) {
     __m512 a[R][NV];
-    for (int q = 0; q < R; ++q)
-      for (int v = 0; v < NV; ++v) a[q][v] = _mm512_setzero_ps();
-    const float* xc = xp + p0;
-    const float* wt = panel;
-    for (int64_t c = 0; c < nc; ++c, xc += plane) {
-#pragma GCC unroll 25
-      for (int64_t t = 0; t < taps; ++t, wt += kRB) {
-        const float* xx = xc + off[t];
-        __m512 x[NV];
-        for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(xx + 16 * v);
-#pragma GCC unroll 6
-        for (int q = 0; q < R; ++q) {
-          const __m512 w = _mm512_set1_ps(wt[q]);
-          for (int v = 0; v < NV; ++v) a[q][v] = _mm512_fmadd_ps(w, x[v], a[q][v]);
-        }
-      }
-    }
+    direct_block_avx512<R, NV, TAPS>(xp + p0, nc, taps, off, plane, panel, a);
     const int64_t n = std::min<int64_t>(16 * NV, pb - p0);
 #pragma GCC unroll 6
     for (int q = 0; q < R; ++q)
