@@ -129,11 +129,11 @@ void normalise_backward(int64_t c, int64_t hw, int64_t p0, int64_t np, const T* 
 }
 
 // φ'(d): sign for l1 (0 at 0 and at NaN: torch.sign's and autograd's |.| convention, so a NaN entry of Δ does not
-// spread into the gradient of the side that is finite), 2d for l2sq.
+// spread into the gradient of the side that is finite), 2d for l2sq. Branch-free (the sign as a difference of two
+// compares), so that the loops applying it vectorise.
 template <typename T>
 inline T dphi(T d, bool l1) {
-  if (!l1) return T(2) * d;
-  return d > T(0) ? T(1) : (d < T(0) ? T(-1) : T(0));
+  return l1 ? static_cast<T>(static_cast<int>(d > T(0)) - static_cast<int>(d < T(0))) : T(2) * d;
 }
 
 // Samples per chunk: the workspace of a chunk stays near kChunkElems (at least one sample).
@@ -267,13 +267,6 @@ void exact_backward(const AffinityGeom& g, const T* grad, const Feat<S>& fs, con
 
 // ---- fast loss (products by torch's BLAS) ----------------------------------------------------------------------
 
-// φ' of the fast loss, branch-free so that its passes vectorise: sign for l1 (0 at 0 and at NaN, as dphi), 2d for
-// l2sq.
-template <typename T>
-inline T dphi_fast(T d, bool l1) {
-  return l1 ? static_cast<T>(static_cast<int>(d > T(0)) - static_cast<int>(d < T(0))) : T(2) * d;
-}
-
 // X (nb, K, HW) in T and the per-pixel norms (nb, 2, HW) of the chunk of samples [b0, b0 + nb).
 struct FastPack {
   at::Tensor x, nrm;
@@ -332,20 +325,20 @@ T phi_sum_and_dphi(T* d, int64_t e0, int64_t e1, bool l1) {
       for (int64_t l = 0; l < kLanes; ++l) {
         const T v = d[e + l];
         lane[l] += std::abs(v);
-        d[e + l] = dphi_fast(v, true);
+        d[e + l] = dphi(v, true);
       }
   } else {
     for (; e + kLanes <= e1; e += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
         const T v = d[e + l];
         lane[l] += v * v;
-        d[e + l] = dphi_fast(v, false);
+        d[e + l] = dphi(v, false);
       }
   }
   for (int64_t l = 0; e < e1; ++e, ++l) {
     const T v = d[e];
     lane[l] += l1 ? std::abs(v) : v * v;
-    d[e] = dphi_fast(v, l1);
+    d[e] = dphi(v, l1);
   }
   T s = 0;
   for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
@@ -406,7 +399,7 @@ void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>&
       T* ep = e.data_ptr<T>();
       for_blocks(nb, per, [&](int64_t i, int64_t, int64_t e0, int64_t e1) {
         T* ei = ep + i * per;
-        for (int64_t q = e0; q < e1; ++q) ei[q] = dphi_fast(ei[q], g.l1);
+        for (int64_t q = e0; q < e1; ++q) ei[q] = dphi(ei[q], g.l1);
       });
     }
     at::Tensor v = at::bmm(c.x.narrow(1, r0, nr), e);  // (nb, nr, k)
