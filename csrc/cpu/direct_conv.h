@@ -12,12 +12,13 @@
 // Two copies, compiled with target attributes (no global -mavx2) and picked by cpu_isa() (isa.h: what the CPU
 // has, capped by SLIMOPS_CPU_ISA):
 //   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators;
-//   AVX-512      32 pixels (two 16-float vectors, 12 accumulators) or, where a row is short enough that
-//                32-pixel blocks would mostly compute padding (direct_px: ow = 7, 14), 16 pixels (one vector,
-//                6 accumulators). Measured on a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of
-//                channel_conv2d at 50/50% went from 0.48x / 0.58x to 0.86x / 0.94x oneDNN's conv on the
-//                compacted tensors (32x128->128 at 28x28 / 32x64->64 at 56x56; docs/channel_conv.md); oneDNN's
-//                conv runs AVX-512 there too.
+//   AVX-512      32 pixels (two 16-float vectors, 12 accumulators); at stride 1 "flat" (direct_flat: blocks
+//                run across row ends), else row by row, with 16 pixels (one vector, 6 accumulators) where a
+//                row is short enough that 32-pixel blocks would mostly compute padding (direct_px). Measured on
+//                a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of channel_conv2d at 50/50% went
+//                from 0.48x / 0.58x to 0.84-0.86x / 0.97-1.02x oneDNN's conv on the compacted tensors
+//                (32x128->128 at 28x28 / 32x64->64 at 56x56; docs/channel_conv.md); oneDNN's conv runs AVX-512
+//                there too.
 // Every output pixel is one chain of FMAs over (channel, tap) in the same order in both copies, so they agree
 // bit for bit.
 #pragma once
@@ -78,18 +79,13 @@ inline bool direct_flat(const ConvGeom& g) {
 // last pixel block (px wide) to read past the row end (zeros) and is rounded to 8 floats; flat, wp is the padded
 // width itself and the block reads run on into the next row (the buffer has 2 kPXMax floats of slack at its end).
 struct DirectGeom {
-  int64_t hp, wp, px;
   bool flat;
-  explicit DirectGeom(const ConvGeom& g) : px(direct_px(g.ow)), flat(direct_flat(g)) {
-    hp = g.h + 2 * g.ph;
-    if (flat) {
-      px = kPXMax;
-      wp = g.w + 2 * g.pw;  // = ow + (kw - 1) dw at stride 1
-      return;
-    }
+  int64_t px, hp, wp;  // px: the row-wise kernel's pixel block (flat: its block, kPXMax)
+  explicit DirectGeom(const ConvGeom& g)
+      : flat(direct_flat(g)), px(flat ? kPXMax : direct_px(g.ow)), hp(g.h + 2 * g.ph), wp(g.w + 2 * g.pw) {
+    if (flat) return;  // wp = ow + (kw - 1) dw at stride 1
     const int64_t owb = (g.ow + px - 1) / px * px;
-    wp = std::max(g.w + 2 * g.pw, owb + (g.kw - 1) * g.dw);
-    wp = (wp + 7) / 8 * 8;
+    wp = (std::max(wp, owb + (g.kw - 1) * g.dw) + 7) / 8 * 8;
   }
   int64_t plane() const { return hp * wp; }
 };
@@ -369,7 +365,7 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
       float* rows[kRB];
       for (int64_t q = 0; q < nrows; ++q) rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
       direct_rows_kernel(taps, nrows, d)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
-                                            dpanel + b * nc * taps * kRB, rows);
+                                         dpanel + b * nc * taps * kRB, rows);
       r0 += nrows;
     }
   }
@@ -418,8 +414,9 @@ void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps
 // sample, per input channel c and block of 3 dy rows, 27 accumulators (3 rows x 9 taps) of 16 pixels swept over the
 // output rows, then reduced (12 loads per 27 FMAs; 2 rows, 11 per 18, measured ~10% slower). The x plane is the
 // forward's padded buffer (pad_input), read in place for every tap: no im2col and no GEMM. The accumulators are named
-// variables (a macro per tap), not an array: GCC kept an array of them on the stack, one store per FMA. The last block of a row loads dy and x under a lane mask (zeros past the row:
-// a padded x entry past the row can be a real pixel, whose inf or NaN must not meet a product with nothing).
+// variables (a macro per tap), not an array: GCC kept an array of them on the stack, one store per FMA. The last
+// block of a row loads dy and x under a lane mask (zeros past the row: a padded x entry past the row can be a real
+// pixel, whose inf or NaN must not meet a product with nothing).
 // AVX-512 only: with 16 registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster
 // than im2col + BLAS, which it keeps.
 
@@ -430,7 +427,8 @@ inline bool direct_gw_applies(const ConvGeom& g) {
 #if SLIMOPS_DIRECT_CONV
 #define SLIMOPS_GW_TAPS(X) \
   X(0, 0, 0) X(1, 0, 1) X(2, 0, 2) X(3, 1, 0) X(4, 1, 1) X(5, 1, 2) X(6, 2, 0) X(7, 2, 1) X(8, 2, 2)
-#define SLIMOPS_GW_DECL(t, i, j) __m512 a##t = _mm512_setzero_ps(), b##t = _mm512_setzero_ps(), c##t = _mm512_setzero_ps();
+#define SLIMOPS_GW_DECL(t, i, j) \
+  __m512 a##t = _mm512_setzero_ps(), b##t = _mm512_setzero_ps(), c##t = _mm512_setzero_ps();
 #define SLIMOPS_GW_STEP(t, i, j)                                              \
   {                                                                           \
     const __m512 xv = _mm512_maskz_loadu_ps(m, x##i + ox0 + j);               \
