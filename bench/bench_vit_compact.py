@@ -1,4 +1,5 @@
-"""Benchmark: a ViT compacted by its dimension gates (slimops.pruning.vit) against the dense ViT it came from.
+"""Benchmark: a ViT or SEMA-T compacted by its dimension gates (slimops.pruning.vit) against the dense model it came
+from.
 
 The gates are drawn at random (uniform in [0, 1)): latency depends on the shapes a plan leaves, not on how the
 gates were trained. For each fraction of the gated dims removed (one global |gate| threshold, VTP's rule), the
@@ -10,6 +11,7 @@ grows with the fraction removed, measured in the same run as the dense baseline.
 
     python bench/bench_vit_compact.py                          # vit_ti, 224², batch 16, CPU 2 threads
     python bench/bench_vit_compact.py --model vit_s --batch 8 --device cuda
+    python bench/bench_vit_compact.py --model sema_t --batch 8             # SEMA-T's blocks, the same gates
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from slimops.pruning.vit import compact_vit, vit_plan_from_gates  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_ti", choices=M.VIT_MODELS)
+    ap.add_argument("--model", default="vit_ti", choices=M.GATED_MODELS)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--fractions", default="0.2,0.4,0.6")
@@ -43,8 +45,9 @@ def main():
     print(common.provenance(dev), flush=True)
     print(f"ISA: torch CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
     torch.manual_seed(0)
-    gated = M.build(args.model, num_classes=1000, img_size=args.img_size, gates=True).eval()
-    dense = M.build(args.model, num_classes=1000, img_size=args.img_size).eval()
+    size = {"img_size": args.img_size} if args.model in M.RESOLUTION_MODELS else {}  # SEMA-T runs at any size
+    gated = M.build(args.model, num_classes=1000, gates=True, **size).eval()
+    dense = M.build(args.model, num_classes=1000, **size).eval()
     dense.load_state_dict({k: v for k, v in gated.state_dict().items() if "gate" not in k})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -74,7 +77,8 @@ def main():
     if not args.no_write:
         note = (f"Batch {args.batch} at {args.img_size}², forward only, random gates (one global |gate| threshold). "
                 "Target (not a result): a speed-up that grows with the fraction removed.")
-        print("appended to", common.write_results(dev, f"ViT compaction ({args.model})", header, rows, note))
+        title = f"{'SEMA-T' if args.model == 'sema_t' else 'ViT'} compaction ({args.model})"
+        print("appended to", common.write_results(dev, title, header, rows, note))
 
 
 if __name__ == "__main__":

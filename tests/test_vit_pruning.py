@@ -1,14 +1,14 @@
 """ViT dimension pruning (slimops.pruning.vit): gates, plans from them, and exact compaction into a smaller ViT."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import slimops.models as M
 from slimops.pruning.metrics import count_macs, count_params
-from slimops.pruning.vit import ViTPlan, build_pruned_vit, compact_vit, vit_plan_from_gates, zero_removed_gates
+from slimops.pruning.vit import ViTPlan, compact_vit, vit_plan_from_gates, zero_removed_gates
+
+from _gates import check_plan_round_trip, random_gates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,15 +17,6 @@ def _gated(seed=0, **kw):
     torch.manual_seed(seed)
     kw = {"num_classes": 10, "in_channels": 1, "width": 0.25, "img_size": 32, "patch": 8, **kw}
     return M.build("vit_ti", gates=True, **kw).eval()
-
-
-def _random_gates(model, zero_fraction, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for w in model.gates().values():
-            w.copy_(torch.rand(w.shape, generator=g) + 0.1)
-            w[torch.rand(w.shape, generator=g) < zero_fraction] = 0
-    return model
 
 
 def _x(n=3):
@@ -45,7 +36,7 @@ def test_gates_start_as_the_identity_and_get_gradients():
 
 @pytest.mark.parametrize("zero_fraction", [0.0, 0.3, 0.7])
 def test_compaction_is_exact_and_smaller(zero_fraction):
-    m = _random_gates(_gated(), zero_fraction)
+    m = random_gates(_gated(), zero_fraction)
     plan = vit_plan_from_gates(m)
     small = compact_vit(m, plan)
     x = _x()
@@ -61,7 +52,7 @@ def test_compaction_is_exact_and_smaller(zero_fraction):
 
 
 def test_percent_plan_prunes_the_lowest_gates_and_stays_exact():
-    m = _random_gates(_gated(), 0.0)
+    m = random_gates(_gated(), 0.0)
     plan = vit_plan_from_gates(m, percent=0.4)
     gates = torch.cat([w.detach().flatten() for w in m.gates().values()])
     assert plan.meta["threshold"] == pytest.approx(float(gates.abs().kthvalue(int(0.4 * gates.numel())).values))
@@ -92,21 +83,12 @@ def test_a_head_with_no_value_dim_goes_whole_and_narrower_heads_are_padded():
 
 
 def test_plan_json_round_trip_and_build_pruned(tmp_path):
-    m = _random_gates(_gated(), 0.5)
-    plan = vit_plan_from_gates(m)
-    path = str(tmp_path / "plan.json")
-    plan.save(path)
-    back = ViTPlan.load(path)
-    assert back.to_dict() == json.loads(json.dumps(plan.to_dict()))
-    small = compact_vit(m, plan)
-    fresh = build_pruned_vit(back)
-    fresh.load_state_dict(small.state_dict(), strict=True)
-    x = _x()
-    torch.testing.assert_close(fresh.eval()(x), small(x))
+    m = random_gates(_gated(), 0.5)
+    check_plan_round_trip(m, vit_plan_from_gates(m), _x(), tmp_path)
 
 
 def _plan_dict(m):
-    return vit_plan_from_gates(_random_gates(m, 0.3)).to_dict()
+    return vit_plan_from_gates(random_gates(m, 0.3)).to_dict()
 
 
 @pytest.mark.parametrize("edit,msg", [
@@ -145,7 +127,7 @@ def test_all_zero_gates_keep_one_input_dim_one_unit_and_one_value_dim():
 
 
 def test_a_plan_for_another_model_is_refused_and_nothing_is_changed():
-    plan = vit_plan_from_gates(_random_gates(_gated(), 0.3))
+    plan = vit_plan_from_gates(random_gates(_gated(), 0.3))
     other = _gated(width=0.5)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="the plan was made for 12 blocks of"):
@@ -235,7 +217,7 @@ def test_sidt_through_the_pipeline_writes_a_loadable_pruned_vit(tmp_path):
     # prune: VTP's threshold on the gates of a gated dense model file
     from slimops.pruning.pipeline import save_model_file
 
-    dense = _random_gates(_gated(width=0.125), 0.0)
+    dense = random_gates(_gated(width=0.125), 0.0)
     save_model_file(str(tmp_path / "dense.pt"), dense, kind="dense")
     again = prune(weights=str(tmp_path / "dense.pt"), percent=0.5, out=str(tmp_path / "pr"))
     assert again["kept_fraction"] == pytest.approx(0.5, abs=0.02) and again["params_pruned"] < again["params_dense"]

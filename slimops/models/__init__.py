@@ -50,6 +50,8 @@ _FACTORIES = {
 # per patch of the image they are built for.
 VIT_MODELS: tuple[str, ...] = ("vit_ti", "vit_s", "deit_b")
 RESOLUTION_MODELS: tuple[str, ...] = VIT_MODELS
+# The models with VTP / SiDT dimension gates (``gates=True``; slimops.pruning.vit plans and compacts them).
+GATED_MODELS: tuple[str, ...] = VIT_MODELS + ("sema_t",)
 
 MODELS: tuple[str, ...] = tuple(_FACTORIES)
 
@@ -61,21 +63,27 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, width: float =
     ``width`` scales every channel count ``c`` to ``max(1, round(c·width))`` (for DenseNet: the growth
     rate and the stem's channels; for AFIDAF the nearest multiple of 8; for GFNet the embedding; for SEMA-T
     the head dim, to the nearest multiple of 8; for the ViTs the head dim, from 64). ``img_size`` (default 224)
-    and ``patch`` (default 16 from 224 up, else 4) are for the ViTs (:data:`RESOLUTION_MODELS`) only, as is
-    ``gates`` (VTP / SiDT's dimension gates, :meth:`VisionTransformer.add_gates`). The Fourier-domain and SEMA models initialise their spectral
+    and ``patch`` (default 16 from 224 up, else 4) are for the ViTs (:data:`RESOLUTION_MODELS`) only; ``gates``
+    (VTP / SiDT's dimension gates, :meth:`VisionTransformer.add_gates`) for the ViTs and SEMA-T
+    (:data:`GATED_MODELS`). The Fourier-domain and SEMA models initialise their spectral
     and transformer parts as their papers do (see their docstrings). Raises ``ValueError`` naming the bad argument.
     """
     if name not in _FACTORIES:
         raise ValueError(f"slimops.models.build: unknown model {name!r} (expected one of: {', '.join(MODELS)})")
     check_config("slimops.models.build", num_classes, in_channels, width)
-    extra = {k: v for k, v in (("img_size", img_size), ("patch", patch), ("gates", gates)) if v is not None}
+    extra = {k: v for k, v in (("img_size", img_size), ("patch", patch)) if v is not None}
     if extra and name not in RESOLUTION_MODELS:
         raise ValueError(f"slimops.models.build: {name} runs at any input size and takes no "
                          f"{' or '.join(extra)} (only {', '.join(RESOLUTION_MODELS)} do)")
+    if gates is not None:
+        if name not in GATED_MODELS:
+            raise ValueError(f"slimops.models.build: {name} takes no gates (only {', '.join(GATED_MODELS)} have "
+                             "dimension gates)")
+        extra["gates"] = gates
     return _FACTORIES[name](num_classes=num_classes, in_channels=in_channels, width=width, **extra)
 
 
-__all__ = ["MODELS", "RESOLUTION_MODELS", "VIT_MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel",
+__all__ = ["MODELS", "RESOLUTION_MODELS", "VIT_MODELS", "GATED_MODELS", "build", "build_from_config", "arch_summary", "SlimGroup", "SlimmableModel",
            "VGG", "PreResNet", "DenseNet", "AFIDAFNet", "GFNet", "SEMANet", "VisionTransformer"]
 
 

@@ -30,6 +30,11 @@ Initialisation as MLLA's (and the zoo's transformers'): Linear weights truncated
 biases, LayerNorm (1, 0), convolutions PyTorch's default; the stem BatchNorm γ = 0.5, β = 0 (the zoo's
 slimming initialisation).
 
+Dimension gates (VTP / SiDT, ``gates=True`` or :meth:`add_gates`; docs/vit.md): per block on the input of the
+attention's ``qkv``, on its value dims (the input of ``proj``) and on the MLP hidden units, as the ViTs have them;
+:mod:`slimops.pruning.vit` plans and compacts them (a qkv input dim that goes takes its ``in_proj`` row and
+``dwc`` channel along).
+
 Slim groups: ``stem.bn`` (producer ``stem.conv1``, consumer ``stem.conv2``), the model's one BatchNorm. The
 token stream (the residual of every block), the attention heads and the MLP hidden channels are not slimmed
 (the blocks' MLPs are Linear -> GELU -> Linear, with no BN to prune by).
@@ -39,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimops.models._gated import DimGated
 from slimops.models._slim import SlimGroup, SlimmableModel
 from slimops.nn import SEMABlock
 
@@ -93,12 +99,12 @@ class SEMAStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class SEMANet(SlimmableModel):
+class SEMANet(DimGated, SlimmableModel):
     """SEMA-T (``"sema_t"``): see the module docstring for the layout, width rule and slim group. Input
     (B, in_channels, H, W), any H, W >= 1; output logits (B, num_classes)."""
 
     def __init__(self, arch: str = "sema_t", num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, *,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, gates: bool = False):
         if arch not in CONFIGS:
             raise ValueError(f"slimops.models.SEMANet: arch must be one of {sorted(CONFIGS)}, got {arch!r}")
         super().__init__(arch, num_classes, in_channels, width)
@@ -130,6 +136,18 @@ class SEMANet(SlimmableModel):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 0.5)
                 nn.init.zeros_(m.bias)
+        if not isinstance(gates, bool):
+            raise ValueError(f"slimops.models.SEMANet: gates must be True or False, got {gates!r}")
+        if gates:
+            self.add_gates()
+
+    def gated_blocks(self) -> list:
+        """The 18 SEMA blocks, stage by stage: what dimension pruning gates (:meth:`add_gates`)."""
+        return [b for s in self.stages for b in s.blocks]
+
+    def config(self) -> dict:
+        cfg = super().config()
+        return {**cfg, "gates": True} if self.gated else cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimops.models._gated import DimGated
 from slimops.models._slim import SlimGroup, SlimmableModel
 from slimops.nn.vit import ViTBlock
 
@@ -46,7 +47,7 @@ def check_resolution(where: str, img_size, patch) -> None:
         raise ValueError(f"{where}: patch ({patch}) must not exceed img_size ({img_size})")
 
 
-class VisionTransformer(SlimmableModel):
+class VisionTransformer(DimGated, SlimmableModel):
     """A DeiT-style ViT (class-token pooling, learned absolute positions, pre-LN blocks, GELU MLPs)::
 
         tokens = patch_embed.proj(x) flattened          (B, N, dim), N = (img_size / patch)²
@@ -112,22 +113,9 @@ class VisionTransformer(SlimmableModel):
         if gates:
             self.add_gates()
 
-    @property
-    def gated(self) -> bool:
-        return any(b.mlp.gate is not None for b in self.blocks)
-
-    def add_gates(self) -> "VisionTransformer":
-        """Installs VTP / SiDT's dimension gates (:class:`slimops.nn.vit.DimGate`, all 1: the model computes the
-        same function) in every block: on the input of ``qkv`` (``blocks.N.attn.gate_in``), of ``proj``
-        (``blocks.N.attn.gate_out``) and on the MLP hidden units (``blocks.N.mlp.gate``). Returns the model."""
-        for b in self.blocks:
-            b.attn.add_gates()
-            b.mlp.add_gates()
-        return self
-
-    def gates(self) -> dict:
-        """Every gate vector by module name (``blocks.N.attn.gate_in`` ...), in module order."""
-        return {n: m.weight for n, m in self.named_modules() if type(m).__name__ == "DimGate"}
+    def gated_blocks(self) -> list:
+        """The blocks that take dimension gates (:class:`slimops.models._gated.DimGated`): every block."""
+        return list(self.blocks)
 
     def set_token_plan(self, plan) -> "VisionTransformer":
         """Patch slimming (:mod:`slimops.pruning.patch_slim`): block ``l`` computes only the tokens

@@ -19,9 +19,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from slimops._backend import BACKENDS
+from slimops.nn.dim_gate import DimGate, GatedMlp, split_qkv
 from slimops.ops.sema import sema_attention
 
-__all__ = ["SEMAAttention", "SEMABlock", "DropPath", "DepthwiseConv3", "set_sema_backend"]
+__all__ = ["SEMAAttention", "SEMAMlp", "SEMABlock", "DropPath", "DepthwiseConv3", "set_sema_backend"]
 
 
 def _positive_int(where: str, name: str, v) -> int:
@@ -37,16 +38,22 @@ def _check_backend(where: str, backend) -> str:
 
 
 class SEMAAttention(nn.Module):
-    """Multi-head SEMA on tokens ``x`` (B, H, W, C)::
+    """Multi-head SEMA on tokens ``x`` (B, H, W, in_dim)::
 
-        q, k, v = split(qkv(x))                      one fused Linear(C, 3C), heads of d = C / heads
-        y = proj(merge_heads(SEMA(q, k, v)))         SEMA = windowed softmax attention + mean of v
+        q, k, v = split(qkv(gate_in(x)))             one fused Linear(in_dim, 3C), heads of d = C / heads
+        y = proj(gate_out(merge_heads(SEMA(q, k, v))))       -> (B, H, W, dim)
 
     with SEMA the op :func:`slimops.ops.sema_attention` (scale d^-1/2, windows of ``window`` tokens per side;
     ``neighborhood=True``: the window centred on each query instead). q, k and v are strided views of the
     qkv projection's output (B, heads, N, d) with a contiguous head dim, which the kernels read in place: no
     copy between the projection and the attention. The window is clipped to the grid per dimension,
     ``(min(window, H), min(window, W))``, so that every input resolution works (module docstring).
+
+    Dimension pruning (VTP / SiDT on SEMA-T, :mod:`slimops.pruning.vit`): the gates (:class:`DimGate`, absent by
+    default, :meth:`add_gates`) sit on the input of ``qkv`` and of ``proj``, as in :class:`slimops.nn.vit.ViTAttention`.
+    A compacted module (:meth:`resize`) reads ``in_dim <= dim`` inputs (its block cut the layers that make the
+    others), has ``heads`` kept heads, and ``v_dim <= head_dim`` value dims per head (q / k are not gated, so the
+    logits stay exact; v is zero-padded to ``head_dim`` for the op, :func:`slimops.nn.dim_gate.split_qkv`).
     """
 
     def __init__(self, dim: int, heads: int, window: int = 7, *, neighborhood: bool = False, qkv_bias: bool = True,
@@ -59,29 +66,112 @@ class SEMAAttention(nn.Module):
             raise ValueError(f"slimops.nn.SEMAAttention: heads ({heads}) must divide dim ({dim})")
         if not isinstance(neighborhood, bool):
             raise ValueError(f"slimops.nn.SEMAAttention: neighborhood must be a bool, got {neighborhood!r}")
-        self.dim, self.heads, self.window, self.neighborhood = dim, heads, window, neighborhood
-        self.head_dim = dim // heads
+        self.dim, self.window, self.neighborhood = dim, window, neighborhood
         self.backend = _check_backend("SEMAAttention", backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.gate_in: DimGate | None = None
+        self.gate_out: DimGate | None = None
+        self._set_heads(heads, dim // heads, dim // heads)
+
+    def _set_heads(self, heads: int, head_dim: int, v_dim: int) -> None:
+        self.heads, self.head_dim, self.v_dim = heads, head_dim, v_dim
+
+    @property
+    def num_heads(self) -> int:
+        """``heads`` under the name :class:`slimops.nn.vit.ViTAttention` (and timm) give it."""
+        return self.heads
+
+    @property
+    def in_dim(self) -> int:
+        """The input width ``qkv`` reads: ``dim``, fewer in a compacted block."""
+        return self.qkv.in_features
+
+    @property
+    def attn_dim(self) -> int:
+        """The attention output width ``heads * v_dim`` (the input of ``proj``)."""
+        return self.heads * self.v_dim
+
+    def add_gates(self) -> None:
+        """Installs the two dimension gates (identity at first) if they are not there."""
+        if self.gate_in is None:
+            self.gate_in = DimGate(self.in_dim).to(self.qkv.weight.device)
+        if self.gate_out is None:
+            self.gate_out = DimGate(self.attn_dim).to(self.qkv.weight.device)
+
+    def resize(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int, v_dim: int | None = None) -> None:
+        """Installs cut ``qkv`` / ``proj`` layers and the head shape they have (compaction); the gates go (they
+        are folded into the layers by then). ``qkv`` may read fewer than ``dim`` inputs; ``proj`` gives ``dim``."""
+        v_dim = head_dim if v_dim is None else v_dim
+        if (qkv.out_features, proj.in_features, proj.out_features) != (num_heads * (2 * head_dim + v_dim),
+                                                                       num_heads * v_dim, self.dim) \
+                or not 0 < v_dim <= head_dim or qkv.in_features > self.dim:
+            raise ValueError(f"slimops.nn.SEMAAttention.resize: qkv ({qkv.in_features} -> {qkv.out_features}) and proj "
+                             f"({proj.in_features} -> {proj.out_features}) do not fit {num_heads} heads of q/k dim "
+                             f"{head_dim} and v dim {v_dim} with output {self.dim}")
+        self.qkv, self.proj = qkv, proj
+        self.gate_in = self.gate_out = None
+        self._set_heads(num_heads, head_dim, v_dim)
 
     def window_for(self, h: int, w: int) -> tuple[int, int]:
         """The window used on an h x w grid: ``(min(window, h), min(window, w))``."""
         return min(self.window, h), min(self.window, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"slimops.nn.SEMAAttention: expected input (B, H, W, {self.dim}), got {tuple(x.shape)}")
-        b, h, w, c = x.shape
-        # (B, H, W, 3C) -> (3, B, heads, N, d): a permuted view, the head dim stays contiguous.
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = sema_attention(qkv[0], qkv[1], qkv[2], (h, w), self.window_for(h, w), neighborhood=self.neighborhood,
+        if x.dim() != 4 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"slimops.nn.SEMAAttention: expected input (B, H, W, {self.in_dim}), got {tuple(x.shape)}")
+        b, h, w, _ = x.shape
+        if self.gate_in is not None:
+            x = self.gate_in(x)
+        q, k, v = split_qkv(self.qkv(x).reshape(b, h * w, -1), self.heads, self.head_dim, self.v_dim)
+        out = sema_attention(q, k, v, (h, w), self.window_for(h, w), neighborhood=self.neighborhood,
                              backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+        out = out[..., : self.v_dim].transpose(1, 2).reshape(b, h, w, self.attn_dim)
+        if self.gate_out is not None:
+            out = self.gate_out(out)
+        return self.proj(out)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, heads={self.heads}, window={self.window}, neighborhood={self.neighborhood}, "
+        cut = "" if (self.in_dim, self.heads * self.head_dim, self.v_dim) == (self.dim, self.dim, self.head_dim) else \
+            f", in_dim={self.in_dim}, head_dim={self.head_dim}, v_dim={self.v_dim}"
+        return (f"dim={self.dim}, heads={self.heads}{cut}, window={self.window}, neighborhood={self.neighborhood}, "
                 f"backend={self.backend!r}")
+
+
+class SEMAMlp(GatedMlp):
+    """``fc2(gate(GELU(fc1(x))))`` with ``hidden`` units: the SEMA block's MLP. Its layers keep the names of the
+    ``nn.Sequential(Linear, GELU, Linear)`` it replaces (``mlp.0``, ``mlp.1``, ``mlp.2``; ``fc1`` / ``act`` /
+    ``fc2`` are aliases), so earlier SEMA-T checkpoints load as they are. The :class:`DimGate` (absent by default)
+    multiplies the activations, so removing a gated-off unit (fc1 row, fc2 column) is exact."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        _positive_int("SEMAMlp", "dim", dim)
+        _positive_int("SEMAMlp", "hidden", hidden)
+        self.hidden = hidden
+        self.add_module("0", nn.Linear(dim, hidden))
+        self.add_module("1", nn.GELU())
+        self.add_module("2", nn.Linear(hidden, dim))
+        self.gate: DimGate | None = None
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self._modules["0"]
+
+    @property
+    def act(self) -> nn.Module:
+        return self._modules["1"]
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self._modules["2"]
+
+    def __getitem__(self, i: int) -> nn.Module:
+        """``mlp[0]``, ``mlp[1]``, ``mlp[2]``: fc1, act, fc2, as the ``nn.Sequential`` this replaced indexes them."""
+        return (self.fc1, self.act, self.fc2)[i]
+
+    def _install(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        self._modules["0"], self._modules["2"] = fc1, fc2
 
 
 class DropPath(nn.Module):
@@ -132,6 +222,11 @@ class SEMABlock(nn.Module):
     ``in_proj``, ``act_proj``, ``out_proj`` Linear(C, C); norms LayerNorms over channels; module names as in
     MLLA's code. Stochastic depth (``drop_path``) on the attention and MLP branches, as MLLA applies it; the
     two position-encoding convolutions are always added. Grid-free: every H x W works.
+
+    Dimension pruning (:meth:`add_gates`, :mod:`slimops.pruning.vit`): the gates of ``attn`` (its qkv input and
+    its value dims) and of ``mlp`` (hidden units). A qkv input dim that goes takes with it the ``in_proj`` row and
+    the ``dwc`` channel that made it (:meth:`resize_attention_input`): the attention branch then runs ``attn.in_dim``
+    channels from ``in_proj`` to ``qkv``, and the block still maps (B, H, W, dim) to (B, H, W, dim).
     """
 
     def __init__(self, dim: int, heads: int, window: int = 7, mlp_ratio: float = 4.0, drop_path: float = 0.0, *,
@@ -147,6 +242,7 @@ class SEMABlock(nn.Module):
         if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0 <= drop_path < 1:
             raise ValueError(f"slimops.nn.SEMABlock: drop_path must be a float in [0, 1), got {drop_path!r}")
         hidden = max(1, int(round(dim * mlp_ratio)))
+        self.dim = dim
         self.cpe1 = DepthwiseConv3(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, dim)
@@ -158,11 +254,26 @@ class SEMABlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.cpe2 = DepthwiseConv3(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = SEMAMlp(dim, hidden)
+
+    def add_gates(self) -> None:
+        """Installs the dimension gates of ``attn`` and ``mlp`` (identity at first) if they are not there."""
+        self.attn.add_gates()
+        self.mlp.add_gates()
+
+    def resize_attention_input(self, in_proj: nn.Linear, dwc: "DepthwiseConv3") -> None:
+        """Installs a cut ``in_proj`` (dim -> attn.in_dim) and ``dwc`` (attn.in_dim channels): compaction, after
+        ``attn`` was resized to read fewer inputs."""
+        n = self.attn.in_dim
+        if (in_proj.in_features, in_proj.out_features, dwc.in_channels) != (self.dim, n, n):
+            raise ValueError(f"slimops.nn.SEMABlock.resize_attention_input: in_proj ({in_proj.in_features} -> "
+                             f"{in_proj.out_features}) and dwc ({dwc.in_channels} channels) must map {self.dim} -> "
+                             f"{n}, the attention's input width")
+        self.in_proj, self.dwc = in_proj, dwc
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.attn.dim:
-            raise ValueError(f"slimops.nn.SEMABlock: expected input (B, H, W, {self.attn.dim}), got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"slimops.nn.SEMABlock: expected input (B, H, W, {self.dim}), got {tuple(x.shape)}")
         x = x + self.cpe1(x)
         h = self.norm1(x)
         g = self.act(self.act_proj(h))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimops.nn.dim_gate import DimGate, GatedMlp, split_qkv
 from slimops.nn.sema import DropPath
 
 __all__ = ["DimGate", "ViTAttention", "ViTMlp", "ViTBlock"]
@@ -22,23 +23,6 @@ def _positive_int(where: str, name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"slimops.nn.{where}: {name} must be a positive int, got {v!r}")
     return v
-
-
-class DimGate(nn.Module):
-    """A learnable gate per dimension, ``x -> x * weight`` over the last dim (VTP / SiDT's dimension gates,
-    docs/algorithms.md §6), initialised to 1 (the identity). Made sparse in training (an l1 penalty or its prox),
-    folded into the next Linear layer's columns and cut where it is 0 (:func:`slimops.pruning.vit.compact_vit`)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        _positive_int("DimGate", "n", n)
-        self.weight = nn.Parameter(torch.ones(n))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.weight
-
-    def extra_repr(self) -> str:
-        return f"n={self.weight.numel()}"
 
 
 class ViTAttention(nn.Module):
@@ -113,15 +97,7 @@ class ViTAttention(nn.Module):
             x = x.index_select(-1, self.in_index)
         if self.gate_in is not None:
             x = self.gate_in(x)
-        qkv = self.qkv(x)
-        h, d = self.num_heads, self.head_dim
-        if self.v_dim == d:  # (B, N, 3 heads d) -> (3, B, heads, N, d)
-            q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-        else:  # a compacted block with fewer value dims (v_dim < head_dim)
-            q, k = qkv[..., : 2 * h * d].reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
-            # torch's fused attention wants v's head dim = q's; with another it takes its math path (2.4x slower
-            # at DeiT-Ti's shapes on CPU): v is zero-padded to head_dim and the padding dropped from the output.
-            v = F.pad(qkv[..., 2 * h * d:].reshape(b, n, h, self.v_dim).transpose(1, 2), (0, d - self.v_dim))
+        q, k, v = split_qkv(self.qkv(x), self.num_heads, self.head_dim, self.v_dim)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., : self.v_dim]
         out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
         if self.gate_out is not None:
@@ -134,7 +110,7 @@ class ViTAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}{extra}{kept}"
 
 
-class ViTMlp(nn.Module):
+class ViTMlp(GatedMlp):
     """``fc2(gate(act(fc1(x))))`` with ``hidden`` units (timm's ``Mlp``: ``fc1``, ``act``, ``fc2``; the
     :class:`DimGate` is absent by default). GELU, as DeiT: the gate multiplies ``act(fc1(x))``, so removing a
     gated-off unit is exact whatever the activation."""
@@ -149,25 +125,8 @@ class ViTMlp(nn.Module):
         self.gate: DimGate | None = None
         self.fc2 = nn.Linear(hidden, dim)
 
-    def add_gates(self) -> None:
-        if self.gate is None:
-            self.gate = DimGate(self.hidden).to(self.fc1.weight.device)
-
-    def resize(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Installs cut ``fc1`` / ``fc2`` layers (compaction); the gate goes (folded into fc2 by then)."""
-        if fc1.out_features != fc2.in_features:
-            raise ValueError(f"slimops.nn.ViTMlp.resize: fc1 has {fc1.out_features} outputs but fc2 "
-                             f"{fc2.in_features} inputs")
-        self.fc1, self.fc2, self.hidden, self.gate = fc1, fc2, fc1.out_features, None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.fc1(x))
-        if self.gate is not None:
-            h = self.gate(h)
-        return self.fc2(h)
-
-    def extra_repr(self) -> str:
-        return f"hidden={self.hidden}"
+    def _install(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        self.fc1, self.fc2 = fc1, fc2
 
 
 class ViTBlock(nn.Module):

@@ -160,7 +160,7 @@ def main_slim(argv=None) -> dict:
                         help="prox-sgd, sidt: l1 | l0 | tl1 | l1_2 (default l1); ns-*, vtp: set by the method")
         ap.add_argument("--lam", type=nonneg_float, default=None,
                         help="sparsity strength; default: calibrated to the run's length (slimops.pruning.methods); "
-                             "vtp / sidt (ViTs) need it given (docs/vit.md)")
+                             "vtp / sidt (ViTs, SEMA-T) need it given (docs/vit.md)")
         ap.add_argument("--beta", type=nonneg_float, default=None, help="proximal-ns coupling beta (default 100)")
         ap.add_argument("--a", type=finite_float, default=None,
                         help="tl1 shape a (default 1), or the exponent p of ns-lp (default 0.5)")

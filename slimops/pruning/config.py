@@ -108,16 +108,19 @@ class SlimConfig:
             if self.model not in RESOLUTION_MODELS:
                 raise _bad("patch", f"None for {self.model} (only {', '.join(RESOLUTION_MODELS)} take a patch size)",
                            self.patch)
-        from slimops.models import VIT_MODELS
+        from slimops.models import GATED_MODELS, VIT_MODELS
         from slimops.pruning.methods import TOKEN_METHODS, VIT_METHODS
 
         if self.model in VIT_MODELS and self.method not in ("none",) + VIT_METHODS + TOKEN_METHODS:
             raise _bad("method", f"none, vtp, sidt or patch-slim for {self.model}: the other methods prune BatchNorm "
                                  "channels and a ViT has none", self.method)
-        if self.model not in VIT_MODELS and self.method in VIT_METHODS + TOKEN_METHODS:
-            what = "the dimension gates" if self.method in VIT_METHODS else "the tokens"
-            raise _bad("method", f"a BatchNorm method for {self.model}: {self.method} prunes {what} of a ViT "
-                                 f"({', '.join(VIT_MODELS)})", self.method)
+        if self.model not in GATED_MODELS and self.method in VIT_METHODS:
+            raise _bad("method", f"a BatchNorm method for {self.model}: {self.method} prunes the dimension gates of a "
+                                 f"transformer ({', '.join(GATED_MODELS)})", self.method)
+        if self.model not in VIT_MODELS and self.method in TOKEN_METHODS:
+            raise _bad("method", f"a BatchNorm{' or dimension-gate' if self.model in GATED_MODELS else ''} method "
+                                 f"for {self.model}: {self.method} prunes the tokens of a ViT ({', '.join(VIT_MODELS)})",
+                       self.method)
         if self.keep_tokens is not None:
             if self.method not in TOKEN_METHODS:
                 raise _bad("keep_tokens", f"None for method {self.method} (it sets patch-slim's kept tokens)",

@@ -10,16 +10,16 @@ and every update goes through slimops' fused kernels:
 ``ns-lp``             nonconvex slimming: ``+= s p sign(gamma)/|gamma|^{1-p}`` (|gamma| >= eps)
 ``prox-sgd``          proximal SGD: SGD step, then ``gamma <- prox_{lr lam R}(gamma)``, R any §1 penalty
 ``proximal-ns``       proximal network slimming (Bui et al. 2023): the gamma/xi scheme, xi exactly sparse
-``vtp``               ViTs: VTP's l1 on the dimension gates g, ``g.grad += s sign(g)``; the plan removes the
+``vtp``               ViTs, SEMA-T: VTP's l1 on the dimension gates g, ``g.grad += s sign(g)``; the plan removes the
                       lowest ``percent`` of |g|
-``sidt``              ViTs: SiDT's proximal step on the gates after each optimizer step, ``g <- prox_{lr lam R}(g)``
-                      (R = l1, l0, tl1 or l1_2): exact zeros, no threshold
+``sidt``              ViTs, SEMA-T: SiDT's proximal step on the gates after each optimizer step,
+                      ``g <- prox_{lr lam R}(g)`` (R = l1, l0, tl1 or l1_2): exact zeros, no threshold
 ``patch-slim``        ViTs: trains as ``none``; then patch slimming (Tang et al. 2022) keeps, per block, the
                       tokens with the largest top-down impact (:mod:`slimops.pruning.patch_slim`)
 ====================  ==========================================================================
 
-(docs/algorithms.md §2-§4, §6; the ViT methods act on the gates of :meth:`VisionTransformer.add_gates` instead of
-the BN scales, and run with SGD or AdamW.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
+(docs/algorithms.md §2-§4, §6; the ViT methods act on the gates of :meth:`VisionTransformer.add_gates` (and of
+SEMA-T's :meth:`SEMANet.add_gates`) instead of the BN scales, and run with SGD or AdamW.) The subgradient methods go through ``penalty_grad_``, proximal SGD through one
 ``prox_sgd_`` call per param group, proximal network slimming through ``palm_slimming_``.
 
 Strength calibration. Every method's total shrinkage of gamma grows with the number of SGD steps
@@ -41,7 +41,7 @@ from slimops.penalties import ELEMENTWISE_PROX
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD
 
 METHODS = ("none", "ns", "ns-tl1", "ns-lp", "prox-sgd", "proximal-ns", "vtp", "sidt", "patch-slim")
-VIT_METHODS = ("vtp", "sidt")  # on the dimension gates of a ViT; the others act on BN scales
+VIT_METHODS = ("vtp", "sidt")  # on the dimension gates of a ViT or SEMA-T; the others act on BN scales
 TOKEN_METHODS = ("patch-slim",)  # ViTs, on the tokens each block computes (no sparsity term in training)
 # The methods that are not defined on an SGD step (prox-sgd's prox step and proximal NS's alpha = 1/lr are), so
 # that they run with AdamW too: the subgradient methods add to the gradient whatever the optimizer does with it.
@@ -137,8 +137,8 @@ class SlimMethod:
         self.cfg = cfg
         if cfg.method in VIT_METHODS:
             if not getattr(model, "gated", False):
-                raise ValueError(f"slimops.pruning: method {cfg.method!r} trains the dimension gates of a ViT; the "
-                                 "model has none (build a ViT with gates=True)")
+                raise ValueError(f"slimops.pruning: method {cfg.method!r} trains the dimension gates of a ViT or "
+                                 "SEMA-T; the model has none (build it with gates=True)")
             self.gammas = list(model.gates().values())  # the gates take the BN scales' place
         else:
             self.gammas = bn_gammas(model)

@@ -3,8 +3,10 @@
 MACs (multiply-accumulates) count the dense ``nn.Conv2d`` and ``nn.Linear`` layers (subclasses
 included): ``out_elems * in_ch/groups * kh * kw`` for a convolution, ``out_elems * in_features`` for a
 linear layer, and the two token products of ViT self-attention (``q k^T`` and ``softmax v``:
-``N^2 * heads * (head_dim + v_dim)`` for N tokens, :class:`slimops.nn.vit.ViTAttention`), for one forward pass of a
-batch-1 input. Biases, BatchNorm, activations, pooling and
+``N^2 * heads * (head_dim + v_dim)`` for N tokens, :class:`slimops.nn.vit.ViTAttention`) and of SEMA attention
+(the same products over each query's window, plus the mean of v: ``heads * (head_dim + v_dim) * sum_windows n_w^2
++ N * heads * v_dim``, :class:`slimops.nn.sema.SEMAAttention`), for one forward pass of a batch-1 input. The
+zero padding that a compacted block adds to v for the kernels (``v_dim < head_dim``) is not counted. Biases, BatchNorm, activations, pooling and
 residual additions are not counted: they are a rounding error next to the convolutions and are what
 the pruning literature leaves out too. FLOPs are conventionally reported as ``2 x MACs``: the CIFAR
 VGG-19 of network slimming (Liu et al., 2017, Table 1: 7.97e8 FLOPs, 20.04M parameters) has
@@ -50,6 +52,12 @@ def _eval_forward(model: nn.Module, x: torch.Tensor):
         model.train(was_training)
 
 
+def _squares(extent: int, window: int) -> int:
+    """The sum of the squared sizes of the windows that tile ``extent`` from the start (the last one smaller)."""
+    full, rest = divmod(extent, window)
+    return full * window * window + rest * rest
+
+
 def count_macs(model: nn.Module, input_size) -> int:
     """Multiply-accumulates of one forward pass of a zero input of shape ``(1, *input_size)``, with
     ``input_size = (C, H, W)``: Conv2d and Linear layers only (see the module docstring)."""
@@ -70,6 +78,16 @@ def count_macs(model: nn.Module, input_size) -> int:
         b, n = inp[0].shape[:2]
         total += b * n * n * m.num_heads * (m.head_dim + m.v_dim)  # q k^T, then softmax . v
 
+    def sema_hook(m, inp, _out):  # windowed q k^T and softmax . v, and the mean of v; qkv / proj are Linear layers
+        nonlocal total
+        b, gh, gw = inp[0].shape[:3]
+        wh, ww = m.window_for(gh, gw)
+        if m.neighborhood:  # every query sees a full wh x ww window
+            pairs = gh * gw * wh * ww
+        else:  # the windows of the partition, the last row / column smaller: sum of their sizes squared
+            pairs = _squares(gh, wh) * _squares(gw, ww)
+        total += b * m.num_heads * (pairs * (m.head_dim + m.v_dim) + gh * gw * m.v_dim)
+
     def sparse_conv_hook(m, _inp, out):  # slimops.nn.ChannelSparseConv2d: only the kept channels
         nonlocal total
         kh, kw = m.kernel_size
@@ -80,6 +98,7 @@ def count_macs(model: nn.Module, input_size) -> int:
         total += out.numel() * m.in_idx.numel()
 
     from slimops.nn import ChannelSparseConv2d, ChannelSparseLinear
+    from slimops.nn.sema import SEMAAttention
     from slimops.nn.vit import ViTAttention
 
     handles = []
@@ -95,6 +114,8 @@ def count_macs(model: nn.Module, input_size) -> int:
                 handles.append(m.register_forward_hook(linear_hook))
             elif isinstance(m, ViTAttention):
                 handles.append(m.register_forward_hook(attention_hook))
+            elif isinstance(m, SEMAAttention):
+                handles.append(m.register_forward_hook(sema_hook))
         device, dtype = _device_dtype(model)
         _eval_forward(model, torch.zeros((1, *size), device=device, dtype=dtype))
     finally:

@@ -191,7 +191,7 @@ def prune_report(dense: nn.Module, plan: Plan, data, device: torch.device, *, bn
 
 
 def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_recal: int = 0) -> tuple:
-    """:func:`prune_report` for a gated ViT and its :class:`~slimops.pruning.vit.ViTPlan` (no BatchNorm to
+    """:func:`prune_report` for a gated ViT or SEMA-T and its :class:`~slimops.pruning.vit.ViTPlan` (no BatchNorm to
     recalibrate): (compacted model, report dict with the heads / dims kept per block)."""
     import copy
 
@@ -199,9 +199,8 @@ def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_r
 
     pruned = compact_vit(dense, plan)
     errors = _compaction_errors(dense, zero_removed_gates(copy.deepcopy(dense), plan), pruned, data, device)
-    d, summary = plan.dims, plan.summary()
-    per_block = d["dim"] + d["heads"] * d["head_dim"] + d["hidden"]
-    total = per_block * len(plan.blocks)
+    summary = plan.summary()
+    total = summary["gated_dims_total"]
     kept = round(summary["gated_dims_kept"] * total)
     return pruned, {
         "acc_pruned_no_finetune": accuracy(pruned, data, device=device),

@@ -78,13 +78,15 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         plt.close(fig)
 
     if hasattr(plan, "blocks"):  # a ViT plan: what each block keeps, as fractions of its gated widths
-        d, per = plan.dims, plan.summary()["blocks"]
+        per = plan.summary()["blocks"]
+        dims = [plan.block_dims(i) for i in range(len(per))]  # per block: SEMA-T's stages differ in width
         fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(per)), 4))
         xs = torch.arange(len(per)).numpy()
-        for k, (key, total, label) in enumerate((("heads", d["heads"], "heads"), ("in_dims", d["dim"], "qkv input dims"),
-                                                 ("v_dims", d["heads"] * d["head_dim"], "value dims"),
-                                                 ("hidden", d["hidden"], "MLP units"))):
-            ax.bar(xs + (k - 1.5) * 0.2, [p[key] / total for p in per], width=0.2, label=label)
+        for k, (key, total, label) in enumerate((("heads", lambda d: d["heads"], "heads"),
+                                                 ("in_dims", lambda d: d["dim"], "qkv input dims"),
+                                                 ("v_dims", lambda d: d["heads"] * d["head_dim"], "value dims"),
+                                                 ("hidden", lambda d: d["hidden"], "MLP units"))):
+            ax.bar(xs + (k - 1.5) * 0.2, [p[key] / total(d) for p, d in zip(per, dims)], width=0.2, label=label)
         ax.set(title=f"kept per block: {plan.summary()['gated_dims_kept']:.1%} of the gated dims",
                xlabel="block", ylabel="fraction kept", ylim=(0, 1.3))
         ax.legend(fontsize=8, loc="upper center", ncol=4)
