@@ -160,7 +160,7 @@ def test_patch_slim_configuration_errors():
     from slimops.pruning.config import SlimConfig
 
     assert SlimConfig(model="vit_ti", method="patch-slim").resolved_keep_tokens() == 0.5
-    with pytest.raises(ValueError, match="keep_tokens must be None for method none"):
+    with pytest.raises(ValueError, match="keep_tokens must be None for method none on vit_ti"):
         SlimConfig(model="vit_ti", method="none", keep_tokens=0.5)
     with pytest.raises(ValueError, match=r"keep_tokens must be a fraction in \(0, 1\]"):
         SlimConfig(model="vit_ti", method="patch-slim", keep_tokens=1.5)

@@ -221,3 +221,78 @@ def test_sidt_through_the_pipeline_writes_a_loadable_pruned_vit(tmp_path):
     save_model_file(str(tmp_path / "dense.pt"), dense, kind="dense")
     again = prune(weights=str(tmp_path / "dense.pt"), percent=0.5, out=str(tmp_path / "pr"))
     assert again["kept_fraction"] == pytest.approx(0.5, abs=0.02) and again["params_pruned"] < again["params_dense"]
+
+
+# ---- dims and tokens: one plan carries patch slimming's tokens too -----------------------------------------------
+
+
+def _with_tokens(m, plan, keep=0.5):
+    import dataclasses
+
+    from slimops.pruning.patch_slim import plan_tokens
+
+    batches = [torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    return dataclasses.replace(plan, tokens=plan_tokens(compact_vit(m, plan), batches, keep))
+
+
+def test_a_plan_with_tokens_compacts_exactly_and_round_trips(tmp_path):
+    import copy
+
+    m = random_gates(_gated(), 0.4)
+    dims = vit_plan_from_gates(m)
+    plan = _with_tokens(m, dims)
+    assert plan.to_dict()["version"] == 2 and dims.to_dict()["version"] == 1
+    assert plan.summary()["tokens"]["tokens_per_block"] == list(plan.tokens.keep)
+    small = compact_vit(m, plan)
+    assert small.token_keep == plan.tokens.keep and compact_vit(m, dims).token_keep is None
+    masked = zero_removed_gates(copy.deepcopy(m), plan)  # the gated model, removed gates 0, same tokens
+    x = _x()
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert count_macs(small, (1, 32, 32)) < count_macs(compact_vit(m, dims), (1, 32, 32))
+    fresh_small = check_plan_round_trip(m, plan, x, tmp_path)  # build_pruned_vit of the JSON runs the tokens too
+    assert fresh_small.token_keep == plan.tokens.keep
+
+
+def test_bad_plans_with_tokens_are_clear_errors():
+    import dataclasses
+
+    m = random_gates(_gated(), 0.3)
+    d = _with_tokens(m, vit_plan_from_gates(m)).to_dict()
+    with pytest.raises(ValueError, match="a version-1 plan has no 'tokens'"):
+        ViTPlan.from_dict({**d, "version": 1})
+    with pytest.raises(ValueError, match="missing field 'tokens'"):
+        ViTPlan.from_dict({k: v for k, v in d.items() if k != "tokens"})
+    with pytest.raises(ValueError, match="tokens keep counts for 11 blocks, the plan has 12"):
+        ViTPlan.from_dict({**d, "tokens": {**d["tokens"], "keep": d["tokens"]["keep"][:-1]}})
+    with pytest.raises(ValueError, match="not a token plan"):
+        ViTPlan.from_dict({**d, "tokens": {"format": "slimops-plan"}})
+    sema = random_gates(M.build("sema_t", width=0.25, gates=True), 0.3)
+    with pytest.raises(ValueError, match=r"tokens \(patch slimming\) are for the ViTs"):
+        dataclasses.replace(vit_plan_from_gates(sema), tokens=ViTPlan.from_dict(d).tokens)
+
+
+def test_sidt_with_keep_tokens_through_the_pipeline(tmp_path):
+    from slimops.pruning.config import SlimConfig
+    from slimops.pruning.pipeline import evaluate_file, load_model_file, prune, slim
+
+    out = str(tmp_path / "run")
+    res = slim(SlimConfig(model="vit_ti", width=0.125, patch=8, method="sidt", lam=1.5, keep_tokens=0.5, epochs=1,
+                          batch=256, optimizer="adamw", lr=2e-3, out=out, progress=False, plots=False, augment=False))
+    assert res["keep_tokens"] == 0.5 and res["tokens_per_block"][0] == 17 and res["tokens_per_block"][-1] < 17
+    assert res["units"] == "gated dims" and res["compaction_vs_masked"]["max_abs_diff"] < 1e-4
+    pruned, obj = load_model_file(f"{out}/pruned.pt")
+    assert obj["plan"]["version"] == 2 and pruned.token_keep == tuple(res["tokens_per_block"])
+    assert evaluate_file(weights=f"{out}/pruned.pt")["acc"] == pytest.approx(res["acc"])
+    # the same in two steps: a dimension-pruned pruned.pt, then prune --keep-tokens of it
+    dims = slim(SlimConfig(model="vit_ti", width=0.125, patch=8, method="sidt", lam=1.5, epochs=1, batch=256,
+                           optimizer="adamw", lr=2e-3, out=str(tmp_path / "dims"), progress=False, plots=False,
+                           augment=False))
+    both = prune(weights=str(tmp_path / "dims" / "pruned.pt"), keep_tokens=0.5, out=str(tmp_path / "both"))
+    assert both["units"] == "token-blocks" and both["flops_pruned"] < both["flops_dense"] == dims["flops_pruned"]
+    assert load_model_file(str(tmp_path / "both" / "pruned.pt"))[1]["plan"]["version"] == 2
+    with pytest.raises(ValueError, match="holds a pruned model; prune a dense.pt"):  # its tokens are already slimmed
+        prune(weights=str(tmp_path / "both" / "pruned.pt"), keep_tokens=0.4, out=str(tmp_path / "again"))
+    with pytest.raises(ValueError, match="holds a pruned model; prune a dense.pt"):  # dims again: from dense.pt
+        prune(weights=str(tmp_path / "dims" / "pruned.pt"), percent=0.3, out=str(tmp_path / "again2"))
+    with pytest.raises(ValueError, match="keep_tokens must be None for method sidt on sema_t"):
+        SlimConfig(model="sema_t", method="sidt", lam=1.5, keep_tokens=0.5)

@@ -169,7 +169,8 @@ def main_slim(argv=None) -> dict:
                              "zeros (none / prox-sgd / proximal-ns) or 0.5 (ns-*)")
         ap.add_argument("--keep-tokens", type=token_fraction, default=None,
                         help="patch-slim (ViTs): the mean fraction of the patch tokens the blocks keep, a linear "
-                             "pyramid from all tokens in the first block (default 0.5; docs/vit.md)")
+                             "pyramid from all tokens in the first block (default 0.5; docs/vit.md); with vtp / sidt "
+                             "on a ViT: patch slimming of the dimension-pruned model too, before fine-tuning")
         ap.add_argument("--epochs", type=count, default=15)
         ap.add_argument("--finetune-epochs", type=count, default=0)
         _train_opts(ap)
@@ -216,7 +217,8 @@ def main_prune(argv=None) -> dict:
         ap.add_argument("--weights", required=True, help="a dense.pt written by `slim`")
         ap.add_argument("--percent", type=percent, default=None, help="default (auto): remove the exact zeros")
         ap.add_argument("--keep-tokens", type=token_fraction, default=None,
-                        help="ViTs: patch slimming instead, the mean fraction of the patch tokens the blocks keep")
+                        help="ViTs: patch slimming instead, the mean fraction of the patch tokens the blocks keep "
+                             "(of a dense.pt, or of a dimension-pruned pruned.pt: dims and tokens)")
         _common(ap)
         ap.add_argument("--no-fold", dest="fold", action="store_false")
         ap.add_argument("--bn-recal", type=count, default=100, help="training batches to re-estimate BN statistics (0: off)")

@@ -63,7 +63,8 @@ class SlimConfig:
     beta: Optional[float] = None         # None: the method's default (proximal-ns: 100)
     a: Optional[float] = None            # None: 1 (the tl1 shape), or the exponent p = 1/2 for ns-lp
     percent: Union[str, float, None] = "auto"
-    keep_tokens: Optional[float] = None  # patch-slim: mean fraction of the patches the blocks keep (None: 0.5)
+    keep_tokens: Optional[float] = None  # patch-slim: mean fraction of the patches the blocks keep (None: 0.5);
+    #                                      vtp / sidt on a ViT: patch slimming after the dimension plan too (None: off)
     epochs: int = 15
     finetune_epochs: int = 0
     batch: int = 64
@@ -122,9 +123,9 @@ class SlimConfig:
                                  f"for {self.model}: {self.method} prunes the tokens of a ViT ({', '.join(VIT_MODELS)})",
                        self.method)
         if self.keep_tokens is not None:
-            if self.method not in TOKEN_METHODS:
-                raise _bad("keep_tokens", f"None for method {self.method} (it sets patch-slim's kept tokens)",
-                           self.keep_tokens)
+            if self.method not in TOKEN_METHODS and not (self.method in VIT_METHODS and self.model in VIT_MODELS):
+                raise _bad("keep_tokens", f"None for method {self.method} on {self.model} (it sets the kept tokens of "
+                                          "patch-slim, or of vtp / sidt on a ViT: dims and tokens)", self.keep_tokens)
             if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, (int, float)) \
                     or not 0 < self.keep_tokens <= 1:
                 raise _bad("keep_tokens", "a fraction in (0, 1] (or None)", self.keep_tokens)
@@ -183,11 +184,11 @@ class SlimConfig:
         return None if self.percent is None else float(self.percent)
 
     def resolved_keep_tokens(self) -> Optional[float]:
-        """patch-slim's mean kept fraction of the patches (None for the other methods)."""
+        """patch-slim's mean kept fraction of the patches; vtp / sidt's when given (dims and tokens); else None."""
         from slimops.pruning.methods import TOKEN_METHODS
 
         if self.method not in TOKEN_METHODS:
-            return None
+            return None if self.keep_tokens is None else float(self.keep_tokens)
         return DEFAULT_KEEP_TOKENS if self.keep_tokens is None else float(self.keep_tokens)
 
     def train_config(self, epochs: int, seed: int):

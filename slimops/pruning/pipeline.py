@@ -208,7 +208,32 @@ def vit_prune_report(dense: nn.Module, plan, data, device: torch.device, *, bn_r
         **_size_and_speed(dense, pruned, data, device),
         **errors,
         "blocks": summary["blocks"], "v_dims": [plan.v_dim(i) for i in range(len(plan.blocks))],
+        **_token_fields(plan.tokens),
     }
+
+
+def _token_fields(tokens) -> dict:
+    """The report's fields for a :class:`~slimops.pruning.patch_slim.TokenPlan` (none for None)."""
+    if tokens is None:
+        return {}
+    s = tokens.summary()
+    return {"tokens": s["tokens"], "tokens_per_block": s["tokens_per_block"], "tokens_kept_fraction": s["kept_fraction"]}
+
+
+def with_tokens(plan, model: nn.Module, data, device: torch.device, keep: float, seed: int = 0):
+    """The dimension plan ``plan`` of the ViT ``model`` (gated, or already compacted by ``plan``) with patch
+    slimming's tokens added: scored on the compacted model (:func:`~slimops.pruning.patch_slim.plan_tokens`, 512
+    training images), so that the kept tokens are those that matter to the model that will run them."""
+    import dataclasses
+
+    from slimops.pruning.patch_slim import plan_tokens
+    from slimops.pruning.vit import compact_vit
+
+    small = compact_vit(model, plan) if getattr(model, "gated", False) else model
+    batches = score_batches(data, device, seed=seed)
+    tokens = plan_tokens(small, batches, keep)
+    tokens.meta.update(method="patch-slim", keep_tokens=keep, score_images=sum(len(b) for b in batches))
+    return dataclasses.replace(plan, tokens=tokens)
 
 
 def token_prune_report(dense: nn.Module, plan, data, device: torch.device, **_) -> tuple:
@@ -225,6 +250,15 @@ def token_prune_report(dense: nn.Module, plan, data, device: torch.device, **_) 
         "units": "token-blocks", "tokens": s["tokens"], "tokens_per_block": s["tokens_per_block"],
         **_size_and_speed(dense, pruned, data, device),
     }
+
+
+def _combined_token_report(compacted: nn.Module, plan, data, device: torch.device, **_) -> tuple:
+    """:func:`token_prune_report` for a dimension-pruned ViT (``compacted``) given the tokens of ``plan`` (a
+    :class:`~slimops.pruning.vit.ViTPlan` that carries them): the report's size and speed are against the
+    dimension-pruned model, and its kept dims are added."""
+    pruned, rep = token_prune_report(compacted, plan.tokens, data, device)
+    summary = plan.summary()
+    return pruned, {**rep, "gated_dims_kept": summary["gated_dims_kept"], "blocks": summary["blocks"]}
 
 
 def score_batches(data, device: torch.device, images: int = 512, batch: int = 128, seed: int = 0) -> list:
@@ -311,7 +345,7 @@ def _run_slim(cfg: SlimConfig) -> dict:
         net = build(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=cfg.width,
                     **resolution_args(cfg.model, ds.size, cfg.patch), **({"gates": True} if vit_method else {}))
         run_cfg = run_config_of(net.config(), cfg.data, mcfg, tcfg)
-        if token_method:  # a keep the token pyramid cannot reach fails now, not after training
+        if cfg.resolved_keep_tokens() is not None:  # a keep the token pyramid cannot reach fails now, not after training
             from slimops.pruning.patch_slim import keep_schedule
 
             keep_schedule(len(net.blocks), 1 + net.grid * net.grid, cfg.resolved_keep_tokens())
@@ -341,15 +375,24 @@ def _run_slim(cfg: SlimConfig) -> dict:
                 plan = plan_tokens(net, batches, keep)
                 plan.meta.update(keep_tokens=keep, score_images=sum(len(b) for b in batches))
         elif vit_method:
-            from slimops.pruning.vit import vit_plan_from_gates
+            from slimops.pruning.vit import VIT_PLAN_FORMAT, ViTPlan, vit_plan_from_gates
 
             plan = vit_plan_from_gates(net, percent)
+            keep = cfg.resolved_keep_tokens()
+            if keep is not None:  # dims and tokens: patch slimming of the dimension-pruned model
+                saved = os.path.join(out, "plan.json")
+                old = ViTPlan.load(saved) if cfg.resume and os.path.isfile(saved) and \
+                    _format_of(saved) == VIT_PLAN_FORMAT else None
+                if old is not None and old.tokens is not None and old.blocks == plan.blocks:
+                    plan = old  # a resumed run fine-tunes with the tokens it scored (as patch-slim does)
+                else:
+                    plan = with_tokens(plan, net, ds, dev, keep, seed=cfg.seed)
         else:
             plan = plan_from_bn(net, percent, xi=xi, fold=cfg.fold)
         plan.meta.update(method=cfg.method, lam=mcfg.lam, beta=mcfg.beta, penalty=mcfg.penalty)
         metrics = {"model": net.config(), "data": cfg.data, "method": asdict(mcfg), "train": run_cfg["train"],
                    "steps": steps, "percent": percent, "acc_before_prune": acc_dense}
-        if token_method:
+        if cfg.resolved_keep_tokens() is not None:
             metrics["keep_tokens"] = cfg.resolved_keep_tokens()
         if info.is_main:
             save_model_file(os.path.join(out, "dense.pt"), net, kind="dense", xi=xi, extra={"method": asdict(mcfg)})
@@ -404,7 +447,8 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
           bn_recal: int = 100, keep_tokens: Optional[float] = None) -> dict:
     """Plans and compacts a trained dense model file (``dense.pt``; its xi is used when present). ``keep_tokens``
     (ViTs): patch slimming instead, the mean kept fraction of the patches over the blocks
-    (:func:`slimops.pruning.patch_slim.plan_tokens` on 512 training images)."""
+    (:func:`slimops.pruning.patch_slim.plan_tokens` on 512 training images); given a dimension-pruned ViT's
+    ``pruned.pt``, its tokens are slimmed too and the written plan carries both (:func:`with_tokens`)."""
     from slimops.data import load as load_data
 
     where = "slimops.pruning.prune"
@@ -422,11 +466,19 @@ def prune(*, weights: str, percent: Optional[float] = None, data: str = "digits"
     prepare_output_dir(out, "slimops.pruning.prune")
     check_free_space(out, run_bytes(net), "slimops.pruning.prune")
     setup_logging(out, True)
-    if obj["kind"] != "dense":
-        raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt")
+    from slimops.pruning.vit import ViTPlan
+
+    dims_plan = plan_of_file(obj) if obj["kind"] == "pruned" else None
+    dims_only = isinstance(dims_plan, ViTPlan) and dims_plan.tokens is None
+    if obj["kind"] != "dense" and not (dims_only and keep_tokens is not None):
+        raise ValueError(f"slimops.pruning.prune: '{weights}' holds a {obj['kind']} model; prune a dense.pt (or "
+                         "slim the tokens of a dimension-pruned ViT's pruned.pt with keep_tokens)")
     ds = load_data(data, data_dir)
     gated = getattr(net, "gated", False)  # a ViT trained with vtp / sidt: planned by its dimension gates
-    if keep_tokens is not None:
+    if dims_only:  # dims and tokens: the tokens of the compacted ViT, one plan for both
+        plan = with_tokens(dims_plan, net, ds, dev, float(keep_tokens), seed=seed)
+        report = _combined_token_report
+    elif keep_tokens is not None:
         from slimops.pruning.patch_slim import plan_tokens
 
         batches = score_batches(ds, dev, seed=seed)

@@ -95,13 +95,15 @@ def plot_run(out: str, model: nn.Module, plan: Plan, xi: Optional[Sequence[Tenso
         _save(fig, paths[-1])
         plt.close(fig)
 
-    if hasattr(plan, "keep") and hasattr(plan, "order"):  # patch slimming: the tokens each block computes
-        n, keep = plan.tokens, list(plan.keep)
+    # patch slimming: the tokens each block computes (a token plan, or the tokens a dimension plan also carries)
+    tokens = plan if hasattr(plan, "keep") and hasattr(plan, "order") else getattr(plan, "tokens", None)
+    if tokens is not None:
+        n, keep = tokens.tokens, list(tokens.keep)
         fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(keep)), 4))
         xs = range(len(keep))
         ax.bar(xs, [n] * len(keep), color="lightgray", label="before")
         ax.bar(xs, keep, color="tab:green", label="kept")
-        ax.set(title=f"tokens per block: {plan.summary()['kept_fraction']:.1%} of the token-block computations kept",
+        ax.set(title=f"tokens per block: {tokens.summary()['kept_fraction']:.1%} of the token-block computations kept",
                xlabel="block", ylabel="tokens (class token included)")
         ax.legend()
         fig.tight_layout()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,12 @@ from torch import Tensor, nn
 from slimops.pruning.checkpoint import check_format, read_json_file
 from slimops.pruning.plan import MAX_PLAN_BYTES, check_percent
 
+if TYPE_CHECKING:
+    from slimops.pruning.patch_slim import TokenPlan
+
 VIT_PLAN_FORMAT = "slimops-vit-plan"
 VIT_PLAN_VERSION = 1
+VIT_PLAN_VERSION_TOKENS = 2  # a plan that also carries patch slimming's tokens: older readers refuse it, not ignore it
 
 __all__ = ["ViTPlan", "vit_plan_from_gates", "compact_vit", "zero_removed_gates", "build_pruned_vit"]
 
@@ -77,12 +81,16 @@ class ViTPlan:
         dims: ``{"dim", "heads", "head_dim", "hidden"}`` of the unpruned blocks (checked against the model):
             one dict when every block has the same widths (the ViTs), else one per block (SEMA-T's stages).
         meta: how the plan was made (criterion, percent, threshold); informational.
+        tokens: ViTs only: a :class:`~slimops.pruning.patch_slim.TokenPlan` (patch slimming) the dimension-pruned
+            model also runs, so that one plan describes a ViT slimmed in both its widths and its tokens; None for
+            dimensions only.
     """
 
     arch: dict
     blocks: list
     dims: dict
     meta: dict = field(default_factory=dict)
+    tokens: Optional["TokenPlan"] = None
 
     def __post_init__(self):
         if not isinstance(self.blocks, list) or not self.blocks:
@@ -105,6 +113,17 @@ class ViTPlan:
             b["v"] = [_indices(f"block {i} head {h} 'v'", v, d["head_dim"], True) for h, v in enumerate(b["v"])]
             if not any(b["v"]):
                 raise _err(f"block {i} removes every head (at least one must stay)")
+        if self.tokens is not None:
+            from slimops.models import VIT_MODELS
+            from slimops.pruning.patch_slim import TokenPlan
+
+            if not isinstance(self.tokens, TokenPlan):
+                raise _err(f"tokens must be a TokenPlan or None, got {type(self.tokens).__name__}")
+            if not isinstance(self.arch, dict) or self.arch.get("arch") not in VIT_MODELS:
+                raise _err(f"tokens (patch slimming) are for the ViTs ({', '.join(VIT_MODELS)}), the plan is for "
+                           f"{self.arch.get('arch') if isinstance(self.arch, dict) else self.arch!r}")
+            if len(self.tokens.keep) != len(self.blocks):
+                raise _err(f"tokens keep counts for {len(self.tokens.keep)} blocks, the plan has {len(self.blocks)}")
 
     # -- derived --------------------------------------------------------------------------------------
     def block_dims(self, i: int) -> dict:
@@ -130,18 +149,37 @@ class ViTPlan:
                 "hidden": len(b["hidden"])} for i, b in enumerate(self.blocks)]
         total = sum(self.gated_total(i) for i in range(len(self.blocks)))
         kept = sum(p["in_dims"] + p["v_dims"] + p["hidden"] for p in per)
-        return {"blocks": per, "gated_dims_kept": kept / total, "gated_dims_total": total}
+        out = {"blocks": per, "gated_dims_kept": kept / total, "gated_dims_total": total}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.summary()
+        return out
 
     # -- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": VIT_PLAN_FORMAT, "version": VIT_PLAN_VERSION, "arch": self.arch, "dims": self.dims,
-                "blocks": self.blocks, "meta": self.meta}
+        d = {"format": VIT_PLAN_FORMAT, "version": VIT_PLAN_VERSION, "arch": self.arch, "dims": self.dims,
+             "blocks": self.blocks, "meta": self.meta}
+        if self.tokens is not None:
+            d.update(version=VIT_PLAN_VERSION_TOKENS, tokens=self.tokens.to_dict())
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTPlan":
-        check_format(d, VIT_PLAN_FORMAT, VIT_PLAN_VERSION, "slimops.pruning.ViTPlan", "a ViT plan")
+        where = "slimops.pruning.ViTPlan"
+        version = d.get("version") if isinstance(d, dict) else None
+        check_format(d, VIT_PLAN_FORMAT, VIT_PLAN_VERSION_TOKENS if version == VIT_PLAN_VERSION_TOKENS
+                     else VIT_PLAN_VERSION, where, "a ViT plan")
+        tokens = None
+        if version == VIT_PLAN_VERSION_TOKENS:
+            from slimops.pruning.patch_slim import TokenPlan
+
+            if "tokens" not in d:
+                raise _err("missing field 'tokens' (a version-2 plan carries patch slimming's tokens)")
+            tokens = TokenPlan.from_dict(d["tokens"])
+        elif "tokens" in d:
+            raise _err("a version-1 plan has no 'tokens' (version 2 carries them)")
         try:
-            return cls(arch=d["arch"], blocks=copy.deepcopy(d["blocks"]), dims=d["dims"], meta=d.get("meta", {}))
+            return cls(arch=d["arch"], blocks=copy.deepcopy(d["blocks"]), dims=d["dims"], meta=d.get("meta", {}),
+                       tokens=tokens)
         except KeyError as e:
             raise _err(f"missing field {e}") from None
 
@@ -219,8 +257,8 @@ def _check_fits(model, plan: ViTPlan, where: str) -> list:
 
 @torch.no_grad()
 def zero_removed_gates(model: nn.Module, plan: ViTPlan) -> nn.Module:
-    """Sets to 0, in place, every gate entry the plan removes: the gated model then computes what
-    :func:`compact_vit` of it computes. Returns the model."""
+    """Sets to 0, in place, every gate entry the plan removes (and sets the plan's tokens, if it has some): the
+    gated model then computes what :func:`compact_vit` of it computes. Returns the model."""
     for b, p in zip(_check_fits(model, plan, "slimops.pruning.zero_removed_gates"), plan.blocks):
         hd = b.attn.head_dim
         for gate, keep in ((b.attn.gate_in, p["in"]), (b.mlp.gate, p["hidden"]),
@@ -228,6 +266,8 @@ def zero_removed_gates(model: nn.Module, plan: ViTPlan) -> nn.Module:
             mask = torch.zeros_like(gate.weight, dtype=torch.bool)
             mask[keep] = True
             gate.weight.masked_fill_(~mask, 0)
+    if plan.tokens is not None:
+        model.set_token_plan(plan.tokens)
     return model
 
 
@@ -287,7 +327,8 @@ def _cut_sema_input(block: nn.Module, cols: Tensor) -> None:
 def compact_vit(model: nn.Module, plan: ViTPlan) -> nn.Module:
     """A physically smaller copy of the gated ViT or SEMA-T ``model`` with ``plan`` applied (module docstring):
     gates folded and gone, ``qkv`` / ``proj`` / ``fc1`` / ``fc2`` cut (and SEMA-T's ``in_proj`` / ``dwc``),
-    ``num_heads`` / ``v_dim`` / ``hidden`` updated. ``model`` is not changed."""
+    ``num_heads`` / ``v_dim`` / ``hidden`` updated, and the plan's tokens set when it has some
+    (:meth:`~slimops.models.VisionTransformer.set_token_plan`). ``model`` is not changed."""
     from slimops.nn.sema import SEMABlock
 
     _check_fits(model, plan, "slimops.pruning.compact_vit")
@@ -304,6 +345,8 @@ def compact_vit(model: nn.Module, plan: ViTPlan) -> nn.Module:
             att.resize(qkv, proj, num_heads=len(heads), head_dim=att.head_dim, v_dim=plan.v_dim(i),
                        in_index=in_index)
         b.mlp.resize(*_cut_mlp(b.mlp, torch.tensor(p["hidden"], device=att.qkv.weight.device)))
+    if plan.tokens is not None:  # patch slimming too: each block runs its kept tokens
+        out.set_token_plan(plan.tokens)
     return out
 
 
