@@ -68,6 +68,10 @@ def token_fraction(text: str) -> float:
     return _number(text, float, "a fraction in (0, 1]", lo=0.0, lo_open=True, hi=1.0)
 
 
+def open_fraction(text: str) -> float:
+    return _number(text, float, "a fraction in (0, 1)", lo=0.0, lo_open=True, hi=1.0, hi_open=True)
+
+
 def device(text: str) -> str:
     """``cpu`` or ``cuda[:N]`` for a GPU that this machine has."""
     import torch
@@ -167,6 +171,9 @@ def main_slim(argv=None) -> dict:
         ap.add_argument("--percent", type=percent, default=-1.0,
                         help="fraction of channels to remove by global |score| rank; auto (default): the exact "
                              "zeros (none / prox-sgd / proximal-ns) or 0.5 (ns-*)")
+        ap.add_argument("--keep-dims", type=open_fraction, default=None,
+                        help="sidt: keep about this fraction of the gated dims; lam is adjusted during training, "
+                             "starting from --lam (default 1) (docs/vit.md)")
         ap.add_argument("--keep-tokens", type=token_fraction, default=None,
                         help="patch-slim (ViTs): the mean fraction of the patch tokens the blocks keep, a linear "
                              "pyramid from all tokens in the first block (default 0.5; docs/vit.md); with vtp / sidt "

@@ -63,6 +63,8 @@ class SlimConfig:
     beta: Optional[float] = None         # None: the method's default (proximal-ns: 100)
     a: Optional[float] = None            # None: 1 (the tl1 shape), or the exponent p = 1/2 for ns-lp
     percent: Union[str, float, None] = "auto"
+    keep_dims: Optional[float] = None    # sidt: keep about this fraction of the gated dims; lam is then adjusted
+    #                                      during training, starting from --lam (default 1) (keep_target.py)
     keep_tokens: Optional[float] = None  # patch-slim: mean fraction of the patches the blocks keep (None: 0.5);
     #                                      vtp / sidt on a ViT: patch slimming after the dimension plan too (None: off)
     epochs: int = 15
@@ -132,7 +134,14 @@ class SlimConfig:
         if self.method in TOKEN_METHODS and self.percent not in ("auto", None):
             raise _bad("percent", f"'auto' for method {self.method} (it keeps tokens: keep_tokens says how many)",
                        self.percent)
-        if self.method in VIT_METHODS and self.lam is None:
+        if self.keep_dims is not None:
+            if self.method != "sidt":
+                raise _bad("keep_dims", f"None for method {self.method} (it is SiDT's target: the fraction of the "
+                                        "gated dims to keep; vtp keeps 1 - percent)", self.keep_dims)
+            if isinstance(self.keep_dims, bool) or not isinstance(self.keep_dims, (int, float)) \
+                    or not 0 < self.keep_dims < 1:
+                raise _bad("keep_dims", "a fraction in (0, 1) (or None)", self.keep_dims)
+        if self.method in VIT_METHODS and self.lam is None and self.keep_dims is None:
             raise _bad("lam", f"given for method {self.method} (the gates' shrinkage per unit of lr and step: "
                               "lr * lam * steps near 1 removes the gates the loss does not defend; docs/vit.md)",
                        self.lam)
@@ -203,7 +212,7 @@ class SlimConfig:
         """The :class:`~slimops.pruning.methods.MethodConfig` of a run of ``steps`` SGD steps (lam calibrated)."""
         from slimops.pruning.pipeline import resolve_method
 
-        return resolve_method(self.method, self.penalty, self.lam, self.beta, self.a, steps)
+        return resolve_method(self.method, self.penalty, self.lam, self.beta, self.a, steps, keep_dims=self.keep_dims)
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -37,6 +37,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from slimops.ops.prox import penalty_grad_
+from slimops.pruning.keep_target import KeepTarget
 from slimops.penalties import ELEMENTWISE_PROX
 from slimops.optim import ProxAdamW, ProximalSlimming, ProxSGD
 
@@ -97,6 +98,8 @@ class MethodConfig:
     beta: float = DEFAULT_BETA
     a: float = 1.0
     eps: float = 1e-3   # ns-lp: |gamma| is clamped to >= eps, so the p/|gamma|^(1-p) kick stays <= p/eps^(1-p)
+    keep_dims: Optional[float] = None  # sidt: keep about this fraction of the gated dims, lam adjusted (keep_target)
+    steps: int = 0                     # the run's optimizer steps: keep_dims' path is laid out over them
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -122,6 +125,14 @@ class MethodConfig:
         for name in ("lam", "beta", "a", "eps"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"slimops.pruning: {name} must be a finite number, got {getattr(self, name)}")
+        if self.keep_dims is not None:
+            if self.method != "sidt":
+                raise ValueError(f"slimops.pruning: keep_dims sets SiDT's target (method 'sidt'), not {self.method!r}")
+            if isinstance(self.keep_dims, bool) or not isinstance(self.keep_dims, (int, float)) \
+                    or not 0 < self.keep_dims < 1:
+                raise ValueError(f"slimops.pruning: keep_dims must be a fraction in (0, 1), got {self.keep_dims!r}")
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise ValueError(f"slimops.pruning: keep_dims needs the run's steps (a positive int), got {self.steps!r}")
 
 
 class SlimMethod:
@@ -161,6 +172,9 @@ class SlimMethod:
         self.slim: Optional[ProximalSlimming] = None
         if cfg.method == "proximal-ns":
             self.slim = ProximalSlimming(self.gammas, self.optimizer, lam=cfg.lam, beta=cfg.beta, penalty="l1")
+        self.target: Optional[KeepTarget] = None
+        if cfg.keep_dims is not None:  # SiDT with a target: lam is adjusted after every step
+            self.target = KeepTarget(self.gammas, self.optimizer, cfg.keep_dims, cfg.steps)
 
     def after_backward(self) -> None:
         if self.cfg.method in ("ns", "ns-tl1", "ns-lp", "vtp"):
@@ -172,6 +186,12 @@ class SlimMethod:
     def after_step(self) -> None:
         if self.slim is not None:
             self.slim.step()
+        if self.target is not None:
+            self.target.step()
+
+    def current_lam(self) -> Optional[float]:
+        """The lam a target (``keep_dims``) has set, None without one."""
+        return None if self.target is None else self.target.lam
 
     def scores(self) -> Optional[list[Tensor]]:
         """xi for proximal NS (what the plan prunes on), None for the gamma-based methods."""
@@ -182,10 +202,18 @@ class SlimMethod:
         return sum(int((t == 0).sum()) for t in s) / max(sum(t.numel() for t in s), 1)
 
     def state_dict(self) -> dict:
-        return {"xi": None if self.slim is None else self.slim.state_dict()}
+        state = {"xi": None if self.slim is None else self.slim.state_dict()}
+        if self.target is not None:
+            state["keep_target"] = self.target.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("xi") is None) != (self.slim is None):
             raise ValueError("slimops.pruning: checkpoint method state does not match the method (xi present/absent)")
         if self.slim is not None:
             self.slim.load_state_dict(state["xi"])
+        if ("keep_target" in state) != (self.target is not None):
+            raise ValueError("slimops.pruning: checkpoint method state does not match the method (keep_dims target "
+                             "present/absent)")
+        if self.target is not None:
+            self.target.load_state_dict(state["keep_target"])

@@ -285,15 +285,19 @@ def write_metrics(out: str, metrics: dict) -> None:
 
 
 def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], beta: Optional[float],
-                   a: Optional[float], steps: int) -> MethodConfig:
+                   a: Optional[float], steps: int, keep_dims: Optional[float] = None) -> MethodConfig:
     """A MethodConfig whose unset lam/beta/a take the defaults for a run of ``steps`` steps (a: the
-    exponent p = 1/2 for ns-lp, the tl1 shape 1 otherwise)."""
+    exponent p = 1/2 for ns-lp, the tl1 shape 1 otherwise). ``keep_dims`` (sidt): the target, lam its start (1 by
+    default)."""
     if method not in METHODS:
         raise ValueError(f"slimops.pruning: unknown method '{method}' (expected one of: {', '.join(METHODS)})")
     if a is None:
         a = 0.5 if method == "ns-lp" else 1.0
     cfg = MethodConfig(method=method, penalty=penalty, a=a)
     cfg.lam = default_lam(method, steps, cfg.penalty) if lam is None else float(lam)
+    if keep_dims is not None:
+        cfg.keep_dims, cfg.steps = float(keep_dims), int(steps)
+        cfg.lam = 1.0 if lam is None else cfg.lam
     if beta is not None:
         cfg.beta = float(beta)
     cfg.__post_init__()

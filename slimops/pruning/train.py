@@ -251,6 +251,8 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
                    "train_acc": tot_correct / max(seen, 1), "test_acc": accuracy(model, data, device=device),
                    "zero_fraction": method.zero_fraction(), "skipped_steps": guard.skipped - skipped0,
                    "seconds": time.perf_counter() - t0}
+            if method.current_lam() is not None:  # SiDT with a keep_dims target: the lam it has set
+                rec["lam"] = method.current_lam()
             result.history.append(rec)
             if dist_info.is_main:
                 log.info("%s epoch %d/%d: loss %.4f, train %.4f, test %.4f, lr %.4g, zero %.3f, %.1fs", stage,
@@ -287,5 +289,8 @@ def run_config_of(model_cfg: dict, data_name: str, method_cfg: MethodConfig, cfg
     for key, default in (("optimizer", "sgd"), ("schedule", "step"), ("warmup_epochs", 0)):
         if d["train"][key] == default:
             del d["train"][key]
+    for key, default in (("keep_dims", None), ("steps", 0)):
+        if d["method"].get(key, default) == default:
+            d["method"].pop(key, None)
     d.update(extra)
     return d
