@@ -933,3 +933,30 @@ def test_masked_channels_are_zero_even_for_nonfinite_inputs(backend):
     y = P.masked_conv2d(x, w, b, mask, 1, 1, backend=backend)
     assert (y[~mask] == 0).all()
     assert torch.isnan(y[0, 0]).any() and torch.isfinite(y[1]).all()
+
+
+def test_grad_x_planes_no_kernel_writes_are_zero_in_reused_memory():
+    """fp32 grad_x starts uninitialised where the transposed direct convolution stores every kept plane: the planes
+    of the channels not kept (channel_conv2d) and the samples with no row (masked_conv2d) must still be 0. Small
+    tensors, allocated right after a NaN-filled one of the same size was freed, so that malloc hands the same
+    memory back (big ones come fresh from mmap, already 0, and would hide a missing fill)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 9, 9, generator=g)
+    w = torch.randn(6, 8, 3, 3, generator=g)
+    in_idx, out_idx = torch.tensor([1, 4, 6]), torch.tensor([0, 2, 5])
+    go = torch.randn(3, 3, 9, 9, generator=g)
+    mask = torch.tensor([[True, False, True, False, True, True], [False] * 6, [True] * 6])
+    go_m = torch.randn(3, 6, 9, 9, generator=g)
+    ref_c = ref.channel_conv2d_backward(go, x, w, in_idx, out_idx, [1, 1], [1, 1], [1, 1], False, [True] * 3)[0]
+    ref_m = ref.masked_conv2d_backward(go_m, x, w, mask, [1, 1], [1, 1], [1, 1], [True] * 3)[0]
+    for _ in range(4):
+        junk = torch.full_like(x, float("nan"))
+        del junk
+        gx = torch.ops.slimops.channel_conv2d_backward(go, x, w, in_idx, out_idx, [1, 1], [1, 1], [1, 1], False,
+                                                       [True, False, False])[0]
+        torch.testing.assert_close(gx, ref_c, rtol=1e-4, atol=1e-4)
+        junk = torch.full_like(x, float("nan"))
+        del junk
+        gx = torch.ops.slimops.masked_conv2d_backward(go_m, x, w, mask, [1, 1], [1, 1], [1, 1], [True, False, False])[0]
+        torch.testing.assert_close(gx, ref_m, rtol=1e-4, atol=1e-4)
+        assert (gx[1] == 0).all()

@@ -8,7 +8,7 @@ lam ~ 1 every gate can be defended and above it none can (measured on digits: Vi
 the run. Here lam is adjusted after every optimizer step so that the gates follow a path to the target.
 
 The path. With ``q0`` the (1 - F)-quantile of |g| when training starts (1 for gates initialised to 1), the
-threshold ``p_t = q0 * max(0, 1 - t / R)`` falls linearly to 0 over the first ``R`` steps (``ramp``, 60% of the
+threshold ``p_t = q0 * max(0, 1 - t / R)`` falls linearly to 0 over the first ``R`` steps (``ramp``, 90% of the
 run by default) and stays at 0 after. The (1 - F)-quantile ``q_t`` of |g| should follow it.
 
 How lam follows. Per step the prox lowers every gate by ``lr_t * lam`` and the optimizer moves it by its own
@@ -39,7 +39,11 @@ from torch import Tensor
 
 __all__ = ["KeepTarget", "DEFAULT_RAMP", "DEFAULT_GAIN"]
 
-DEFAULT_RAMP = 0.6  # the path reaches 0 after this fraction of the run's steps
+# The path reaches 0 after this fraction of the run's steps. Measured on digits (ViT-Ti, keep 0.5, 30 + 10 FT
+# epochs, seeds 0-2): ramp 0.6 ended at 93.33 / 90.22 / 93.78%, ramp 0.9 at 92.67 / 97.11 / 91.78% (the zeros met
+# in epoch 28-29, then 10 epochs of fine-tuning): the gentler pressure did better on the mean, within a spread that
+# large. docs/vit.md.
+DEFAULT_RAMP = 0.9
 DEFAULT_GAIN = 0.05  # per step, c += 0.05 * gap: a gap of 0.1 (in units of q0) doubles lam in about 140 steps
 
 
