@@ -124,6 +124,14 @@ def _train_opts(ap: argparse.ArgumentParser) -> None:
                          "skips that step")
 
 
+def _distill_opts(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--teacher", default=None,
+                    help="a model file (e.g. the dense run's dense.pt) whose logits the fine-tuning also learns: "
+                         "CE + kd-weight * T^2 KL (docs/vit.md)")
+    ap.add_argument("--kd-weight", type=nonneg_float, default=1.0, help="--teacher: weight of the KD term")
+    ap.add_argument("--temperature", type=positive_float, default=4.0, help="--teacher: KD temperature")
+
+
 def _parser(prog: str, build) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"slimops {prog}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +188,7 @@ def main_slim(argv=None) -> dict:
                              "on a ViT: patch slimming of the dimension-pruned model too, before fine-tuning")
         ap.add_argument("--epochs", type=count, default=15)
         ap.add_argument("--finetune-epochs", type=count, default=0)
+        _distill_opts(ap)
         _train_opts(ap)
         ap.add_argument("--no-fold", dest="fold", action="store_false",
                         help="drop the removed channels' constant relu(beta) outputs instead of carrying them in one "
@@ -244,6 +253,7 @@ def main_finetune(argv=None) -> dict:
         ap.add_argument("--weights", required=True, help="a pruned.pt (or dense.pt)")
         ap.add_argument("--epochs", type=count, default=5)
         _common(ap)
+        _distill_opts(ap)
         _train_opts(ap)
         ap.add_argument("--out", default="runs/finetune")
 
@@ -251,7 +261,8 @@ def main_finetune(argv=None) -> dict:
     return finetune(weights=a.weights, epochs=a.epochs, data=a.data, data_dir=a.data_dir, lr=a.lr, batch=a.batch,
                     seed=a.seed, out=a.out, resume=a.resume, device=a.device, augment=a.augment, progress=a.progress,
                     on_nonfinite=a.on_nonfinite, optimizer=a.optimizer, weight_decay=a.weight_decay,
-                    schedule=a.schedule, warmup_epochs=a.warmup_epochs)
+                    schedule=a.schedule, warmup_epochs=a.warmup_epochs, teacher=a.teacher, kd_weight=a.kd_weight,
+                    temperature=a.temperature)
 
 
 def main_eval(argv=None) -> dict:

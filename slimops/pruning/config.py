@@ -69,6 +69,9 @@ class SlimConfig:
     #                                      vtp / sidt on a ViT: patch slimming after the dimension plan too (None: off)
     epochs: int = 15
     finetune_epochs: int = 0
+    teacher: Optional[str] = None        # a model file whose logits the fine-tuning distils from (None: labels only)
+    kd_weight: float = 1.0               # with teacher: weight of the T² KL term (the labels' CE keeps weight 1)
+    temperature: float = 4.0             # with teacher: the KD temperature T
     batch: int = 64
     lr: float = 0.1
     optimizer: str = "sgd"               # sgd (momentum 0.9) | adamw (the ViTs' choice)
@@ -151,6 +154,15 @@ class SlimConfig:
         _number("a", self.a, optional=True)
         for name in ("epochs", "finetune_epochs", "bn_recal", "warmup_epochs"):
             _count(name, getattr(self, name))
+        if self.teacher is not None:
+            if not isinstance(self.teacher, str) or not self.teacher:
+                raise _bad("teacher", "the path of a model file (or None)", self.teacher)
+            if self.finetune_epochs == 0:
+                raise _bad("teacher", "None when finetune_epochs is 0 (the teacher guides the fine-tuning)",
+                           self.teacher)
+        from slimops.distill.teacher import check_kd_options
+
+        check_kd_options(self.kd_weight, self.temperature, "slimops.pruning.SlimConfig")
         from slimops.pruning.methods import ADAMW_METHODS
         from slimops.pruning.train import OPTIMIZERS, SCHEDULES
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -353,6 +353,9 @@ def _run_slim(cfg: SlimConfig) -> dict:
             from slimops.pruning.patch_slim import keep_schedule
 
             keep_schedule(len(net.blocks), 1 + net.grid * net.grid, cfg.resolved_keep_tokens())
+        # the teacher of the fine-tuning is checked now (it must predict these classes from these images), not
+        # after the training it would follow
+        kd = distillation(cfg.teacher, cfg.kd_weight, cfg.temperature, net, ds, dev, cfg.seed, "slimops.pruning.slim")
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.slim")
             check_free_space(out, run_bytes(net), "slimops.pruning.slim")
@@ -407,11 +410,14 @@ def _run_slim(cfg: SlimConfig) -> dict:
         history = list(res.history)
         if cfg.finetune_epochs > 0:
             ft_cfg = cfg.train_config(cfg.finetune_epochs, cfg.seed + 1)
-            ft_run = run_config_of(pruned.config(), cfg.data, MethodConfig("none"), ft_cfg, plan=plan.to_dict())
+            ft_run = run_config_of(pruned.config(), cfg.data, MethodConfig("none"), ft_cfg, plan=plan.to_dict(),
+                                   **kd.run_config)
             ft = train_stage(pruned, ds, MethodConfig("none"), ft_cfg, stage="finetune",
                              ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=cfg.resume, device=dev,
-                             dist_info=info, run_config=ft_run, progress=cfg.progress, on_nonfinite=cfg.on_nonfinite)
+                             dist_info=info, run_config=ft_run, progress=cfg.progress, on_nonfinite=cfg.on_nonfinite,
+                             criterion=kd.criterion)
             history += ft.history
+            metrics.update(kd.metrics)
         metrics["finetune_epochs"] = cfg.finetune_epochs
         metrics["acc"] = accuracy(pruned, ds, device=dev)
         metrics["history"] = history
@@ -430,6 +436,34 @@ def _run_slim(cfg: SlimConfig) -> dict:
         return metrics
     finally:
         D.shutdown(info)
+
+
+@dataclass
+class Distillation:
+    """What a fine-tuning stage needs to learn from a teacher: the criterion (None: the labels' cross-entropy),
+    the fields its checkpoint must agree with, and the metrics that record the teacher."""
+
+    criterion: Optional[Callable] = None
+    run_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def distillation(teacher: Optional[str], kd_weight: float, temperature: float, student: nn.Module, data,
+                 device: torch.device, seed: int, where: str) -> Distillation:
+    """The :class:`Distillation` of a fine-tuning of ``student``: without a teacher, plain cross-entropy; with one,
+    :func:`slimops.distill.logit_kd_criterion` on the frozen teacher (checked on a probe batch of ``data`` first,
+    so a teacher of other data fails before training)."""
+    if teacher is None:
+        return Distillation()
+    from slimops.distill import check_kd_options, load_teacher, logit_kd_criterion
+
+    check_kd_options(kd_weight, temperature, where)
+    with torch.random.fork_rng(devices=[]):  # building the teacher draws a fresh init: the run's RNG stays as it was
+        probe = data.train_batch(torch.arange(min(16, len(data.y_train))), 0, seed, augment=False)[0].to(device)
+        net = load_teacher(teacher, device, probe, student, where)
+    kd = {"teacher": teacher, "kd_weight": float(kd_weight), "temperature": float(temperature)}
+    return Distillation(logit_kd_criterion(net, kd_weight=kd_weight, temperature=temperature), dict(kd),
+                        {**kd, "acc_teacher": accuracy(net, data, device=device)})
 
 
 def run_bytes(model: nn.Module) -> int:
@@ -515,9 +549,12 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
              batch: int = 64, seed: int = 0, out: str = "runs/finetune", resume: bool = False,
              device: str = "cpu", augment: bool = True, progress: bool = True, on_nonfinite: str = "stop",
              optimizer: str = "sgd", weight_decay: Optional[float] = None, schedule: str = "step",
-             warmup_epochs: int = 0) -> dict:
+             warmup_epochs: int = 0, teacher: Optional[str] = None, kd_weight: float = 1.0,
+             temperature: float = 4.0) -> dict:
     """Fine-tunes a model file (usually ``pruned.pt``) with plain SGD or AdamW (see
-    :class:`~slimops.pruning.train.TrainConfig`); writes ``finetuned.pt``."""
+    :class:`~slimops.pruning.train.TrainConfig`); writes ``finetuned.pt``. ``teacher``: a model file (usually the
+    dense model the student was pruned from, or any model of the same data) whose logits the student also learns
+    (``CE + kd_weight · T² KL`` at temperature ``temperature``, :func:`slimops.distill.logit_kd_criterion`)."""
     from slimops.data import load as load_data
 
     check_on_nonfinite(on_nonfinite)
@@ -525,25 +562,29 @@ def finetune(*, weights: str, epochs: int, data: str = "digits", data_dir: Optio
     info = D.init_from_env(dev)
     try:
         net, obj = load_model_file(weights, dev)
+        ds = load_data(data, data_dir)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment, optimizer=optimizer,
+                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs)
+        kd = distillation(teacher, kd_weight, temperature, net, ds, dev, seed, "slimops.pruning.finetune")
         if info.is_main:
             prepare_output_dir(out, "slimops.pruning.finetune")
             check_free_space(out, run_bytes(net), "slimops.pruning.finetune")
         setup_logging(out, info.is_main)
         plan = plan_of_file(obj)
-        ds = load_data(data, data_dir)
-        cfg = TrainConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, augment=augment, optimizer=optimizer,
-                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs)
-        run = run_config_of(net.config(), data, MethodConfig("none"), cfg, plan=obj.get("plan"), source=weights)
+        run = run_config_of(net.config(), data, MethodConfig("none"), cfg, plan=obj.get("plan"), source=weights,
+                            **kd.run_config)
         acc0 = accuracy(net, ds, device=dev)
         res = train_stage(net, ds, MethodConfig("none"), cfg, stage="finetune",
                           ckpt_path=os.path.join(out, "checkpoint-finetune.pt"), resume=resume, device=dev,
-                          dist_info=info, run_config=run, progress=progress, on_nonfinite=on_nonfinite)
+                          dist_info=info, run_config=run, progress=progress, on_nonfinite=on_nonfinite,
+                          criterion=kd.criterion)
         metrics = {"model": net.config(), "data": data, "source": weights, "acc_before": acc0,
-                   "acc": accuracy(net, ds, device=dev), "history": res.history}
+                   "acc": accuracy(net, ds, device=dev), "history": res.history, **kd.metrics}
         if info.is_main:
             save_model_file(os.path.join(out, "finetuned.pt"), net, kind=obj["kind"], plan=plan, xi=obj.get("xi"))
             write_metrics(out, metrics)
-            log.info("finetune: acc %.4f -> %.4f", acc0, metrics["acc"])
+            log.info("finetune: acc %.4f -> %.4f%s", acc0, metrics["acc"],
+                     f" (teacher {teacher}: acc {kd.metrics['acc_teacher']:.4f})" if teacher else "")
         return metrics
     finally:
         D.shutdown(info)
