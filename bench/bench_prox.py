@@ -14,7 +14,8 @@ Contenders, timed side by side in one process, interleaved:
 The ratio is against the fastest torch contender. GB/s counts the bytes the fused step must move
 (read p, g, buf; write p, buf). On a GPU the fraction of the measured copy bandwidth is reported.
 
-The other four ops of the family (`--op`, default all), on the same two parameter sets, each against
+The other four ops of the family (`--op`, default all), and prox_sgd_ with the group lasso (in `--op prox_sgd_`),
+on the same two parameter sets, each against
 its eager torch composite in two forms, the `_foreach` ops and the per-tensor loop (which one is faster
 depends on the op and the set), the ratio again against the fastest torch contender. Every contender
 takes one step from the same start and must match slimops before anything is timed (fp32: assert_close,
@@ -34,6 +35,9 @@ intermediate):
   penalty_grad_   grads += s dR/dp, s 1e-4, for l1 (s sign(p)) and tl1 (a = 1: s a(a+1) sign(p)/(a+|p|)^2),
                   each its own table. Against _foreach sign (+ abs, add, mul) + _foreach_add_/addcdiv_,
                   and the per-tensor loop. Bytes: read g, p; write g.
+  prox_sgd_ l21   the same SGD step + the group lasso's block soft threshold of every slice along dim 0
+                  (lam 20: threshold 2), against SGD(foreach) + per-tensor row norms (vector_norm) and one
+                  multiply, and the plain loop. Bytes as prox_sgd_'s.
   split_step_     u <- hard threshold of w at sqrt(2 lam/beta) (l0, RVSM's penalty); w <- w - lr g -
                   lr beta (w - u): lr 0.1, beta 1, lam 1e-4. Against a _foreach composite (the l0 mask
                   as clamp_min(sign(|w| - t), 0)) and the per-tensor loop (F.hardshrink). Bytes: read w, g;
@@ -70,6 +74,9 @@ P_ALPHA, P_BETA, P_LAM = 10.0, 100.0, 0.0045
 G_S, G_A = 1e-4, 1.0
 # split_step_: lr, beta, l0 lam (hard threshold sqrt(2 lam/beta) = 0.0141)
 S_LR, S_BETA, S_LAM = 0.1, 1.0, 1e-4
+# prox_sgd_ with the group lasso (l21, groups = slices along dim 0): lam; the group threshold lr*lam = 2 cuts most
+# rows of a vector (|x| < 2) and shrinks the rows of the matrices and conv weights (norms 12-32) by 6-16%
+GROUP_LAM = 20.0
 
 OPS = ["prox_sgd_", "prox_adamw_", "palm_slimming_", "penalty_grad_", "split_step_"]
 
@@ -96,34 +103,44 @@ def make_set(shapes, device, dtype):
     return params, grads
 
 
-def contenders(shapes, device, dtype, backends, with_compile):
-    """name -> step function, each with its own copy of params/state (all start equal)."""
+def slimops_sgd_steps(shapes, device, dtype, backends, penalty, lam):
+    """name -> (step, written tensors): prox_sgd_ with `penalty` on a fresh copy of the set, per backend."""
     fns = {}
-    thresh = LR * LAM
-
     for b in backends:
         p, g = make_set(shapes, device, dtype)
         bufs = [torch.zeros_like(x) for x in p]
 
         def step(p=p, g=g, bufs=bufs, b=b):
-            prox_sgd_(p, g, bufs, lr=LR, momentum=MOM, weight_decay=WD, penalty="l1", lam=LAM, backend=b)
+            prox_sgd_(p, g, bufs, lr=LR, momentum=MOM, weight_decay=WD, penalty=penalty, lam=lam, backend=b)
 
-        fns[f"slimops[{b}]"] = step
+        fns[f"slimops[{b}]"] = (step, lambda p=p, bufs=bufs: p + bufs)
+    return fns
+
+
+def torch_sgd_then(shapes, device, dtype, prox_all_, **kw):
+    """torch.optim.SGD(**kw).step(), then prox_all_(params) without autograd, on a fresh copy of the set:
+    (params, optimizer, step)."""
+    p, g = make_set(shapes, device, dtype)
+    for x, gx in zip(p, g):
+        x.grad = gx
+    opt = torch.optim.SGD(p, lr=LR, momentum=MOM, weight_decay=WD, **kw)
+
+    def step():
+        opt.step()
+        with torch.no_grad():
+            prox_all_(p)
+
+    return p, opt, step
+
+
+def contenders(shapes, device, dtype, backends, with_compile):
+    """name -> step function, each with its own copy of params/state (all start equal)."""
+    thresh = LR * LAM
+    fns = {k: v[0] for k, v in slimops_sgd_steps(shapes, device, dtype, backends, "l1", LAM).items()}
 
     def sgd_then_softshrink(**kw):
         """torch.optim.SGD(**kw).step(), then F.softshrink tensor by tensor, on a fresh copy of the set."""
-        p, g = make_set(shapes, device, dtype)
-        for x, gx in zip(p, g):
-            x.grad = gx
-        opt = torch.optim.SGD(p, lr=LR, momentum=MOM, weight_decay=WD, **kw)
-
-        def step():
-            opt.step()
-            with torch.no_grad():
-                for x in p:
-                    x.copy_(F.softshrink(x, thresh))
-
-        return p, opt, step
+        return torch_sgd_then(shapes, device, dtype, lambda ps: softshrink_each_(ps, thresh), **kw)
 
     fns["torch SGD(foreach)+softshrink"] = sgd_then_softshrink(foreach=True)[2]
 
@@ -411,13 +428,41 @@ def split_contenders(shapes, device, dtype, backends, with_compile):
 
 
 # op -> [(results title without dtype, build, bytes moved per element in the storage dtype, notes)]
+def group_contenders(shapes, device, dtype, backends, with_compile):
+    """prox_sgd_ with penalty l21 (block soft threshold of every slice along dim 0) against torch.optim.SGD(foreach)
+    + the block soft threshold per tensor (row norms by torch.linalg.vector_norm, then one multiply), and the plain
+    loop. name -> (step, written tensors)."""
+    t = LR * GROUP_LAM
+    fns = slimops_sgd_steps(shapes, device, dtype, backends, "l21", GROUP_LAM)
+
+    def block_soft_threshold_(xs):
+        for x in xs:
+            rows = x.reshape(x.shape[0], -1)
+            n = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float32)
+            rows.mul_((1 - t / n).clamp_min_(0).nan_to_num_(0.0).to(x.dtype))  # a zero row (n = 0) stays 0
+
+    def sgd_then_group(**kw):
+        p, opt, step = torch_sgd_then(shapes, device, dtype, block_soft_threshold_, **kw)
+        return step, lambda: p + [opt.state[x]["momentum_buffer"] for x in p]
+
+    fns["torch SGD(foreach)+row norms"] = sgd_then_group(foreach=True)
+    fns["python loop"] = sgd_then_group(foreach=False)
+    if with_compile:
+        step, state = sgd_then_group(foreach=True)
+        fns["torch.compile(SGD+group prox)"] = (torch.compile(step, fullgraph=False), state)
+    return fns
+
+
 def benchmarks():
     target = ("Target (not a result): CPU 2 threads >= 1.5x the fastest eager torch contender (torch.compile not "
               "counted) on (a) and (b).")
     return {
         "prox_sgd_": [("prox_sgd_ (SGD momentum 0.9 + l1 prox)", contenders, 5,
                        "Targets: CPU 2 threads >= 2x on (a), >= 1.3x on (b); GPU >= 85% "
-                       "of copy bandwidth on (b) and >= 1.8x over torch fused SGD + separate prox.")],
+                       "of copy bandwidth on (b) and >= 1.8x over torch fused SGD + separate prox."),
+                      ("prox_sgd_ (SGD momentum 0.9 + group lasso l21 prox, groups along dim 0)", group_contenders, 5,
+                       f"lam {GROUP_LAM} (group threshold {LR * GROUP_LAM:g}). No target set; the l1 step's targets "
+                       "are the reference (a group step reads each row twice, the second time from cache).")],
         "prox_adamw_": [("prox_adamw_ (AdamW + l1 prox)", adamw_contenders, 7,
                          f"lr {A_LR}, betas ({A_B1}, {A_B2}), eps {A_EPS}, weight decay {A_WD}, lam {A_LAM}. "
                          f"{target}")],

@@ -72,6 +72,74 @@ inline void isa_for_range(int64_t begin, int64_t end, const Body& body) {
   range_base(begin, end, body);
 }
 
+// ---- a whole piece of work, in this CPU's ISA copy ---------------------------------------------------------------
+
+// isa_run(body) calls body() compiled in the same three copies as isa_for_range: for loops that are not one flat
+// range, the group penalties' rows (a row sum, then a pass that scales the row). The body lambda must be marked
+// SLIMOPS_LAMBDA_INLINE: the copies' optimize("fp-contract=off") differs from the lambda's options, and GCC then
+// declines to inline a large body (it stayed an out-of-line base-ISA function, 3x slower than before the copies).
+#define SLIMOPS_LAMBDA_INLINE __attribute__((always_inline))
+template <typename Body>
+__attribute__((noinline)) void run_base(const Body& body) {
+  const Body local = body;
+  local();
+}
+#ifdef SLIMOPS_HAS_RANGE_COPIES
+template <typename Body>
+__attribute__((noinline, target("avx2"), optimize("fp-contract=off"))) void run_avx2(const Body& body) {
+  const Body local = body;
+  local();
+}
+template <typename Body>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl"), optimize("fp-contract=off"))) void run_avx512(
+    const Body& body) {
+  const Body local = body;
+  local();
+}
+#endif
+
+template <typename Body>
+inline void isa_run(const Body& body) {
+#ifdef SLIMOPS_HAS_RANGE_COPIES
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return run_avx512(body);
+    case CpuIsa::kAvx2: return run_avx2(body);
+    default: break;
+  }
+#endif
+  run_base(body);
+}
+
+// Row sums in kSumLanes fixed lanes: lane l sums the terms k = l mod 16 in order, in blocks of 16 consecutive k, so
+// that `lane[l] += ...` is a vector accumulator (a single running sum is a reduction GCC keeps scalar without
+// -ffast-math), then the lanes are added in a fixed tree. Every ISA copy thus adds in the same order (16 floats are
+// one zmm, two ymm or four xmm): the sums, and everything after them, are bit-identical across the copies. The
+// terms are read from arrays already computed (the row's prox values): with the optimizer step inside the blocked
+// loop, GCC unrolled the 16 lanes and vectorised little of it (3x slower than one scalar pass).
+constexpr int kSumLanes = 16;
+
+template <typename T>
+SLIMOPS_ALWAYS_INLINE T lane_total(const T* lane) {
+  T s[kSumLanes / 2];
+  for (int i = 0; i < kSumLanes / 2; ++i) s[i] = lane[i] + lane[i + kSumLanes / 2];
+  for (int w = kSumLanes / 4; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) s[i] = s[i] + s[i + w];
+  }
+  return s[0];
+}
+
+// Σ_k x[k] y[k] over k in [0, n) (x, y in the math type), in lanes.
+template <typename T>
+SLIMOPS_ALWAYS_INLINE T lane_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  T lane[kSumLanes] = {};
+  int64_t k = 0;
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) lane[l] += x[k + l] * y[k + l];
+  }
+  for (int l = 0; k < n; ++k, ++l) lane[l] += x[k] * y[k];
+  return lane_total(lane);
+}
+
 // Storage <-> math conversions that the compiler can vectorise. c10's float -> bfloat16 conversion
 // branches on NaN, which keeps a whole fused loop scalar (5x slower than fp32 on a 25M-parameter SGD
 // step); this is the same round-to-nearest-even (NaN -> 0x7FC0), written branch-free. Other types
@@ -209,23 +277,21 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeU
         });
       } else {
         const at::Tensor& t = targets[ch.tensor];
-        const int64_t row_len = t.numel() / group_rows(t);
-        std::vector<acc_t> row(row_len);
-        for (int64_t r = ch.begin; r < ch.end; ++r) {
-          const int64_t base = r * row_len;
-          acc_t sq = 0;
-          for (int64_t k = 0; k < row_len; ++k) {
-            const acc_t v = prox_elementwise<acc_t>(update(base + k), kP, lam, a, thresh);
-            row[k] = v;
-            sq += v * v;
+        const int64_t row_len = t.numel() / group_rows(t), r0 = ch.begin, r1 = ch.end;
+        std::vector<acc_t> row_buf(row_len);
+        acc_t* row = row_buf.data();
+        isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t base = r * row_len;
+            for (int64_t k = 0; k < row_len; ++k) row[k] = prox_elementwise<acc_t>(update(base + k), kP, lam, a, thresh);
+            const acc_t scale = group_scale<acc_t>(lane_dot(row, row, row_len), gthresh);
+            for (int64_t k = 0; k < row_len; ++k) {
+              const acc_t v = row[k] * scale;
+              put(out[base + k], v);
+              post(base + k, v);
+            }
           }
-          const acc_t scale = group_scale<acc_t>(sq, gthresh);
-          for (int64_t k = 0; k < row_len; ++k) {
-            const acc_t v = row[k] * scale;
-            put(out[base + k], v);
-            post(base + k, v);
-          }
-        }
+        });
       }
     });
   });

@@ -66,27 +66,28 @@ at::Tensor prox_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c10::s
         return;
       }
       // Block soft threshold z -> (1 - t/n) z, n = ||z||: J^T g = (1 - t/n) g + t (z.g) z / n^3.
-      const int64_t row_len = out.numel() / group_rows(out);
-      std::vector<acc_t> z(row_len);
-      for (int64_t r = ch.begin; r < ch.end; ++r) {
-        const int64_t base = r * row_len;
-        acc_t sq = 0, dot = 0;
-        for (int64_t k = 0; k < row_len; ++k) {
-          z[k] = prox_elementwise<acc_t>(load<acc_t>(xin[base + k]), p, l, aa, t);
-          sq += z[k] * z[k];
-          dot += z[k] * load<acc_t>(gin[base + k]);
-        }
-        const acc_t n = std::sqrt(sq);
-        for (int64_t k = 0; k < row_len; ++k) {
-          acc_t v = 0;
-          if (n > gt) {
-            const acc_t y = load<acc_t>(xin[base + k]);
-            const acc_t d = prox_elementwise_derivative<acc_t>(y, z[k], p, l, aa, t);
-            v = ((acc_t(1) - gt / n) * load<acc_t>(gin[base + k]) + gt * dot * z[k] / (n * n * n)) * d;
+      const int64_t row_len = out.numel() / group_rows(out), r0 = ch.begin, r1 = ch.end;
+      std::vector<acc_t> buf(2 * row_len);
+      acc_t *z = buf.data(), *gz = z + row_len;
+      isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t base = r * row_len;
+          for (int64_t k = 0; k < row_len; ++k) {
+            z[k] = prox_elementwise<acc_t>(load<acc_t>(xin[base + k]), p, l, aa, t);
+            gz[k] = load<acc_t>(gin[base + k]);
           }
-          put(o[base + k], v);
+          const acc_t n = std::sqrt(lane_dot(z, z, row_len)), dot = lane_dot(z, gz, row_len);
+          if (!(n > gt)) {  // the row is cut to 0 whatever the input's direction: a zero Jacobian
+            for (int64_t k = 0; k < row_len; ++k) put(o[base + k], acc_t(0));
+            continue;
+          }
+          const acc_t keep = acc_t(1) - gt / n, cross = gt * dot / (n * n * n);
+          for (int64_t k = 0; k < row_len; ++k) {
+            const acc_t d = prox_elementwise_derivative<acc_t>(load<acc_t>(xin[base + k]), z[k], p, l, aa, t);
+            put(o[base + k], (keep * gz[k] + cross * z[k]) * d);
+          }
         }
-      }
+      });
     });
   });
   return out;
@@ -263,16 +264,20 @@ void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::string_v
       scalar_t* __restrict__ gp = grads[ch.tensor].data_ptr<scalar_t>();
       const scalar_t* __restrict__ wp = w[ch.tensor].data_ptr<scalar_t>();
       // Weighted group lasso (sparse group lasso, docs/algorithms.md §5): s sqrt(n_g) w_g / ||w_g||.
-      const int64_t row_len = grads[ch.tensor].numel() / group_rows(grads[ch.tensor]);
+      const int64_t row_len = grads[ch.tensor].numel() / group_rows(grads[ch.tensor]), r0 = ch.begin, r1 = ch.end;
       const acc_t weight = std::sqrt(static_cast<acc_t>(row_len));
-      for (int64_t r = ch.begin; r < ch.end; ++r) {
-        const int64_t base = r * row_len;
-        acc_t sq = 0;
-        for (int64_t k = 0; k < row_len; ++k) sq += load<acc_t>(wp[base + k]) * load<acc_t>(wp[base + k]);
-        const acc_t f = sq > 0 ? s_ * weight / std::sqrt(sq) : acc_t(0);
-        for (int64_t k = 0; k < row_len; ++k)
-          put(gp[base + k], load<acc_t>(gp[base + k]) + f * load<acc_t>(wp[base + k]));
-      }
+      std::vector<acc_t> w_buf(row_len);
+      acc_t* w_row = w_buf.data();
+      isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t base = r * row_len;
+          for (int64_t k = 0; k < row_len; ++k) w_row[k] = load<acc_t>(wp[base + k]);
+          const acc_t sq = lane_dot(w_row, w_row, row_len);
+          const acc_t f = sq > 0 ? s_ * weight / std::sqrt(sq) : acc_t(0);
+          for (int64_t k = 0; k < row_len; ++k)
+            put(gp[base + k], load<acc_t>(gp[base + k]) + f * w_row[k]);
+        }
+      });
     });
   });
 }
