@@ -95,7 +95,15 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{torch.get_num_threads()}threads"
+    as_isa = os.environ.get("SLIMOPS_BENCH_AS_ISA")  # bench/as_isa.py: this CPU with every library capped
+    return f"cpu-{torch.get_num_threads()}threads" + (f"-as-{as_isa}" if as_isa else "")
+
+
+def isa_caps() -> str:
+    """What bench/as_isa.py capped in this process ('' when nothing was)."""
+    names = ("SLIMOPS_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+    caps = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return f"; capped: {', '.join(caps)}" if caps else ""
 
 
 def git_sha() -> str:
@@ -120,7 +128,7 @@ def provenance(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     return (f"device `{device_name(device)}` ({cpu}, {os.cpu_count()} cores visible, torch threads "
             f"{torch.get_num_threads()}; CPU ISA {cpu_isa()}, slimops kernels {kernel_isa()}, torch "
-            f"{torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.backends.cpu.get_cpu_capability()}{isa_caps()}), "
             f"torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "
             f"@ {git_sha()}, {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
