@@ -29,6 +29,15 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
+def cpu_bf16_dot() -> bool:
+    """Whether slimops' bfloat16 paths use the AVX512-BF16 dot products in this process (csrc/cpu/bf16_dot.h: the
+    avx512 ISA, a CPU with AVX512_BF16, and SLIMOPS_CPU_BF16_DOT not set to 0). Today: kept_token_attention's
+    forward."""
+    from slimops import _C
+
+    return bool(_C.cpu_bf16_dot())
+
+
 def kernel_isa() -> str:
     """The kernel copies that run for :func:`cpu_isa`: base, avx2 or avx512 (every kernel with ISA copies has all
     three, except channel_conv's direct convolution, which has avx2 and avx512 copies and leaves the base ISA to
@@ -38,7 +47,8 @@ def kernel_isa() -> str:
         return "base"
     if isa == "avx2":
         return "avx2"
-    return "avx512 (spectral, sema, token_attention, distill, quant, prox, channel_conv)"
+    return ("avx512 (spectral, sema, token_attention, distill, quant, prox, channel_conv"
+            + ("; bf16 dot products" if cpu_bf16_dot() else "") + ")")
 
 
 def ops() -> list[str]:

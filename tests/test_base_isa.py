@@ -283,3 +283,62 @@ def test_the_isa_variable_caps_and_is_checked():
                              timeout=120)
     assert "cpu ISA base (SLIMOPS_CPU_ISA=base): slimops runs its base kernel copies" in info.stdout, \
         info.stdout + info.stderr
+
+
+# kept_token_attention's bfloat16 forward on AVX512-BF16 dot products (csrc/cpu/bf16_dot.h) against its float path
+# (the same CPU with SLIMOPS_CPU_BF16_DOT=0) and the float64 oracle: head dims odd and even (the pair padding), key
+# counts odd (a zero key to pair with), not a multiple of 16 and above the 32-column block, more queries than one
+# chunk, per-sample indices, strided views. Both paths must be within the bf16 tolerance of the oracle
+# (flash-attention's rule: 2x the reference's own error); on a CPU with the instructions, the dot path must really
+# have run (the outputs differ: P is rounded to bf16 there).
+_BF16_TOKENS = textwrap.dedent("""
+    import sys
+    import torch
+    import slimops
+    from slimops.info import cpu_bf16_dot
+    from slimops.ops import kept_token_attention
+    torch.set_num_threads(1)
+    out = {"_on": torch.tensor(cpu_bf16_dot())}
+    cases = [(2, 3, 40, 37, 64, 30, 29, False), (1, 2, 150, 150, 33, 130, 97, True), (2, 1, 9, 70, 5, 9, 1, False),
+             (1, 2, 20, 50, 80, 17, 50, True), (1, 1, 8, 8, 2, 8, 8, False)]
+    for n, (b, h, lq, lk, d, nq, nk, per) in enumerate(cases):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(b, h, l, d, generator=g, dtype=torch.float64) for l in (lq, lk, lk))
+        if per:
+            qi = torch.stack([torch.randperm(lq, generator=g)[:nq] for _ in range(b)])
+            ki = torch.stack([torch.randperm(lk, generator=g)[:nk] for _ in range(b)])
+        else:
+            qi, ki = torch.randperm(lq, generator=g)[:nq], torch.randperm(lk, generator=g)[:nk]
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        if n == 3:  # strided: views of a fused (b, l, 3, h, d) projection
+            fused = torch.stack([kb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)], 2)
+            kb, vb = fused[:, :, 1].transpose(1, 2), fused[:, :, 2].transpose(1, 2)
+        out[f"{n}/got"] = kept_token_attention(qb, kb, vb, qi, ki, backend="cpu")
+        out[f"{n}/f64"] = kept_token_attention(qb.double(), kb.double(), vb.double(), qi, ki, backend="reference")
+        out[f"{n}/ref"] = kept_token_attention(qb, kb, vb, qi, ki, backend="reference")
+    torch.save(out, sys.argv[1])
+""")
+
+
+def test_bf16_dot_attention_matches_the_float_path_and_the_oracle(tmp_path):
+    import torch
+
+    from tests.conftest import assert_close_lowp
+
+    runs = {}
+    for name, env in (("dot", {}), ("float", {"SLIMOPS_CPU_BF16_DOT": "0"})):
+        path = str(tmp_path / f"{name}.pt")
+        res = run_with_deadline([sys.executable, "-c", _BF16_TOKENS, path],
+                                env=dict(os.environ, OMP_NUM_THREADS="1", **env), timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[name] = torch.load(path, weights_only=True)
+    assert not runs["float"]["_on"]
+    if not runs["dot"]["_on"]:
+        pytest.skip("this CPU has no AVX512_BF16 (or runs below the avx512 copies): the float path only")
+    cases = sorted({k.split("/")[0] for k in runs["dot"] if "/" in k})
+    differ = 0
+    for c in cases:
+        for name, got in runs.items():
+            assert_close_lowp(got[f"{c}/got"], got[f"{c}/ref"], got[f"{c}/f64"], msg=f"case {c}, {name} path")
+        differ += int(not torch.equal(runs["dot"][f"{c}/got"], runs["float"][f"{c}/got"]))
+    assert differ >= len(cases) - 1  # the dot path ran (a tiny case may round alike)

@@ -23,12 +23,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "attention_tiles.h"
+#include "bf16_dot.h"
 #include "slimops/dispatch.h"
 #include "slimops/token_attention_checks.h"
 
@@ -78,6 +80,79 @@ void forward(const KeptGeom& g, const KeptIndex& ix, const Plane<S>& q, const Pl
   });
 }
 
+// ---- forward, bfloat16 on AVX512-BF16 ------------------------------------------------------------------------
+// Both products on vdpbf16ps (bf16_dot.h), 32 multiply-adds per instruction against 16 for the float FMAs of the
+// path above, which converts bf16 operands to float first; the softmax stays in float. q, k and v are bf16 already,
+// so their pairs carry them exactly; P is rounded to bf16 for P V, as oneDNN's and SDPA's bf16 paths round it
+// (at most 2^-9 relative to each weight). The scale multiplies S in float (the path above folds it into q).
+// Operands of one (b, h): qb, the kept q rows as pairs (dh = ceil(d / 2) per row, an odd d padded with a zero);
+// kt, K^T pair-packed (dh rows of nkp keys, keys past nk zero); vp, V pair-packed (kh = ceil(nk / 2) rows of dm
+// pairs of consecutive keys, a missing last key zero); pb, P rows as pairs (kh per row).
+
+// The pair (x[2p], x[2p + 1]) of a row with stride st, x[d] read as 0.
+inline uint32_t bf16_pair(const c10::BFloat16* r, int64_t st, int64_t p, int64_t d) {
+  const uint32_t lo = r[2 * p * st].x, hi = 2 * p + 1 < d ? r[(2 * p + 1) * st].x : 0u;
+  return lo | (hi << 16);
+}
+
+void forward_bf16_dot(const KeptGeom& g, const KeptIndex& ix, const Plane<c10::BFloat16>& q,
+                      const Plane<c10::BFloat16>& k, const Plane<c10::BFloat16>& v, c10::BFloat16* out) {
+  const int64_t dh = (g.d + 1) / 2, kh = (g.nk + 1) / 2, dm = pad16(g.d), nkp = pad16(g.nk);
+  const int64_t qc = std::min(g.nq, kQueryChunk);
+  const float scale = static_cast<float>(g.scale);
+  // A row of unit stride and even length is its own pairs: copied whole (q) or transposed 16 x 16 blocks at a time
+  // (k); v interleaves two rows by a permute. Other strides and odd head dims take the element loops.
+  const bool q_pairs = q.st == 1 && g.d % 2 == 0, k_pairs = k.st == 1 && g.d % 2 == 0, v_rows = v.st == 1;
+  at::parallel_for(0, g.b * g.heads, grain(2 * g.nq * g.nk * g.d), [&](int64_t lo, int64_t hi) {
+    std::vector<uint32_t> pairs(static_cast<size_t>(g.nq * dh + dh * nkp + kh * dm + qc * kh));
+    uint32_t *qb = pairs.data(), *kt = qb + g.nq * dh, *vp = kt + dh * nkp, *pb = vp + kh * dm;
+    std::vector<float> buf(static_cast<size_t>(qc * nkp + qc * dm));
+    float *sc = buf.data(), *op = sc + qc * nkp;
+    std::vector<const uint32_t*> krows(static_cast<size_t>(g.nk));
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / g.heads, h = bh % g.heads;
+      const int64_t *qt = ix.q_row(b), *kvt = ix.kv_row(b);
+      for (int64_t i = 0; i < g.nq; ++i) {
+        const c10::BFloat16* r = q.row(b, h, qt[i]);
+        if (q_pairs) std::memcpy(qb + i * dh, r, static_cast<size_t>(g.d) * sizeof(c10::BFloat16));
+        else for (int64_t p = 0; p < dh; ++p) qb[i * dh + p] = bf16_pair(r, q.st, p, g.d);
+      }
+      if (k_pairs) {
+        for (int64_t j = 0; j < g.nk; ++j) krows[j] = reinterpret_cast<const uint32_t*>(k.row(b, h, kvt[j]));
+        bf16_dot_pack_transposed(krows.data(), g.nk, dh, kt, nkp);
+      } else {
+        std::fill(kt, kt + dh * nkp, 0u);
+        for (int64_t j = 0; j < g.nk; ++j) {
+          const c10::BFloat16* r = k.row(b, h, kvt[j]);
+          for (int64_t p = 0; p < dh; ++p) kt[p * nkp + j] = bf16_pair(r, k.st, p, g.d);
+        }
+      }
+      for (int64_t p = 0; p < kh; ++p) {
+        const c10::BFloat16* r0 = v.row(b, h, kvt[2 * p]);
+        const c10::BFloat16* r1 = 2 * p + 1 < g.nk ? v.row(b, h, kvt[2 * p + 1]) : nullptr;
+        uint32_t* o = vp + p * dm;
+        if (v_rows) {
+          bf16_dot_interleave(&r0->x, r1 != nullptr ? &r1->x : nullptr, g.d, o, dm);
+          continue;
+        }
+        for (int64_t t = 0; t < g.d; ++t)
+          o[t] = r0[t * v.st].x | (r1 != nullptr ? static_cast<uint32_t>(r1[t * v.st].x) << 16 : 0u);
+        std::fill(o + g.d, o + dm, 0u);
+      }
+      c10::BFloat16* base = out + bh * g.nq * g.d;
+      for (int64_t c0 = 0; c0 < g.nq; c0 += qc) {
+        const int64_t m = std::min(qc, g.nq - c0);
+        bf16_dot_mm(m, dh, nkp, qb + c0 * dh, dh, kt, nkp, sc, nkp);  // S = Q K^T
+        bf16_dot_scale_rows(sc, m, g.nk, nkp, scale);
+        softmax_rows<float>(sc, m, g.nk, nkp);
+        bf16_dot_round_rows(sc, m, 2 * kh, nkp, pb, kh);  // P in bf16; an odd nk's pad column is S's 0
+        bf16_dot_mm(m, kh, dm, pb, kh, vp, dm, op, dm);  // O = P V
+        bf16_dot_store_rows(&base[c0 * g.d].x, g.d, op, m, dm);
+      }
+    }
+  });
+}
+
 at::Tensor kept_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                     const at::Tensor& q_idx, const at::Tensor& kv_idx, std::optional<double> scale) {
   const char* op = "kept_token_attention";
@@ -87,6 +162,11 @@ at::Tensor kept_token_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_
   if (out.numel() == 0) return out;
   // Read in place whatever the strides (a stride-0 broadcast too): only the kept rows are ever packed.
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
+  if (q.scalar_type() == at::kBFloat16 && cpu_bf16_dot()) {
+    forward_bf16_dot(g, ix, plane<c10::BFloat16>(q), plane<c10::BFloat16>(k), plane<c10::BFloat16>(v),
+                     out.data_ptr<c10::BFloat16>());
+    return out;
+  }
   SLIMOPS_DISPATCH_FLOATS(q.scalar_type(), "kept_token_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     forward<scalar_t, T>(g, ix, plane<scalar_t>(q), plane<scalar_t>(k), plane<scalar_t>(v), out.data_ptr<scalar_t>());
