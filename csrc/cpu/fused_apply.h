@@ -29,62 +29,24 @@ namespace cpu {
 
 #define SLIMOPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// ---- body(j) for j in [begin, end), in this CPU's ISA copy -------------------------------------------------------
+// ---- a piece of work in this CPU's ISA copy: isa_run(body), isa_for_range(begin, end, body) -------------------
 
-// The body is copied into a local (and bodies capture by value): reached through a reference to the caller's frame,
-// its captured floats (AdamW's step size, the thresholds) could alias the float arrays the loop stores to, and the
-// loop stayed scalar (prox_adamw_ 3x slower); a local whose address never escapes lives in registers.
-template <typename Body>
-SLIMOPS_ALWAYS_INLINE void range_loop(int64_t begin, int64_t end, const Body& body) {
-  const Body local = body;
-  for (int64_t j = begin; j < end; ++j) local(j);
-}
-
-// The copies are not inlined into their caller (that would compile them with the caller's ISA); body, a lambda with
-// no target attribute, is inlined into each (a function without one may be inlined into one with a wider ISA).
-template <typename Body>
-__attribute__((noinline)) void range_base(int64_t begin, int64_t end, const Body& body) {
-  range_loop(begin, end, body);
-}
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SLIMOPS_HAS_RANGE_COPIES 1
-template <typename Body>
-__attribute__((noinline, target("avx2"), optimize("fp-contract=off"))) void range_avx2(int64_t begin, int64_t end,
-                                                                                   const Body& body) {
-  range_loop(begin, end, body);
-}
-template <typename Body>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl"), optimize("fp-contract=off"))) void range_avx512(
-    int64_t begin, int64_t end, const Body& body) {
-  range_loop(begin, end, body);
-}
-#endif
-
-template <typename Body>
-inline void isa_for_range(int64_t begin, int64_t end, const Body& body) {
-#ifdef SLIMOPS_HAS_RANGE_COPIES
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return range_avx512(begin, end, body);
-    case CpuIsa::kAvx2: return range_avx2(begin, end, body);
-    default: break;
-  }
-#endif
-  range_base(begin, end, body);
-}
-
-// ---- a whole piece of work, in this CPU's ISA copy ---------------------------------------------------------------
-
-// isa_run(body) calls body() compiled in the same three copies as isa_for_range: for loops that are not one flat
-// range, the group penalties' rows (a row sum, then a pass that scales the row). The body lambda must be marked
-// SLIMOPS_LAMBDA_INLINE: the copies' optimize("fp-contract=off") differs from the lambda's options, and GCC then
-// declines to inline a large body (it stayed an out-of-line base-ISA function, 3x slower than before the copies).
+// isa_run(body) calls body() compiled three times, into a base x86-64, an AVX2 and an AVX-512 function, and runs the
+// one cpu_isa() picks. The copies are not inlined into their caller (that would compile them with the caller's ISA);
+// the body lambda is inlined into each. It must be marked SLIMOPS_LAMBDA_INLINE: the copies' optimize("fp-contract=off")
+// differs from the lambda's options, and GCC then declines to inline a large body (the group rows' body stayed an
+// out-of-line base-ISA function, 3x slower). The body is copied into a local (and bodies capture by value): reached
+// through a reference to the caller's frame, its captured floats (AdamW's step size, the thresholds) could alias the
+// float arrays the loop stores to, and the loop stayed scalar (prox_adamw_ 3x slower); a local whose address never
+// escapes lives in registers.
 #define SLIMOPS_LAMBDA_INLINE __attribute__((always_inline))
 template <typename Body>
 __attribute__((noinline)) void run_base(const Body& body) {
   const Body local = body;
   local();
 }
-#ifdef SLIMOPS_HAS_RANGE_COPIES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SLIMOPS_HAS_RANGE_COPIES 1
 template <typename Body>
 __attribute__((noinline, target("avx2"), optimize("fp-contract=off"))) void run_avx2(const Body& body) {
   const Body local = body;
@@ -108,6 +70,15 @@ inline void isa_run(const Body& body) {
   }
 #endif
   run_base(body);
+}
+
+// body(j) for j in [begin, end), in this CPU's ISA copy (the elementwise loops).
+template <typename Body>
+inline void isa_for_range(int64_t begin, int64_t end, const Body& body) {
+  isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+    const Body local = body;
+    for (int64_t j = begin; j < end; ++j) local(j);
+  });
 }
 
 // Row sums in kSumLanes fixed lanes: lane l sums the terms k = l mod 16 in order, in blocks of 16 consecutive k, so
