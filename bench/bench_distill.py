@@ -9,8 +9,9 @@ Features (B, 64, 56, 56) for student and teacher (the issue's size: a ResNet sta
   before the op);
 - fast loss (``k = 256``): ``slimops`` against the composite ``Ŝᵀ(ŜZ) − T̂ᵀ(T̂Z)`` (the FAQD code's formula).
 
-Also printed: the GFLOP/s of the exact kernel (``HW²·K`` multiply-adds forward with the symmetry, ``3·HW²·K`` more in
-the backward for the student's gradient), the fast / exact ratios of time and of value — for the paper's ``l1`` fast
+Also printed: the GFLOP/s of each slimops kernel (exact: ``HW²·K`` multiply-adds forward with the symmetry, ``3·HW²·K``
+more in the backward for the student's gradient; fast: ``2·HW·k·K`` forward, ``3·HW·k·Cs`` backward from the saved
+products), the fast / exact ratios of time and of value — for the paper's ``l1`` fast
 loss (an ℓ2,1 norm: a different loss, see docs/algorithms.md §9) and for ``l2sq`` (an unbiased estimate of the exact
 ``l2sq`` loss) — and, with ``--memory``, each contender's peak resident memory growth over fwd + bwd, measured in a
 fresh process (``VmHWM`` of /proc/self/status, Linux).
@@ -136,7 +137,8 @@ def run(device, dtypes, rounds, shape, backend, memory):
         ms = {k: common.median_ms(v) for k, v in s.items()}
         dn = str(dtype).replace("torch.", "")
         flop_exact = 2.0 * b * hw * hw * kk * (0.5 + 1.5)  # fwd: upper triangle; bwd: Δ again + student rows
-        flop_fast = 2.0 * b * hw * kk * K_PROJ * (2 + 2 + 1.5)  # fwd 2 products, bwd both again + 3 student ones
+        # fwd: U = XZ and D = XᵀU (K rows each); bwd from the saved U and φ'(D): 3 products over the student's rows
+        flop_fast = 2.0 * b * hw * K_PROJ * (2 * kk + 3 * c)
         for kind, flop in (("exact", flop_exact), ("fast", flop_fast)):
             base = [ms[f"{kind}/composite"], ms.get(f"{kind}/per-image")]
             best = min(x for x in base if x is not None)

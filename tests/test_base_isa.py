@@ -1,5 +1,5 @@
 """Every ISA copy of the CPU kernels this machine can run (csrc/cpu/isa.h: base, and avx2 where the CPU has AVX2 +
-FMA; small_mm.h and sema_core.inc users: spectral, sema, token_attention; channel_conv's direct convolution; and avx512,
+FMA; small_mm.h and sema_core.inc users: spectral, sema, token_attention, distill; channel_conv's direct convolution; and avx512,
 which small_mm.h, sema_core.inc, the direct convolution, the quant family's block loops and the prox family's
 elementwise loops have) agrees with the references; the prox family's copies agree with the base copy bit for bit, the
 direct convolution's AVX-512 copy with its AVX2 copy.
@@ -92,6 +92,17 @@ _CHECKS = textwrap.dedent("""
             tol = (2.0 ** -7 if dt == torch.bfloat16 else 1e-5) * (exp.abs().max().item() + 1)  # one storage rounding
             assert (got - exp).abs().max().item() <= tol, (sur, dt, (got - exp).abs().max().item())
         assert torch.equal(fda_sign(x, backend="cpu"), qref.fda_sign(x))
+    from slimops.ops import feature_affinity_loss
+    fs = torch.randn(2, 6, 20, 17, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(2, 5, 20, 17, dtype=torch.float64)
+    for proj in (None, torch.randn(340, 37, dtype=torch.float64)):  # 340 pixels: 2 panels; k 37: a partial vector
+        for norm in ("l1", "l2sq"):
+            res = []
+            for backend in ("cpu", "reference"):
+                loss = feature_affinity_loss(fs, ft, fast=proj is not None, proj=proj, norm=norm, backend=backend)
+                res.append((loss.detach(), *torch.autograd.grad(loss, fs)))
+            err = max(((a - b).abs().max() / (b.abs().max() + 1e-30)).item() for a, b in zip(*res))
+            assert err < 1e-10, ("feature_affinity_loss", proj is not None, norm, err)
     print("ok", worst)
 """)
 

@@ -506,11 +506,14 @@ def test_strided_inputs(layout, k):
         close(a, b, 1e-10)
 
 
+@pytest.mark.parametrize("k", [None, 37])
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_exact_is_independent_of_the_thread_count(dtype):
-    """Per-pair partial sums added in a fixed order (forward), per-block accumulation over every J in order
-    (backward): bit-identical results with 1 and 2 threads."""
-    fs, ft, _ = _case(3, 6, 5, 20, 17, dtype=dtype)
+def test_cpu_kernel_is_independent_of_the_thread_count(dtype, k):
+    """Exact: per-pair partial sums added in a fixed order (forward), per-block accumulation over every J in order
+    (backward). Fast: one partial sum per (sample, 64-pixel block), products whose sums run over k in order, chunks
+    of samples (their size follows the thread count) that do not touch a sample's arithmetic. Bit-identical results
+    with 1 and 2 threads; 340 pixels make 6 blocks and 2 panels of 256, k = 37 a partial column vector."""
+    fs, ft, proj = _case(3, 6, 5, 20, 17, k=k, dtype=dtype)
     fs = fs.contiguous(memory_format=torch.channels_last)
     g = _grad(3, dtype)
     old = torch.get_num_threads()
@@ -518,9 +521,13 @@ def test_exact_is_independent_of_the_thread_count(dtype):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs.append([op_loss(fs, ft, None, norm) for norm in NORMS]
-                        + [t for norm in NORMS for t in OPS.feature_affinity_loss_backward(g, fs, ft, None, norm,
-                                                                                           [True, True])])
+            out = []
+            for norm in NORMS:
+                loss, u, e = OPS.feature_affinity_loss(fs, ft, proj, norm)
+                out += [loss, u, e, *OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True])]
+                if proj is not None:  # the backward from the saved products, too
+                    out += OPS.feature_affinity_loss_backward(g, fs, ft, proj, norm, [True, True], u, e)
+            runs.append(out)
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*runs):

@@ -15,11 +15,13 @@
 // the normalisation's backward per pixel, ∂/∂f = g/(n + ε) − f̂ (f̂ᵀg)/n.
 //
 // Fast: U_y = [Ŝ Z; −T̂ Z] (K x k), D = Xᵀ U_y (HW x k), loss from D; backward with G = φ'(D) (scaled),
-// ∂/∂X = U_y Gᵀ + [Ŝ G; −T̂ G] Zᵀ. These are large dense products, for which torch's BLAS (MKL / oneDNN) beats
-// small_mm; the kernel packs, normalises and makes the elementwise passes. The forward returns U_y and E = φ'(D)
-// (the op's 2nd and 3rd outputs, O(HW k) per sample, as SDPA returns its logsumexp), so that the backward makes
-// 3 products of Cs·HW·k multiply-adds for the student's gradient instead of 7 (it recomputes U_y and D when they
-// are not given). Scratch beyond the outputs: O(HW K) per sample of a chunk of samples.
+// ∂/∂X = U_y Gᵀ + [Ŝ G; −T̂ G] Zᵀ. The products run on small_mm.h's panels (panel_mm) and blocks, not torch's
+// BLAS: MKL takes its AVX2 code on AMD CPUs (230 GFLOP/s on 2 Zen 5 cores against small_mm's 400+ with AVX-512),
+// and blocks let the elementwise passes run on what is in cache: φ and φ' on each 64-pixel block of D as it is made,
+// the normalisation's backward on each 64-pixel block of the gradient (no (Cs x HW) gradient is formed). The
+// forward returns U_y and E = φ'(D) (the op's 2nd and 3rd outputs, O(HW k) per sample, as SDPA returns its
+// logsumexp), so that the backward makes 3 products of Cs·HW·k multiply-adds for the student's gradient instead of
+// 7 (it recomputes U_y and D when they are not given). Scratch beyond the outputs: X of a small chunk of samples.
 //
 // Accumulation in float32 for float32/bfloat16/float16 features (float64 for float64).
 #include <ATen/ATen.h>
@@ -45,10 +47,9 @@ namespace slimops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlock = 64;           // pixels per tile side (a multiple of kMMCols)
+constexpr int64_t kBlock = 64;           // pixels per tile side (a multiple of kMMCols); per block of the fast loss
 constexpr double kEps = 1e-5;            // the FAQD code's normaliser guard
 constexpr int64_t kChunkElems = 1 << 23; // workspace elements per chunk of samples (32 MiB of float32)
-constexpr int64_t kSumBlock = 1 << 16;   // elements per partial sum of the fast loss
 
 // A (B, C, H, W) operand read in place with any strides.
 template <typename S>
@@ -265,77 +266,95 @@ void exact_backward(const AffinityGeom& g, const T* grad, const Feat<S>& fs, con
   }
 }
 
-// ---- fast loss (products by torch's BLAS) ----------------------------------------------------------------------
+// ---- fast loss (panel products of small_mm.h) -------------------------------------------------------------------
 
-// X (nb, K, HW) in T and the per-pixel norms (nb, 2, HW) of the chunk of samples [b0, b0 + nb).
+// X (chunk, K, HW) in T and the per-pixel norms (chunk, 2, HW): one allocation per call, refilled per chunk.
 struct FastPack {
   at::Tensor x, nrm;
+  FastPack(int64_t chunk, const AffinityGeom& g, const at::TensorOptions& opts)
+      : x(at::empty({chunk, g.cs + g.ct, g.hw}, opts)), nrm(at::empty({chunk, 2, g.hw}, opts)) {}
+
+  // Packs the samples [b0, b0 + nb) into the first nb slots.
+  template <typename S, typename T>
+  void fill(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb) {
+    const int64_t kk = g.cs + g.ct;
+    T *xp = x.data_ptr<T>(), *np = nrm.data_ptr<T>();
+    at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> inv;
+      for (int64_t i = lo; i < hi; ++i) {
+        T *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
+        pack_normalised<S, T>(fs, b0 + i, g.cs, g.h, g.w, g.hw, xi, nullptr, T(1), ni, inv);
+        pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, g.hw, xi + g.cs * g.hw, nullptr, T(1), ni + g.hw, inv);
+      }
+    });
+  }
 };
 
-template <typename S, typename T>
-FastPack fast_pack(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, int64_t b0, int64_t nb,
-                   const at::TensorOptions& opts) {
-  const int64_t kk = g.cs + g.ct;
-  FastPack c{at::empty({nb, kk, g.hw}, opts), at::empty({nb, 2, g.hw}, opts)};
-  T *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
-  at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> inv;
-    for (int64_t i = lo; i < hi; ++i) {
-      T *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
-      pack_normalised<S, T>(fs, b0 + i, g.cs, g.h, g.w, g.hw, xi, nullptr, T(1), ni, inv);
-      pack_normalised<S, T>(ft, b0 + i, g.ct, g.h, g.w, g.hw, xi + g.cs * g.hw, nullptr, T(1), ni + g.hw, inv);
+inline int64_t blocks_of(int64_t n, int64_t blk) { return (n + blk - 1) / blk; }
+
+// Samples per chunk of the fast loss: scratch near kFastChunkElems, but at least one sample per thread. Small on
+// purpose: the scratch is allocated afresh per call, and memory the allocator has just returned to the system costs
+// a page fault per 4 KiB on first touch (about as much as the products on 8 x 64 x 56 x 56 when the whole batch was
+// one chunk, after a caller freed a large tensor); the chunks reuse one allocation.
+constexpr int64_t kFastChunkElems = 1 << 20;
+inline int64_t fast_chunk_samples(int64_t b, int64_t per_sample) {
+  const int64_t fit = std::max<int64_t>(1, kFastChunkElems / std::max<int64_t>(1, per_sample));
+  return std::min(b, std::max<int64_t>(fit, at::get_num_threads()));
+}
+
+// U_y = [Ŝ Z; −T̂ Z] of nb samples (x: (nb, K, HW)) into u (nb, K, k); one work item per sample and kPanelM rows.
+template <typename T>
+void fast_u(const AffinityGeom& g, int64_t nb, const T* x, const T* z, T* u) {
+  const int64_t kk = g.cs + g.ct, rblk = blocks_of(kk, kPanelM);
+  at::parallel_for(0, nb * rblk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t i = t / rblk, r0 = (t % rblk) * kPanelM, nr = std::min(kPanelM, kk - r0);
+      T* ui = u + (i * kk + r0) * g.k;
+      panel_mm<T>(nr, g.hw, g.k, x + (i * kk + r0) * g.hw, g.hw, 1, z, g.k, ui, g.k, false);
+      for (int64_t r = std::max(r0, g.cs) - r0; r < nr; ++r)
+        for (int64_t q = 0; q < g.k; ++q) ui[r * g.k + q] = -ui[r * g.k + q];
     }
   });
-  return c;
 }
 
-// U_y = [Ŝ Z; −T̂ Z] into u (nb, K, k) and D = Xᵀ U_y into d (nb, HW, k); u and d contiguous (slices of the
-// forward's outputs, or scratch).
-inline void fast_products(const AffinityGeom& g, const at::Tensor& x, const at::Tensor& z, at::Tensor u,
-                          at::Tensor d) {
-  const int64_t nb = x.size(0), kk = g.cs + g.ct;
-  at::Tensor uv = u.view({nb * kk, g.k});
-  at::mm_out(uv, x.view({nb * kk, g.hw}), z);
-  u.narrow(1, g.cs, g.ct).neg_();
-  at::bmm_out(d, x.transpose(1, 2), u);
-}
-
-// f(i, j, e0, e1) for block j = [e0, e1) of kSumBlock elements of each sample i of nb of `per` elements, in
-// parallel; the blocks are fixed, so partial sums made per block do not depend on the thread count.
-template <typename F>
-void for_blocks(int64_t nb, int64_t per, const F& f) {
-  const int64_t nblk = (per + kSumBlock - 1) / kSumBlock;
+// D = Xᵀ U_y into e (nb, HW, k), kBlock pixels per work item; f(i, j, d, n) then gets block j of sample i (its n
+// elements at d) while it is in cache.
+template <typename T, typename F>
+void fast_d_blocks(const AffinityGeom& g, int64_t nb, const T* x, const T* u, T* e, const F& f) {
+  const int64_t kk = g.cs + g.ct, nblk = blocks_of(g.hw, kBlock);
   at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t e0 = (t % nblk) * kSumBlock;
-      f(t / nblk, t % nblk, e0, std::min(per, e0 + kSumBlock));
+      const int64_t i = t / nblk, j = t % nblk, p0 = j * kBlock, np = std::min(kBlock, g.hw - p0);
+      T* d = e + (i * g.hw + p0) * g.k;
+      small_mm<T>(np, kk, g.k, x + i * kk * g.hw + p0, 1, g.hw, u + i * kk * g.k, g.k, d, g.k, false);
+      f(i, j, d, np * g.k);
     }
   });
 }
 
-// Σ φ(d[e0, e1)) and d ← φ'(d) in place, one pass. The sum runs in kLanes independent lanes (added in a fixed order
-// at the end), so the loop vectorises without reassociation and the result does not depend on the ISA.
+// Σ φ(d[0, n)) and d ← φ'(d) in place, one pass. The sum runs in kLanes independent lanes (added in a fixed order at
+// the end), so the loop vectorises without reassociation and the result does not depend on the ISA.
 template <typename T>
-T phi_sum_and_dphi(T* d, int64_t e0, int64_t e1, bool l1) {
+T phi_sum_and_dphi(T* d, int64_t n, bool l1) {
   constexpr int64_t kLanes = 16;
   T lane[kLanes] = {};
-  int64_t e = e0;
+  int64_t e = 0;
   if (l1) {
-    for (; e + kLanes <= e1; e += kLanes)
+    for (; e + kLanes <= n; e += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
         const T v = d[e + l];
         lane[l] += std::abs(v);
         d[e + l] = dphi(v, true);
       }
   } else {
-    for (; e + kLanes <= e1; e += kLanes)
+    for (; e + kLanes <= n; e += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
         const T v = d[e + l];
         lane[l] += v * v;
         d[e + l] = dphi(v, false);
       }
   }
-  for (int64_t l = 0; e < e1; ++e, ++l) {
+  for (int64_t l = 0; e < n; ++e, ++l) {
     const T v = d[e];
     lane[l] += l1 ? std::abs(v) : v * v;
     d[e] = dphi(v, l1);
@@ -346,24 +365,25 @@ T phi_sum_and_dphi(T* d, int64_t e0, int64_t e1, bool l1) {
 }
 
 // The forward: loss (B,), u (B, K, k) = U_y and e (B, HW, k) = φ'(D), the two saved for the backward. Samples go
-// in chunks (the packed X is the only scratch); D is computed in e's memory and turned into φ'(D) by the pass
-// that sums φ(D).
+// in chunks (the packed X is the only scratch); each block of D is computed in e's memory and turned into φ'(D) by
+// the pass that sums φ over it, while it is in cache. One partial sum per (sample, block), added in block order:
+// the loss does not depend on the thread count.
 template <typename S, typename T>
 void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, const at::Tensor& z, T* loss,
                   at::Tensor& u, at::Tensor& e) {
-  const int64_t kk = g.cs + g.ct, per = g.hw * g.k, nblk = (per + kSumBlock - 1) / kSumBlock;
-  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2));
+  const int64_t kk = g.cs + g.ct, nblk = blocks_of(g.hw, kBlock);
+  const int64_t chunk = fast_chunk_samples(g.b, g.hw * (kk + 2));
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
   std::vector<double> part;
+  FastPack c(chunk, g, z.options());
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    const FastPack c = fast_pack<S, T>(g, fs, ft, b0, nb, z.options());
-    at::Tensor d = e.narrow(0, b0, nb);
-    fast_products(g, c.x, z, u.narrow(0, b0, nb), d);
-    T* dp = d.data_ptr<T>();
+    c.fill<S, T>(g, fs, ft, b0, nb);
+    T *xp = c.x.data_ptr<T>(), *up = u.data_ptr<T>() + b0 * kk * g.k, *ep = e.data_ptr<T>() + b0 * g.hw * g.k;
+    fast_u<T>(g, nb, xp, z.data_ptr<T>(), up);
     part.assign(static_cast<size_t>(nb * nblk), 0.0);
-    for_blocks(nb, per, [&](int64_t i, int64_t j, int64_t e0, int64_t e1) {
-      part[i * nblk + j] = static_cast<double>(phi_sum_and_dphi(dp + i * per, e0, e1, g.l1));
+    fast_d_blocks<T>(g, nb, xp, up, ep, [&](int64_t i, int64_t j, T* d, int64_t n) {
+      part[i * nblk + j] = static_cast<double>(phi_sum_and_dphi(d, n, g.l1));
     });
     for (int64_t i = 0; i < nb; ++i) {
       double sum = 0;
@@ -374,50 +394,80 @@ void fast_forward(const AffinityGeom& g, const Feat<S>& fs, const Feat<S>& ft, c
 }
 
 // The backward, from the forward's u and e when `saved` (only X is re-packed: an elementwise pass) or recomputing
-// them per chunk. With G = φ'(D) grad[b] / (k (HW)²): ∂/∂X = U_y Gᵀ + V_y Zᵀ, V_y = [Ŝ G; −T̂ G], on the rows
-// asked for; the per-sample factor grad[b] / (k (HW)²) is applied in the normalisation's backward.
+// them per chunk. With G = φ'(D) (grad[b] / (k (HW)²) is applied in the normalisation's backward), on the rows r asked
+// for: ∂/∂X_r = U_r Gᵀ + V_r Zᵀ, V_r = X_r G (teacher rows negated). Two passes per chunk:
+//   1. per sample and kVRows rows: V_r = X_r G (panel_mm over the pixels), and the right operands W = [U_rᵀ; V_rᵀ]
+//      (2k x nr, small) of pass 2;
+//   2. per sample and kBlock pixels: (∂/∂X_r)ᵀ for the block = G_blk U_rᵀ + Z_blk V_rᵀ (two small_mm, (pixels x nr)
+//      in cache), transposed to rows, and the normalisation's backward for those pixels. No (nr x HW) gradient exists.
 template <typename S, typename T>
 void fast_backward(const AffinityGeom& g, const at::Tensor& grad, const Feat<S>& fs, const Feat<S>& ft,
                    const at::Tensor& z, const at::Tensor* saved_u, const at::Tensor* saved_e, const GradOut<S>& out) {
+  constexpr int64_t kVRows = 32;
   const int64_t kk = g.cs + g.ct, per = g.hw * g.k;
   const int64_t r0 = out.fs != nullptr ? 0 : g.cs, r1 = out.ft != nullptr ? kk : g.cs, nr = r1 - r0;
   const bool saved = saved_u != nullptr;
-  const int64_t chunk = chunk_samples(g.b, g.hw * (kk + 2 + nr) + (saved ? 0 : kk * g.k + per));
+  const int64_t chunk = fast_chunk_samples(g.b, g.hw * (kk + 2) + 2 * g.k * nr + (saved ? 0 : kk * g.k + per));
+  const int64_t nblk = blocks_of(g.hw, kBlock), vblk = blocks_of(nr, kVRows);
   const double denom = static_cast<double>(g.k) * static_cast<double>(g.hw) * static_cast<double>(g.hw);
-  const T* gp = grad.data_ptr<T>();
+  const T *gp = grad.data_ptr<T>(), *zp = z.data_ptr<T>();
+  FastPack c(chunk, g, z.options());
+  at::Tensor u, e;
+  if (!saved) {  // recomputed per chunk, in one allocation each
+    u = at::empty({chunk, kk, g.k}, z.options());
+    e = at::empty({chunk, g.hw, g.k}, z.options());
+  }
+  std::vector<T> w(static_cast<size_t>(chunk * 2 * g.k * nr));
   for (int64_t b0 = 0; b0 < g.b; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.b - b0);
-    const FastPack c = fast_pack<S, T>(g, fs, ft, b0, nb, z.options());
-    at::Tensor u, e;
+    c.fill<S, T>(g, fs, ft, b0, nb);
+    const T *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
+    const T *up, *ep;
     if (saved) {
-      u = saved_u->narrow(0, b0, nb);
-      e = saved_e->narrow(0, b0, nb);
+      up = saved_u->data_ptr<T>() + b0 * kk * g.k;
+      ep = saved_e->data_ptr<T>() + b0 * per;
     } else {
-      u = at::empty({nb, kk, g.k}, z.options());
-      e = at::empty({nb, g.hw, g.k}, z.options());
-      fast_products(g, c.x, z, u, e);
-      T* ep = e.data_ptr<T>();
-      for_blocks(nb, per, [&](int64_t i, int64_t, int64_t e0, int64_t e1) {
-        T* ei = ep + i * per;
-        for (int64_t q = e0; q < e1; ++q) ei[q] = dphi(ei[q], g.l1);
+      fast_u<T>(g, nb, xp, zp, u.data_ptr<T>());
+      fast_d_blocks<T>(g, nb, xp, u.data_ptr<T>(), e.data_ptr<T>(), [&](int64_t, int64_t, T* d, int64_t n) {
+        for (int64_t q = 0; q < n; ++q) d[q] = dphi(d[q], g.l1);
       });
+      up = u.data_ptr<T>();
+      ep = e.data_ptr<T>();
     }
-    at::Tensor v = at::bmm(c.x.narrow(1, r0, nr), e);  // (nb, nr, k)
-    if (r1 > g.cs) v.narrow(1, std::max<int64_t>(g.cs - r0, 0), r1 - std::max(g.cs, r0)).neg_();
-    at::Tensor gx = at::bmm(u.narrow(1, r0, nr), e.transpose(1, 2));  // (nb, nr, HW), contiguous
-    gx.view({nb * nr, g.hw}).addmm_(v.reshape({nb * nr, g.k}), z.t());
-    const T *gxp = gx.data_ptr<T>(), *xp = c.x.data_ptr<T>(), *np = c.nrm.data_ptr<T>();
-    at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<T> dot;
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t b = b0 + i;
+    at::parallel_for(0, nb * vblk, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> v;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t i = t / vblk, q0 = (t % vblk) * kVRows, nq = std::min(kVRows, nr - q0), ra = r0 + q0;
+        v.resize(static_cast<size_t>(nq * g.k));
+        panel_mm<T>(nq, g.hw, g.k, xp + (i * kk + ra) * g.hw, g.hw, 1, ep + i * per, g.k, v.data(), g.k, false);
+        T* wi = w.data() + i * 2 * g.k * nr;
+        for (int64_t r = 0; r < nq; ++r) {
+          const T sign = ra + r >= g.cs ? T(-1) : T(1);
+          const T *ur = up + (i * kk + ra + r) * g.k, *vr = v.data() + r * g.k;
+          for (int64_t q = 0; q < g.k; ++q) {
+            wi[q * nr + q0 + r] = ur[q];
+            wi[(g.k + q) * nr + q0 + r] = sign * vr[q];
+          }
+        }
+      }
+    });
+    at::parallel_for(0, nb * nblk, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> gt(static_cast<size_t>(kBlock * nr)), rows(static_cast<size_t>(nr * kBlock)), dot;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t i = t / nblk, p0 = (t % nblk) * kBlock, npx = std::min(kBlock, g.hw - p0), b = b0 + i;
+        const T* wi = w.data() + i * 2 * g.k * nr;
+        small_mm<T>(npx, g.k, nr, ep + i * per + p0 * g.k, g.k, 1, wi, nr, gt.data(), nr, false);
+        small_mm<T>(npx, g.k, nr, zp + p0 * g.k, g.k, 1, wi + g.k * nr, nr, gt.data(), nr, true);
+        for (int64_t p = 0; p < npx; ++p)
+          for (int64_t r = 0; r < nr; ++r) rows[r * kBlock + p] = gt[p * nr + r];
         const T s = static_cast<T>(static_cast<double>(gp[b]) / denom);
-        const T *gi = gxp + i * nr * g.hw, *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
+        const T *xi = xp + i * kk * g.hw, *ni = np + i * 2 * g.hw;
         if (out.fs != nullptr)
-          normalise_backward<S, T>(g.cs, g.hw, 0, g.hw, gi, g.hw, xi, g.hw, ni, s, out.fs + b * g.cs * g.hw, dot);
+          normalise_backward<S, T>(g.cs, g.hw, p0, npx, rows.data(), kBlock, xi, g.hw, ni, s,
+                                   out.fs + b * g.cs * g.hw, dot);
         if (out.ft != nullptr)
-          normalise_backward<S, T>(g.ct, g.hw, 0, g.hw, gi + (g.cs - r0) * g.hw, g.hw, xi + g.cs * g.hw, g.hw,
-                                   ni + g.hw, s, out.ft + b * g.ct * g.hw, dot);
+          normalise_backward<S, T>(g.ct, g.hw, p0, npx, rows.data() + (g.cs - r0) * kBlock, kBlock,
+                                   xi + g.cs * g.hw, g.hw, ni + g.hw, s, out.ft + b * g.ct * g.hw, dot);
       }
     });
   }

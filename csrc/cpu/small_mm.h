@@ -1,9 +1,10 @@
 // A register-blocked matrix product for the small dense operands of the spectral and attention kernels:
 //   C (m x n) = [C +] A (m x k) B (k x n)
 // A is read one scalar at a time (broadcast), so any strides work for it (a DFT matrix, or a transposed
-// spectrum); B and C have contiguous rows (ldb, ldc) and n is a multiple of kMMCols = 16 (the kernels pad
-// their column blocks with zeros to 16 columns). Blocks of kMR rows x 2 vectors of accumulators, a one-vector
-// block for a last 16 columns that do not fill two (AVX-512 float).
+// spectrum); B and C have contiguous rows (ldb, ldc). Blocks of kMR rows x 2 vectors of accumulators, a one-vector
+// block for a last vector that does not fill two, and a partial vector (memcpy'd: slow, but one column block of
+// many) for a last n mod V columns. The kernels that own their layout pad n to kMMCols = 16, which no copy's vector
+// exceeds, and never take the partial block; panel_mm's callers need not.
 //
 // Why not BLAS: the spectral kernels make many products of a few microseconds each (one DFT slice of one
 // channel block); a BLAS call's fixed cost (argument checks, packing) is of the same order. This has no
@@ -18,6 +19,7 @@
 // copies contract to FMA, so those two agree bit for bit. GCC vector extensions keep it one piece of source.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -50,13 +52,32 @@ namespace cpu {
     for (int i = 0; i < MR; ++i)                                                                               \
       for (int u = 0; u < NV; ++u) std::memcpy(c + i * ldc + u * V, &r[i][u], sizeof(vec));                   \
   }                                                                                                            \
+  /* The last `cols` < V columns: one vector whose lanes past `cols` are zero on load and never stored. */     \
+  template <typename T, int MR>                                                                                \
+  inline void mm_block_part(int64_t k, int64_t cols, const T* a, int64_t ars, int64_t acs, const T* b,        \
+                            int64_t ldb, T* c, int64_t ldc, bool accumulate) {                                 \
+    typedef T vec __attribute__((vector_size(kVB)));                                                           \
+    const size_t bytes = static_cast<size_t>(cols) * sizeof(T);                                                \
+    vec r[MR];                                                                                                 \
+    for (int i = 0; i < MR; ++i) {                                                                             \
+      r[i] = vec{};                                                                                            \
+      if (accumulate) std::memcpy(&r[i], c + i * ldc, bytes);                                                  \
+    }                                                                                                          \
+    for (int64_t p = 0; p < k; ++p, b += ldb) {                                                                \
+      vec bv{};                                                                                                \
+      std::memcpy(&bv, b, bytes);                                                                              \
+      for (int i = 0; i < MR; ++i) r[i] += a[i * ars + p * acs] * bv;                                          \
+    }                                                                                                          \
+    for (int i = 0; i < MR; ++i) std::memcpy(c + i * ldc, &r[i], bytes);                                       \
+  }                                                                                                            \
   template <typename T, int MR>                                                                                \
   inline void mm_rows(int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,   \
                       T* c, int64_t ldc, bool accumulate) {                                                    \
     constexpr int V = kVB / sizeof(T);                                                                         \
     int64_t j = 0;                                                                                             \
     for (; j + 2 * V <= n; j += 2 * V) mm_block<T, MR, 2>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate); \
-    for (; j < n; j += V) mm_block<T, MR, 1>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);             \
+    for (; j + V <= n; j += V) mm_block<T, MR, 1>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);        \
+    if (j < n) mm_block_part<T, MR>(k, n - j, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);               \
   }                                                                                                            \
   /* The last m % kMR rows: the block of exactly that many rows. */                                           \
   template <typename T, int MR>                                                                                \
@@ -102,7 +123,8 @@ SLIMOPS_SMALL_MM_BODY
 #endif
 #undef SLIMOPS_SMALL_MM_BODY
 
-// The column multiple `n` must have: two vectors of float (16) also covers double (8).
+// The column multiple the kernels pad their blocks to: two vectors of float (16) also covers double (8), so no
+// partial block runs.
 constexpr int64_t kMMCols = 16;
 
 // Whether the AVX2 + FMA copies run: the ISA of isa.h (the CPU's, capped by SLIMOPS_CPU_ISA) is at least avx2.
@@ -114,7 +136,7 @@ inline bool small_mm_avx2() {
 #endif
 }
 
-// C (m x n) = [C +] A B, A element (i, p) at a[i * ars + p * acs]; n a multiple of kMMCols.
+// C (m x n) = [C +] A B, A element (i, p) at a[i * ars + p * acs]; any n (a multiple of kMMCols is all full vectors).
 template <typename T>
 inline void small_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b,
                      int64_t ldb, T* c, int64_t ldc, bool accumulate) {
@@ -127,6 +149,24 @@ inline void small_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, i
   }
 #endif
   mm_base::mm<T>(m, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);
+}
+
+// Operands larger than the caches: C (m x n) = [C +] A B by small_mm on panels. k is taken kPanelK rows of B at a time
+// (a kPanelK x n panel stays in L2, 256 KiB for n = 256 float columns, while the rows of A sweep it), and the rows
+// of C kPanelM at a time (their block of C stays in cache across the panels). Each element's sum still runs over k
+// in order, so the result is small_mm's bit for bit. One thread: callers split the rows (or the samples) over
+// threads. Why not BLAS: torch's MKL takes its AVX2 code on AMD CPUs (230 GFLOP/s on 2 Zen 5 cores, where this
+// makes 400), and one call per block of a fused kernel keeps the operands where the kernel has them.
+constexpr int64_t kPanelK = 256, kPanelM = 64;
+
+template <typename T>
+inline void panel_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b,
+                     int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  if (k <= 0) return small_mm<T>(m, 0, n, a, ars, acs, b, ldb, c, ldc, accumulate);
+  for (int64_t i0 = 0; i0 < m; i0 += kPanelM)
+    for (int64_t p0 = 0; p0 < k; p0 += kPanelK)
+      small_mm<T>(std::min(kPanelM, m - i0), std::min(kPanelK, k - p0), n, a + i0 * ars + p0 * acs, ars, acs,
+                  b + p0 * ldb, ldb, c + i0 * ldc, ldc, accumulate || p0 > 0);
 }
 
 }  // namespace cpu

@@ -32,7 +32,9 @@ Backends (``backend=``):
 
 - ``"cpu"``: C++; exact: per sample and pair of 64-pixel blocks, the ``Δ`` tile by the register-blocked product of
   ``small_mm.h`` (its AVX-512 / AVX2 copies), only the upper triangle in the forward (Δ is symmetric), the
-  gradient ``Σ_J X_J φ'(Δ_JI)`` accumulated per block of columns; fast: the three products by torch's BLAS;
+  gradient ``Σ_J X_J φ'(Δ_JI)`` accumulated per block of columns; fast: the products on small_mm's panels (its
+  AVX-512 copy beats torch's MKL, which takes its AVX2 code on AMD CPUs), φ and the normalisation's backward on each
+  64-pixel block while it is in cache;
 - ``"triton"``: the same tiling in Triton (``tl.dot`` tiles), the fast products by cuBLAS;
 - ``"reference"``: the composite that forms Δ (:mod:`slimops.reference.distill`);
 - ``"auto"``: the C++ kernel on CPU, Triton on CUDA.
