@@ -17,6 +17,10 @@
 
 #include "small_mm.h"
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace slimops {
 namespace cpu {
 
@@ -114,12 +118,43 @@ void pack(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_
   }
 }
 
-// Packs rows `toks` of (b, h) transposed: dst[t * ld + i] = src[toks[i]][t] for t < d; columns n..ld zero.
+// dst[t * ld + i] = rows[i][t] for 4 rows of float and t < d (unit stride): 4 x 4 blocks transposed in SSE registers
+// (the x86-64 base ISA: every copy has it), 4 loads and 4 stores per 16 elements where element copies make 16 of
+// each, with a store stride of ld floats; the last d mod 4 columns element by element.
+inline void transpose_4_rows(const float* const* rows, int64_t d, int64_t ld, float* dst) {
+  int64_t t = 0;
+#if defined(__SSE2__)
+  for (; t + 4 <= d; t += 4) {
+    __m128 r0 = _mm_loadu_ps(rows[0] + t), r1 = _mm_loadu_ps(rows[1] + t), r2 = _mm_loadu_ps(rows[2] + t),
+           r3 = _mm_loadu_ps(rows[3] + t);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    _mm_storeu_ps(dst + t * ld, r0);
+    _mm_storeu_ps(dst + (t + 1) * ld, r1);
+    _mm_storeu_ps(dst + (t + 2) * ld, r2);
+    _mm_storeu_ps(dst + (t + 3) * ld, r3);
+  }
+#endif
+  for (; t < d; ++t)
+    for (int i = 0; i < 4; ++i) dst[t * ld + i] = rows[i][t];
+}
+
+// Packs rows `toks` of (b, h) transposed: dst[t * ld + i] = src[toks[i]][t] for t < d; columns n..ld zero. Float rows
+// of unit stride go 4 at a time through transpose_4_rows (the K^T of every attention tile: the element loop was 80%
+// of the kept-token forward's own time outside the products and the softmax).
 template <typename S, typename T>
 void pack_transposed(const Plane<S>& src, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d, int64_t ld,
                      T* dst) {
-  std::fill(dst, dst + d * ld, T(0));
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t t = 0; t < d; ++t) std::fill(dst + t * ld + n, dst + (t + 1) * ld, T(0));
+  int64_t i = 0;
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (src.st == 1)
+      for (; i + 4 <= n; i += 4) {
+        const float* rows[4] = {src.row(b, h, toks[i]), src.row(b, h, toks[i + 1]), src.row(b, h, toks[i + 2]),
+                                src.row(b, h, toks[i + 3])};
+        transpose_4_rows(rows, d, ld, dst + i);
+      }
+  }
+  for (; i < n; ++i) {
     const S* r = src.row(b, h, toks[i]);
     for (int64_t t = 0; t < d; ++t) dst[t * ld + i] = static_cast<T>(r[t * src.st]);
   }
