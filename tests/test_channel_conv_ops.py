@@ -427,6 +427,44 @@ def test_masked_conv2d_backward_op_every_output_mask(name, dtype):
         _check_grads(grads, g_ref, g64, g_abs, om, f"{name} {dtype} output_mask={om}")
 
 
+@pytest.fixture
+def nan_filled_empty():
+    """torch's deterministic mode fills what ``at::empty`` returns with NaN: a gradient element the kernels forget to
+    write shows up, where fresh pages from the system would read as zeros."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(8).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_backward_writes_every_element_of_grad_x(nan_filled_empty, dtype):
+    """grad_x is allocated uninitialised (csrc/cpu/channel_conv.cpp, grad_buffers): its kept planes are written by
+    the direct grad_x or zeroed before col2im adds, the dropped channels' planes and the samples that keep nothing
+    are zeroed. Every case, every output mask asking for grad_x, against the reference."""
+    for name, case in CHANNEL_CASES.items():
+        if name == "tiled":
+            continue
+        x, weight, bias, ii, oo, geo, gathered = _channel_inputs(case, dtype)
+        go = _grad_out((x.shape[0], oo.numel(), *ref.out_size(x.shape[2], x.shape[3], weight.shape[2:], *geo)),
+                       dtype)
+        (_, g_ref), (_, g64), (_, g_abs) = _channel_expected(go, x, weight, bias, ii, oo, geo, gathered)
+        for mask in ([True, False, False], [True, True, True]):
+            grads = OPS.channel_conv2d_backward(go, x, weight, ii, oo, *geo, gathered, mask)
+            _check_grads(grads, g_ref, g64, g_abs, mask, f"{name} {dtype} {mask}")
+    for name, case in MASKED_CASES.items():
+        x, weight, bias, mask, geo = _masked_inputs(case, dtype)
+        go = _grad_out((x.shape[0], weight.shape[0], *ref.out_size(x.shape[2], x.shape[3], weight.shape[2:], *geo)),
+                       dtype)
+        (_, g_ref), (_, g64), (_, g_abs) = _masked_expected(go, x, weight, bias, mask, geo)
+        for om in ([True, False, False], [True, True, True]):
+            grads = OPS.masked_conv2d_backward(go, x, weight, mask, *geo, om)
+            _check_grads(grads, g_ref, g64, g_abs, om, f"masked {name} {dtype} {om}")
+
+
 def test_masked_conv2d_non_contiguous_mask_and_grad_out():
     x, weight, bias, _, geo = _masked_inputs(MASKED_CASES["k3_random"], torch.float32)
     mask_t = torch.rand(6, 3) < 0.5  # (C_out, N), transposed: a non-contiguous (N, C_out) view
