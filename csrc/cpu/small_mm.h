@@ -2,9 +2,10 @@
 //   C (m x n) = [C +] A (m x k) B (k x n)
 // A is read one scalar at a time (broadcast), so any strides work for it (a DFT matrix, or a transposed
 // spectrum); B and C have contiguous rows (ldb, ldc). Blocks of kMR rows x 2 vectors of accumulators, a one-vector
-// block for a last vector that does not fill two, and a partial vector (memcpy'd: slow, but one column block of
-// many) for a last n mod V columns. The kernels that own their layout pad n to kMMCols = 16, which no copy's vector
-// exceeds, and never take the partial block; panel_mm's callers need not.
+// block for a last vector that does not fill two; a last n mod V columns run on zero-padded copies of their B and C
+// columns (mm_cols_tail: B copied once per call; a partial-vector memcpy per row of B inside the product's loop
+// made the fast FA loss 75% slower at k = 100 than at k = 96). The kernels that own their layout pad n to kMMCols = 16, which no
+// copy's vector exceeds, and never take that path; panel_mm's callers need not.
 //
 // Why not BLAS: the spectral kernels make many products of a few microseconds each (one DFT slice of one
 // channel block); a BLAS call's fixed cost (argument checks, packing) is of the same order. This has no
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <vector>
 #include "isa.h"
 
 namespace slimops {
@@ -52,32 +54,13 @@ namespace cpu {
     for (int i = 0; i < MR; ++i)                                                                               \
       for (int u = 0; u < NV; ++u) std::memcpy(c + i * ldc + u * V, &r[i][u], sizeof(vec));                   \
   }                                                                                                            \
-  /* The last `cols` < V columns: one vector whose lanes past `cols` are zero on load and never stored. */     \
-  template <typename T, int MR>                                                                                \
-  inline void mm_block_part(int64_t k, int64_t cols, const T* a, int64_t ars, int64_t acs, const T* b,        \
-                            int64_t ldb, T* c, int64_t ldc, bool accumulate) {                                 \
-    typedef T vec __attribute__((vector_size(kVB)));                                                           \
-    const size_t bytes = static_cast<size_t>(cols) * sizeof(T);                                                \
-    vec r[MR];                                                                                                 \
-    for (int i = 0; i < MR; ++i) {                                                                             \
-      r[i] = vec{};                                                                                            \
-      if (accumulate) std::memcpy(&r[i], c + i * ldc, bytes);                                                  \
-    }                                                                                                          \
-    for (int64_t p = 0; p < k; ++p, b += ldb) {                                                                \
-      vec bv{};                                                                                                \
-      std::memcpy(&bv, b, bytes);                                                                              \
-      for (int i = 0; i < MR; ++i) r[i] += a[i * ars + p * acs] * bv;                                          \
-    }                                                                                                          \
-    for (int i = 0; i < MR; ++i) std::memcpy(c + i * ldc, &r[i], bytes);                                       \
-  }                                                                                                            \
   template <typename T, int MR>                                                                                \
   inline void mm_rows(int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,   \
                       T* c, int64_t ldc, bool accumulate) {                                                    \
     constexpr int V = kVB / sizeof(T);                                                                         \
     int64_t j = 0;                                                                                             \
     for (; j + 2 * V <= n; j += 2 * V) mm_block<T, MR, 2>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate); \
-    for (; j + V <= n; j += V) mm_block<T, MR, 1>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);        \
-    if (j < n) mm_block_part<T, MR>(k, n - j, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);               \
+    for (; j < n; j += V) mm_block<T, MR, 1>(k, a, ars, acs, b + j, ldb, c + j, ldc, accumulate);             \
   }                                                                                                            \
   /* The last m % kMR rows: the block of exactly that many rows. */                                           \
   template <typename T, int MR>                                                                                \
@@ -88,13 +71,37 @@ namespace cpu {
       mm_tail<T, MR - 1>(rows, k, n, a, ars, acs, b, ldb, c, ldc, accumulate);                                 \
     }                                                                                                          \
   }                                                                                                            \
+  /* n a multiple of the vector. */                                                                            \
   template <typename T>                                                                                        \
-  void mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, \
-          int64_t ldc, bool accumulate) {                                                                      \
+  void mm_full(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,  \
+               T* c, int64_t ldc, bool accumulate) {                                                           \
     int64_t i = 0;                                                                                             \
     for (; i + kMR <= m; i += kMR)                                                                             \
       mm_rows<T, kMR>(k, n, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, accumulate);                      \
     mm_tail<T, kMR - 1>(m - i, k, n, a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, accumulate);             \
+  }                                                                                                            \
+  /* The last `cols` < V columns: B's (once per call) and C's copied into zero-padded scratch one vector wide, */ \
+  /* mm_full on that, the valid columns copied back. The sums run as in mm_full: the same bits. */              \
+  template <typename T>                                                                                        \
+  void mm_cols_tail(int64_t m, int64_t k, int64_t cols, const T* a, int64_t ars, int64_t acs, const T* b,      \
+                    int64_t ldb, T* c, int64_t ldc, bool accumulate) {                                         \
+    constexpr int V = kVB / sizeof(T);                                                                         \
+    thread_local std::vector<T> bt, ct;                                                                        \
+    bt.assign(static_cast<size_t>(k * V), T(0));                                                               \
+    ct.assign(static_cast<size_t>(m * V), T(0));                                                               \
+    for (int64_t p = 0; p < k; ++p) std::memcpy(bt.data() + p * V, b + p * ldb, cols * sizeof(T));             \
+    if (accumulate)                                                                                            \
+      for (int64_t i = 0; i < m; ++i) std::memcpy(ct.data() + i * V, c + i * ldc, cols * sizeof(T));           \
+    mm_full<T>(m, k, V, a, ars, acs, bt.data(), V, ct.data(), V, accumulate);                                  \
+    for (int64_t i = 0; i < m; ++i) std::memcpy(c + i * ldc, ct.data() + i * V, cols * sizeof(T));             \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  void mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, T* c, \
+          int64_t ldc, bool accumulate) {                                                                      \
+    constexpr int V = kVB / sizeof(T);                                                                         \
+    const int64_t nv = n / V * V;                                                                              \
+    if (nv > 0) mm_full<T>(m, k, nv, a, ars, acs, b, ldb, c, ldc, accumulate);                                 \
+    if (nv < n) mm_cols_tail<T>(m, k, n - nv, a, ars, acs, b + nv, ldb, c + nv, ldc, accumulate);              \
   }
 
 namespace mm_base {
