@@ -463,6 +463,11 @@ def test_backward_writes_every_element_of_grad_x(nan_filled_empty, dtype):
         for om in ([True, False, False], [True, True, True]):
             grads = OPS.masked_conv2d_backward(go, x, weight, mask, *geo, om)
             _check_grads(grads, g_ref, g64, g_abs, om, f"masked {name} {dtype} {om}")
+    # no output channels at all: the early return must still give a zero grad_x
+    x, w = _rand((2, 3, 5, 5), dtype), _rand((0, 3, 3, 3), dtype)
+    gx = OPS.masked_conv2d_backward(torch.zeros(2, 0, 5, 5, dtype=dtype), x, w, torch.zeros(2, 0, dtype=torch.bool),
+                                    [1, 1], [1, 1], [1, 1], [True, True, False])[0]
+    assert gx.shape == x.shape and (gx == 0).all()
 
 
 def test_masked_conv2d_non_contiguous_mask_and_grad_out():

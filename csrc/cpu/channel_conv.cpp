@@ -672,7 +672,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
   std::tie(gx, gw, gb) = grad_buffers(x, weight, output_mask);
-  if (g.n == 0 || c_out == 0 || !(need_x || need_w || need_b)) return {gx, gw, gb};
+  if (g.n == 0 || c_out == 0 || !(need_x || need_w || need_b)) {
+    if (need_x) gx.zero_();
+    return {gx, gw, gb};
+  }
   const SampleReader xr = sample_reader(x);
   const at::Tensor wc = weight.contiguous(), goc = grad_out.contiguous();
   const auto rows = rows_of_mask(out_mask);
