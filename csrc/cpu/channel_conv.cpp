@@ -416,7 +416,8 @@ void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor
 // 32 x 128 x 28 x 28) that the direct grad_x then overwrote.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_buffers(const at::Tensor& x, const at::Tensor& weight,
                                                             std::array<bool, 3> need) {
-  return {need[0] ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)) : x.new_empty({0}),
+  const auto contiguous = x.options().memory_format(at::MemoryFormat::Contiguous);
+  return {need[0] ? at::empty(x.sizes(), contiguous) : x.new_empty({0}),
           need[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0}),
           need[2] ? at::zeros({weight.size(0)}, weight.options()) : weight.new_empty({0})};
 }

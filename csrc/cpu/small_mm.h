@@ -4,8 +4,8 @@
 // spectrum); B and C have contiguous rows (ldb, ldc). Blocks of kMR rows x 2 vectors of accumulators, a one-vector
 // block for a last vector that does not fill two; a last n mod V columns run on zero-padded copies of their B and C
 // columns (mm_cols_tail: B copied once per call; a partial-vector memcpy per row of B inside the product's loop
-// made the fast FA loss 75% slower at k = 100 than at k = 96). The kernels that own their layout pad n to kMMCols = 16, which no
-// copy's vector exceeds, and never take that path; panel_mm's callers need not.
+// made the fast FA loss 75% slower at k = 100 than at k = 96). The kernels that own their layout pad n to
+// kMMCols = 16, which no copy's vector exceeds, and never take that path; panel_mm's callers need not.
 //
 // Why not BLAS: the spectral kernels make many products of a few microseconds each (one DFT slice of one
 // channel block); a BLAS call's fixed cost (argument checks, packing) is of the same order. This has no
