@@ -18,6 +18,7 @@ dense x mask; never slower than dense at 90%.
 
     python bench/bench_channel_conv.py                 # CPU, 2 threads, float32
     python bench/bench_channel_conv.py --device cuda --dtype bfloat16
+    python bench/bench_channel_conv.py --stride 2 --keeps 0.5    # the downsampling convs (no target set)
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _step(fn, inputs, backward: bool):
     return run
 
 
-def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend):
+def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend, stride=1):
     g = torch.Generator(device="cpu").manual_seed(0)
     k = max(1, int(round(c * keep)))
     x = torch.randn(n, c, h, h, generator=g).to(device, dtype).requires_grad_(backward)
@@ -71,19 +72,20 @@ def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend):
     wc = w.detach()[oi][:, ii].contiguous().requires_grad_(backward)
     bc = b.detach()[oi].contiguous().requires_grad_(backward)
     fns = {
-        "dense": _step(lambda: F.conv2d(x, w, b, 1, 1), (x, w, b), backward),
+        "dense": _step(lambda: F.conv2d(x, w, b, stride, 1), (x, w, b), backward),
         "gather": _step(lambda: F.conv2d(x.index_select(1, ii), w.index_select(0, oi).index_select(1, ii),
-                                         b.index_select(0, oi), 1, 1), (x, w, b), backward),
-        "compact": _step(lambda: F.conv2d(xc, wc, bc, 1, 1), (xc, wc, bc), backward),
-        "slimops": _step(lambda: channel_conv2d(x, w, b, ii, oi, 1, 1, check_indices=False, backend=backend),
+                                         b.index_select(0, oi), stride, 1), (x, w, b), backward),
+        "compact": _step(lambda: F.conv2d(xc, wc, bc, stride, 1), (xc, wc, bc), backward),
+        "slimops": _step(lambda: channel_conv2d(x, w, b, ii, oi, stride, 1, check_indices=False, backend=backend),
                          (x, w, b), backward),
     }
     t = {name: common.median_ms(s) for name, s in common.time_side_by_side(fns, device, warmup=2, rounds=rounds).items()}
-    flops = 2 * n * h * h * k * k * 9 * (3 if backward else 1)
+    oh = (h - 1) // stride + 1  # 3x3, padding 1
+    flops = 2 * n * oh * oh * k * k * 9 * (3 if backward else 1)
     return t, flops
 
 
-def bench_dynamic(device, dtype, n, c, h, keep, backward, rounds, backend):
+def bench_dynamic(device, dtype, n, c, h, keep, backward, rounds, backend, stride=1):
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(n, c, h, h, generator=g).to(device, dtype).requires_grad_(backward)
     w = (torch.randn(c, c, 3, 3, generator=g) * 0.05).to(device, dtype).requires_grad_(backward)
@@ -93,11 +95,12 @@ def bench_dynamic(device, dtype, n, c, h, keep, backward, rounds, backend):
     mask = torch.zeros(n, c, dtype=torch.bool).scatter_(1, order, True).to(device)
     mf = mask[:, :, None, None].to(dtype)
     fns = {
-        "dense x mask": _step(lambda: F.conv2d(x, w, b, 1, 1) * mf, (x, w, b), backward),
-        "slimops": _step(lambda: masked_conv2d(x, w, b, mask, 1, 1, backend=backend), (x, w, b), backward),
+        "dense x mask": _step(lambda: F.conv2d(x, w, b, stride, 1) * mf, (x, w, b), backward),
+        "slimops": _step(lambda: masked_conv2d(x, w, b, mask, stride, 1, backend=backend), (x, w, b), backward),
     }
     t = {name: common.median_ms(s) for name, s in common.time_side_by_side(fns, device, warmup=2, rounds=rounds).items()}
-    flops = 2 * n * h * h * k * c * 9 * (3 if backward else 1)
+    oh = (h - 1) // stride + 1
+    flops = 2 * n * oh * oh * k * c * 9 * (3 if backward else 1)
     return t, flops
 
 
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="slimops backend (auto, cpu, triton, reference)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--keeps", default=",".join(str(k) for k in KEEPS))
+    ap.add_argument("--stride", type=int, default=1, help="the convs' stride (2: ResNet's downsampling 3x3 convs)")
     ap.add_argument("--no-backward", dest="backward", action="store_false", help="forward only")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to bench/results")
     args = ap.parse_args(argv)
@@ -122,16 +126,16 @@ def main(argv=None) -> int:
     for bwd in modes:
         for n, c, h in SHAPES:
             for keep in keeps:
-                t, fl = bench_static(device, dtype, n, c, h, keep, bwd, args.rounds, args.backend)
+                t, fl = bench_static(device, dtype, n, c, h, keep, bwd, args.rounds, args.backend, args.stride)
                 rate = fl / (t["slimops"] * 1e-3) / 1e9  # GFLOP/s
-                row = ["fwd+bwd" if bwd else "fwd", f"{n}x{c}->{c} {h}x{h}", f"{keep:.0%}", t["dense"], t["gather"],
+                row = ["fwd+bwd" if bwd else "fwd", f"{n}x{c}->{c} {h}x{h}{' s' + str(args.stride) if args.stride != 1 else ''}", f"{keep:.0%}", t["dense"], t["gather"],
                        t["compact"], t["slimops"], t["dense"] / t["slimops"], t["gather"] / t["slimops"],
                        t["compact"] / t["slimops"], rate if ceiling is None else rate / 1e3 / ceiling]
                 static_rows.append(row)
                 print("static ", " | ".join(common._fmt(v) for v in row), flush=True)
-                t, fl = bench_dynamic(device, dtype, n, c, h, keep, bwd, args.rounds, args.backend)
+                t, fl = bench_dynamic(device, dtype, n, c, h, keep, bwd, args.rounds, args.backend, args.stride)
                 rate = fl / (t["slimops"] * 1e-3) / 1e9  # GFLOP/s
-                row = ["fwd+bwd" if bwd else "fwd", f"{n}x{c}->{c} {h}x{h}", f"{keep:.0%}", t["dense x mask"],
+                row = ["fwd+bwd" if bwd else "fwd", f"{n}x{c}->{c} {h}x{h}{' s' + str(args.stride) if args.stride != 1 else ''}", f"{keep:.0%}", t["dense x mask"],
                        t["slimops"], t["dense x mask"] / t["slimops"], 0.7 / keep,
                        rate if ceiling is None else rate / 1e3 / ceiling]
                 dynamic_rows.append(row)
