@@ -137,7 +137,7 @@ void* blas_symbol() {
 inline bool panel_gemm(bool ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                        int64_t ldb, bool accumulate, float* c, int64_t ldc) {
   if (static_cast<int>(cpu_isa()) < static_cast<int>(CpuIsa::kAvx2)) return false;
-  const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1, blocks = (m + kPanelM - 1) / kPanelM;
+  const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1, blocks = blocks_of(m, kPanelM);
   auto rows = [&](int64_t lo, int64_t hi) {
     const int64_t i0 = lo * kPanelM, i1 = std::min(m, hi * kPanelM);
     panel_mm<float>(i1 - i0, k, n, a + i0 * ars, ars, acs, b, ldb, c + i0 * ldc, ldc, accumulate);

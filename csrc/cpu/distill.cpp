@@ -290,8 +290,6 @@ struct FastPack {
   }
 };
 
-inline int64_t blocks_of(int64_t n, int64_t blk) { return (n + blk - 1) / blk; }
-
 // Samples per chunk of the fast loss: scratch near kFastChunkElems, but at least one sample per thread. Small on
 // purpose: the scratch is allocated afresh per call, and memory the allocator has just returned to the system costs
 // a page fault per 4 KiB on first touch (about as much as the products on 8 x 64 x 56 x 56 when the whole batch was

@@ -166,6 +166,9 @@ inline void small_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, i
 // makes 400), and one call per block of a fused kernel keeps the operands where the kernel has them.
 constexpr int64_t kPanelK = 256, kPanelM = 64;
 
+// Blocks of `blk` that cover n (the row blocks callers split over threads).
+inline int64_t blocks_of(int64_t n, int64_t blk) { return (n + blk - 1) / blk; }
+
 template <typename T>
 inline void panel_mm(int64_t m, int64_t k, int64_t n, const T* a, int64_t ars, int64_t acs, const T* b,
                      int64_t ldb, T* c, int64_t ldc, bool accumulate) {
