@@ -15,11 +15,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "bf16_convert.h"
 #include "isa.h"
 #include "slimops/dispatch.h"
 #include "slimops/prox_math.h"
@@ -111,20 +113,15 @@ SLIMOPS_ALWAYS_INLINE T lane_dot(const T* __restrict x, const T* __restrict y, i
   return lane_total(lane);
 }
 
-// Storage <-> math conversions that the compiler can vectorise. c10's float -> bfloat16 conversion
-// branches on NaN, which keeps a whole fused loop scalar (5x slower than fp32 on a 25M-parameter SGD
-// step); this is the same round-to-nearest-even (NaN -> 0x7FC0), written branch-free. Other types
-// convert as static_cast does.
+// Storage <-> math conversions that the compiler can vectorise: for bfloat16, bf16_convert.h's branch-free
+// rounding (c10's branches on NaN and keeps a fused loop scalar). Other types convert as static_cast does.
 template <typename acc_t, typename T>
 inline acc_t load(T v) {
   return static_cast<acc_t>(v);
 }
 template <>
 inline float load<float, c10::BFloat16>(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return bf16_bits_to_float(v.x);
 }
 template <typename scalar_t, typename acc_t>
 inline scalar_t store(acc_t v) {
@@ -132,14 +129,7 @@ inline scalar_t store(acc_t v) {
 }
 template <>
 inline c10::BFloat16 store<c10::BFloat16, float>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  // NaN -> 0x7FC0 as integer arithmetic: a float compare or a select here stops GCC's if-conversion. The NaN test
-  // gives an all-ones mask (|u| is below 2^31, so it is a signed compare) that blends by and / xor, which GCC turns
-  // into one vpblendvb; a multiply by a 0/1 flag took a vpmullw (bf16 AdamW 8% slower).
-  const uint32_t nan = 0u - static_cast<uint32_t>(static_cast<int32_t>(u & 0x7FFFFFFFu) > 0x7F800000);
-  return c10::BFloat16(static_cast<uint16_t>(r ^ ((r ^ 0x7FC0u) & nan)), c10::BFloat16::from_bits());
+  return c10::BFloat16(float_to_bf16_bits(f), c10::BFloat16::from_bits());
 }
 
 // dst = v rounded to the storage type. For bfloat16 it writes the bits, not the struct: GCC does not
@@ -217,38 +207,101 @@ void parallel_chunks(at::TensorList tensors, bool by_rows, const F& f) {
   });
 }
 
+// The arrays an op's step reads or writes for one tensor of the list, besides the target: N streams of the
+// target's numel elements (nullptr: not used in this call), and which of them the step reads and writes (bit s for
+// stream s). target_read says whether the step reads the target's old value.
+template <typename scalar_t, int N>
+struct Streams {
+  std::array<scalar_t*, N> ptr{};
+  unsigned reads = 0;
+  unsigned writes = 0;
+  bool target_read = true;
+};
+
+// bfloat16 loops run in stages of this many elements (the buffers, 5 x 512 bytes at most, stay in L1).
+constexpr int64_t kStageElems = 128;
+// Read kStagePrefetch elements (four stages) ahead by software prefetch, one line per 32 elements. Without it, the
+// staged AVX2 loop on 2 threads took 14.7-15.6 ms in three processes of five and 8.6 in the others (bf16 prox_adamw_,
+// 25M); with it, 8.4-8.9 in all five (256 ahead: 8.4-9.0, 1024: 8.7-9.5).
+constexpr int64_t kStagePrefetch = 512;
+
 // The fused "update then prox" pass shared by every op of the family.
 //
 // For each tensor i of `targets` (storage scalar_t, updated in place):
-//   make_update(i, target) returns u(j) -> acc_t: performs the optimizer step for element j (writing
-//   any state it owns) and returns the new value before the prox. Ops that update `targets` in place
-//   must read the old value through `target` (not through a second pointer to the same tensor): with
-//   one pointer the compiler sees the same-index read/write and vectorises without alias checks;
-//   make_post(i) returns post(j, v): called with the final stored value (after the prox), for ops
-//   that update a second tensor from it (split_step_).
-// Elementwise penalties finish each element in one go; group penalties buffer a row in acc_t,
-// take its norm, then store the block-soft-thresholded row.
-template <typename scalar_t, typename acc_t, typename MakeUpdate, typename MakePost>
-void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeUpdate& make_update,
-                       const MakePost& make_post) {
+//   streams(i) returns the op's Streams<scalar_t, N> for tensor i;
+//   make_step(i, target, arrays) returns step(j) -> acc_t: performs the optimizer step for element j (writing any
+//   state it owns to its streams) and returns the new value before the prox. It is generic in the element type of
+//   `target` and `arrays` (std::array of N pointers, in stream order): the storage type, or float for the staged
+//   bfloat16 loop below, so it reads with load<acc_t> and writes with put. It reads the target's old value through
+//   `target`: with one pointer the compiler sees the same-index read/write and vectorises without alias checks;
+//   make_post(i) returns post(j, v): called with the final value (after the prox), for ops that update a second
+//   tensor from it (split_step_); it works on the storage directly.
+// Elementwise penalties finish each element in one go. For bfloat16 storage in the AVX2 and base copies they run
+// staged: kStageElems elements of the target and of each stream read are converted to float buffers (bf16_convert.h's
+// array copies), the step and the prox run on the buffers, and what was written is converted back. The values are the
+// same as converting element by element. There the loop is compute-bound and staging is faster (bf16_convert.h says
+// why; bf16 prox_adamw_ on 25M, 1 thread: AVX2 20.8 -> 18.5 ms, base 43 -> 39). The AVX-512 copy is memory-bound and
+// converts element by element: staged it took 12 ms against 9.2-10.4, and in some processes 25-30 (the stage's
+// bursts of loads stalled on memory; a software prefetch removed that, not the 12). Group penalties buffer a row in
+// acc_t, take its norm, then store the block-soft-thresholded row.
+template <typename scalar_t, typename acc_t, typename MakeStreams, typename MakeStep, typename MakePost>
+void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeStreams& streams,
+                       const MakeStep& make_step, const MakePost& make_post) {
   const acc_t lam = static_cast<acc_t>(pp.lam);
   const acc_t a = static_cast<acc_t>(pp.a);
   const acc_t thresh = static_cast<acc_t>(pp.thresh);
   const acc_t gthresh = group_threshold<acc_t>(pp.penalty, lam, a);
+  constexpr bool kStaged = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>;
+  const bool staged = cpu_isa() != CpuIsa::kAvx512;  // see above
+  const Bf16Converters conv = bf16_converters();
   dispatch_penalty(pp.penalty, [&](auto P) {
     constexpr Penalty kP = decltype(P)::value;
     constexpr bool kGroup = kP == Penalty::kL21 || kP == Penalty::kL0L21;
     parallel_chunks(targets, kGroup, [&](const Chunk& ch) {
       scalar_t* out = targets[ch.tensor].data_ptr<scalar_t>();
-      auto update = make_update(ch.tensor, out);
+      const auto st = streams(ch.tensor);
       auto post = make_post(ch.tensor);
       if constexpr (!kGroup) {
+        if constexpr (kStaged) {
+          if (staged) {
+            constexpr int N = static_cast<int>(std::tuple_size_v<decltype(st.ptr)>);
+            const int64_t b0 = ch.begin, b1 = ch.end, i = ch.tensor;
+            isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+              alignas(64) float buf[N + 1][kStageElems];  // row 0: the target; row s + 1: stream s
+              std::array<float*, N> arrays{};
+              for (int s = 0; s < N; ++s) arrays[s] = st.ptr[s] != nullptr ? buf[s + 1] : nullptr;
+              const auto step = make_step(i, buf[0], arrays);
+              auto bits = [](scalar_t* p) { return reinterpret_cast<uint16_t*>(p); };
+              for (int64_t j0 = b0; j0 < b1; j0 += kStageElems) {
+                const int64_t len = std::min(kStageElems, b1 - j0);
+                if (j0 + kStagePrefetch < b1) {
+                  for (int64_t q = j0 + kStagePrefetch; q < std::min(j0 + kStagePrefetch + kStageElems, b1); q += 32) {
+                    if (st.target_read) __builtin_prefetch(out + q, 1);
+                    for (int s = 0; s < N; ++s)
+                      if ((st.reads >> s) & 1u) __builtin_prefetch(st.ptr[s] + q, 1);
+                  }
+                }
+                if (st.target_read) conv.to_float(bits(out + j0), buf[0], len);
+                for (int s = 0; s < N; ++s)
+                  if ((st.reads >> s) & 1u) conv.to_float(bits(st.ptr[s] + j0), buf[s + 1], len);
+                for (int64_t k = 0; k < len; ++k) buf[0][k] = prox_elementwise<acc_t>(step(k), kP, lam, a, thresh);
+                conv.to_bf16(buf[0], bits(out + j0), len);
+                for (int s = 0; s < N; ++s)
+                  if ((st.writes >> s) & 1u) conv.to_bf16(buf[s + 1], bits(st.ptr[s] + j0), len);
+                for (int64_t k = 0; k < len; ++k) post(j0 + k, buf[0][k]);
+              }
+            });
+            return;
+          }
+        }
+        auto update = make_step(ch.tensor, out, st.ptr);
         isa_for_range(ch.begin, ch.end, [=](int64_t j) {
           const acc_t v = prox_elementwise<acc_t>(update(j), kP, lam, a, thresh);
           put(out[j], v);
           post(j, v);
         });
       } else {
+        auto update = make_step(ch.tensor, out, st.ptr);
         const at::Tensor& t = targets[ch.tensor];
         const int64_t row_len = t.numel() / group_rows(t), r0 = ch.begin, r1 = ch.end;
         std::vector<acc_t> row_buf(row_len);

@@ -33,10 +33,12 @@ at::Tensor prox_cpu(const at::Tensor& x, c10::string_view penalty, double lam, d
   const ProxParams pp = make_prox_params(p, lam, a);
   SLIMOPS_DISPATCH_FLOATS(x.scalar_type(), "slimops.prox", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ in = xc.data_ptr<scalar_t>();
-    fused_update_prox<scalar_t, acc_t>(
-        {out}, pp, [&](int64_t, scalar_t*) { return [in](int64_t j) { return load<acc_t>(in[j]); }; },
-        no_post());
+    auto streams = [&](int64_t) { return Streams<scalar_t, 1>{{xc.data_ptr<scalar_t>()}, 1u, 0u, false}; };
+    auto make_step = [](int64_t, auto*, const auto& s) {
+      const auto* __restrict__ in = s[0];
+      return [=](int64_t j) { return load<acc_t>(in[j]); };
+    };
+    fused_update_prox<scalar_t, acc_t>({out}, pp, streams, make_step, no_post());
   });
   return out;
 }
@@ -113,9 +115,15 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     // The options are compile-time constants of the loop (5 variants: no momentum, or momentum with
     // {first step, later} x {nesterov, not}) so that it has no branch and vectorises.
     auto run = [&](auto kMom, auto kInit, auto kNesterov) {
-      auto make_update = [&](int64_t i, const scalar_t* pp_) {
-        const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
-        scalar_t* __restrict__ bp = kMom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+      // Streams: the gradient (read) and the momentum buffer (written; read after the first step).
+      auto streams = [&](int64_t i) {
+        constexpr bool kReadsBuf = decltype(kMom)::value && !decltype(kInit)::value;
+        return Streams<scalar_t, 2>{{g[i].data_ptr<scalar_t>(), kMom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr},
+                                    kReadsBuf ? 3u : 1u, kMom ? 2u : 0u};
+      };
+      auto make_step = [&](int64_t, auto* pp_, const auto& s) {
+        const auto* __restrict__ gp = s[0];
+        auto* __restrict__ bp = s[1];
         return [=](int64_t j) {
           const acc_t w = load<acc_t>(pp_[j]);
           acc_t d = load<acc_t>(gp[j]) * gscale + wd * w;
@@ -133,7 +141,7 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
           return w - lr_ * d;
         };
       };
-      fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
+      fused_update_prox<scalar_t, acc_t>(params, pp, streams, make_step, no_post());
     };
     if (momentum == 0.0) {
       run(std::false_type{}, std::false_type{}, std::false_type{});
@@ -178,11 +186,18 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const acc_t lerp_coeff = lerp_small ? lw : lw - acc_t(1);
     const uint64_t lerp_mask = lerp_small ? ~uint64_t(0) : uint64_t(0);  // picks m (all ones) or g
     dispatch_bool(amsgrad, [&](auto kAmsgrad) {  // a compile-time option: no branch in the loop
-      auto make_update = [&](int64_t i, const scalar_t* wp) {
-        const scalar_t* __restrict__ gp = g[i].data_ptr<scalar_t>();
-        scalar_t* __restrict__ mp = exp_avgs[i].data_ptr<scalar_t>();
-        scalar_t* __restrict__ vp = exp_avg_sqs[i].data_ptr<scalar_t>();
-        scalar_t* __restrict__ vmaxp = kAmsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
+      // Streams: the gradient (read), the two moments (read and written) and, with amsgrad, their running maximum.
+      auto streams = [&](int64_t i) {
+        return Streams<scalar_t, 4>{{g[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
+                                     exp_avg_sqs[i].data_ptr<scalar_t>(),
+                                     kAmsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr},
+                                    kAmsgrad ? 15u : 7u, kAmsgrad ? 14u : 6u};
+      };
+      auto make_step = [&](int64_t i, auto* wp, const auto& s) {
+        const auto* __restrict__ gp = s[0];
+        auto* __restrict__ mp = s[1];
+        auto* __restrict__ vp = s[2];
+        auto* __restrict__ vmaxp = s[3];
         const acc_t ss = step_size[i], ibc2 = inv_bc2_sqrt[i];
         return [=](int64_t j) {
           const acc_t gj = load<acc_t>(gp[j]) * gscale;
@@ -201,7 +216,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
           return w - ss * m / (std::sqrt(v) * ibc2 + eps_);
         };
       };
-      fused_update_prox<scalar_t, acc_t>(params, pp, make_update, no_post());
+      fused_update_prox<scalar_t, acc_t>(params, pp, streams, make_step, no_post());
     });
   });
 }
@@ -217,8 +232,9 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
   SLIMOPS_DISPATCH_FLOATS(gammas[0].scalar_type(), "slimops.palm_slimming_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ca = alpha / denom, cb = beta / denom;
-    auto make_update = [&](int64_t i, const scalar_t* xp) {
-      scalar_t* __restrict__ gp = gammas[i].data_ptr<scalar_t>();
+    auto streams = [&](int64_t i) { return Streams<scalar_t, 1>{{gammas[i].data_ptr<scalar_t>()}, 1u, 1u}; };
+    auto make_step = [&](int64_t, auto* xp, const auto& s) {
+      auto* __restrict__ gp = s[0];
       return [=](int64_t j) {
         const acc_t x = load<acc_t>(xp[j]);
         const acc_t gam = ca * load<acc_t>(gp[j]) + cb * x;
@@ -226,7 +242,7 @@ void palm_slimming_cpu(at::TensorList gammas, at::TensorList xis, double alpha, 
         return ca * x + cb * gam;
       };
     };
-    fused_update_prox<scalar_t, acc_t>(xis, pp, make_update, no_post());
+    fused_update_prox<scalar_t, acc_t>(xis, pp, streams, make_step, no_post());
   });
 }
 
@@ -294,8 +310,9 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_ = lr, lb = lr * beta;
     // u = prox(w) is the prox target; w is updated from the final u in the post hook.
-    auto make_update = [&](int64_t i, const scalar_t*) {
-      const scalar_t* __restrict__ wp = weights[i].data_ptr<scalar_t>();
+    auto streams = [&](int64_t i) { return Streams<scalar_t, 1>{{weights[i].data_ptr<scalar_t>()}, 1u, 0u, false}; };
+    auto make_step = [](int64_t, auto*, const auto& s) {
+      const auto* __restrict__ wp = s[0];
       return [=](int64_t j) { return load<acc_t>(wp[j]); };
     };
     auto make_post = [&](int64_t i) {
@@ -306,7 +323,7 @@ void split_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList
         put(wp[j], w - lr_ * load<acc_t>(gp[j]) - lb * (w - u));
       };
     };
-    fused_update_prox<scalar_t, acc_t>(us, pp, make_update, make_post);
+    fused_update_prox<scalar_t, acc_t>(us, pp, streams, make_step, make_post);
   });
 }
 
