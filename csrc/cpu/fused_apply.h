@@ -21,7 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "bf16_convert.h"
+#include "convert16.h"
 #include "isa.h"
 #include "slimops/dispatch.h"
 #include "slimops/prox_math.h"
@@ -113,7 +113,7 @@ SLIMOPS_ALWAYS_INLINE T lane_dot(const T* __restrict x, const T* __restrict y, i
   return lane_total(lane);
 }
 
-// Storage <-> math conversions that the compiler can vectorise: for bfloat16, bf16_convert.h's branch-free
+// Storage <-> math conversions that the compiler can vectorise: for bfloat16, convert16.h's branch-free
 // rounding (c10's branches on NaN and keeps a fused loop scalar). Other types convert as static_cast does.
 template <typename acc_t, typename T>
 inline acc_t load(T v) {
@@ -236,14 +236,17 @@ constexpr int64_t kStagePrefetch = 512;
 //   `target`: with one pointer the compiler sees the same-index read/write and vectorises without alias checks;
 //   make_post(i) returns post(j, v): called with the final value (after the prox), for ops that update a second
 //   tensor from it (split_step_); it works on the storage directly.
-// Elementwise penalties finish each element in one go. For bfloat16 storage in the AVX2 and base copies they run
-// staged: kStageElems elements of the target and of each stream read are converted to float buffers (bf16_convert.h's
+// Elementwise penalties finish each element in one go. For float16 storage (every copy) and bfloat16 storage (the
+// AVX2 and base copies) they run staged: kStageElems elements of the target and of each stream read are converted to float buffers (convert16.h's
 // array copies), the step and the prox run on the buffers, and what was written is converted back. The values are the
-// same as converting element by element. There the loop is compute-bound and staging is faster (bf16_convert.h says
+// same as converting element by element. There the loop is compute-bound and staging is faster (convert16.h says
 // why; bf16 prox_adamw_ on 25M, 1 thread: AVX2 20.8 -> 18.5 ms, base 43 -> 39). The AVX-512 copy is memory-bound and
 // converts element by element: staged it took 12 ms against 9.2-10.4, and in some processes 25-30 (the stage's
-// bursts of loads stalled on memory; a software prefetch removed that, not the 12). Group penalties buffer a row in
-// acc_t, take its norm, then store the block-soft-thresholded row.
+// bursts of loads stalled on memory; a software prefetch removed that, not the 12). float16 converts by F16C where
+// the copy has it: element by element, c10's software conversion kept the loop scalar (fp16 prox_adamw_ on 25M,
+// 2 threads: AVX-512 9.8 -> 5.1-5.6 ms, AVX2 134 -> 8.1; prox_sgd_ with momentum, which rounds the buffer inside the
+// step and so still converts one element at a time there, AVX-512 11.2 -> 7.5, AVX2 119 -> 46). Group penalties
+// buffer a row in acc_t, take its norm, then store the block-soft-thresholded row.
 template <typename scalar_t, typename acc_t, typename MakeStreams, typename MakeStep, typename MakePost>
 void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeStreams& streams,
                        const MakeStep& make_step, const MakePost& make_post) {
@@ -251,9 +254,11 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeS
   const acc_t a = static_cast<acc_t>(pp.a);
   const acc_t thresh = static_cast<acc_t>(pp.thresh);
   const acc_t gthresh = group_threshold<acc_t>(pp.penalty, lam, a);
-  constexpr bool kStaged = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>;
-  const bool staged = cpu_isa() != CpuIsa::kAvx512;  // see above
-  const Bf16Converters conv = bf16_converters();
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kStaged = (kBf16 || std::is_same_v<scalar_t, c10::Half>) && std::is_same_v<acc_t, float>;
+  const bool staged = !kBf16 || cpu_isa() != CpuIsa::kAvx512;  // see above
+  Converters16 conv{};
+  if constexpr (kStaged) conv = converters16<scalar_t>();
   dispatch_penalty(pp.penalty, [&](auto P) {
     constexpr Penalty kP = decltype(P)::value;
     constexpr bool kGroup = kP == Penalty::kL21 || kP == Penalty::kL0L21;
@@ -285,9 +290,9 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeS
                 for (int s = 0; s < N; ++s)
                   if ((st.reads >> s) & 1u) conv.to_float(bits(st.ptr[s] + j0), buf[s + 1], len);
                 for (int64_t k = 0; k < len; ++k) buf[0][k] = prox_elementwise<acc_t>(step(k), kP, lam, a, thresh);
-                conv.to_bf16(buf[0], bits(out + j0), len);
+                conv.from_float(buf[0], bits(out + j0), len);
                 for (int s = 0; s < N; ++s)
-                  if ((st.writes >> s) & 1u) conv.to_bf16(buf[s + 1], bits(st.ptr[s] + j0), len);
+                  if ((st.writes >> s) & 1u) conv.from_float(buf[s + 1], bits(st.ptr[s] + j0), len);
                 for (int64_t k = 0; k < len; ++k) post(j0 + k, buf[0][k]);
               }
             });

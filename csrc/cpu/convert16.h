@@ -1,8 +1,11 @@
-// bfloat16 <-> float32: one value (inlined into the elementwise loops) and whole arrays (one copy per ISA).
+// 16-bit float storage <-> float32: bfloat16 one value at a time (inlined into the elementwise loops), and arrays of
+// bfloat16 or float16 (one copy per ISA).
 //
-// Both round as c10::BFloat16 does: to nearest, ties to even, every NaN to 0x7FC0, so results are bit-identical to
-// torch's and across the ISA copies (tested). The array copies exist for the staged bfloat16 loops of the prox
-// family (fused_apply.h): a fused loop over bfloat16 storage that converts element by element is vectorised by GCC
+// bfloat16 rounds as c10::BFloat16 does: to nearest, ties to even, every NaN to 0x7FC0. float16 rounds as c10::Half
+// does (IEEE to nearest even, subnormals and overflow to inf included), by F16C's vcvtps2ph with the rounding in its
+// immediate; a NaN stays a NaN (c10 writes 0x7E00 with the sign, F16C keeps the payload's top bits). Results are
+// bit-identical to torch's and across the ISA copies (tested; any NaN matches any NaN). The array copies exist for
+// the staged loops of the prox family (fused_apply.h). For bfloat16: a fused loop over bfloat16 storage that converts element by element is vectorised by GCC
 // 16 lanes wide (the width of the 16-bit type), two ymm per float operand on AVX2, and spills (prox_adamw_ as AVX2:
 // ~50 of ~218 instructions per 16 elements). Converting 128 elements of each array with these, running the float
 // loop on the buffers and converting back took 20% less time (a standalone AdamW step, 25M elements, 2 threads,
@@ -11,17 +14,19 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define SLIMOPS_BF16_CONVERT_SIMD 1
+#define SLIMOPS_CONVERT16_SIMD 1
 #else
-#define SLIMOPS_BF16_CONVERT_SIMD 0
+#define SLIMOPS_CONVERT16_SIMD 0
 #endif
 
 namespace slimops {
@@ -56,7 +61,7 @@ inline void to_bf16_base(const float* __restrict s, uint16_t* __restrict d, int6
   for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(s[i]);
 }
 
-#if SLIMOPS_BF16_CONVERT_SIMD
+#if SLIMOPS_CONVERT16_SIMD
 __attribute__((target("avx2"))) inline void to_float_avx2(const uint16_t* __restrict s, float* __restrict d,
                                                           int64_t n) {
   int64_t i = 0;
@@ -114,22 +119,73 @@ __attribute__((target("avx512f,avx512bw"))) inline void to_bf16_avx512(const flo
 
 }  // namespace bf16conv
 
-// The array conversions of this CPU's ISA copy (isa.h).
-struct Bf16Converters {
-  void (*to_float)(const uint16_t*, float*, int64_t) = bf16conv::to_float_base;
-  void (*to_bf16)(const float*, uint16_t*, int64_t) = bf16conv::to_bf16_base;
+namespace halfconv {
+
+inline void to_float_base(const uint16_t* __restrict s, float* __restrict d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+}
+inline void to_half_base(const float* __restrict s, uint16_t* __restrict d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(s[i]).x;
+}
+
+#if SLIMOPS_CONVERT16_SIMD
+__attribute__((target("avx2,f16c"))) inline void to_float_f16c(const uint16_t* __restrict s, float* __restrict d,
+                                                               int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+}
+__attribute__((target("avx2,f16c"))) inline void to_half_f16c(const float* __restrict s, uint16_t* __restrict d,
+                                                              int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i] = c10::Half(s[i]).x;
+}
+__attribute__((target("avx512f"))) inline void to_float_avx512(const uint16_t* __restrict s, float* __restrict d,
+                                                               int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+  for (; i < n; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+}
+__attribute__((target("avx512f"))) inline void to_half_avx512(const float* __restrict s, uint16_t* __restrict d,
+                                                              int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i] = c10::Half(s[i]).x;
+}
+#endif
+
+}  // namespace halfconv
+
+// The array conversions of 16-bit storage type T (c10::BFloat16 or c10::Half) in this CPU's ISA copy (isa.h).
+struct Converters16 {
+  void (*to_float)(const uint16_t*, float*, int64_t);
+  void (*from_float)(const float*, uint16_t*, int64_t);
 };
 
-inline Bf16Converters bf16_converters() {
-  Bf16Converters c;
-#if SLIMOPS_BF16_CONVERT_SIMD
+template <typename T>
+inline Converters16 converters16() {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+#if SLIMOPS_CONVERT16_SIMD
   switch (cpu_isa()) {
-    case CpuIsa::kAvx512: c.to_float = bf16conv::to_float_avx512; c.to_bf16 = bf16conv::to_bf16_avx512; break;
-    case CpuIsa::kAvx2: c.to_float = bf16conv::to_float_avx2; c.to_bf16 = bf16conv::to_bf16_avx2; break;
+    case CpuIsa::kAvx512:
+      if constexpr (kBf16) return {bf16conv::to_float_avx512, bf16conv::to_bf16_avx512};
+      return {halfconv::to_float_avx512, halfconv::to_half_avx512};
+    case CpuIsa::kAvx2:
+      if constexpr (kBf16) return {bf16conv::to_float_avx2, bf16conv::to_bf16_avx2};
+      if (__builtin_cpu_supports("f16c")) return {halfconv::to_float_f16c, halfconv::to_half_f16c};
+      break;
     default: break;
   }
 #endif
-  return c;
+  if constexpr (kBf16) return {bf16conv::to_float_base, bf16conv::to_bf16_base};
+  return {halfconv::to_float_base, halfconv::to_half_base};
 }
 
 }  // namespace cpu
