@@ -701,3 +701,26 @@ def test_prox_sgd_step_keeps_nan_gradients_visible(backend):
     g = torch.tensor([float("nan"), 0.0, 0.0, 0.0])
     P.prox_sgd_([p], [g], [], lr=0.1, penalty="l1", lam=100.0, backend=backend)
     assert torch.isnan(p[0]) and (p[1:] == 0).all()
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
+def test_sgd_float16_reads_back_exactly_the_buffer_it_stores(momentum):
+    """prox_sgd_ reads back the rounded momentum buffer inside the step (csrc/cpu/fused_apply.h round_to: for float16
+    a vectorisable rounding, round_through_half, while the store converts by F16C or c10). With lr = 1 and no penalty
+    the new weight is w - buffer, rounded once more; the buffers span every float16 range: subnormal, normal, past
+    65504 (inf), and, with momentum 0.5 (exact products), ties between two float16 values."""
+    gen = torch.Generator().manual_seed(3)
+    n = 4099  # stages of 128 and a remainder
+    scales = torch.tensor([1e-7, 3e-5, 6.1e-5, 1.0, 3e4, 6.5e4]).repeat_interleave(n // 6 + 1)[:n]
+    b, g, w = ((torch.randn(n, generator=gen, dtype=torch.float64) * scales).clamp(-65504, 65504).half()
+               for _ in "bgw")
+    b[:4] = torch.tensor([2.0**-24, 2.0**-24, 65504.0, 1.0]).half()  # 0.5 b + g: a tie below 2^-24, a tie at 1 ulp
+    g[:4] = torch.tensor([0.0, 2.0**-24, 65504.0, 2.0**-11]).half()
+    params, buf = [w.clone()], [b.clone()]
+    P.prox_sgd_(params, [g], buf, lr=1.0, momentum=momentum, penalty="none", lam=0.0, backend="cpu")
+    b_new = b.float() * momentum + g.float()
+    want = b_new.half()  # the buffer as torch rounds it
+    assert torch.equal(buf[0], want)  # values: the kernel's d = g + 0 * w turns -0 into +0
+    assert torch.equal(params[0], (w.float() - want.float()).half())
+    assert not torch.equal(params[0], (w.float() - b_new).half())  # reading back the unrounded buffer would show
+    assert buf[0].isinf().any() and (buf[0].abs() < 2.0**-14).any()

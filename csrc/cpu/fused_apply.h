@@ -143,6 +143,16 @@ inline void put(scalar_t& dst, acc_t v) {
   }
 }
 
+// v rounded to the storage type and back: for a step that reads back the value it stores (SGD's momentum buffer).
+template <typename scalar_t, typename acc_t>
+inline acc_t round_to(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    return round_through_half(v);
+  } else {
+    return load<acc_t>(store<scalar_t>(v));
+  }
+}
+
 // (mask ? a : b) for a mask of all ones or all zeros, as bit operations on values already computed. GCC leaves a
 // loop scalar where a ?: on floats has a loop-invariant condition (the bfloat16 AdamW step ran 5x slower than
 // float32) or where it moves a float operation into one arm (it keeps that a branch under -ftrapping-math: the
@@ -244,8 +254,8 @@ constexpr int64_t kStagePrefetch = 512;
 // converts element by element: staged it took 12 ms against 9.2-10.4, and in some processes 25-30 (the stage's
 // bursts of loads stalled on memory; a software prefetch removed that, not the 12). float16 converts by F16C where
 // the copy has it: element by element, c10's software conversion kept the loop scalar (fp16 prox_adamw_ on 25M,
-// 2 threads: AVX-512 9.8 -> 5.1-5.6 ms, AVX2 134 -> 8.1; prox_sgd_ with momentum, which rounds the buffer inside the
-// step and so still converts one element at a time there, AVX-512 11.2 -> 7.5, AVX2 119 -> 46). Group penalties
+// 2 threads: AVX-512 9.8 -> 5.1-5.6 ms, AVX2 134 -> 8.1; prox_sgd_ with momentum, which reads back the rounded
+// buffer inside the step through round_to, AVX-512 11.2 -> 4.8, AVX2 119 -> 8.0). Group penalties
 // buffer a row in acc_t, take its norm, then store the block-soft-thresholded row.
 template <typename scalar_t, typename acc_t, typename MakeStreams, typename MakeStep, typename MakePost>
 void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeStreams& streams,

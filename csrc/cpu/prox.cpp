@@ -131,7 +131,7 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             acc_t b_new = d;
             if constexpr (!decltype(kInit)::value) b_new = mom * load<acc_t>(bp[j]) + damp1 * d;
             put(bp[j], b_new);
-            const acc_t b = load<acc_t>(store<scalar_t>(b_new));  // SGD reads the stored (rounded) buffer
+            const acc_t b = round_to<scalar_t>(b_new);  // SGD reads the stored (rounded) buffer
             if constexpr (decltype(kNesterov)::value) {
               d = d + mom * b;
             } else {
