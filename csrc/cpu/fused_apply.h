@@ -246,17 +246,22 @@ constexpr int64_t kStagePrefetch = 512;
 //   `target`: with one pointer the compiler sees the same-index read/write and vectorises without alias checks;
 //   make_post(i) returns post(j, v): called with the final value (after the prox), for ops that update a second
 //   tensor from it (split_step_); it works on the storage directly.
-// Elementwise penalties finish each element in one go. For float16 storage (every copy) and bfloat16 storage (the
-// AVX2 and base copies) they run staged: kStageElems elements of the target and of each stream read are converted to float buffers (convert16.h's
-// array copies), the step and the prox run on the buffers, and what was written is converted back. The values are the
-// same as converting element by element. There the loop is compute-bound and staging is faster (convert16.h says
-// why; bf16 prox_adamw_ on 25M, 1 thread: AVX2 20.8 -> 18.5 ms, base 43 -> 39). The AVX-512 copy is memory-bound and
-// converts element by element: staged it took 12 ms against 9.2-10.4, and in some processes 25-30 (the stage's
-// bursts of loads stalled on memory; a software prefetch removed that, not the 12). float16 converts by F16C where
-// the copy has it: element by element, c10's software conversion kept the loop scalar (fp16 prox_adamw_ on 25M,
-// 2 threads: AVX-512 9.8 -> 5.1-5.6 ms, AVX2 134 -> 8.1; prox_sgd_ with momentum, which reads back the rounded
-// buffer inside the step through round_to, AVX-512 11.2 -> 4.8, AVX2 119 -> 8.0). Group penalties
-// buffer a row in acc_t, take its norm, then store the block-soft-thresholded row.
+// Elementwise penalties finish each element in one go; group penalties buffer a row in acc_t, take its norm, then
+// store the block-soft-thresholded row.
+//
+// Staged loops: for float16 storage (every copy, elementwise and group rows) and bfloat16 (elementwise, in the AVX2
+// and base copies), kStageElems elements of the target and of each stream read are converted to float buffers
+// (convert16.h's array copies), the step and the prox run on the buffers, and what was written is converted back.
+// The values are the same as converting element by element.
+//   - bfloat16, AVX2 and base: the loop is compute-bound and staging is faster (convert16.h says why; prox_adamw_
+//     on 25M, 1 thread: AVX2 20.8 -> 16.7 ms, base 43 -> 39).
+//   - bfloat16, AVX-512: memory-bound, converted element by element. Staged it took 12 ms against 9.2-10.4, and in
+//     some processes 25-30 (the stage's bursts of loads stalled on memory; a software prefetch removed that, not
+//     the 12).
+//   - float16: F16C converts where the copy has it. Element by element, c10's software conversion kept the loops
+//     scalar (prox_adamw_ on 25M, 2 threads: AVX-512 9.8 -> 5.1-5.6 ms, AVX2 134 -> 8.1; prox_sgd_ with momentum,
+//     which reads back the rounded buffer inside the step through round_to, AVX-512 11.2 -> 4.8, AVX2 119 -> 8.0;
+//     l21 rows AVX2 85 -> 7.7).
 template <typename scalar_t, typename acc_t, typename MakeStreams, typename MakeStep, typename MakePost>
 void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeStreams& streams,
                        const MakeStep& make_step, const MakePost& make_post) {
@@ -266,7 +271,9 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeS
   const acc_t gthresh = group_threshold<acc_t>(pp.penalty, lam, a);
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
   constexpr bool kStaged = (kBf16 || std::is_same_v<scalar_t, c10::Half>) && std::is_same_v<acc_t, float>;
-  const bool staged = !kBf16 || cpu_isa() != CpuIsa::kAvx512;  // see above
+  // float16 everywhere; bfloat16 elementwise outside the AVX-512 copy (see above), group rows never (staged, the l21
+  // SGD step on 25M took 8.2 against 6.7 ms as AVX2 and 16.3 against 12.6 base: its row loops vectorise as they are)
+  const bool staged_elementwise = !kBf16 || cpu_isa() != CpuIsa::kAvx512, staged_group = !kBf16;
   Converters16 conv{};
   if constexpr (kStaged) conv = converters16<scalar_t>();
   dispatch_penalty(pp.penalty, [&](auto P) {
@@ -276,39 +283,67 @@ void fused_update_prox(at::TensorList targets, const ProxParams& pp, const MakeS
       scalar_t* out = targets[ch.tensor].data_ptr<scalar_t>();
       const auto st = streams(ch.tensor);
       auto post = make_post(ch.tensor);
-      if constexpr (!kGroup) {
-        if constexpr (kStaged) {
-          if (staged) {
-            constexpr int N = static_cast<int>(std::tuple_size_v<decltype(st.ptr)>);
-            const int64_t b0 = ch.begin, b1 = ch.end, i = ch.tensor;
-            isa_run([=]() SLIMOPS_LAMBDA_INLINE {
-              alignas(64) float buf[N + 1][kStageElems];  // row 0: the target; row s + 1: stream s
-              std::array<float*, N> arrays{};
-              for (int s = 0; s < N; ++s) arrays[s] = st.ptr[s] != nullptr ? buf[s + 1] : nullptr;
-              const auto step = make_step(i, buf[0], arrays);
-              auto bits = [](scalar_t* p) { return reinterpret_cast<uint16_t*>(p); };
-              for (int64_t j0 = b0; j0 < b1; j0 += kStageElems) {
-                const int64_t len = std::min(kStageElems, b1 - j0);
-                if (j0 + kStagePrefetch < b1) {
-                  for (int64_t q = j0 + kStagePrefetch; q < std::min(j0 + kStagePrefetch + kStageElems, b1); q += 32) {
-                    if (st.target_read) __builtin_prefetch(out + q, 1);
-                    for (int s = 0; s < N; ++s)
-                      if ((st.reads >> s) & 1u) __builtin_prefetch(st.ptr[s] + q, 1);
-                  }
-                }
-                if (st.target_read) conv.to_float(bits(out + j0), buf[0], len);
+      if constexpr (kStaged) {
+        if (kGroup ? staged_group : staged_elementwise) {
+          constexpr int N = static_cast<int>(std::tuple_size_v<decltype(st.ptr)>);
+          const int64_t i = ch.tensor, c0 = ch.begin, c1 = ch.end;
+          const int64_t row_len = kGroup ? targets[i].numel() / group_rows(targets[i]) : 1;
+          std::vector<float> row_buf(kGroup ? row_len : 0);
+          float* row = row_buf.data();
+          isa_run([=]() SLIMOPS_LAMBDA_INLINE {
+            alignas(64) float buf[N + 1][kStageElems];  // row 0: the target; row s + 1: stream s
+            std::array<float*, N> arrays{};
+            for (int s = 0; s < N; ++s) arrays[s] = st.ptr[s] != nullptr ? buf[s + 1] : nullptr;
+            const auto step = make_step(i, buf[0], arrays);
+            auto bits = [](scalar_t* p) { return reinterpret_cast<uint16_t*>(p); };
+            // Elements [j0, j0 + len) of the target (if the step reads it) and of the streams it reads into buf, and a
+            // prefetch of what follows, up to `end`.
+            auto stage_in = [&](int64_t j0, int64_t len, int64_t end) {
+              for (int64_t q = j0 + kStagePrefetch; q < std::min(j0 + kStagePrefetch + kStageElems, end); q += 32) {
+                if (st.target_read) __builtin_prefetch(out + q, 1);
                 for (int s = 0; s < N; ++s)
-                  if ((st.reads >> s) & 1u) conv.to_float(bits(st.ptr[s] + j0), buf[s + 1], len);
+                  if ((st.reads >> s) & 1u) __builtin_prefetch(st.ptr[s] + q, 1);
+              }
+              if (st.target_read) conv.to_float(bits(out + j0), buf[0], len);
+              for (int s = 0; s < N; ++s)
+                if ((st.reads >> s) & 1u) conv.to_float(bits(st.ptr[s] + j0), buf[s + 1], len);
+            };
+            auto stage_out_streams = [&](int64_t j0, int64_t len) {
+              for (int s = 0; s < N; ++s)
+                if ((st.writes >> s) & 1u) conv.from_float(buf[s + 1], bits(st.ptr[s] + j0), len);
+            };
+            if constexpr (!kGroup) {
+              for (int64_t j0 = c0; j0 < c1; j0 += kStageElems) {
+                const int64_t len = std::min(kStageElems, c1 - j0);
+                stage_in(j0, len, c1);
                 for (int64_t k = 0; k < len; ++k) buf[0][k] = prox_elementwise<acc_t>(step(k), kP, lam, a, thresh);
                 conv.from_float(buf[0], bits(out + j0), len);
-                for (int s = 0; s < N; ++s)
-                  if ((st.writes >> s) & 1u) conv.from_float(buf[s + 1], bits(st.ptr[s] + j0), len);
+                stage_out_streams(j0, len);
                 for (int64_t k = 0; k < len; ++k) post(j0 + k, buf[0][k]);
               }
-            });
-            return;
-          }
+            } else {  // each row in stages: the step into `row`, then the scaled row out
+              for (int64_t r = c0; r < c1; ++r) {
+                const int64_t base = r * row_len;
+                for (int64_t k0 = 0; k0 < row_len; k0 += kStageElems) {
+                  const int64_t len = std::min(kStageElems, row_len - k0);
+                  stage_in(base + k0, len, c1 * row_len);
+                  for (int64_t k = 0; k < len; ++k) row[k0 + k] = prox_elementwise<acc_t>(step(k), kP, lam, a, thresh);
+                  stage_out_streams(base + k0, len);
+                }
+                const float scale = group_scale<float>(lane_dot(row, row, row_len), gthresh);
+                for (int64_t k0 = 0; k0 < row_len; k0 += kStageElems) {
+                  const int64_t len = std::min(kStageElems, row_len - k0);
+                  for (int64_t k = 0; k < len; ++k) buf[0][k] = row[k0 + k] * scale;
+                  conv.from_float(buf[0], bits(out + base + k0), len);
+                  for (int64_t k = 0; k < len; ++k) post(base + k0 + k, buf[0][k]);
+                }
+              }
+            }
+          });
+          return;
         }
+      }
+      if constexpr (!kGroup) {
         auto update = make_step(ch.tensor, out, st.ptr);
         isa_for_range(ch.begin, ch.end, [=](int64_t j) {
           const acc_t v = prox_elementwise<acc_t>(update(j), kP, lam, a, thresh);
