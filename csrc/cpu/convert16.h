@@ -4,13 +4,15 @@
 // bfloat16 rounds as c10::BFloat16 does: to nearest, ties to even, every NaN to 0x7FC0. float16 rounds as c10::Half
 // does (IEEE to nearest even, subnormals and overflow to inf included), by F16C's vcvtps2ph with the rounding in its
 // immediate; a NaN stays a NaN (c10 writes 0x7E00 with the sign, F16C keeps the payload's top bits). Results are
-// bit-identical to torch's and across the ISA copies (tested; any NaN matches any NaN). The array copies exist for
-// the staged loops of the prox family (fused_apply.h). For bfloat16: a fused loop over bfloat16 storage that converts element by element is vectorised by GCC
-// 16 lanes wide (the width of the 16-bit type), two ymm per float operand on AVX2, and spills (prox_adamw_ as AVX2:
-// ~50 of ~218 instructions per 16 elements). Converting 128 elements of each array with these, running the float
-// loop on the buffers and converting back took 20% less time (a standalone AdamW step, 25M elements, 2 threads,
-// AVX2: 9.6 -> 7.6 ms). Written element by element, the same array conversion took 8.8 ms: GCC packs 32 -> 16 bits
-// and tests NaN with integer operations where one vpackusdw and one unordered compare do.
+// bit-identical to torch's and across the ISA copies (tested; any NaN matches any NaN).
+//
+// The array copies exist for the staged loops of the prox family (fused_apply.h). A fused loop over bfloat16 storage
+// that converts element by element is vectorised by GCC 16 lanes wide (the width of the 16-bit type), two ymm per
+// float operand on AVX2, and spills (prox_adamw_ as AVX2: ~50 of ~218 instructions per 16 elements). Converting 128
+// elements of each array with these, running the float loop on the buffers and converting back took 20% less time
+// (a standalone AdamW step, 25M elements, 2 threads, AVX2: 9.6 -> 7.6 ms). Written element by element, the same
+// array conversion took 8.8 ms: GCC packs 32 -> 16 bits and tests NaN with integer operations where one vpackusdw
+// and one unordered compare do. float16 element by element is c10's software conversion, which GCC leaves scalar.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -166,7 +168,8 @@ __attribute__((target("avx2,f16c"))) inline void to_half_f16c(const float* __res
                                                               int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i < n; ++i) d[i] = c10::Half(s[i]).x;
 }
 __attribute__((target("avx512f"))) inline void to_float_avx512(const uint16_t* __restrict s, float* __restrict d,

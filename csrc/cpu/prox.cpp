@@ -118,8 +118,8 @@ void prox_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       // Streams: the gradient (read) and the momentum buffer (written; read after the first step).
       auto streams = [&](int64_t i) {
         constexpr bool kReadsBuf = decltype(kMom)::value && !decltype(kInit)::value;
-        return Streams<scalar_t, 2>{{g[i].data_ptr<scalar_t>(), kMom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr},
-                                    kReadsBuf ? 3u : 1u, kMom ? 2u : 0u};
+        scalar_t* buf = kMom ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+        return Streams<scalar_t, 2>{{g[i].data_ptr<scalar_t>(), buf}, kReadsBuf ? 0b11u : 0b01u, kMom ? 0b10u : 0b00u};
       };
       auto make_step = [&](int64_t, auto* pp_, const auto& s) {
         const auto* __restrict__ gp = s[0];
@@ -191,7 +191,7 @@ void prox_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         return Streams<scalar_t, 4>{{g[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
                                      exp_avg_sqs[i].data_ptr<scalar_t>(),
                                      kAmsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr},
-                                    kAmsgrad ? 15u : 7u, kAmsgrad ? 14u : 6u};
+                                    kAmsgrad ? 0b1111u : 0b0111u, kAmsgrad ? 0b1110u : 0b0110u};
       };
       auto make_step = [&](int64_t i, auto* wp, const auto& s) {
         const auto* __restrict__ gp = s[0];
