@@ -97,7 +97,7 @@ __attribute__((target("avx2"))) inline void to_float_avx2(const uint16_t* __rest
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
     _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
   }
-  for (; i < n; ++i) d[i] = bf16_bits_to_float(s[i]);
+  to_float_base(s + i, d + i, n - i);
 }
 
 // 8 floats -> 8 rounded bfloat16 in the low halves of 32-bit lanes.
@@ -117,7 +117,7 @@ __attribute__((target("avx2"))) inline void to_bf16_avx2(const float* __restrict
     const __m256i p = _mm256_packus_epi32(round_avx2(_mm256_loadu_ps(s + i)), round_avx2(_mm256_loadu_ps(s + i + 8)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_permute4x64_epi64(p, 0xD8));
   }
-  for (; i < n; ++i) d[i] = float_to_bf16_bits(s[i]);
+  to_bf16_base(s + i, d + i, n - i);
 }
 
 __attribute__((target("avx512f,avx512bw"))) inline void to_float_avx512(const uint16_t* __restrict s,
@@ -127,7 +127,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void to_float_avx512(const ui
     const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
     _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
   }
-  for (; i < n; ++i) d[i] = bf16_bits_to_float(s[i]);
+  to_float_base(s + i, d + i, n - i);
 }
 
 __attribute__((target("avx512f,avx512bw"))) inline void to_bf16_avx512(const float* __restrict s,
@@ -141,7 +141,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void to_bf16_avx512(const flo
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(r));  // vpmovdw: r < 2^16
   }
-  for (; i < n; ++i) d[i] = float_to_bf16_bits(s[i]);
+  to_bf16_base(s + i, d + i, n - i);
 }
 #endif
 
@@ -162,7 +162,7 @@ __attribute__((target("avx2,f16c"))) inline void to_float_f16c(const uint16_t* _
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-  for (; i < n; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+  to_float_base(s + i, d + i, n - i);
 }
 __attribute__((target("avx2,f16c"))) inline void to_half_f16c(const float* __restrict s, uint16_t* __restrict d,
                                                               int64_t n) {
@@ -170,14 +170,14 @@ __attribute__((target("avx2,f16c"))) inline void to_half_f16c(const float* __res
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) d[i] = c10::Half(s[i]).x;
+  to_half_base(s + i, d + i, n - i);
 }
 __attribute__((target("avx512f"))) inline void to_float_avx512(const uint16_t* __restrict s, float* __restrict d,
                                                                int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-  for (; i < n; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+  to_float_base(s + i, d + i, n - i);
 }
 __attribute__((target("avx512f"))) inline void to_half_avx512(const float* __restrict s, uint16_t* __restrict d,
                                                               int64_t n) {
@@ -185,7 +185,7 @@ __attribute__((target("avx512f"))) inline void to_half_avx512(const float* __res
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
                         _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) d[i] = c10::Half(s[i]).x;
+  to_half_base(s + i, d + i, n - i);
 }
 #endif
 

@@ -228,7 +228,7 @@ struct Streams {
   bool target_read = true;
 };
 
-// bfloat16 loops run in stages of this many elements (the buffers, 5 x 512 bytes at most, stay in L1).
+// Staged 16-bit loops run in stages of this many elements (the buffers, 5 x 512 bytes at most, stay in L1).
 constexpr int64_t kStageElems = 128;
 // Read kStagePrefetch elements (four stages) ahead by software prefetch, one line per 32 elements. Without it, the
 // staged AVX2 loop on 2 threads took 14.7-15.6 ms in three processes of five and 8.6 in the others (bf16 prox_adamw_,
@@ -242,7 +242,7 @@ constexpr int64_t kStagePrefetch = 512;
 //   make_step(i, target, arrays) returns step(j) -> acc_t: performs the optimizer step for element j (writing any
 //   state it owns to its streams) and returns the new value before the prox. It is generic in the element type of
 //   `target` and `arrays` (std::array of N pointers, in stream order): the storage type, or float for the staged
-//   bfloat16 loop below, so it reads with load<acc_t> and writes with put. It reads the target's old value through
+//   16-bit loops below, so it reads with load<acc_t> and writes with put. It reads the target's old value through
 //   `target`: with one pointer the compiler sees the same-index read/write and vectorises without alias checks;
 //   make_post(i) returns post(j, v): called with the final value (after the prox), for ops that update a second
 //   tensor from it (split_step_); it works on the storage directly.
