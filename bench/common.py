@@ -10,7 +10,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -96,7 +95,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-")
     as_isa = os.environ.get("SLIMOPS_BENCH_AS_ISA")  # bench/as_isa.py: this CPU with every library capped
-    return f"cpu-{torch.get_num_threads()}threads" + (f"-as-{as_isa}" if as_isa else "")
+    if as_isa:
+        return f"cpu-{torch.get_num_threads()}threads-as-{as_isa}"
+    from slimops.info import cpu_flags
+
+    # A CPU with AMX tiles gets its own table: oneDNN and torch's bf16 GEMMs run on the tiles there, so its
+    # baselines differ from an AVX-512 CPU's without them (issue 16: one results table per ISA).
+    return f"cpu-{torch.get_num_threads()}threads" + ("-amx" if "amx_tile" in cpu_flags() else "")
 
 
 def isa_caps() -> str:
@@ -123,10 +128,9 @@ def provenance(device: torch.device) -> str:
         tv = triton.__version__
     except Exception:
         tv = "not installed"
-    from slimops.info import cpu_isa, kernel_isa
+    from slimops.info import cpu_description, cpu_isa, kernel_isa
 
-    cpu = platform.processor() or platform.machine()
-    return (f"device `{device_name(device)}` ({cpu}, {os.cpu_count()} cores visible, torch threads "
+    return (f"device `{device_name(device)}` ({cpu_description()}, {os.cpu_count()} cores visible, torch threads "
             f"{torch.get_num_threads()}; CPU ISA {cpu_isa()}, slimops kernels {kernel_isa()}, torch "
             f"{torch.backends.cpu.get_cpu_capability()}{isa_caps()}), "
             f"torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "

@@ -38,6 +38,40 @@ def cpu_bf16_dot() -> bool:
     return bool(_C.cpu_bf16_dot())
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what ``platform`` knows where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_description() -> str:
+    """Model name and the vector extensions that decide which library code runs: results from an AVX2 server, an
+    AVX-512 one and one with AMX tiles (which oneDNN and torch's bf16 GEMMs use) are not comparable, so every
+    benchmark header and bug report carries this."""
+    flags = cpu_flags()
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    have = [f for f in wanted if f in flags]
+    return f"{cpu_model()} [{' '.join(have) if have else 'flags unknown'}]"
+
+
 def kernel_isa() -> str:
     """The kernel copies that run for :func:`cpu_isa`: base, avx2 or avx512 (every kernel with ISA copies has all
     three, except channel_conv's direct convolution, which has avx2 and avx512 copies and leaves the base ISA to
@@ -70,6 +104,7 @@ def report() -> str:
         f"torch   {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
         f"triton  {triton_v} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})",
         f"threads {torch.get_num_threads()}",
+        f"cpu     {cpu_description()}",
         f"cpu ISA {cpu_isa()} (SLIMOPS_CPU_ISA={os.environ.get('SLIMOPS_CPU_ISA', 'unset')}): slimops runs its "
         f"{kernel_isa()} kernel copies; torch's capability {torch.backends.cpu.get_cpu_capability()}",
         "build   " + ", ".join(f"{k}={v}" for k, v in build_info().items()),
