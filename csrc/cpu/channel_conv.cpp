@@ -328,6 +328,7 @@ struct BackwardWork {
   std::vector<float> xpt;       // dy zero-padded for it
   std::vector<float*> gx_rows;  // the kept channels' planes of gx
   std::vector<float> xpg;       // x zero-padded for the direct weight gradient
+  std::vector<float> dyt;       // dy as [pixel][row] for it
 
   BackwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
@@ -380,7 +381,7 @@ struct BackwardWork {
       if (gw && direct_gw_applies(g)) {
         const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
         if (xpg.size() < need) xpg.resize(need);
-        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), gw, k)) gw = nullptr;  // done
+        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), dyt, gw, k)) gw = nullptr;  // done
       }
     }
     if (!(gx_n || gw)) return;

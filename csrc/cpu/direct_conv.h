@@ -196,23 +196,34 @@ __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restric
 }
 
 // One register block of the AVX-512 kernels: a[q][v] lane l = Σ_(c, t) panel[c][t][q] x_c[off[t] + 16 v + l], the
-// input block starting at xc (channel planes `plane` apart), summed in the order of direct_conv_rows.
-template <int R, int NV, int TAPS>
+// input block starting at xc (channel planes `plane` apart), summed in the order of direct_conv_rows. With R2 > 0
+// the block also computes R2 rows of the next slab of the panel (rows R .. R + R2 - 1 of a, weights read at
+// panel + nc taps kRB): R2 = 6 makes 24 accumulators, 2 input loads and 12 broadcasts per 24 FMAs, against 8 loads
+// per 12 FMAs for one slab. Each row is still one chain over (channel, tap) in the same order, so pairing changes
+// no result bit. Measured on a Xeon with AVX-512 and AMX: the flat loop alone (a microbenchmark, 64 channels, 28²)
+// 138 -> 158-162 GFLOP/s per thread; channel_conv2d's forward at 50/50% on 32 x 128 -> 128, 28², 2 threads, four
+// interleaved runs of bench_channel_conv.py each: 153-183 -> 166-204 GFLOP/s. Not measured on Zen 5 yet.
+template <int R, int NV, int TAPS, int R2 = 0>
 __attribute__((target("avx512f,fma"), always_inline)) inline void direct_block_avx512(
     const float* __restrict xc, int64_t nc, int64_t taps, const int64_t* __restrict off, int64_t plane,
-    const float* __restrict panel, __m512 (&a)[R][NV]) {
-  for (int q = 0; q < R; ++q)
+    const float* __restrict panel, __m512 (&a)[R + R2][NV]) {
+#pragma GCC unroll 12
+  for (int q = 0; q < R + R2; ++q)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) a[q][v] = _mm512_setzero_ps();
   const float* wt = panel;
+  const int64_t slab = nc * (TAPS > 0 ? TAPS : taps) * kRB;  // the next slab's distance (R2 > 0 only)
   for (int64_t c = 0; c < nc; ++c, xc += plane) {
 #pragma GCC unroll 25
     for (int64_t t = 0; t < (TAPS > 0 ? TAPS : taps); ++t, wt += kRB) {
       const float* xx = xc + off[t];
       __m512 x[NV];
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(xx + 16 * v);
-#pragma GCC unroll 6
-      for (int q = 0; q < R; ++q) {
-        const __m512 w = _mm512_set1_ps(wt[q]);
+#pragma GCC unroll 12
+      for (int q = 0; q < R + R2; ++q) {
+        const __m512 w = _mm512_set1_ps(q < R ? wt[q] : wt[slab + q - R]);
+#pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) a[q][v] = _mm512_fmadd_ps(w, x[v], a[q][v]);
       }
     }
@@ -262,27 +273,28 @@ __attribute__((target("avx512f"))) inline void store_flat(float* out, __m512 v, 
   }
 }
 
-// 16-float vectors per block of the flat kernel: 2 (12 accumulators); 3 (18) measured slower, 383 against 420 GFLOP/s.
+// 16-float vectors per block of the flat kernel: 2 (12 accumulators per slab); 3 (18) measured slower, 383 against
+// 420 GFLOP/s (Zen 5).
 constexpr int kFlatVectors = 2;
 
 // The flat AVX-512 kernel (direct_flat): the flat positions [pa, pb) in blocks of 16 kFlatVectors (its caller cuts
 // the positions into chunks, not rows: the DirectRowsFn arguments oy0, oy1 are pa, pb here, and row_step is wp);
-// the same sums in the same order as direct_conv_rows.
-template <int R, int TAPS>
+// the same sums in the same order as direct_conv_rows. R2 > 0: also the R2 rows of the next slab (out[R ..]).
+template <int R, int TAPS, int R2 = 0>
 __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float* __restrict xp, int64_t nc,
                                                                     int64_t taps_rt, const int64_t* __restrict off,
                                                                     int64_t pa, int64_t pb, int64_t ow, int64_t wp,
                                                                     int64_t plane, const float* __restrict panel,
                                                                     float* const* out) {
-  static_assert(R >= 1 && R <= kRB, "row block");
+  static_assert(R >= 1 && R <= kRB && R2 >= 0 && R2 <= kRB && (R2 == 0 || R == kRB), "row block");
   constexpr int NV = kFlatVectors;
   const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
   for (int64_t p0 = pa; p0 < pb; p0 += 16 * NV) {
-    __m512 a[R][NV];
-    direct_block_avx512<R, NV, TAPS>(xp + p0, nc, taps, off, plane, panel, a);
+    __m512 a[R + R2][NV];
+    direct_block_avx512<R, NV, TAPS, R2>(xp + p0, nc, taps, off, plane, panel, a);
     const int64_t n = std::min<int64_t>(16 * NV, pb - p0);
-#pragma GCC unroll 6
-    for (int q = 0; q < R; ++q)
+#pragma GCC unroll 12
+    for (int q = 0; q < R + R2; ++q)
       for (int v = 0; v < NV && 16 * v < n; ++v)
         store_flat(out[q], a[q][v], p0 + 16 * v, std::min<int64_t>(16, n - 16 * v), ow, wp);
   }
@@ -316,6 +328,24 @@ template <int K>
 DirectRowsFn direct_rows_isa(int64_t taps, int64_t rows) {
   return taps == 9 ? direct_rows_for<K, 9>(rows) : taps == 1 ? direct_rows_for<K, 1>(rows)
        : taps == 25 ? direct_rows_for<K, 25>(rows) : direct_rows_for<K, 0>(rows);
+}
+
+// The flat kernel for a full slab (kRB rows) paired with the next slab's `rows2` rows (1..kRB).
+template <int TAPS>
+DirectRowsFn direct_flat_pair_for(int64_t rows2) {
+  switch (rows2) {
+    case 6: return &direct_conv_flat_avx512<kRB, TAPS, 6>;
+    case 5: return &direct_conv_flat_avx512<kRB, TAPS, 5>;
+    case 4: return &direct_conv_flat_avx512<kRB, TAPS, 4>;
+    case 3: return &direct_conv_flat_avx512<kRB, TAPS, 3>;
+    case 2: return &direct_conv_flat_avx512<kRB, TAPS, 2>;
+    default: return &direct_conv_flat_avx512<kRB, TAPS, 1>;
+  }
+}
+
+inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows2) {
+  return taps == 9 ? direct_flat_pair_for<9>(rows2) : taps == 1 ? direct_flat_pair_for<1>(rows2)
+       : taps == 25 ? direct_flat_pair_for<25>(rows2) : direct_flat_pair_for<0>(rows2);
 }
 
 // The kernel of a call's geometry (DirectGeom: flat, or the pixel block px: 16 on AVX2, 16 or 32 on AVX-512).
@@ -360,13 +390,17 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   }
   for (int64_t oy0 = 0; oy0 < end; oy0 += band) {
     const int64_t oy1 = std::min(end, oy0 + band);
-    for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
+    for (int64_t r0 = 0, b = 0; r0 < nr;) {
       const int64_t nrows = direct_block_rows(r0, nr);
-      float* rows[kRB];
-      for (int64_t q = 0; q < nrows; ++q) rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
-      direct_rows_kernel(taps, nrows, d)(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(),
-                                         dpanel + b * nc * taps * kRB, rows);
-      r0 += nrows;
+      // Flat, a full slab is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
+      const int64_t nrows2 = d.flat && nrows == kRB && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr) : 0;
+      float* rows[2 * kRB];
+      for (int64_t q = 0; q < nrows + nrows2; ++q)
+        rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
+      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows2) : direct_rows_kernel(taps, nrows, d);
+      fn(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(), dpanel + b * nc * taps * kRB, rows);
+      r0 += nrows + nrows2;
+      b += nrows2 > 0 ? 2 : 1;
     }
   }
   return true;
@@ -410,20 +444,16 @@ void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps
 }
 
 // ---- the weight gradient of a 3x3 kernel, direct (AVX-512) -------------------------------------------------------
-// gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, stride sw = 1): per
-// sample, per input channel c and block of 3 dy rows, 27 accumulators (3 rows x 9 taps) of 16 pixels swept over the
-// output rows, then reduced (12 loads per 27 FMAs; 2 rows, 11 per 18, measured ~10% slower). The x plane is the
-// forward's padded buffer (pad_input), read in place for every tap: no im2col and no GEMM. The accumulators are named
-// variables (a macro per tap), not an array: GCC kept an array of them on the stack, one store per FMA. The last
-// block of a row loads dy and x under a lane mask (zeros past the row: a padded x entry past the row can be a real
-// pixel, whose inf or NaN must not meet a product with nothing).
-// AVX-512 only: with 16 registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster
-// than im2col + BLAS, which it keeps.
+// gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, horizontal stride 1),
+// per sample, against the forward's padded buffer (pad_input): no im2col and no GEMM. AVX-512 only: with 16
+// registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster than im2col + BLAS,
+// which it keeps.
 
-// Rows narrower than kGwMinWidth go to im2col + BLAS: a row of ow pixels fills ow / (16 ceil(ow / 16)) of the
-// lanes, and the 27 reductions per (channel, 3 rows) are paid per plane, so small planes starve the FMAs. Measured
-// (2 Zen 5 cores, 32 x 256 -> 256, GFLOP/s direct / im2col + MKL): 4²: 32 / 144, 7²: 76 / 165, 8²: 95 / 173,
-// 10²: 136 / 189, 12²: 164 / 214, 14²: 222 / 216, 16²: 265 / 215, 28² (128 channels): 319 / 211.
+// Planes narrower than kGwMinWidth go to im2col + BLAS: the kernel's fixed cost per (channel, row block) and plane
+// (27 accumulators zeroed, stored and added into gw) is paid per plane, so small planes starve the FMAs. Measured
+// with the broadcast kernel (Xeon with AVX-512 and AMX, 2 threads, 32 x 256 -> 256, GFLOP/s): direct 79 at 7², 92 at
+// 10², 131 at 12², 162-176 at 14²; im2col + MKL 164-171 at 12², 123-162 at 14². (The earlier pixel-lane kernel on 2
+// Zen 5 cores, direct / im2col + MKL: 7²: 76 / 165, 10²: 136 / 189, 12²: 164 / 214, 14²: 222 / 216.)
 constexpr int64_t kGwMinWidth = 14;
 
 inline bool direct_gw_applies(const ConvGeom& g) {
@@ -432,73 +462,93 @@ inline bool direct_gw_applies(const ConvGeom& g) {
 }
 
 #if SLIMOPS_DIRECT_CONV
-#define SLIMOPS_GW_TAPS(X) \
-  X(0, 0, 0) X(1, 0, 1) X(2, 0, 2) X(3, 1, 0) X(4, 1, 1) X(5, 1, 2) X(6, 2, 0) X(7, 2, 1) X(8, 2, 2)
-#define SLIMOPS_GW_DECL(t, i, j) \
-  __m512 a##t = _mm512_setzero_ps(), b##t = _mm512_setzero_ps(), c##t = _mm512_setzero_ps();
-#define SLIMOPS_GW_STEP(t, i, j)                                              \
-  {                                                                           \
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x##i + ox0 + j);               \
-    a##t = _mm512_fmadd_ps(d0, xv, a##t);                                     \
-    b##t = _mm512_fmadd_ps(d1, xv, b##t);                                     \
-    c##t = _mm512_fmadd_ps(d2, xv, c##t);                                     \
-  }
-
-// The sums of the lanes of 16 vectors, in order, as one vector: a transpose-add tree (pairs of floats, pairs of
-// doubles, then 128-bit lanes twice), 30 shuffles and 15 adds where 16 horizontal sums make about 128 operations.
-// direct_gw_rows3_avx512 reduces 27 accumulators per (channel, 3 rows) and plane: on a 14 x 14 plane the horizontal
-// sums were as many operations as a fifth of the FMAs.
-__attribute__((target("avx512f"))) inline __m512 lane_sums16_avx512(const __m512* v) {
-  __m512 a[8], b[4];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i (0+2), v2i+1 (0+2), v2i (1+3), v2i+1 (1+3)]
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v4i .. v4i+3
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
-  const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
-}
-
-// g[0, 9) += s[0, 9) under a mask.
-__attribute__((target("avx512f"))) inline void add9_avx512(float* g, const float* s) {
-  constexpr __mmask16 m = 0x1FF;
-  _mm512_mask_storeu_ps(g, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g), _mm512_maskz_loadu_ps(m, s)));
-}
-
-// Three dy rows r0, r1, r2 (oh * ow floats each) against the padded plane xc (row stride wp, rows sh apart): g0[t],
-// g1[t], g2[t] (t = 3 i + j) += the sums. A last block of fewer rows repeats its last row, whose extra results go to
-// scratch.
-__attribute__((target("avx512f,fma"))) inline void direct_gw_rows3_avx512(
-    const float* __restrict r0, const float* __restrict r1, const float* __restrict r2, const float* __restrict xc,
-    int64_t oh, int64_t ow, int64_t sh, int64_t wp, float* g0, float* g1, float* g2) {
-  SLIMOPS_GW_TAPS(SLIMOPS_GW_DECL)
+// ---- the weight gradient of a 3x3 kernel, broadcast form (AVX-512) ---------------------------------------------
+// gw[r, c, t] += Σ_(oy, ox) dyT[oy ow + ox][r] x_pad[c][oy sh + i, ox + j], t = 3 i + j: 16 V output rows r in the
+// lanes of V vectors (dy transposed once per sample to [pixel][row], rows padded to 16 with zeros), one input pixel
+// per tap broadcast from the forward's padded plane. Per output pixel: V dy loads and 9 broadcasts for 9 V FMAs,
+// 27 accumulators at V = 3, each one chain over the pixels in order; no lane sums and no masks, and the plane's
+// width no longer sets the lanes' use (the rows of the row block do).
+// It replaced a kernel with the pixels in the lanes (commit 25170c9, direct_gw_rows3_avx512: per (channel, 3 dy
+// rows), 27 accumulators of 16 pixels, 9 full-width tap loads at every offset, most of them split across two cache
+// lines, then 27 lane sums). On a Xeon with AVX-512 and AMX, 2 threads, bench/bench_conv_grad_w.py: 28² x 128
+// 145 -> 219-222 GFLOP/s, 56² x 64 148-152 -> 207-229, 14² x 256 111 -> 174-176, 20² x 256 102-104 -> 198-207 (the
+// same rate as the pixel-lane kernel in a microbenchmark: 72-82 against 123 GFLOP/s per thread). Broadcasts are
+// 4-byte loads, which that core issues beside the FMAs where it does not keep up with 64-byte ones. Both make 12
+// loads per 27 FMAs, so a CPU with cheap 64-byte loads (Zen 5, where the old kernel made 319 GFLOP/s at 28² x 128)
+// should lose nothing; that is not measured yet.
+template <int V>
+__attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* __restrict dyt, int64_t nrp,
+                                                                   const float* __restrict xc, int64_t oh,
+                                                                   int64_t ow, int64_t sh, int64_t wp,
+                                                                   float* __restrict sums) {
+  __m512 a[9][V];
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t)
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) a[t][v] = _mm512_setzero_ps();
   for (int64_t oy = 0; oy < oh; ++oy) {
     const float* x0 = xc + oy * sh * wp;
     const float *x1 = x0 + wp, *x2 = x1 + wp;
-    const float *p0 = r0 + oy * ow, *p1 = r1 + oy * ow, *p2 = r2 + oy * ow;
-    for (int64_t ox0 = 0; ox0 < ow; ox0 += 16) {
-      const int64_t n = std::min<int64_t>(16, ow - ox0);
-      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
-      const __m512 d0 = _mm512_maskz_loadu_ps(m, p0 + ox0), d1 = _mm512_maskz_loadu_ps(m, p1 + ox0),
-                   d2 = _mm512_maskz_loadu_ps(m, p2 + ox0);
-      SLIMOPS_GW_TAPS(SLIMOPS_GW_STEP)
+    const float* d = dyt + oy * ow * nrp;
+    for (int64_t ox = 0; ox < ow; ++ox, d += nrp) {
+      __m512 dv[V];
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) dv[v] = _mm512_loadu_ps(d + 16 * v);
+      const float* xr[3] = {x0 + ox, x1 + ox, x2 + ox};
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        const __m512 xb = _mm512_set1_ps(xr[t / 3][t % 3]);
+#pragma GCC unroll 3
+        for (int v = 0; v < V; ++v) a[t][v] = _mm512_fmadd_ps(xb, dv[v], a[t][v]);
+      }
     }
   }
-  const __m512 z = _mm512_setzero_ps();
-  const __m512 v0[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, b0, b1, b2, b3, b4, b5, b6};
-  const __m512 v1[16] = {b7, b8, c0, c1, c2, c3, c4, c5, c6, c7, c8, z, z, z, z, z};
-  float s[32];
-  _mm512_storeu_ps(s, lane_sums16_avx512(v0));
-  _mm512_storeu_ps(s + 16, lane_sums16_avx512(v1));
-  add9_avx512(g0, s);
-  add9_avx512(g1, s + 9);
-  add9_avx512(g2, s + 18);
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t)
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums + (t * V + v) * 16, a[t][v]);
 }
-#undef SLIMOPS_GW_STEP
-#undef SLIMOPS_GW_DECL
-#undef SLIMOPS_GW_TAPS
+
+// Vectors per row block of the broadcast kernel for the `left` rows still to do: 3 (48 rows) while more than 64
+// are left, then the fewest 16-row vectors that hold the rest, with 64 as 32 + 32 (two 18-accumulator blocks run
+// faster than 48 + a 9-accumulator block of 16).
+inline int gw_bcast_vectors(int64_t left) {
+  if (left > 64) return 3;
+  const int64_t v16 = (left + 15) / 16;
+  return v16 == 4 ? 2 : static_cast<int>(v16);
+}
+
+// gw (nr x nc * 9, row stride ldg) += the broadcast kernel's sums for dy (nr rows of ohw floats) against the
+// padded planes xp (nc planes of d.plane()); dyt_buf is scratch.
+inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_t nc, const ConvGeom& g,
+                            const DirectGeom& d, std::vector<float>& dyt_buf, float* gw, int64_t ldg) {
+  const int64_t ohw = g.ohw(), nrp = (nr + 15) / 16 * 16;
+  if (dyt_buf.size() < static_cast<size_t>(ohw * nrp)) dyt_buf.resize(static_cast<size_t>(ohw * nrp));
+  float* dyt = dyt_buf.data();
+  for (int64_t p = 0; p < ohw; ++p) {  // [row][pixel] -> [pixel][row], the padding rows zero
+    float* o = dyt + p * nrp;
+    for (int64_t r = 0; r < nr; ++r) o[r] = dy[r * ohw + p];
+    std::fill(o + nr, o + nrp, 0.f);
+  }
+  alignas(64) float sums[9 * 48];
+  for (int64_t r0 = 0; r0 < nr;) {
+    const int v = gw_bcast_vectors(nr - r0);
+    const int64_t rows = std::min<int64_t>(16 * v, nr - r0);
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* xc = xp + c * d.plane();
+      if (v == 3) direct_gw_bcast_avx512<3>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
+      else if (v == 2) direct_gw_bcast_avx512<2>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
+      else direct_gw_bcast_avx512<1>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
+      for (int64_t q = 0; q < rows; ++q) {
+        float* o = gw + (r0 + q) * ldg + c * 9;
+        const int64_t vq = q / 16, lq = q % 16;
+        for (int t = 0; t < 9; ++t) o[t] += sums[(t * v + vq) * 16 + lq];
+      }
+    }
+    r0 += rows;
+  }
+}
+
 #endif
 
 // One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats) against the sample's kept channels
@@ -506,25 +556,15 @@ __attribute__((target("avx512f,fma"))) inline void direct_gw_rows3_avx512(
 // apply.
 template <typename scalar_t>
 bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* dy,
-                      int64_t nr, float* xp_buf, float* gw, int64_t ldg) {
+                      int64_t nr, float* xp_buf, std::vector<float>& dyt_buf, float* gw, int64_t ldg) {
 #if SLIMOPS_DIRECT_CONV
   if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
-  const int64_t ohw = g.ohw();
-  float scratch[2][9];
-  for (int64_t c = 0; c < nc; ++c) {
-    const float* xc = xp_buf + c * d.plane();
-    for (int64_t r = 0; r < nr; r += 3) {
-      const int64_t k1 = std::min(r + 1, nr - 1), k2 = std::min(r + 2, nr - 1);
-      direct_gw_rows3_avx512(dy + r * ohw, dy + k1 * ohw, dy + k2 * ohw, xc, g.oh, g.ow, g.sh, d.wp,
-                             gw + r * ldg + c * 9, k1 > r ? gw + k1 * ldg + c * 9 : scratch[0],
-                             k2 > k1 ? gw + k2 * ldg + c * 9 : scratch[1]);
-    }
-  }
+  direct_gw_bcast(dy, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg);
   return true;
 #else
-  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)gw, (void)ldg;
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)dyt_buf, (void)gw, (void)ldg;
   return false;
 #endif
 }
