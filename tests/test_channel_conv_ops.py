@@ -364,6 +364,9 @@ MASKED_CASES = {
     "stride_w2_nobias": (3, 3, (8, 11), 5, (2, 3), (1, 2), (1, 0), (2, 1), "random", False, "contig"),
     "one_channel": (2, 1, (6, 5), 1, (3, 3), 1, 1, 1, "mixed", True, "contig"),
     "batch5_wide": (5, 9, (6, 37), 13, (3, 3), 1, 1, 1, "random", True, "contig"),
+    # rows >= 14 pixels: the direct grad_w adds each sample's kept rows (about 35, one with all 70) into the full
+    # accumulator through its row map; grad_x selects them from the call's transposed panel
+    "gw_row_map": (4, 3, (8, 16), 70, (3, 3), 1, 1, 1, "mixed", True, "contig"),
 }
 
 

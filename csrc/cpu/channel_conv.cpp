@@ -361,8 +361,9 @@ struct BackwardWork {
     }
   }
 
+  // gw_row_map (only where direct_gw_applies: the caller checks): dy row r adds into gw row gw_row_map[r].
   void run(const scalar_t* xn, const int64_t* chans, int64_t nc, const acc_t* panel, const float* dpanel_t,
-           int64_t nr, acc_t* gx_n, acc_t* gw, acc_t* gb) {
+           int64_t nr, acc_t* gx_n, acc_t* gw, acc_t* gb, const int64_t* gw_row_map = nullptr) {
     const int64_t ohw = g.ohw();
     if (nr == 0) return;
     if (gb) {
@@ -381,9 +382,11 @@ struct BackwardWork {
       if (gw && direct_gw_applies(g)) {
         const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
         if (xpg.size() < need) xpg.resize(need);
-        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), dyt, gw, k)) gw = nullptr;  // done
+        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), dyt, gw, k, gw_row_map))
+          gw = nullptr;  // done
       }
     }
+    TORCH_INTERNAL_ASSERT(gw == nullptr || gw_row_map == nullptr, "a gw row map needs the direct weight gradient");
     if (!(gx_n || gw)) return;
     for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
@@ -691,10 +694,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     std::vector<std::vector<acc_t>> panels(ns), gw_acc(ns), gb_acc(ns), gx_buf(ns), gw_rows(ns);
     std::vector<std::vector<float>> dpanels_t(ns);  // grad_x by the transposed direct convolution (direct_conv.h)
     const bool direct_x = std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g);
+    // The direct weight gradient adds each sample's rows straight into the slot's full-size accumulator.
+    const bool gw_in_place = std::is_same_v<acc_t, float> && need_w && direct_gw_applies(g);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     const scalar_t* gop = goc.const_data_ptr<scalar_t>();
+    // The transposed panel of every output row, once; each sample selects its kept rows from it.
+    std::vector<float> dpanel_t_all;
+    if (direct_x) {
+      dpanel_t_all.resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
+      const std::vector<int64_t> all_rows = iota(c_out);
+      pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
+                                              dpanel_t_all.data());
+    }
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
       const int64_t nr = static_cast<int64_t>(r.size());
@@ -702,7 +715,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       if (!w) {
         w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, c_in, c_out);
         panels[slot].resize(static_cast<size_t>(c_out * k));
-        if (need_w) gw_acc[slot].assign(static_cast<size_t>(c_out * k), acc_t(0)), gw_rows[slot].resize(c_out * k);
+        if (need_w) gw_acc[slot].assign(static_cast<size_t>(c_out * k), acc_t(0));
+        if (need_w && !gw_in_place) gw_rows[slot].resize(c_out * k);
         if (need_b) gb_acc[slot].assign(static_cast<size_t>(c_out), acc_t(0));
         if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(c_in * g.hw()));
         if (direct_x) dpanels_t[slot].resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
@@ -714,9 +728,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
       if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
         pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      if (direct_x)
-        pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in,
-                                                dpanels_t[slot].data());
+      if (direct_x) select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data());
       acc_t* gx_n = nullptr;
       if (need_x) {
         if constexpr (same) gx_n = reinterpret_cast<acc_t*>(gx.mutable_data_ptr<scalar_t>()) + n * c_in * g.hw();
@@ -724,14 +736,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       }
       acc_t* gwr = nullptr;
       std::vector<acc_t> gbr(need_b ? nr : 0, acc_t(0));
-      if (need_w) {
+      if (need_w && gw_in_place) {
+        gwr = gw_acc[slot].data();
+      } else if (need_w) {
         gwr = gw_rows[slot].data();
         std::fill_n(gwr, nr * k, acc_t(0));
       }
       w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), direct_x ? dpanels_t[slot].data() : nullptr,
-             nr, gx_n, gwr, need_b ? gbr.data() : nullptr);
+             nr, gx_n, gwr, need_b ? gbr.data() : nullptr, gw_in_place ? r.data() : nullptr);
       for (int64_t i = 0; i < nr; ++i) {
-        if (need_w) {
+        if (need_w && !gw_in_place) {
           acc_t* d = gw_acc[slot].data() + r[i] * k;
           const acc_t* s = gwr + i * k;
           for (int64_t j = 0; j < k; ++j) d[j] += s[j];

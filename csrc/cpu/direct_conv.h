@@ -443,6 +443,22 @@ void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps
   }, out);
 }
 
+// The panel of the channels sel[0..nsel) of a direct panel `full` packed over all nchans channels (pack_direct_panel's
+// layout: per row block, one [tap][kRB] piece per channel): per row block, the selected channels' pieces, in order.
+// masked_conv2d's backward packs the transposed weight once per call and selects each sample's kept output rows
+// (its channels) with one contiguous copy of taps x kRB floats each, where packing per sample read the weight
+// 9 floats apart.
+inline void select_panel_channels(const float* full, int64_t nrows, int64_t nchans, int64_t taps, const int64_t* sel,
+                                  int64_t nsel, float* out) {
+  const int64_t piece = taps * kRB;
+  for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
+    const float* src = full + b * nchans * piece;
+    float* dst = out + b * nsel * piece;
+    for (int64_t i = 0; i < nsel; ++i) std::copy_n(src + sel[i] * piece, piece, dst + i * piece);
+    r0 += direct_block_rows(r0, nrows);
+  }
+}
+
 // ---- the weight gradient of a 3x3 kernel, direct (AVX-512) -------------------------------------------------------
 // gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, horizontal stride 1),
 // per sample, against the forward's padded buffer (pad_input): no im2col and no GEMM. AVX-512 only: with 16
@@ -527,17 +543,23 @@ inline int gw_bcast_vectors(int64_t left) {
 }
 
 // gw (nr x nc * 9, row stride ldg) += the broadcast kernel's sums for dy (nr rows of ohw floats) against the
-// padded planes xp (nc planes of d.plane()); dyt_buf is scratch.
+// padded planes xp (nc planes of d.plane()); with row_map, dy row r adds into gw row row_map[r]. dyt_buf is scratch.
 inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_t nc, const ConvGeom& g,
-                            const DirectGeom& d, std::vector<float>& dyt_buf, float* gw, int64_t ldg) {
+                            const DirectGeom& d, std::vector<float>& dyt_buf, float* gw, int64_t ldg,
+                            const int64_t* row_map) {
   const int64_t ohw = g.ohw(), nrp = (nr + 15) / 16 * 16;
   const size_t need = static_cast<size_t>((ohw + kGwPrefetch) * nrp);  // the prefetches stay inside the buffer
   if (dyt_buf.size() < need) dyt_buf.resize(need);
   float* dyt = dyt_buf.data();
-  for (int64_t p = 0; p < ohw; ++p) {  // [row][pixel] -> [pixel][row], the padding rows zero
-    float* o = dyt + p * nrp;
-    for (int64_t r = 0; r < nr; ++r) o[r] = dy[r * ohw + p];
-    std::fill(o + nr, o + nrp, 0.f);
+  // [row][pixel] -> [pixel][row] in 16 x 16 tiles (a row of dy read 16 pixels at a time), the padding rows zero
+  for (int64_t p0 = 0; p0 < ohw; p0 += 16) {
+    const int64_t p1 = std::min(ohw, p0 + 16);
+    for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+      const int64_t r1 = std::min(nr, r0 + 16);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t p = p0; p < p1; ++p) dyt[p * nrp + r] = dy[r * ohw + p];
+    }
+    for (int64_t p = p0; p < p1; ++p) std::fill(dyt + p * nrp + nr, dyt + (p + 1) * nrp, 0.f);
   }
   alignas(64) float sums[9 * 48];
   for (int64_t r0 = 0; r0 < nr;) {
@@ -549,7 +571,7 @@ inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_
       else if (v == 2) direct_gw_bcast_avx512<2>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
       else direct_gw_bcast_avx512<1>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
       for (int64_t q = 0; q < rows; ++q) {
-        float* o = gw + (r0 + q) * ldg + c * 9;
+        float* o = gw + (row_map != nullptr ? row_map[r0 + q] : r0 + q) * ldg + c * 9;
         const int64_t vq = q / 16, lq = q % 16;
         for (int t = 0; t < 9; ++t) o[t] += sums[(t * v + vq) * 16 + lq];
       }
@@ -561,19 +583,22 @@ inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_
 #endif
 
 // One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats) against the sample's kept channels
-// chans, padded into xp_buf (nc * DirectGeom(g).plane() + 2 kPXMax floats). False (nothing done) when it does not
-// apply.
+// chans, padded into xp_buf (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row
+// row_map[r] (masked_conv2d: the sample's kept rows, straight into the full-size accumulator). False (nothing done)
+// when it does not apply.
 template <typename scalar_t>
 bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* dy,
-                      int64_t nr, float* xp_buf, std::vector<float>& dyt_buf, float* gw, int64_t ldg) {
+                      int64_t nr, float* xp_buf, std::vector<float>& dyt_buf, float* gw, int64_t ldg,
+                      const int64_t* row_map = nullptr) {
 #if SLIMOPS_DIRECT_CONV
   if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
-  direct_gw_bcast(dy, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg);
+  direct_gw_bcast(dy, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg, row_map);
   return true;
 #else
-  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)dyt_buf, (void)gw, (void)ldg;
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)dyt_buf, (void)gw, (void)ldg,
+      (void)row_map;
   return false;
 #endif
 }
