@@ -269,7 +269,8 @@ struct ForwardWork {
   const ConvGeom& g;
   int64_t k, rows;
   std::vector<acc_t> cols, tmp;
-  std::vector<float> xp;  // the padded input of the direct microkernel
+  std::vector<float> xp;         // the padded input of the direct microkernel
+  std::vector<float*> out_rows;  // its output rows, when it writes a float output's rows in place
 
   ForwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
@@ -284,7 +285,7 @@ struct ForwardWork {
     const int64_t ohw = g.ohw();
     if (nr == 0) return;
     // In place when the result is already in the storage dtype and fills y_n's rows in order.
-    const bool direct = std::is_same_v<acc_t, scalar_t> && dst_is_all;
+    bool direct = std::is_same_v<acc_t, scalar_t> && dst_is_all;
     if (!direct && tmp.size() < static_cast<size_t>(nr * ohw)) tmp.resize(static_cast<size_t>(nr * ohw));
     acc_t* res = direct ? reinterpret_cast<acc_t*>(yn) : tmp.data();
     if (k == 0) std::fill(res, res + nr * ohw, acc_t(0));
@@ -292,7 +293,16 @@ struct ForwardWork {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!done && dpanel) {
         if (xp.empty()) xp.resize(static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax));
-        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp.data(), res);
+        float* const* rows_out = nullptr;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (!direct) {  // a float output's scattered rows (masked_conv2d): the microkernel stores them in place
+            out_rows.resize(static_cast<size_t>(nr));
+            for (int64_t r = 0; r < nr; ++r) out_rows[r] = yn + dst_rows[r] * ohw;
+            rows_out = out_rows.data();
+          }
+        }
+        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp.data(), res, rows_out);
+        if (done && rows_out != nullptr) direct = true;  // y_n's rows hold the result: only the bias is left
       }
     }
     for (int64_t oy0 = 0; !done && oy0 < g.oh; oy0 += rows) {
@@ -304,9 +314,9 @@ struct ForwardWork {
       const acc_t b = bias_full ? static_cast<acc_t>(bias_full[bias_rows[r]]) : acc_t(0);
       const acc_t* src = res + r * ohw;
       scalar_t* d = yn + dst_rows[r] * ohw;
-      if (direct) {
+      if (direct) {  // the result is in y_n's row already (d; src too when the rows are all of y_n's, in order)
         if (bias_full)
-          for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p] + b);
+          for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(d[p]) + b);
       } else {
         for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p] + b);
       }
