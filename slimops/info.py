@@ -38,28 +38,26 @@ def cpu_bf16_dot() -> bool:
     return bool(_C.cpu_bf16_dot())
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags as Linux lists them (/proc/cpuinfo; empty where there is none)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first /proc/cpuinfo line named `name` (None where there is no such file or line)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo; empty where there is none)."""
+    return set((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), or what ``platform`` knows where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_description() -> str:
