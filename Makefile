@@ -12,6 +12,8 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME  ?= /usr/local/cuda
 CUDA_ARCH  ?= 9.0
 MAX_JOBS   ?= 2
+# pytest-xdist workers of `make test` (each gets its share of the cores: tests/conftest.py)
+TEST_JOBS  ?= 2
 # Triton kernels run through the interpreter on CPU tensors when no GPU is visible.
 TRITON_INTERPRET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
 SOURCES    := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc')
@@ -26,7 +28,7 @@ all: build
 $(VENV)/.ready:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_PIN)"
-	$(VPY) -m pip install -q triton numpy ninja pytest pytest-timeout expecttest scikit-learn tqdm matplotlib setuptools wheel
+	$(VPY) -m pip install -q triton numpy ninja pytest pytest-timeout pytest-xdist expecttest scikit-learn tqdm matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.ready
@@ -42,8 +44,10 @@ demo: build
 
 test: test-py test-cpp
 
+# worksteal: the long pipeline tests (subprocess trainings of 10-80 s) are spread over the workers as they free up.
 test-py: build
-	TRITON_INTERPRET=$(TRITON_INTERPRET) $(VPY) -m pytest tests -q
+	$(VPY) -c "import xdist" 2>/dev/null || $(VPY) -m pip install -q pytest-xdist
+	TRITON_INTERPRET=$(TRITON_INTERPRET) $(VPY) -m pytest tests -q -n $(TEST_JOBS) --dist worksteal
 
 # The C++ test executable of the prox maths and the registered CPU kernels, built by CMake against the
 # same libtorch and run by ctest.

@@ -201,6 +201,16 @@ def cuda_or_skip():
     return "cuda"
 
 
-# A handful of CI-friendly defaults: two cores, keep intra-op threads small and deterministic.
+# Intra-op threads per test process. `make test` runs the suite in pytest-xdist workers (`-n 2` on a 2-core CI
+# machine), each of which gets its share of the cores: two workers of two OpenMP threads each on two cores spin
+# against each other (a 78 s training test took 210 s that way). Tests that train "on every core" use
+# TEST_THREADS, not os.cpu_count(). SLIMOPS_TEST_THREADS overrides it.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, len(os.sched_getaffinity(0)) // max(1, XDIST_WORKERS))
 if os.environ.get("SLIMOPS_TEST_THREADS"):
-    torch.set_num_threads(int(os.environ["SLIMOPS_TEST_THREADS"]))
+    TEST_THREADS = int(os.environ["SLIMOPS_TEST_THREADS"])
+    torch.set_num_threads(TEST_THREADS)
+elif XDIST_WORKERS > 1:
+    torch.set_num_threads(TEST_THREADS)
+    # and the `python -m slimops` processes tests start (torchrun sets 1 for its workers itself)
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))

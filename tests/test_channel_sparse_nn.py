@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import TEST_THREADS  # noqa: E402
 from test_pruning import randomise_bn, silence_half  # noqa: E402
 
 from slimops.models import build  # noqa: E402
@@ -207,9 +208,10 @@ def test_cli_eval_sparse(tmp_path, capsys):
 
     out = tmp_path / "run"
     main_slim(["--model", "vgg11", "--width", "0.25", "--method", "ns", "--epochs", "1", "--percent", "0.5",
-          "--bn-recal", "0", "--out", str(out), "--no-progress", "--threads", "2"])
+          "--bn-recal", "0", "--out", str(out), "--no-progress", "--threads", str(TEST_THREADS)])
     capsys.readouterr()
-    m = main_eval(["--weights", str(out / "dense.pt"), "--sparse", "--latency-batch", "8", "--threads", "2"])
+    m = main_eval(["--weights", str(out / "dense.pt"), "--sparse", "--latency-batch", "8", "--threads",
+                   str(TEST_THREADS)])
     assert m["kind"] == "sparse" and m["acc"] == pytest.approx(m["acc_compact"], abs=1e-9)
     assert m["speedup_vs_dense"] > 0 and m["speed_vs_compact"] > 0
     printed = json.loads(capsys.readouterr().out)

@@ -4,21 +4,22 @@ VGG-11 at width 0.5 on digits (32x32), 15 epochs: proximal network slimming with
 must keep at most half of the BN channels and lose at most one point of test accuracy against the
 unpruned baseline trained the same way. Two full 15-epoch runs: about two minutes on two cores.
 """
-import os
-
 import pytest
 import torch
 
 from slimops.pruning.pipeline import slim
+
+from conftest import TEST_THREADS
 
 pytest.importorskip("sklearn")
 
 
 @pytest.fixture
 def all_threads():
-    """Other tests pin torch to one thread; these two real trainings use every core (then restore)."""
+    """Other tests pin torch to one thread; these two real trainings use every core this test process has (its
+    share under pytest-xdist), then restore."""
     old = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(old)
 

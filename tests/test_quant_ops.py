@@ -402,7 +402,8 @@ BAD_FQ = [
 ]
 
 
-@pytest.mark.parametrize("kw,exc,word", BAD_FQ, ids=lambda v: str(v)[:20])
+# Ids that do not print the (random) tensors: pytest-xdist's workers must collect the same names.
+@pytest.mark.parametrize("kw,exc,word", BAD_FQ, ids=[f"{i}-{word}" for i, (_, _, word) in enumerate(BAD_FQ)])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fake_quantize_bad_input(kw, exc, word, backend):
     kw = dict(kw)
