@@ -215,6 +215,8 @@ _DIRECT_CONV = textwrap.dedent("""
     cases = [(1, 3, 3, 1), (7, 7, 3, 3), (14, 14, 3, 3), (9, 17, 3, 3), (28, 28, 3, 3), (5, 33, 5, 5), (56, 56, 1, 1),
              (3, 112, 3, 3), (6, 20, 2, 3)]
     for i, (h, w, kh, kw) in enumerate(cases):
+        # 7..13 rows: every pair of blocks the flat AVX-512 kernel runs ((4, 3), (4, 4), (5, 4), (5, 5), (6, 5), and
+        # 13 = (4, 3) + (3, 3)), against the AVX2 copy's unpaired blocks
         for nout in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13):
             if nout not in (1, 6, 13) and i % 3:
                 continue  # every row count on a third of the shapes

@@ -324,50 +324,84 @@ struct ForwardWork {
   }
 };
 
-// Backward of one sample: given dy rows (nr x ohw, acc_t), writes W_panel^T dy into the kept planes of gx (zeroed,
-// then col2im adds) and adds dy @ im2col(x_n)^T into the weight-panel gradient gw (nr x K), and row sums of dy into
-// gb; in tiles of output rows, like the forward. With a transposed direct panel (direct_conv.h: float accumulation,
-// stride 1), gx is instead the direct convolution of dy with the flipped kernel, written whole (each kept channel's
-// plane gets this sample's only contribution: no zeroing first). Either way the kept planes need not be initialised.
+// Backward of one sample: given dy rows (nr of grad_out[n]'s rows), writes W_panel^T dy into the kept planes of gx
+// (zeroed, then col2im adds) and adds dy @ im2col(x_n)^T into the weight-panel gradient gw (nr x K), and row sums of
+// dy into gb; in tiles of output rows, like the forward. With a transposed direct panel (direct_conv.h: float
+// accumulation, stride 1), gx is instead the direct convolution of dy with the flipped kernel, written whole (each
+// kept channel's plane gets this sample's only contribution: no zeroing first). Either way the kept planes need not
+// be initialised. The direct paths read a float32 grad_out's rows in place; the GEMM paths and low-precision inputs
+// read a copy in acc_t, made on first use.
 template <typename scalar_t, typename acc_t>
 struct BackwardWork {
   const ConvGeom& g;
   int64_t k, rows;
-  std::vector<acc_t> cols, dy;
-  std::vector<int64_t> seq;     // 0, 1, ..., nr - 1: dy's rows as the channels of the transposed convolution
-  std::vector<float> xpt;       // dy zero-padded for it
+  std::vector<acc_t> cols, dy;  // dy: the copy of this sample's rows (nr x ohw), when one is needed
+  std::vector<int64_t> seq;     // 0, 1, ..., nr - 1: the copy's rows
+  std::vector<float> xpt;       // dy zero-padded for the transposed convolution
   std::vector<float*> gx_rows;  // the kept channels' planes of gx
   std::vector<float> xpg;       // x zero-padded for the direct weight gradient
   std::vector<float> dyt;       // dy as [pixel][row] for it
+  const scalar_t* go = nullptr;       // grad_out[n]
+  const int64_t* go_rows = nullptr;   // dy row r is grad_out[n]'s row go_rows[r]
+  int64_t nr_loaded = 0;
+  bool copied = false;
 
   BackwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
-        cols(static_cast<size_t>(k * rows * geom.ow)), dy(static_cast<size_t>(nr * geom.ohw())), seq(iota(nr)) {}
+        cols(static_cast<size_t>(k * rows * geom.ow)), seq(iota(nr)) {}
+
+  // This sample's dy: the rows src_rows of grad_out[n] (read in place or copied when first needed).
+  void load_dy(const scalar_t* go_n, const int64_t* src_rows, int64_t nr) {
+    go = go_n, go_rows = src_rows, nr_loaded = nr, copied = false;
+  }
+
+  // dy as nr contiguous rows of acc_t (copied on first use).
+  const acc_t* dy_copy() {
+    if (!copied) {
+      const int64_t ohw = g.ohw();
+      if (dy.size() < static_cast<size_t>(nr_loaded * ohw)) dy.resize(static_cast<size_t>(nr_loaded * ohw));
+      for (int64_t r = 0; r < nr_loaded; ++r) {
+        const scalar_t* s = go + go_rows[r] * ohw;
+        acc_t* d = dy.data() + r * ohw;
+        for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<acc_t>(s[p]);
+      }
+      copied = true;
+    }
+    return dy.data();
+  }
+
+  // Row r of dy in acc_t: grad_out's own row where it is already acc_t, else the copy's.
+  const acc_t* dy_row(int64_t r) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) return go + go_rows[r] * g.ohw();
+    else return dy_copy() + r * g.ohw();
+  }
+
+  // dy for the direct (float) paths: a base and the index of each row's plane in it.
+  std::pair<const float*, const int64_t*> dy_float_rows() {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return {go, go_rows};
+    } else if constexpr (std::is_same_v<acc_t, float>) {
+      return {dy_copy(), seq.data()};
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "the direct paths accumulate in float");
+      return {nullptr, nullptr};
+    }
+  }
 
   // gx's kept planes by the transposed direct convolution; false when it does not apply.
   bool direct_gx(const int64_t* chans, int64_t nc, int64_t nr, const float* dpanel_t, acc_t* gx_n) {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (dpanel_t == nullptr) return false;
       const ConvGeom gt = transposed_geometry(g);
-      const size_t need = static_cast<size_t>(static_cast<int64_t>(seq.size()) * DirectGeom(gt).plane() + 2 * kPXMax);
+      const size_t need = static_cast<size_t>(nr * DirectGeom(gt).plane() + 2 * kPXMax);
       if (xpt.size() < need) xpt.resize(need);
       gx_rows.resize(static_cast<size_t>(nc));
       for (int64_t c = 0; c < nc; ++c) gx_rows[c] = gx_n + chans[c] * g.hw();
-      return direct_conv_sample<float>(dy.data(), seq.data(), nr, gt, dpanel_t, nc, xpt.data(), nullptr,
-                                       gx_rows.data());
+      const auto [dyp, dyr] = dy_float_rows();  // dy's planes are the channels of this convolution
+      return direct_conv_sample<float>(dyp, dyr, nr, gt, dpanel_t, nc, xpt.data(), nullptr, gx_rows.data());
     } else {
       (void)chans, (void)nc, (void)nr, (void)dpanel_t, (void)gx_n;
       return false;
-    }
-  }
-
-  // Loads the rows `src_rows` of grad_out[n] into dy (acc_t).
-  void load_dy(const scalar_t* go_n, const int64_t* src_rows, int64_t nr) {
-    const int64_t ohw = g.ohw();
-    for (int64_t r = 0; r < nr; ++r) {
-      const scalar_t* s = go_n + src_rows[r] * ohw;
-      acc_t* d = dy.data() + r * ohw;
-      for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<acc_t>(s[p]);
     }
   }
 
@@ -376,9 +410,12 @@ struct BackwardWork {
            int64_t nr, acc_t* gx_n, acc_t* gw, acc_t* gb, const int64_t* gw_row_map = nullptr) {
     const int64_t ohw = g.ohw();
     if (nr == 0) return;
-    if (gb) {
+    TORCH_INTERNAL_ASSERT(nr == nr_loaded, "load_dy first");
+    // The direct weight gradient takes the bias sums while it transposes dy.
+    const bool gw_direct = std::is_same_v<acc_t, float> && gw != nullptr && k > 0 && direct_gw_applies(g);
+    if (gb && !gw_direct) {
       for (int64_t r = 0; r < nr; ++r) {
-        const acc_t* d = dy.data() + r * ohw;
+        const acc_t* d = dy_row(r);
         acc_t s = 0;
         for (int64_t p = 0; p < ohw; ++p) s += d[p];
         gb[r] += s;
@@ -389,18 +426,22 @@ struct BackwardWork {
     if (gx_n)  // col2im adds into the kept planes
       for (int64_t c = 0; c < nc; ++c) std::fill_n(gx_n + chans[c] * g.hw(), g.hw(), acc_t(0));
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (gw && direct_gw_applies(g)) {
+      if (gw_direct) {
         const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
         if (xpg.size() < need) xpg.resize(need);
-        if (direct_gw_sample<scalar_t>(xn, chans, nc, g, dy.data(), nr, xpg.data(), dyt, gw, k, gw_row_map))
-          gw = nullptr;  // done
+        const auto [dyp, dyr] = dy_float_rows();
+        const bool done = direct_gw_sample<scalar_t>(xn, chans, nc, g, dyp, dyr, nr, xpg.data(), dyt, gw, k,
+                                                     gw_row_map, gb);
+        TORCH_INTERNAL_ASSERT(done, "direct_gw_applies but the direct weight gradient did not run");
+        gw = nullptr;
       }
     }
     TORCH_INTERNAL_ASSERT(gw == nullptr || gw_row_map == nullptr, "a gw row map needs the direct weight gradient");
     if (!(gx_n || gw)) return;
+    const acc_t* dyc = dy_copy();
     for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
-      const acc_t* dyt = dy.data() + oy0 * g.ow;
+      const acc_t* dyt = dyc + oy0 * g.ow;
       if (gx_n) {  // cols = panel^T (k x nr) @ dy tile (nr x np)
         gemm<acc_t>(true, false, k, np, nr, acc_t(1), panel, k, dyt, ohw, acc_t(0), cols.data(), np);
         col2im_add<acc_t>(cols.data(), chans, nc, g, oy0, oy1, gx_n);
@@ -488,7 +529,7 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
     if (std::is_same_v<acc_t, float> && direct_conv_applies(g, nc)) {
       dpanel.resize(static_cast<size_t>(direct_panel_size(nr, nc, g.taps())));
       pack_weight_direct<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
-                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data());
+                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data(), direct_paired(g));
     }
     const float* dp = dpanel.empty() ? nullptr : dpanel.data();
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
@@ -563,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
     if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
       dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
       pack_weight_direct_transposed<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
-                                              dpanel_t.data());
+                                              dpanel_t.data(), direct_paired(transposed_geometry(g)));
     } else if (need_x) {
       panel.resize(static_cast<size_t>(nr * k));
       pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
@@ -667,7 +708,9 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
         else panels[slot].resize(static_cast<size_t>(c_out * k));
       }
       // Only this sample's kept rows are packed (and then computed).
-      if (direct) pack_weight_direct<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, dpanels[slot].data());
+      if (direct)
+        pack_weight_direct<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, dpanels[slot].data(),
+                                     direct_paired(g));
       else pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
       w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), direct ? dpanels[slot].data() : nullptr,
              nr, r.data(), nr == c_out, bp,
@@ -716,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       dpanel_t_all.resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
       const std::vector<int64_t> all_rows = iota(c_out);
       pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
-                                              dpanel_t_all.data());
+                                              dpanel_t_all.data(), direct_paired(transposed_geometry(g)));
     }
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
@@ -738,7 +781,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
       if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
         pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      if (direct_x) select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data());
+      if (direct_x)
+        select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data(),
+                              direct_paired(transposed_geometry(g)));
       acc_t* gx_n = nullptr;
       if (need_x) {
         if constexpr (same) gx_n = reinterpret_cast<acc_t*>(gx.mutable_data_ptr<scalar_t>()) + n * c_in * g.hw();

@@ -31,6 +31,7 @@
 
 #include "isa.h"
 #include "slimops/channel_conv_checks.h"
+#include "transpose16.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -75,6 +76,11 @@ inline bool direct_flat(const ConvGeom& g) {
   return cpu_isa() == CpuIsa::kAvx512 && g.sh == 1 && g.sw == 1;
 }
 
+// Whether a direct panel for a call of geometry g is packed in the flat kernel's paired blocks (direct_block_rows).
+inline bool direct_paired(const ConvGeom& g) {
+  return direct_flat(g);
+}
+
 // The padded input buffer of one sample: nc planes of hp x wp floats. Row-wise (not flat), wp leaves room for the
 // last pixel block (px wide) to read past the row end (zeros) and is rounded to 8 floats; flat, wp is the padded
 // width itself and the block reads run on into the next row (the buffer has 2 kPXMax floats of slack at its end).
@@ -90,26 +96,40 @@ struct DirectGeom {
   int64_t plane() const { return hp * wp; }
 };
 
-// How many rows the block starting at row r0 of nr takes: 6, except that a remainder of 7..11 rows is split
-// in two blocks of 4..6 (e.g. 8 = 4 + 4, not 6 + 2) so that no block runs with fewer than 4 accumulator
+// How many rows the block starting at row r0 of nr takes.
+// Unpaired (the AVX2 and row-wise AVX-512 kernels, one block per call): 6, except that a remainder of 7..11 rows
+// is split in two blocks of 4..6 (e.g. 8 = 4 + 4, not 6 + 2) so that no block runs with fewer than 4 accumulator
 // pairs unless nr itself is smaller.
-inline int64_t direct_block_rows(int64_t r0, int64_t nr) {
+// Paired (the flat AVX-512 kernel, which runs two blocks per call: direct_conv_sample): nr > 6 rows go in
+// p = ceil(nr / 12) pairs of blocks, the 2p blocks as even as they can be (sizes 3..6, the larger ones first), so
+// that every block has a partner: 115 rows are 5 x (6 + 6) + 5 x (6 + 5) rather than 9 x (6 + 6), 4 and 3 alone, and
+// 64 are 4 x (6 + 5) + 2 x (5 + 5) rather than 5 x (6 + 6) and 4 alone. A lone block of R rows makes one 64-byte
+// load per R FMAs, a pair one per R + R2; on the Xeon with AMX, where those loads are the scarce resource beside
+// the FMAs, the lone 4 and 3 took 7.4% of masked_conv2d's forward at 90% (115 of 128 rows) for 6% of its work.
+inline int64_t direct_block_rows(int64_t r0, int64_t nr, bool paired) {
   const int64_t left = nr - r0;
-  if (left <= kRB) return left;
-  if (left < 2 * kRB) return (left + 1) / 2;
-  return kRB;
+  if (!paired) {
+    if (left <= kRB) return left;
+    if (left < 2 * kRB) return (left + 1) / 2;
+    return kRB;
+  }
+  if (nr <= kRB) return left;
+  const int64_t blocks = 2 * ((nr + 2 * kRB - 1) / (2 * kRB));
+  const int64_t base = nr / blocks, extra = nr % blocks;  // the first `extra` blocks take base + 1 rows
+  return r0 < extra * (base + 1) ? base + 1 : base;
 }
-// Floats of a direct panel: one [c][tap][kRB] slab per row block (at most ceil(nr / 6) + 1 blocks).
+// Floats of a direct panel: one [c][tap][kRB] slab per row block (at most ceil(nr / 6) + 1 blocks either way).
 inline int64_t direct_panel_size(int64_t nr, int64_t nc, int64_t taps) {
   return ((nr + kRB - 1) / kRB + 1) * nc * taps * kRB;
 }
 
 // The direct panel layout: one [channel][tap][kRB] slab per block of panel rows (blocks from direct_block_rows),
-// lanes past a block's rows zero; at(q, c, t) is the weight of panel row q, channel c, tap t.
+// lanes past a block's rows zero; at(q, c, t) is the weight of panel row q, channel c, tap t. `paired`: the blocks
+// of the flat kernel (direct_paired).
 template <typename At>
-void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at, float* out) {
+void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at, float* out, bool paired) {
   for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
-    const int64_t nb = direct_block_rows(r0, nrows);
+    const int64_t nb = direct_block_rows(r0, nrows, paired);
     float* slab = out + b * nchans * taps * kRB;
     for (int64_t c = 0; c < nchans; ++c)
       for (int64_t t = 0; t < taps; ++t)
@@ -121,10 +141,10 @@ void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at
 // weight[rows][:, chans] as a direct panel (the forward's).
 template <typename scalar_t>
 void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
-                        const int64_t* chans, int64_t nc, float* out) {
+                        const int64_t* chans, int64_t nc, float* out, bool paired) {
   pack_direct_panel(nr, nc, taps, [&](int64_t q, int64_t c, int64_t t) {
     return static_cast<float>(w[(rows[q] * c_in + chans[c]) * taps + t]);
-  }, out);
+  }, out, paired);
 }
 
 // Copies x_n's channels chans[0..nc) into the zero-padded buffer (converting to float).
@@ -286,7 +306,7 @@ __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float*
                                                                     int64_t pa, int64_t pb, int64_t ow, int64_t wp,
                                                                     int64_t plane, const float* __restrict panel,
                                                                     float* const* out) {
-  static_assert(R >= 1 && R <= kRB && R2 >= 0 && R2 <= kRB && (R2 == 0 || R == kRB), "row block");
+  static_assert(R >= 1 && R <= kRB && R2 >= 0 && R2 <= R, "row block");
   constexpr int NV = kFlatVectors;
   const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
   for (int64_t p0 = pa; p0 < pb; p0 += 16 * NV) {
@@ -330,22 +350,27 @@ DirectRowsFn direct_rows_isa(int64_t taps, int64_t rows) {
        : taps == 25 ? direct_rows_for<K, 25>(rows) : direct_rows_for<K, 0>(rows);
 }
 
-// The flat kernel for a full slab (kRB rows) paired with the next slab's `rows2` rows (1..kRB).
+// The flat kernel for a block of `rows` rows paired with the next block's `rows2`: the pairs of direct_block_rows'
+// paired blocks, (b + 1, b + 1), (b + 1, b) or (b, b) with b in 3..5.
 template <int TAPS>
-DirectRowsFn direct_flat_pair_for(int64_t rows2) {
-  switch (rows2) {
-    case 6: return &direct_conv_flat_avx512<kRB, TAPS, 6>;
-    case 5: return &direct_conv_flat_avx512<kRB, TAPS, 5>;
-    case 4: return &direct_conv_flat_avx512<kRB, TAPS, 4>;
-    case 3: return &direct_conv_flat_avx512<kRB, TAPS, 3>;
-    case 2: return &direct_conv_flat_avx512<kRB, TAPS, 2>;
-    default: return &direct_conv_flat_avx512<kRB, TAPS, 1>;
+DirectRowsFn direct_flat_pair_for(int64_t rows, int64_t rows2) {
+  switch (rows * 8 + rows2) {
+    case 6 * 8 + 6: return &direct_conv_flat_avx512<6, TAPS, 6>;
+    case 6 * 8 + 5: return &direct_conv_flat_avx512<6, TAPS, 5>;
+    case 5 * 8 + 5: return &direct_conv_flat_avx512<5, TAPS, 5>;
+    case 5 * 8 + 4: return &direct_conv_flat_avx512<5, TAPS, 4>;
+    case 4 * 8 + 4: return &direct_conv_flat_avx512<4, TAPS, 4>;
+    case 4 * 8 + 3: return &direct_conv_flat_avx512<4, TAPS, 3>;
+    case 3 * 8 + 3: return &direct_conv_flat_avx512<3, TAPS, 3>;
+    default: break;
   }
+  TORCH_INTERNAL_ASSERT(false, "direct_flat_pair: no kernel for blocks of ", rows, " and ", rows2, " rows");
+  return nullptr;
 }
 
-inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows2) {
-  return taps == 9 ? direct_flat_pair_for<9>(rows2) : taps == 1 ? direct_flat_pair_for<1>(rows2)
-       : taps == 25 ? direct_flat_pair_for<25>(rows2) : direct_flat_pair_for<0>(rows2);
+inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows, int64_t rows2) {
+  return taps == 9 ? direct_flat_pair_for<9>(rows, rows2) : taps == 1 ? direct_flat_pair_for<1>(rows, rows2)
+       : taps == 25 ? direct_flat_pair_for<25>(rows, rows2) : direct_flat_pair_for<0>(rows, rows2);
 }
 
 // The kernel of a call's geometry (DirectGeom: flat, or the pixel block px: 16 on AVX2, 16 or 32 on AVX-512).
@@ -391,13 +416,13 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   for (int64_t oy0 = 0; oy0 < end; oy0 += band) {
     const int64_t oy1 = std::min(end, oy0 + band);
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
-      const int64_t nrows = direct_block_rows(r0, nr);
-      // Flat, a full slab is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
-      const int64_t nrows2 = d.flat && nrows == kRB && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr) : 0;
+      const int64_t nrows = direct_block_rows(r0, nr, d.flat);
+      // Flat, each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
+      const int64_t nrows2 = d.flat && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
       float* rows[2 * kRB];
       for (int64_t q = 0; q < nrows + nrows2; ++q)
         rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
-      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows2) : direct_rows_kernel(taps, nrows, d);
+      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows, d);
       fn(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(), dpanel + b * nc * taps * kRB, rows);
       r0 += nrows + nrows2;
       b += nrows2 > 0 ? 2 : 1;
@@ -437,10 +462,10 @@ inline ConvGeom transposed_geometry(const ConvGeom& g) {
 // rows), its channels the output rows `rows` (dy's), tap t <- taps - 1 - t.
 template <typename scalar_t>
 void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
-                                   const int64_t* chans, int64_t nc, float* out) {
+                                   const int64_t* chans, int64_t nc, float* out, bool paired) {
   pack_direct_panel(nc, nr, taps, [&](int64_t q, int64_t r, int64_t t) {
     return static_cast<float>(w[(rows[r] * c_in + chans[q]) * taps + (taps - 1 - t)]);
-  }, out);
+  }, out, paired);
 }
 
 // The panel of the channels sel[0..nsel) of a direct panel `full` packed over all nchans channels (pack_direct_panel's
@@ -449,13 +474,13 @@ void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps
 // (its channels) with one contiguous copy of taps x kRB floats each, where packing per sample read the weight
 // 9 floats apart.
 inline void select_panel_channels(const float* full, int64_t nrows, int64_t nchans, int64_t taps, const int64_t* sel,
-                                  int64_t nsel, float* out) {
+                                  int64_t nsel, float* out, bool paired) {
   const int64_t piece = taps * kRB;
   for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
     const float* src = full + b * nchans * piece;
     float* dst = out + b * nsel * piece;
     for (int64_t i = 0; i < nsel; ++i) std::copy_n(src + sel[i] * piece, piece, dst + i * piece);
-    r0 += direct_block_rows(r0, nrows);
+    r0 += direct_block_rows(r0, nrows, paired);
   }
 }
 
@@ -542,38 +567,42 @@ inline int gw_bcast_vectors(int64_t left) {
   return v16 == 4 ? 2 : static_cast<int>(v16);
 }
 
-// gw (nr x nc * 9, row stride ldg) += the broadcast kernel's sums for dy (nr rows of ohw floats) against the
-// padded planes xp (nc planes of d.plane()); with row_map, dy row r adds into gw row row_map[r]. dyt_buf is scratch.
-inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_t nc, const ConvGeom& g,
-                            const DirectGeom& d, std::vector<float>& dyt_buf, float* gw, int64_t ldg,
-                            const int64_t* row_map) {
+// Channels whose sums the broadcast kernel leaves in a scratch block before add_transposed moves them into gw:
+// 16 channels x 9 taps = 144 columns, nine 16 x 16 transposes per 16 rows, 27 KB at 48 rows (L1).
+constexpr int64_t kGwChanChunk = 16;
+
+// gw (nr x nc * 9, row stride ldg) += the broadcast kernel's sums for dy (nr rows of ohw floats: row r at
+// dy + (dy_rows ? dy_rows[r] : r) * ohw) against the padded planes xp (nc planes of d.plane()); with row_map, dy
+// row r adds into gw row row_map[r]; with gb, gb[r] += the sum of dy row r. dyt_buf is scratch.
+inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr, const float* xp, int64_t nc,
+                            const ConvGeom& g, const DirectGeom& d, std::vector<float>& dyt_buf, float* gw,
+                            int64_t ldg, const int64_t* row_map, float* gb) {
   const int64_t ohw = g.ohw(), nrp = (nr + 15) / 16 * 16;
   const size_t need = static_cast<size_t>((ohw + kGwPrefetch) * nrp);  // the prefetches stay inside the buffer
   if (dyt_buf.size() < need) dyt_buf.resize(need);
   float* dyt = dyt_buf.data();
-  // [row][pixel] -> [pixel][row] in 16 x 16 tiles (a row of dy read 16 pixels at a time), the padding rows zero
-  for (int64_t p0 = 0; p0 < ohw; p0 += 16) {
-    const int64_t p1 = std::min(ohw, p0 + 16);
-    for (int64_t r0 = 0; r0 < nr; r0 += 16) {
-      const int64_t r1 = std::min(nr, r0 + 16);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t p = p0; p < p1; ++p) dyt[p * nrp + r] = dy[r * ohw + p];
-    }
-    for (int64_t p = p0; p < p1; ++p) std::fill(dyt + p * nrp + nr, dyt + (p + 1) * nrp, 0.f);
-  }
-  alignas(64) float sums[9 * 48];
+  rows_to_pixel_major(dy, dy_rows, nr, ohw, dyt, nrp, gb);  // the padding rows zero
+  alignas(64) float sums[kGwChanChunk * 9 * 48];
+  float* out[16];
   for (int64_t r0 = 0; r0 < nr;) {
     const int v = gw_bcast_vectors(nr - r0);
     const int64_t rows = std::min<int64_t>(16 * v, nr - r0);
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* xc = xp + c * d.plane();
-      if (v == 3) direct_gw_bcast_avx512<3>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
-      else if (v == 2) direct_gw_bcast_avx512<2>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
-      else direct_gw_bcast_avx512<1>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sums);
-      for (int64_t q = 0; q < rows; ++q) {
-        float* o = gw + (row_map != nullptr ? row_map[r0 + q] : r0 + q) * ldg + c * 9;
-        const int64_t vq = q / 16, lq = q % 16;
-        for (int t = 0; t < 9; ++t) o[t] += sums[(t * v + vq) * 16 + lq];
+    for (int64_t c0 = 0; c0 < nc; c0 += kGwChanChunk) {
+      const int64_t c1 = std::min(nc, c0 + kGwChanChunk);
+      for (int64_t c = c0; c < c1; ++c) {  // sums: per column (c, t), v vectors of 16 rows
+        const float* xc = xp + c * d.plane();
+        float* sc = sums + (c - c0) * 9 * 16 * v;
+        if (v == 3) direct_gw_bcast_avx512<3>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
+        else if (v == 2) direct_gw_bcast_avx512<2>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
+        else direct_gw_bcast_avx512<1>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
+      }
+      for (int64_t vq = 0; vq < v && 16 * vq < rows; ++vq) {
+        const int64_t nq = std::min<int64_t>(16, rows - 16 * vq);
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t r = r0 + 16 * vq + q;
+          out[q] = gw + (row_map != nullptr ? row_map[r] : r) * ldg + c0 * 9;
+        }
+        add_transposed(sums + 16 * vq, 16 * v, (c1 - c0) * 9, nq, out);
       }
     }
     r0 += rows;
@@ -582,23 +611,24 @@ inline void direct_gw_bcast(const float* dy, int64_t nr, const float* xp, int64_
 
 #endif
 
-// One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats) against the sample's kept channels
-// chans, padded into xp_buf (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row
-// row_map[r] (masked_conv2d: the sample's kept rows, straight into the full-size accumulator). False (nothing done)
-// when it does not apply.
+// One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats, row r at dy + (dy_rows ? dy_rows[r]
+// : r) * oh * ow: grad_out's kept rows in place) against the sample's kept channels chans, padded into xp_buf
+// (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
+// the sample's kept rows, straight into the full-size accumulator); with gb, gb[r] += the sum of dy row r (the bias
+// gradient, taken while dy is transposed). False (nothing done) when it does not apply.
 template <typename scalar_t>
 bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* dy,
-                      int64_t nr, float* xp_buf, std::vector<float>& dyt_buf, float* gw, int64_t ldg,
-                      const int64_t* row_map = nullptr) {
+                      const int64_t* dy_rows, int64_t nr, float* xp_buf, std::vector<float>& dyt_buf, float* gw,
+                      int64_t ldg, const int64_t* row_map, float* gb) {
 #if SLIMOPS_DIRECT_CONV
   if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
-  direct_gw_bcast(dy, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg, row_map);
+  direct_gw_bcast(dy, dy_rows, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg, row_map, gb);
   return true;
 #else
-  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)nr, (void)xp_buf, (void)dyt_buf, (void)gw, (void)ldg,
-      (void)row_map;
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dy, (void)dy_rows, (void)nr, (void)xp_buf, (void)dyt_buf, (void)gw,
+      (void)ldg, (void)row_map, (void)gb;
   return false;
 #endif
 }
