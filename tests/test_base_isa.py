@@ -197,7 +197,7 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
 # channel_conv's direct convolution (csrc/cpu/direct_conv.h): the AVX2 copy (16-pixel blocks) and the AVX-512 copy
 # (32-pixel blocks, or 16 on short rows) sum every output pixel in the same order, so they agree bit for bit, in the
 # forward and in grad_x (the transposed convolution); grad_w (a direct 3x3 kernel in the AVX-512 copy only, on rows of
-# 14 pixels or more: 14, 17, 28, 112 here) is checked against the reference in each. The
+# 4 pixels or more: 7, 14, 17, 28, 112 here) is checked against the reference in each. The
 # cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
 # size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
 # stride, float32 and bfloat16 inputs, static and per-sample (masked) channels, and enough input channels that the flat

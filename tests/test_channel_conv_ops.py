@@ -133,7 +133,7 @@ CHANNEL_CASES = {
     "batch5_wide": (5, 11, (6, 37), 14, (3, 3), 1, 1, 1, 9, 13, False, True, "channels_last"),
     # the im2col tiles of 256 KB split the output rows (float64 forward, every backward)
     "tiled": (2, 16, (40, 40), 4, (3, 3), 1, 1, 1, 16, 3, False, True, "contig"),
-    # rows >= 14 pixels (direct_conv.h's AVX-512 grad_w): 67 kept rows = a 48-row block and a 32-row one whose
+    # rows >= 4 pixels (direct_conv.h's AVX-512 grad_w): 67 kept rows = a 48-row block and a 32-row one whose
     # last 13 lanes are padding; 36 rows at vertical stride 2 (one 48-row block)
     "gw_row_blocks": (2, 4, (9, 16), 70, (3, 3), 1, 1, 1, 3, 67, False, True, "contig"),
     "gw_stride_h2": (2, 3, (11, 15), 40, (3, 3), (2, 1), 1, 1, 3, 36, False, False, "contig"),

@@ -490,12 +490,14 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
 // registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster than im2col + BLAS,
 // which it keeps.
 
-// Planes narrower than kGwMinWidth go to im2col + BLAS: the kernel's fixed cost per (channel, row block) and plane
-// (27 accumulators zeroed, stored and added into gw) is paid per plane, so small planes starve the FMAs. Measured
-// with the broadcast kernel (Xeon with AVX-512 and AMX, 2 threads, 32 x 256 -> 256, GFLOP/s): direct 79 at 7², 92 at
-// 10², 131 at 12², 162-176 at 14²; im2col + MKL 164-171 at 12², 123-162 at 14². (The earlier pixel-lane kernel on 2
-// Zen 5 cores, direct / im2col + MKL: 7²: 76 / 165, 10²: 136 / 189, 12²: 164 / 214, 14²: 222 / 216.)
-constexpr int64_t kGwMinWidth = 14;
+// Planes narrower than kGwMinWidth go to im2col + GEMM: the kernel's fixed cost per (channel, row block) and plane
+// (27 accumulators zeroed, stored, and moved into gw) is paid per plane, so small planes starve the FMAs. It was 14
+// while that move was a scalar loop (direct 79 GFLOP/s at 7², 92 at 10², 131 at 12² against 164-171 for im2col at
+// 12²). With the moves in registers (transpose16.h), bench/bench_conv_grad_w.py (Xeon with AVX-512 and AMX, 2 threads,
+// 32 x 256 -> 256), direct with the threshold lowered / im2col + GEMM at the same size: 4²: 71 / 52-58, 7²: 192 /
+// 119-120, 8²: 212 / 140-141, 10²: 230 / 159-160, 12²: 250 / 172-178 GFLOP/s. Below 4 px is not measured. Nor is
+// any of this on Zen 5 (the earlier pixel-lane kernel lost to im2col + MKL there below 14²: 7²: 76 / 165).
+constexpr int64_t kGwMinWidth = 4;
 
 inline bool direct_gw_applies(const ConvGeom& g) {
   return cpu_isa() == CpuIsa::kAvx512 && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1 &&
