@@ -45,9 +45,11 @@ demo: build
 test: test-py test-cpp
 
 # worksteal: the long pipeline tests (subprocess trainings of 10-80 s) are spread over the workers as they free up.
+# -p no:benchmark: a pytest-benchmark the venv may see (system site-packages) warns in every xdist worker; no test
+# uses it.
 test-py: build
 	$(VPY) -c "import xdist" 2>/dev/null || $(VPY) -m pip install -q pytest-xdist
-	TRITON_INTERPRET=$(TRITON_INTERPRET) $(VPY) -m pytest tests -q -n $(TEST_JOBS) --dist worksteal
+	TRITON_INTERPRET=$(TRITON_INTERPRET) $(VPY) -m pytest tests -q -n $(TEST_JOBS) --dist worksteal -p no:benchmark
 
 # The C++ test executable of the prox maths and the registered CPU kernels, built by CMake against the
 # same libtorch and run by ctest.
