@@ -9,14 +9,14 @@ tensors: for before/after comparisons of two builds of slimops, which the side-b
 
 Shapes: N = 32, 3x3, stride 1, padding 1; 128 channels at 28² kept 90% and 50%, 64 at 56² kept 50% (a random
 per-sample mask with exactly that many rows for masked_conv2d, sorted random index sets for channel_conv2d).
-Prints the ISA in use and one median (ms) per op and shape.
+Prints the ISA in use and one median (ms) per op and shape, the four ops of a shape timed in interleaved rounds
+(bench/common.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -57,14 +57,10 @@ def main(argv=None) -> int:
     print(f"# slimops from {os.path.dirname(slimops.__file__)}; {common.provenance(torch.device('cpu'))}")
     gen = torch.Generator().manual_seed(0)
     for c, h, keep in CASES:
-        for name, fn in op_calls(c, h, keep, gen).items():
-            fn()
-            times = []
-            for _ in range(args.rounds):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            print(f"{c} @ {h}², {keep:.0%}  {name:<24} {sorted(times)[len(times) // 2] * 1e3:8.2f} ms")
+        samples = common.time_side_by_side(op_calls(c, h, keep, gen), torch.device("cpu"), warmup=1,
+                                           rounds=args.rounds)
+        for name, s in samples.items():
+            print(f"{c} @ {h}², {keep:.0%}  {name:<24} {common.median_ms(s):8.2f} ms")
     return 0
 
 

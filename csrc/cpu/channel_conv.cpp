@@ -755,11 +755,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     const scalar_t* gop = goc.const_data_ptr<scalar_t>();
     // The transposed panel of every output row, once; each sample selects its kept rows from it.
     std::vector<float> dpanel_t_all;
+    const bool paired_t = direct_paired(transposed_geometry(g));  // its row blocks, for the pack and the selections
     if (direct_x) {
       dpanel_t_all.resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
       const std::vector<int64_t> all_rows = iota(c_out);
       pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
-                                              dpanel_t_all.data(), direct_paired(transposed_geometry(g)));
+                                              dpanel_t_all.data(), paired_t);
     }
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
@@ -782,8 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
         pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
       if (direct_x)
-        select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data(),
-                              direct_paired(transposed_geometry(g)));
+        select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data(), paired_t);
       acc_t* gx_n = nullptr;
       if (need_x) {
         if constexpr (same) gx_n = reinterpret_cast<acc_t*>(gx.mutable_data_ptr<scalar_t>()) + n * c_in * g.hw();
