@@ -196,8 +196,9 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
 
 # channel_conv's direct convolution (csrc/cpu/direct_conv.h): the AVX2 copy (16-pixel blocks) and the AVX-512 copy
 # (32-pixel blocks, or 16 on short rows) sum every output pixel in the same order, so they agree bit for bit, in the
-# forward and in grad_x (the transposed convolution); grad_w (a direct 3x3 kernel in the AVX-512 copy only, on rows of
-# 4 pixels or more: 7, 14, 17, 28, 112 here) is checked against the reference in each. The
+# forward and in grad_x (the transposed convolution); so do grad_w's direct 3x3 kernels (rows of 8 or 16 output
+# channels in the lanes, on rows of 4 pixels or more: 7, 14, 17, 28, 112 here; the other shapes take im2col + GEMM in
+# both), each also checked against the reference. The
 # cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
 # size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
 # stride, float32 and bfloat16 inputs, static and per-sample (masked) channels, and enough input channels that the flat
@@ -235,8 +236,8 @@ _DIRECT_CONV = textwrap.dedent("""
                 out[key] = y
                 out[key + "/masked"] = masked_conv2d(x, wt, b, mask, stride=(st, 1), padding=pad, dilation=dil,
                                                      backend="cpu")
-                # the backward: grad_x by the transposed direct convolution (stride 1) in both copies; grad_w by the
-                # direct 3x3 kernel in the AVX-512 copy (im2col + GEMM in the AVX2 one): against the reference
+                # the backward: grad_x by the transposed direct convolution (stride 1), grad_w by the direct 3x3
+                # kernel, in both copies: against the reference
                 g = rnd(*y.shape).to(dt)
                 args = ((st, 1), pad, dil)
                 gx, gw, _ = torch.ops.slimops.channel_conv2d_backward(g, x, wt, ii, oo, *args, False,
@@ -246,6 +247,7 @@ _DIRECT_CONV = textwrap.dedent("""
                 for name, a, e in (("gx", gx, want[0]), ("gw", gw, want[1])):
                     assert (a.double() - e).abs().max().item() < tol * (e.abs().max().item() + 1), (key, name)
                 out[key + "/gx"] = gx
+                out[key + "/gw"] = gw
                 gm = rnd(*y.shape[:1], 16, *y.shape[2:]).to(dt)
                 mgx, mgw, _ = torch.ops.slimops.masked_conv2d_backward(gm, x, wt, mask, *args, [True, True, False])
                 mwant = cref.masked_conv2d_backward(gm.double(), x.double(), wt.double(), mask, *args,
@@ -253,6 +255,7 @@ _DIRECT_CONV = textwrap.dedent("""
                 for name, a, e in (("masked gx", mgx, mwant[0]), ("masked gw", mgw, mwant[1])):
                     assert (a.double() - e).abs().max().item() < tol * (e.abs().max().item() + 1), (key, name)
                 out[key + "/masked/gx"] = mgx
+                out[key + "/masked/gw"] = mgw
     # 700 kept input channels: the flat AVX-512 kernel's chunks shrink to one 32-pixel block, ending mid-row
     x, wt = rnd(2, 700, 9, 13), rnd(8, 700, 3, 3) * 0.05
     ii, oo = torch.arange(700), torch.arange(8)

@@ -1,6 +1,6 @@
 // Direct convolution microkernels (x86-64 AVX2 + FMA, and AVX-512; float32 accumulation) for the channel_conv
-// family: the forward at horizontal stride 1, grad_x as the transposed convolution at stride 1, and (AVX-512)
-// grad_w of 3x3 kernels.
+// family: the forward at horizontal stride 1, grad_x as the transposed convolution at stride 1, and grad_w of 3x3
+// kernels.
 //
 // Why: im2col + GEMM writes the input 9x (3x3) and the GEMM packs it again; at the channel counts a
 // slimmed layer keeps (16..128) that overhead costs ~30% against oneDNN's direct conv. Here one sample's
@@ -11,7 +11,8 @@
 //
 // Two copies, compiled with target attributes (no global -mavx2) and picked by cpu_isa() (isa.h: what the CPU
 // has, capped by SLIMOPS_CPU_ISA):
-//   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators;
+//   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators; at stride 1 flat (below), else row
+//                by row;
 //   AVX-512      32 pixels (two 16-float vectors, 12 accumulators); at stride 1 "flat" (direct_flat: blocks
 //                run across row ends), else row by row, with 16 pixels (one vector, 6 accumulators) where a
 //                row is short enough that 32-pixel blocks would mostly compute padding (direct_px). Measured on
@@ -32,6 +33,7 @@
 #include "isa.h"
 #include "slimops/channel_conv_checks.h"
 #include "transpose16.h"
+#include "transpose8.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -65,20 +67,26 @@ inline int64_t direct_px(int64_t ow) {
   return 4 * b16 <= 3 * b32 ? 16 : 32;  // useful fraction ow/b32 against (3/4) ow/b16
 }
 
-// Whether the AVX-512 copy runs "flat" (stride 1 both ways): the output pixels are taken in the order of the padded
+// Whether the direct kernels run "flat" (stride 1 both ways): the output pixels are taken in the order of the padded
 // input, p = oy wp + ox, so that a 32-pixel block runs on across row ends (the input of tap (i, j) for p is at
 // p + i dh wp + j dw: one unaligned load for all 32, whatever row each lane is in); the lanes with ox >= ow (wp - ow
 // per row: 2 for a 3x3 "same" conv) are computed and not stored. A 28-pixel row wastes 2 of 30 lanes instead of 4 of
 // 32, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel row 2 of 9 instead of 9 of 16. Measured (Zen 5, 2 threads,
 // 32 x C/2 -> C/2 kept of C, 3x3, fwd): 28² x 128 385-392 -> 397-420 GFLOP/s, 56² x 64 342-361 -> 375-382,
 // 14² x 256 285-289 -> 410-412, 7² x 512 147-149 -> 321-339.
+// The AVX2 copy runs flat too (direct_conv_flat_avx2, 16-pixel blocks; since 2026-12-06's third session): a 28-pixel
+// row took 32 lanes for 28 (two row-wise blocks), flat 30; a 56-pixel row 64 for 56, flat 58. As AVX2 on a Xeon
+// (SLIMOPS_CPU_ISA=avx2, 2 threads, 32 samples, 3x3, bench/time_channel_conv_ops.py): channel_conv2d's forward at
+// 90% of 128 @ 28² 39.5-39.6 -> 35.7-36.2 ms, at 50% 12.3-12.5 -> 11.5-11.6 ms.
 inline bool direct_flat(const ConvGeom& g) {
-  return cpu_isa() == CpuIsa::kAvx512 && g.sh == 1 && g.sw == 1;
+  return static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2) && g.sh == 1 && g.sw == 1;
 }
 
-// Whether a direct panel for a call of geometry g is packed in the flat kernel's paired blocks (direct_block_rows).
+// Whether a direct panel for a call of geometry g is packed in the flat AVX-512 kernel's paired blocks
+// (direct_block_rows). The AVX2 copy does not pair: its 12 accumulators, two input vectors and a broadcast take 15 of
+// its 16 registers.
 inline bool direct_paired(const ConvGeom& g) {
-  return direct_flat(g);
+  return direct_flat(g) && cpu_isa() == CpuIsa::kAvx512;
 }
 
 // The padded input buffer of one sample: nc planes of hp x wp floats. Row-wise (not flat), wp leaves room for the
@@ -167,6 +175,30 @@ void pad_input(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvG
 }
 
 #if SLIMOPS_DIRECT_CONV
+// One register block of the AVX2 kernels: a[q][v] lane l = Σ_(c, t) panel[c][t][q] x_c[off[t] + 8 v + l] for the R
+// rows q of one row block and 16 pixels, the input block starting at xc (channel planes `plane` apart).
+template <int R, int TAPS>
+__attribute__((target("avx2,fma"), always_inline)) inline void direct_block_avx2(
+    const float* __restrict xc, int64_t nc, int64_t taps, const int64_t* __restrict off, int64_t plane,
+    const float* __restrict panel, __m256 (&a)[R][2]) {
+#pragma GCC unroll 6
+  for (int q = 0; q < R; ++q) a[q][0] = _mm256_setzero_ps(), a[q][1] = _mm256_setzero_ps();
+  const float* wt = panel;
+  for (int64_t c = 0; c < nc; ++c, xc += plane) {
+#pragma GCC unroll 25
+    for (int64_t t = 0; t < (TAPS > 0 ? TAPS : taps); ++t, wt += kRB) {
+      const float* xx = xc + off[t];
+      const __m256 x0 = _mm256_loadu_ps(xx), x1 = _mm256_loadu_ps(xx + 8);
+#pragma GCC unroll 6
+      for (int q = 0; q < R; ++q) {
+        const __m256 w = _mm256_broadcast_ss(wt + q);
+        a[q][0] = _mm256_fmadd_ps(w, x0, a[q][0]);
+        a[q][1] = _mm256_fmadd_ps(w, x1, a[q][1]);
+      }
+    }
+  }
+}
+
 // out[q][oy * ow + ox] = sum_{c, t} panel[c][t][q] * xp[c][oy*sh*wp + ox + off[t]] for the R (<= kRB) rows q
 // of one row block, off[t] = i*dh*wp + j*dw for tap t = (i, j); out[q] are float rows of oh*ow. R < kRB
 // serves the last rows of a block list (32 rows = 4 x 6 + 2 x 4, not 6 x 6 with 4 wasted).
@@ -182,22 +214,7 @@ __attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restric
   for (int64_t oy = oy0; oy < oy1; ++oy) {
     for (int64_t ox0 = 0; ox0 < ow; ox0 += kPX) {
       __m256 a[R][2];
-      for (int q = 0; q < R; ++q) a[q][0] = _mm256_setzero_ps(), a[q][1] = _mm256_setzero_ps();
-      const float* xc = xp + oy * row_step + ox0;
-      const float* wt = panel;
-      for (int64_t c = 0; c < nc; ++c, xc += plane) {
-#pragma GCC unroll 25
-        for (int64_t t = 0; t < taps; ++t, wt += kRB) {
-          const float* xx = xc + off[t];
-          const __m256 x0 = _mm256_loadu_ps(xx), x1 = _mm256_loadu_ps(xx + 8);
-#pragma GCC unroll 6
-          for (int q = 0; q < R; ++q) {
-            const __m256 w = _mm256_broadcast_ss(wt + q);
-            a[q][0] = _mm256_fmadd_ps(w, x0, a[q][0]);
-            a[q][1] = _mm256_fmadd_ps(w, x1, a[q][1]);
-          }
-        }
-      }
+      direct_block_avx2<R, TAPS>(xp + oy * row_step + ox0, nc, taps, off, plane, panel, a);
       const int64_t n = std::min(kPX, ow - ox0);
 #pragma GCC unroll 6
       for (int q = 0; q < R; ++q) {
@@ -320,15 +337,54 @@ __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float*
   }
 }
 
+// The AVX2 copy of store_flat: lanes [0, n) of v (n <= 8) hold the flat positions p0 + l.
+__attribute__((target("avx2"))) inline void store_flat_avx2(float* out, __m256 v, int64_t p0, int64_t n, int64_t ow,
+                                                            int64_t wp) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t oy = p0 / wp, ox = p0 - oy * wp;
+  for (int64_t l = 0; l < n; ++oy, ox = 0) {
+    const int64_t seg = std::min(n - l, wp - ox), valid = std::min(seg, ow - ox);
+    if (valid > 0) {  // lanes l <= lane < l + valid
+      const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(l) - 1)),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(l + valid)), lane));
+      _mm256_maskstore_ps(out + oy * ow + ox - l, m, v);
+    }
+    l += seg;
+  }
+}
+
+// The flat AVX2 kernel: direct_conv_flat_avx512's loop over direct_block_avx2 (16 pixels, R rows, no pairing); the
+// same sums in the same order.
+template <int R, int TAPS>
+__attribute__((target("avx2,fma"))) void direct_conv_flat_avx2(const float* __restrict xp, int64_t nc,
+                                                               int64_t taps_rt, const int64_t* __restrict off,
+                                                               int64_t pa, int64_t pb, int64_t ow, int64_t wp,
+                                                               int64_t plane, const float* __restrict panel,
+                                                               float* const* out) {
+  static_assert(R >= 1 && R <= kRB, "row block");
+  const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
+  for (int64_t p0 = pa; p0 < pb; p0 += kPX) {
+    __m256 a[R][2];
+    direct_block_avx2<R, TAPS>(xp + p0, nc, taps, off, plane, panel, a);
+    const int64_t n = std::min<int64_t>(kPX, pb - p0);
+#pragma GCC unroll 6
+    for (int q = 0; q < R; ++q) {
+      store_flat_avx2(out[q], a[q][0], p0, std::min<int64_t>(8, n), ow, wp);
+      if (n > 8) store_flat_avx2(out[q], a[q][1], p0 + 8, n - 8, ow, wp);
+    }
+  }
+}
+
 using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
                               int64_t, const float*, float* const*);
 
-// The kernel for a block of `rows` (1..kRB) rows: AVX2 (K = 0), AVX-512 with K vectors per row (K = 1, 2), or the
-// flat AVX-512 kernel (K = 3).
+// The kernel for a block of `rows` (1..kRB) rows: AVX2 (K = 0), AVX-512 with K vectors per row (K = 1, 2), the
+// flat AVX-512 kernel (K = 3) or the flat AVX2 kernel (K = 4).
 template <int K, int R, int TAPS>
 constexpr DirectRowsFn direct_rows_fn() {
   if constexpr (K == 0) return &direct_conv_rows<R, TAPS>;
   else if constexpr (K == 3) return &direct_conv_flat_avx512<R, TAPS>;
+  else if constexpr (K == 4) return &direct_conv_flat_avx2<R, TAPS>;
   else return &direct_conv_rows_avx512<R, K, TAPS>;
 }
 
@@ -375,7 +431,7 @@ inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows, int64_t rows2) 
 
 // The kernel of a call's geometry (DirectGeom: flat, or the pixel block px: 16 on AVX2, 16 or 32 on AVX-512).
 inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows, const DirectGeom& d) {
-  if (cpu_isa() != CpuIsa::kAvx512) return direct_rows_isa<0>(taps, rows);
+  if (cpu_isa() != CpuIsa::kAvx512) return d.flat ? direct_rows_isa<4>(taps, rows) : direct_rows_isa<0>(taps, rows);
   if (d.flat) return direct_rows_isa<3>(taps, rows);
   return d.px == 32 ? direct_rows_isa<2>(taps, rows) : direct_rows_isa<1>(taps, rows);
 }
@@ -413,12 +469,13 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
     band = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, nc * g.kh * d.wp));
     end = g.oh;
   }
+  const bool paired = direct_paired(g);
   for (int64_t oy0 = 0; oy0 < end; oy0 += band) {
     const int64_t oy1 = std::min(end, oy0 + band);
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
-      const int64_t nrows = direct_block_rows(r0, nr, d.flat);
-      // Flat, each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
-      const int64_t nrows2 = d.flat && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
+      const int64_t nrows = direct_block_rows(r0, nr, paired);
+      // Flat AVX-512, each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
+      const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
       float* rows[2 * kRB];
       for (int64_t q = 0; q < nrows + nrows2; ++q)
         rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
@@ -484,11 +541,9 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
   }
 }
 
-// ---- the weight gradient of a 3x3 kernel, direct (AVX-512) -------------------------------------------------------
+// ---- the weight gradient of a 3x3 kernel, direct (AVX-512 and AVX2) ----------------------------------------------
 // gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, horizontal stride 1),
-// per sample, against the forward's padded buffer (pad_input): no im2col and no GEMM. AVX-512 only: with 16
-// registers an AVX2 copy holds 9 accumulators and makes about one load per FMA, no faster than im2col + BLAS,
-// which it keeps.
+// per sample, against the forward's padded buffer (pad_input): no im2col and no GEMM.
 
 // Planes narrower than kGwMinWidth go to im2col + GEMM: the kernel's fixed cost per (channel, row block) and plane
 // (27 accumulators zeroed, stored, and moved into gw) is paid per plane, so small planes starve the FMAs. It was 14
@@ -500,7 +555,7 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
 constexpr int64_t kGwMinWidth = 4;
 
 inline bool direct_gw_applies(const ConvGeom& g) {
-  return cpu_isa() == CpuIsa::kAvx512 && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1 &&
+  return direct_conv_available() && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1 &&
          g.ow >= kGwMinWidth;
 }
 
@@ -523,6 +578,10 @@ inline bool direct_gw_applies(const ConvGeom& g) {
 // 256 or 512 bytes (64 or 128 rows) and not at 384 or 576: in a microbenchmark (Xeon, 28², one thread) V = 3 went
 // from 103-137 to 157-168 GFLOP/s at those strides with it, and V = 2 from 169-171 to 158-161 at 256 and 512.
 constexpr int64_t kGwPrefetch = 4;
+// The AVX2 copy reads dy rows 8 pixels ahead (its passes make 3 V FMAs per pixel, the AVX-512 one 9 V): on the Xeon
+// as AVX2, 2 threads, 32 x 128 -> 128 at 28² / 64 -> 64 at 56²: 151 / 150 GFLOP/s without, 166 / 183 at 4 pixels,
+// 169 / 184 at 8.
+constexpr int64_t kGwPrefetchAvx2 = 8;
 
 template <int V>
 __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* __restrict dyt, int64_t nrp,
@@ -560,55 +619,138 @@ __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* 
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums + (t * V + v) * 16, a[t][v]);
 }
 
-// Vectors per row block of the broadcast kernel for the `left` rows still to do: 3 (48 rows) while more than 64
-// are left, then the fewest 16-row vectors that hold the rest, with 64 as 32 + 32 (two 18-accumulator blocks run
-// faster than 48 + a 9-accumulator block of 16).
-inline int gw_bcast_vectors(int64_t left) {
-  if (left > 64) return 3;
-  const int64_t v16 = (left + 15) / 16;
-  return v16 == 4 ? 2 : static_cast<int>(v16);
+// The AVX2 copy (8 rows per vector, V <= 4): 27 accumulators do not fit its 16 registers, so the taps go in three
+// passes over the plane, one per kernel row i, each with 3 V accumulators (12 at V = 4, with the three broadcasts
+// and the dy vector: all 16 registers): per pixel V dy loads and 3 broadcasts for 3 V FMAs. Each accumulator is
+// still one chain over the pixels in order from 0, so the sums are bit for bit the AVX-512 copy's. Earlier this
+// copy ran im2col + GEMM, on the estimate that 9 accumulators would make one load per FMA (this layout makes 7
+// per 12).
+template <int V>
+__attribute__((target("avx2,fma"))) void direct_gw_bcast_avx2(const float* __restrict dyt, int64_t nrp,
+                                                              const float* __restrict xc, int64_t oh, int64_t ow,
+                                                              int64_t sh, int64_t wp, float* __restrict sums) {
+  for (int i = 0; i < 3; ++i) {
+    __m256 a[3][V];
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) a[j][v] = _mm256_setzero_ps();
+    for (int64_t oy = 0; oy < oh; ++oy) {
+      const float* xr = xc + (oy * sh + i) * wp;
+      const float* d = dyt + oy * ow * nrp;
+      for (int64_t ox = 0; ox < ow; ++ox, d += nrp) {
+        const __m256 x0 = _mm256_broadcast_ss(xr + ox), x1 = _mm256_broadcast_ss(xr + ox + 1),
+                     x2 = _mm256_broadcast_ss(xr + ox + 2);
+#pragma GCC unroll 2
+        for (int v = 0; v < V; v += 2)
+          _mm_prefetch(reinterpret_cast<const char*>(d + kGwPrefetchAvx2 * nrp + 8 * v), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          const __m256 dv = _mm256_loadu_ps(d + 8 * v);
+          a[0][v] = _mm256_fmadd_ps(x0, dv, a[0][v]);
+          a[1][v] = _mm256_fmadd_ps(x1, dv, a[1][v]);
+          a[2][v] = _mm256_fmadd_ps(x2, dv, a[2][v]);
+        }
+      }
+    }
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) _mm256_storeu_ps(sums + ((3 * i + j) * V + v) * 8, a[j][v]);
+  }
 }
 
-// Channels whose sums the broadcast kernel leaves in a scratch block before add_transposed moves them into gw:
+// The two copies of the broadcast kernel and its moves, for direct_gw_bcast's loop: kLanes rows per vector, the
+// vectors a row block takes when `left` rows are still to do, the kernel for v vectors, the transposes.
+struct GwAvx512 {
+  static constexpr int64_t kLanes = 16;
+  // 3 (48 rows) while more than 64 are left, then the fewest 16-row vectors that hold the rest, with 64 as 32 + 32
+  // (two 18-accumulator blocks run faster than 48 + a 9-accumulator block of 16).
+  static int vectors(int64_t left) {
+    if (left > 64) return 3;
+    const int64_t v16 = (left + 15) / 16;
+    return v16 == 4 ? 2 : static_cast<int>(v16);
+  }
+  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const ConvGeom& g, int64_t wp,
+                     float* sums) {
+    if (v == 3) direct_gw_bcast_avx512<3>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+    else if (v == 2) direct_gw_bcast_avx512<2>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+    else direct_gw_bcast_avx512<1>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+  }
+  static void to_pixel_major(const float* dy, const int64_t* rows, int64_t nr, int64_t np, float* dyt, int64_t ld,
+                             float* sums) {
+    rows_to_pixel_major(dy, rows, nr, np, dyt, ld, sums);
+  }
+  static void add(const float* s, int64_t lds, int64_t nj, int64_t nrows, float* const* out) {
+    add_transposed(s, lds, nj, nrows, out);
+  }
+};
+
+struct GwAvx2 {
+  static constexpr int64_t kLanes = 8;
+  // 4 (32 rows) while more than 32 are left, then the fewest 8-row vectors that hold the rest.
+  static int vectors(int64_t left) { return left > 32 ? 4 : static_cast<int>((left + 7) / 8); }
+  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const ConvGeom& g, int64_t wp,
+                     float* sums) {
+    if (v == 4) direct_gw_bcast_avx2<4>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+    else if (v == 3) direct_gw_bcast_avx2<3>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+    else if (v == 2) direct_gw_bcast_avx2<2>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+    else direct_gw_bcast_avx2<1>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+  }
+  static void to_pixel_major(const float* dy, const int64_t* rows, int64_t nr, int64_t np, float* dyt, int64_t ld,
+                             float* sums) {
+    rows_to_pixel_major_avx2(dy, rows, nr, np, dyt, ld, sums);
+  }
+  static void add(const float* s, int64_t lds, int64_t nj, int64_t nrows, float* const* out) {
+    add_transposed_avx2(s, lds, nj, nrows, out);
+  }
+};
+
+// Channels whose sums the broadcast kernel leaves in a scratch block before the transposes move them into gw:
 // 16 channels x 9 taps = 144 columns, nine 16 x 16 transposes per 16 rows, 27 KB at 48 rows (L1).
 constexpr int64_t kGwChanChunk = 16;
 
 // gw (nr x nc * 9, row stride ldg) += the broadcast kernel's sums for dy (nr rows of ohw floats: row r at
 // dy + (dy_rows ? dy_rows[r] : r) * ohw) against the padded planes xp (nc planes of d.plane()); with row_map, dy
 // row r adds into gw row row_map[r]; with gb, gb[r] += the sum of dy row r. dyt_buf is scratch.
-inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr, const float* xp, int64_t nc,
-                            const ConvGeom& g, const DirectGeom& d, std::vector<float>& dyt_buf, float* gw,
-                            int64_t ldg, const int64_t* row_map, float* gb) {
-  const int64_t ohw = g.ohw(), nrp = (nr + 15) / 16 * 16;
-  const size_t need = static_cast<size_t>((ohw + kGwPrefetch) * nrp);  // the prefetches stay inside the buffer
+template <class Isa>
+void direct_gw_bcast_isa(const float* dy, const int64_t* dy_rows, int64_t nr, const float* xp, int64_t nc,
+                         const ConvGeom& g, const DirectGeom& d, std::vector<float>& dyt_buf, float* gw, int64_t ldg,
+                         const int64_t* row_map, float* gb) {
+  constexpr int64_t L = Isa::kLanes;
+  const int64_t ohw = g.ohw(), nrp = (nr + L - 1) / L * L;
+  const size_t need = static_cast<size_t>((ohw + std::max(kGwPrefetch, kGwPrefetchAvx2)) * nrp);  // the prefetches stay inside the buffer
   if (dyt_buf.size() < need) dyt_buf.resize(need);
   float* dyt = dyt_buf.data();
-  rows_to_pixel_major(dy, dy_rows, nr, ohw, dyt, nrp, gb);  // the padding rows zero
+  Isa::to_pixel_major(dy, dy_rows, nr, ohw, dyt, nrp, gb);  // the padding rows zero
   alignas(64) float sums[kGwChanChunk * 9 * 48];
-  float* out[16];
+  float* out[L];
   for (int64_t r0 = 0; r0 < nr;) {
-    const int v = gw_bcast_vectors(nr - r0);
-    const int64_t rows = std::min<int64_t>(16 * v, nr - r0);
+    const int v = Isa::vectors(nr - r0);
+    const int64_t rows = std::min<int64_t>(L * v, nr - r0);
     for (int64_t c0 = 0; c0 < nc; c0 += kGwChanChunk) {
       const int64_t c1 = std::min(nc, c0 + kGwChanChunk);
-      for (int64_t c = c0; c < c1; ++c) {  // sums: per column (c, t), v vectors of 16 rows
-        const float* xc = xp + c * d.plane();
-        float* sc = sums + (c - c0) * 9 * 16 * v;
-        if (v == 3) direct_gw_bcast_avx512<3>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
-        else if (v == 2) direct_gw_bcast_avx512<2>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
-        else direct_gw_bcast_avx512<1>(dyt + r0, nrp, xc, g.oh, g.ow, g.sh, d.wp, sc);
-      }
-      for (int64_t vq = 0; vq < v && 16 * vq < rows; ++vq) {
-        const int64_t nq = std::min<int64_t>(16, rows - 16 * vq);
+      for (int64_t c = c0; c < c1; ++c)  // sums: per column (c, t), v vectors of L rows
+        Isa::kernel(v, dyt + r0, nrp, xp + c * d.plane(), g, d.wp, sums + (c - c0) * 9 * L * v);
+      for (int64_t vq = 0; vq < v && L * vq < rows; ++vq) {
+        const int64_t nq = std::min<int64_t>(L, rows - L * vq);
         for (int64_t q = 0; q < nq; ++q) {
-          const int64_t r = r0 + 16 * vq + q;
+          const int64_t r = r0 + L * vq + q;
           out[q] = gw + (row_map != nullptr ? row_map[r] : r) * ldg + c0 * 9;
         }
-        add_transposed(sums + 16 * vq, 16 * v, (c1 - c0) * 9, nq, out);
+        Isa::add(sums + L * vq, L * v, (c1 - c0) * 9, nq, out);
       }
     }
     r0 += rows;
   }
+}
+
+inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr, const float* xp, int64_t nc,
+                            const ConvGeom& g, const DirectGeom& d, std::vector<float>& dyt_buf, float* gw,
+                            int64_t ldg, const int64_t* row_map, float* gb) {
+  if (cpu_isa() == CpuIsa::kAvx512) direct_gw_bcast_isa<GwAvx512>(dy, dy_rows, nr, xp, nc, g, d, dyt_buf, gw, ldg,
+                                                                   row_map, gb);
+  else direct_gw_bcast_isa<GwAvx2>(dy, dy_rows, nr, xp, nc, g, d, dyt_buf, gw, ldg, row_map, gb);
 }
 
 #endif
