@@ -1,8 +1,9 @@
 """The weight gradient of a 3x3 conv, alone, across plane sizes: slimops' ``masked_conv2d_backward`` asked for
 grad_w only (every channel kept, so it is the dense weight gradient) against oneDNN's
 ``aten.convolution_backward`` asked for the same. Which path slimops takes is in csrc/cpu/direct_conv.h: the direct
-3x3 kernel on AVX-512 for rows of 4 pixels or more (``kGwMinWidth``; 14 before 2026-12-06's second session),
-im2col + GEMM otherwise.
+3x3 kernel for rows of 4 pixels or more (``kGwMinWidth``; 14 before 2026-12-06's second session; AVX-512, and AVX2
+since its third), im2col + GEMM otherwise. ``python bench/as_isa.py avx2 bench/bench_conv_grad_w.py`` runs the AVX2
+copy against oneDNN's AVX2 code.
 
 Medians of interleaved rounds (bench/common.py), N = 32, stride 1, padding 1; GFLOP/s = 2 N H W C_out C_in 9 / time.
 

@@ -551,7 +551,8 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
 // 12²). With the moves in registers (transpose16.h), bench/bench_conv_grad_w.py (Xeon with AVX-512 and AMX, 2 threads,
 // 32 x 256 -> 256), direct with the threshold lowered / im2col + GEMM at the same size: 4²: 71 / 52-58, 7²: 192 /
 // 119-120, 8²: 212 / 140-141, 10²: 230 / 159-160, 12²: 250 / 172-178 GFLOP/s. Below 4 px is not measured. Nor is
-// any of this on Zen 5 (the earlier pixel-lane kernel lost to im2col + MKL there below 14²: 7²: 76 / 165).
+// any of this on Zen 5 (the earlier pixel-lane kernel lost to im2col + MKL there below 14²: 7²: 76 / 165). The AVX2
+// copy, as AVX2 on the same Xeon (MKL capped too): 4²: 67 / 45, 7²: 112 / 90, 10²: 143 / 126, 14²: 159 / 148.
 constexpr int64_t kGwMinWidth = 4;
 
 inline bool direct_gw_applies(const ConvGeom& g) {
