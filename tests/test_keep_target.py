@@ -114,6 +114,10 @@ def test_keep_dims_in_the_configuration_and_the_method():
     cfg = SlimConfig(model="vit_ti", method="sidt", keep_dims=0.5)  # no lam needed: it starts at 1
     mcfg = cfg.method_config(steps=200)
     assert (mcfg.keep_dims, mcfg.steps, mcfg.lam) == (0.5, 200, 1.0)
+    # a target defaults to transformed l1 (methods.DEFAULT_PENALTY_KEEP_DIMS); a fixed lam to l1; a given one wins
+    assert mcfg.penalty == "tl1" and MethodConfig("sidt", lam=1.5).penalty == "l1"
+    assert SlimConfig(model="vit_ti", method="sidt", keep_dims=0.5, penalty="l1").method_config(steps=200).penalty \
+        == "l1"
     with pytest.raises(ValueError, match="keep_dims must be None for method vtp"):
         SlimConfig(model="vit_ti", method="vtp", lam=0.01, keep_dims=0.5)
     with pytest.raises(ValueError, match=r"keep_dims must be a fraction in \(0, 1\)"):

@@ -169,7 +169,8 @@ def main_slim(argv=None) -> dict:
         _common(ap)
         ap.add_argument("--method", default="proximal-ns", choices=METHODS)
         ap.add_argument("--penalty", default=None, choices=("l1", "l0", "tl1", "l1_2"),
-                        help="prox-sgd, sidt: l1 | l0 | tl1 | l1_2 (default l1); ns-*, vtp: set by the method")
+                        help="prox-sgd, sidt: l1 | l0 | tl1 | l1_2 (default l1; sidt with --keep-dims: tl1); ns-*, vtp: "
+                             "set by the method")
         ap.add_argument("--lam", type=nonneg_float, default=None,
                         help="sparsity strength; default: calibrated to the run's length (slimops.pruning.methods); "
                              "vtp / sidt (ViTs, SEMA-T) need it given (docs/vit.md)")

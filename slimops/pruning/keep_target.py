@@ -11,7 +11,8 @@ The path. With ``q0`` the (1 - F)-quantile of |g| when training starts (1 for ga
 threshold ``p_t = q0 * max(0, 1 - t / R)`` falls linearly to 0 over the first ``R`` steps (``ramp``, 90% of the
 run by default) and stays at 0 after. The (1 - F)-quantile ``q_t`` of |g| should follow it.
 
-How lam follows. Per step the prox lowers every gate by ``lr_t * lam`` and the optimizer moves it by its own
+How lam follows. Per step the prox lowers every gate by ``lr_t * lam`` (l1; transformed l1, the default with a
+target, by ``lr_t * lam * rho'(|g|)``, more for small gates than large ones) and the optimizer moves it by its own
 step (about ``lr_t`` with AdamW, up for the gates the loss defends). So during the ramp lam is set to move the
 gates down at the path's pace, ``q0 / (R lr_t)`` (feed-forward: it follows the lr schedule, warmup and cosine
 included), times a correction ``exp(c)``: ``c`` integrates the gap to the path, ``c += gain (q_t - p_t) / q0``,

@@ -293,10 +293,11 @@ def resolve_method(method: str, penalty: Optional[str], lam: Optional[float], be
         raise ValueError(f"slimops.pruning: unknown method '{method}' (expected one of: {', '.join(METHODS)})")
     if a is None:
         a = 0.5 if method == "ns-lp" else 1.0
-    cfg = MethodConfig(method=method, penalty=penalty, a=a)
+    target = {} if keep_dims is None else {"keep_dims": keep_dims, "steps": int(steps)}  # it sets sidt's default penalty
+    cfg = MethodConfig(method=method, penalty=penalty, a=a, **target)
     cfg.lam = default_lam(method, steps, cfg.penalty) if lam is None else float(lam)
     if keep_dims is not None:
-        cfg.keep_dims, cfg.steps = float(keep_dims), int(steps)
+        cfg.keep_dims = float(keep_dims)
         cfg.lam = 1.0 if lam is None else cfg.lam
     if beta is not None:
         cfg.beta = float(beta)
