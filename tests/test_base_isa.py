@@ -201,7 +201,8 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
 # both), each also checked against the reference. The
 # cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
 # size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
-# stride, float32 and bfloat16 inputs, static and per-sample (masked) channels, and enough input channels that the flat
+# and horizontal stride 2 (14x14 3x3, 5x33 5x5 and 3x112 3x3: the forward's phase-split rows), float32 and bfloat16
+# inputs, static and per-sample (masked) channels, and enough input channels that the flat
 # AVX-512 kernel (direct_flat) cuts its positions into one-block chunks.
 _DIRECT_CONV = textwrap.dedent("""
     import sys
@@ -226,20 +227,21 @@ _DIRECT_CONV = textwrap.dedent("""
                 ii = torch.tensor([0, 2, 3, 7, 9])
                 oo = torch.randperm(16, generator=gen)[:nout].sort().values
                 dil, st = (2, 1) if i == 1 else (1, 2) if i == 4 else (1, 1)
+                sw = 2 if i in (2, 5, 7) else 1  # horizontal stride 2: the forward reads phase-split rows
                 pad = (kh // 2 * dil, kw // 2 * dil)
                 key = f"{h}x{w}/{kh}x{kw}/{nout}/{str(dt)[6:]}"
-                y = channel_conv2d(x, wt, b, ii, oo, stride=(st, 1), padding=pad, dilation=dil, backend="cpu")
-                want = cref.channel_conv2d(x.double(), wt.double(), b.double(), ii, oo, (st, 1), pad, dil)
+                y = channel_conv2d(x, wt, b, ii, oo, stride=(st, sw), padding=pad, dilation=dil, backend="cpu")
+                want = cref.channel_conv2d(x.double(), wt.double(), b.double(), ii, oo, (st, sw), pad, dil)
                 tol = 1e-4 if dt == torch.float32 else 2e-2 * (want.abs().max().item() + 1)
                 assert (y.double() - want).abs().max().item() < tol, key
                 mask = torch.rand(2, 16, generator=gen) < nout / 16
                 out[key] = y
-                out[key + "/masked"] = masked_conv2d(x, wt, b, mask, stride=(st, 1), padding=pad, dilation=dil,
+                out[key + "/masked"] = masked_conv2d(x, wt, b, mask, stride=(st, sw), padding=pad, dilation=dil,
                                                      backend="cpu")
                 # the backward: grad_x by the transposed direct convolution (stride 1), grad_w by the direct 3x3
                 # kernel, in both copies: against the reference
                 g = rnd(*y.shape).to(dt)
-                args = ((st, 1), pad, dil)
+                args = ((st, sw), pad, dil)
                 gx, gw, _ = torch.ops.slimops.channel_conv2d_backward(g, x, wt, ii, oo, *args, False,
                                                                       [True, True, False])
                 want = cref.channel_conv2d_backward(g.double(), x.double(), wt.double(), ii, oo, *args, False,

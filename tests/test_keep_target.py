@@ -143,6 +143,7 @@ def test_sidt_with_keep_dims_through_the_pipeline(tmp_path):
                           optimizer="adamw", lr=2e-3, out=str(tmp_path / "run"), progress=False, plots=False,
                           augment=False))
     assert all("lam" in h for h in res["history"]) and res["method"]["keep_dims"] == 0.5
+    assert res["method"]["penalty"] == "tl1"  # the target's default
     assert res["kept_fraction"] <= 0.5 + 0.03  # 44 steps: the target is met before the end
 
 

@@ -1,25 +1,23 @@
 // Direct convolution microkernels (x86-64 AVX2 + FMA, and AVX-512; float32 accumulation) for the channel_conv
-// family: the forward at horizontal stride 1, grad_x as the transposed convolution at stride 1, and grad_w of 3x3
-// kernels.
+// family: the forward at any stride, grad_x as the transposed convolution at stride 1, and grad_w of 3x3 kernels.
 //
 // Why: im2col + GEMM writes the input 9x (3x3) and the GEMM packs it again; at the channel counts a
 // slimmed layer keeps (16..128) that overhead costs ~30% against oneDNN's direct conv. Here one sample's
 // kept input channels are copied once into a zero-padded float buffer (the gather, the padding and the
 // bf16/fp16 conversion in one pass, L2-resident), and a register block of 6 output channels x one pixel block
-// of one output row sums broadcast weights times unaligned input loads over channels and taps. Rows of the
-// weight block are packed as [row block][channel][tap][6].
+// sums broadcast weights times unaligned input loads over channels and taps. Rows of the weight block are packed
+// as [row block][channel][tap][6]. The pixel blocks are "flat" (below): they run across row ends.
 //
 // Two copies, compiled with target attributes (no global -mavx2) and picked by cpu_isa() (isa.h: what the CPU
 // has, capped by SLIMOPS_CPU_ISA):
-//   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators; at stride 1 flat (below), else row
-//                by row;
-//   AVX-512      32 pixels (two 16-float vectors, 12 accumulators); at stride 1 "flat" (direct_flat: blocks
-//                run across row ends), else row by row, with 16 pixels (one vector, 6 accumulators) where a
-//                row is short enough that 32-pixel blocks would mostly compute padding (direct_px). Measured on
-//                a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of channel_conv2d at 50/50% went
-//                from 0.48x / 0.58x to 0.84-0.86x / 0.97-1.02x oneDNN's conv on the compacted tensors
+//   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators;
+//   AVX-512      32 pixels (two 16-float vectors, 12 accumulators), two row blocks per call (direct_block_rows).
+//                Measured on a Zen 5 EPYC (full-width AVX-512 FMAs), 2 threads: the forward of channel_conv2d at
+//                50/50% went from 0.48x / 0.58x to 0.84-0.86x / 0.97-1.02x oneDNN's conv on the compacted tensors
 //                (32x128->128 at 28x28 / 32x64->64 at 56x56; docs/channel_conv.md); oneDNN's conv runs AVX-512
 //                there too.
+// Until 2026-12-06's third session both copies also had row-by-row kernels (strided convolutions, and the AVX2
+// copy at stride 1, with a 16-pixel AVX-512 variant for short rows); the phase split of DirectGeom made them unused.
 // Every output pixel is one chain of FMAs over (channel, tap) in the same order in both copies, so they agree
 // bit for bit.
 #pragma once
@@ -57,55 +55,64 @@ inline bool direct_conv_available() {
 #endif
 }
 
-// Output pixels per register block for rows of ow pixels: 16 (AVX2, and base: unused), on AVX-512 32 unless the
-// 16-pixel kernel does more useful work per FMA: it runs 6 accumulator chains, ~3/4 of the FMA rate the 12
-// chains of the 32-pixel kernel reach, so 32 wins unless its last block is mostly padding (ow = 14: 14 of 32
-// lanes useful against 3/4 x 14 of 16).
-inline int64_t direct_px(int64_t ow) {
-  if (cpu_isa() != CpuIsa::kAvx512) return kPX;
-  const int64_t b32 = (ow + 31) / 32 * 32, b16 = (ow + 15) / 16 * 16;
-  return 4 * b16 <= 3 * b32 ? 16 : 32;  // useful fraction ow/b32 against (3/4) ow/b16
-}
+// The direct kernels run "flat": the output pixels are taken in the order of the padded input, p = oy wp + ox, so
+// that a pixel block runs on across row ends (the input of tap (i, j) for p is at p + off[t]: one unaligned load
+// for the whole block, whatever row each lane is in); the lanes with ox >= ow (wp - ow per row: 2 for a 3x3 "same"
+// conv) are computed and not stored. At a stride > 1 the input is split into phases first (DirectGeom). A 28-pixel
+// row wastes 2 of 30 lanes instead of 4 of 32 row by row, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel
+// row 2 of 9 instead of 9 of 16. Measured (Zen 5, 2 threads, 32 x C/2 -> C/2 kept of C, 3x3, fwd, AVX-512):
+// 28² x 128 385-392 -> 397-420 GFLOP/s, 56² x 64 342-361 -> 375-382, 14² x 256 285-289 -> 410-412, 7² x 512
+// 147-149 -> 321-339. The AVX2 copy (since 2026-12-06's third session; as AVX2 on a Xeon, SLIMOPS_CPU_ISA=avx2,
+// 2 threads, 32 samples, 3x3, bench/time_channel_conv_ops.py): channel_conv2d's forward at 90% of 128 @ 28²
+// 39.5-39.6 -> 35.7-36.2 ms, at 50% 12.3-12.5 -> 11.5-11.6 ms. Strided (3x3, stride 2, 50% kept, 2 threads, Xeon,
+// bench_channel_conv.py --stride 2, against im2col + GEMM): 128 @ 28² 4.07-4.10 -> 3.06-3.07 ms, 64 @ 56²
+// 5.18 -> 4.04 ms; as AVX2 4.69 -> 4.30 and 5.95 -> 4.96 ms.
 
-// Whether the direct kernels run "flat" (stride 1 both ways): the output pixels are taken in the order of the padded
-// input, p = oy wp + ox, so that a 32-pixel block runs on across row ends (the input of tap (i, j) for p is at
-// p + i dh wp + j dw: one unaligned load for all 32, whatever row each lane is in); the lanes with ox >= ow (wp - ow
-// per row: 2 for a 3x3 "same" conv) are computed and not stored. A 28-pixel row wastes 2 of 30 lanes instead of 4 of
-// 32, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel row 2 of 9 instead of 9 of 16. Measured (Zen 5, 2 threads,
-// 32 x C/2 -> C/2 kept of C, 3x3, fwd): 28² x 128 385-392 -> 397-420 GFLOP/s, 56² x 64 342-361 -> 375-382,
-// 14² x 256 285-289 -> 410-412, 7² x 512 147-149 -> 321-339.
-// The AVX2 copy runs flat too (direct_conv_flat_avx2, 16-pixel blocks; since 2026-12-06's third session): a 28-pixel
-// row took 32 lanes for 28 (two row-wise blocks), flat 30; a 56-pixel row 64 for 56, flat 58. As AVX2 on a Xeon
-// (SLIMOPS_CPU_ISA=avx2, 2 threads, 32 samples, 3x3, bench/time_channel_conv_ops.py): channel_conv2d's forward at
-// 90% of 128 @ 28² 39.5-39.6 -> 35.7-36.2 ms, at 50% 12.3-12.5 -> 11.5-11.6 ms.
-inline bool direct_flat(const ConvGeom& g) {
-  return static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2) && g.sh == 1 && g.sw == 1;
-}
-
-// Whether a direct panel for a call of geometry g is packed in the flat AVX-512 kernel's paired blocks
+// Whether a direct panel for a call of geometry g is packed in the AVX-512 kernel's paired blocks
 // (direct_block_rows). The AVX2 copy does not pair: its 12 accumulators, two input vectors and a broadcast take 15 of
 // its 16 registers.
-inline bool direct_paired(const ConvGeom& g) {
-  return direct_flat(g) && cpu_isa() == CpuIsa::kAvx512;
+inline bool direct_paired(const ConvGeom&) {
+  return cpu_isa() == CpuIsa::kAvx512;
 }
 
-// The padded input buffer of one sample: nc planes of hp x wp floats. Row-wise (not flat), wp leaves room for the
-// last pixel block (px wide) to read past the row end (zeros) and is rounded to 8 floats; flat, wp is the padded
-// width itself and the block reads run on into the next row (the buffer has 2 kPXMax floats of slack at its end).
+// The padded input buffer of one sample: per channel, sh x sw phase planes (1 x 1 at stride 1) of hp x wp floats.
+// The flat blocks' reads run on past a row's end into the next row, and past the last row into the buffer's slack
+// (2 kPXMax floats at its end).
+// At a stride (sh, sw) > 1 the padded input is split into phases, phase (r, s) holding the padded pixels
+// (sh Y + r, sw X + s) at (Y, X): tap (i, j) of output (oy, ox) reads padded (sh oy + i dh, sw ox + j dw), which is
+// (oy + (i dh) / sh, ox + (j dw) / sw) of phase ((i dh) % sh, (j dw) % sw). Every phase is read at stride 1, so the
+// flat kernels run a strided convolution unchanged (only the tap offsets differ: direct_tap_offsets), where it took
+// im2col + GEMM before. `phased` = false keeps the rows whole (grad_w's direct kernel reads them at stride sh).
 struct DirectGeom {
-  bool flat;
-  int64_t px, hp, wp;  // px: the row-wise kernel's pixel block (flat: its block, kPXMax)
-  explicit DirectGeom(const ConvGeom& g)
-      : flat(direct_flat(g)), px(flat ? kPXMax : direct_px(g.ow)), hp(g.h + 2 * g.ph), wp(g.w + 2 * g.pw) {
-    if (flat) return;  // wp = ow + (kw - 1) dw at stride 1
-    const int64_t owb = (g.ow + px - 1) / px * px;
-    wp = (std::max(wp, owb + (g.kw - 1) * g.dw) + 7) / 8 * 8;
+  int64_t hp, wp, phases_h, phases_w;
+  explicit DirectGeom(const ConvGeom& g, bool phased = true)
+      : phases_h(phased ? g.sh : 1), phases_w(phased ? g.sw : 1) {
+    hp = (g.h + 2 * g.ph + phases_h - 1) / phases_h;
+    wp = (g.w + 2 * g.pw + phases_w - 1) / phases_w;  // at stride 1: ow + (kw - 1) dw
   }
-  int64_t plane() const { return hp * wp; }
+  int64_t phase_plane() const { return hp * wp; }
+  int64_t plane() const { return phases_h * phases_w * hp * wp; }
 };
 
+// Whether a call can use the microkernel (then the caller packs a direct panel).
+// A stride beyond the padded input's extent is left to im2col: its phases would be mostly padding (sh x sw planes of
+// at least one row each).
+inline bool direct_conv_applies(const ConvGeom& g, int64_t nc) {
+  return direct_conv_available() && nc > 0 && g.sh <= g.h + 2 * g.ph && g.sw <= g.w + 2 * g.pw;
+}
+
+// off[i kw + j]: where tap (i, j) reads in a channel's planes, relative to the output pixel's position.
+inline void direct_tap_offsets(const ConvGeom& g, const DirectGeom& d, int64_t* off) {
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t y = i * g.dh, x = j * g.dw;
+      off[i * g.kw + j] = (y % d.phases_h * d.phases_w + x % d.phases_w) * d.phase_plane() + y / d.phases_h * d.wp +
+                          x / d.phases_w;
+    }
+}
+
 // How many rows the block starting at row r0 of nr takes.
-// Unpaired (the AVX2 and row-wise AVX-512 kernels, one block per call): 6, except that a remainder of 7..11 rows
+// Unpaired (the AVX2 kernel, one block per call): 6, except that a remainder of 7..11 rows
 // is split in two blocks of 4..6 (e.g. 8 = 4 + 4, not 6 + 2) so that no block runs with fewer than 4 accumulator
 // pairs unless nr itself is smaller.
 // Paired (the flat AVX-512 kernel, which runs two blocks per call: direct_conv_sample): nr > 6 rows go in
@@ -155,10 +162,29 @@ void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int
   }, out, paired);
 }
 
-// Copies x_n's channels chans[0..nc) into the zero-padded buffer (converting to float).
+// Copies x_n's channels chans[0..nc) into the zero-padded buffer (converting to float; flat at a stride > 1, into
+// its phases: DirectGeom).
 template <typename scalar_t>
 void pad_input(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const DirectGeom& d,
                float* xp) {
+  if (d.phases_h * d.phases_w > 1) {
+    for (int64_t c = 0; c < nc; ++c) {
+      float* p = xp + c * d.plane();
+      std::fill(p, p + d.plane(), 0.f);
+      const scalar_t* src = xn + chans[c] * g.hw();
+      for (int64_t y = 0; y < g.h; ++y) {
+        const int64_t py = y + g.ph;
+        const scalar_t* sr = src + y * g.w - g.pw;  // sr[X]: padded column X of this row, for pw <= X < pw + w
+        for (int64_t ps = 0; ps < d.phases_w; ++ps) {  // phase column ps: padded columns ps + sw k
+          float* row = p + (py % d.phases_h * d.phases_w + ps) * d.phase_plane() + py / d.phases_h * d.wp;
+          const int64_t k0 = g.pw > ps ? (g.pw - ps + d.phases_w - 1) / d.phases_w : 0;
+          for (int64_t k = k0, x = ps + d.phases_w * k0; x < g.pw + g.w; ++k, x += d.phases_w)
+            row[k] = static_cast<float>(sr[x]);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < nc; ++c) {
     float* p = xp + c * d.plane();
     const scalar_t* src = xn + chans[c] * g.hw();
@@ -199,41 +225,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void direct_block_avx2
   }
 }
 
-// out[q][oy * ow + ox] = sum_{c, t} panel[c][t][q] * xp[c][oy*sh*wp + ox + off[t]] for the R (<= kRB) rows q
-// of one row block, off[t] = i*dh*wp + j*dw for tap t = (i, j); out[q] are float rows of oh*ow. R < kRB
-// serves the last rows of a block list (32 rows = 4 x 6 + 2 x 4, not 6 x 6 with 4 wasted).
-// TAPS > 0 fixes the tap count at compile time (1x1, 3x3, 5x5: the tap loop unrolls); 0 reads `taps`.
-template <int R, int TAPS>
-__attribute__((target("avx2,fma"))) void direct_conv_rows(const float* __restrict xp, int64_t nc, int64_t taps_rt,
-                                                          const int64_t* __restrict off, int64_t oy0, int64_t oy1,
-                                                          int64_t ow, int64_t row_step, int64_t plane,
-                                                          const float* __restrict panel, float* const* out) {
-  static_assert(R >= 1 && R <= kRB, "row block");
-  const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
-  alignas(32) float tail[kPX];
-  for (int64_t oy = oy0; oy < oy1; ++oy) {
-    for (int64_t ox0 = 0; ox0 < ow; ox0 += kPX) {
-      __m256 a[R][2];
-      direct_block_avx2<R, TAPS>(xp + oy * row_step + ox0, nc, taps, off, plane, panel, a);
-      const int64_t n = std::min(kPX, ow - ox0);
-#pragma GCC unroll 6
-      for (int q = 0; q < R; ++q) {
-        float* dst = out[q] + oy * ow + ox0;
-        if (n == kPX) {
-          _mm256_storeu_ps(dst, a[q][0]);
-          _mm256_storeu_ps(dst + 8, a[q][1]);
-        } else {
-          _mm256_store_ps(tail, a[q][0]);
-          _mm256_store_ps(tail + 8, a[q][1]);
-          std::copy(tail, tail + n, dst);
-        }
-      }
-    }
-  }
-}
-
 // One register block of the AVX-512 kernels: a[q][v] lane l = Σ_(c, t) panel[c][t][q] x_c[off[t] + 16 v + l], the
-// input block starting at xc (channel planes `plane` apart), summed in the order of direct_conv_rows. With R2 > 0
+// input block starting at xc (channel planes `plane` apart), summed in the order of direct_block_avx2. With R2 > 0
 // the block also computes R2 rows of the next slab of the panel (rows R .. R + R2 - 1 of a, weights read at
 // panel + nc taps kRB): R2 = 6 makes 24 accumulators, 2 input loads and 12 broadcasts per 24 FMAs, against 8 loads
 // per 12 FMAs for one slab. Each row is still one chain over (channel, tap) in the same order, so pairing changes
@@ -267,36 +260,6 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void direct_block_a
   }
 }
 
-// The AVX-512 copy of direct_conv_rows: NV 16-float vectors per row (pixel blocks of 16 NV), the same sums in the
-// same order; the last block of a row is stored under a lane mask.
-template <int R, int NV, int TAPS>
-__attribute__((target("avx512f,fma"))) void direct_conv_rows_avx512(const float* __restrict xp, int64_t nc,
-                                                                    int64_t taps_rt, const int64_t* __restrict off,
-                                                                    int64_t oy0, int64_t oy1, int64_t ow,
-                                                                    int64_t row_step, int64_t plane,
-                                                                    const float* __restrict panel, float* const* out) {
-  static_assert(R >= 1 && R <= kRB && (NV == 1 || NV == 2), "row block");
-  constexpr int64_t PX = 16 * NV;
-  const int64_t taps = TAPS > 0 ? TAPS : taps_rt;
-  for (int64_t oy = oy0; oy < oy1; ++oy) {
-    for (int64_t ox0 = 0; ox0 < ow; ox0 += PX) {
-      __m512 a[R][NV];
-      direct_block_avx512<R, NV, TAPS>(xp + oy * row_step + ox0, nc, taps, off, plane, panel, a);
-      const int64_t n = std::min(PX, ow - ox0);
-#pragma GCC unroll 6
-      for (int q = 0; q < R; ++q) {
-        float* dst = out[q] + oy * ow + ox0;
-        for (int v = 0; v < NV; ++v) {
-          const int64_t left = n - 16 * v;
-          if (left >= 16) _mm512_storeu_ps(dst + 16 * v, a[q][v]);
-          else if (left > 0)
-            _mm512_mask_storeu_ps(dst + 16 * v, static_cast<__mmask16>((1u << left) - 1u), a[q][v]);
-        }
-      }
-    }
-  }
-}
-
 // The lanes [0, n) of v hold the flat positions p0 + l (row p / wp, column p % wp); stores those with a column
 // below ow to out (rows of ow), one masked store per row the lanes reach.
 __attribute__((target("avx512f"))) inline void store_flat(float* out, __m512 v, int64_t p0, int64_t n, int64_t ow,
@@ -314,9 +277,9 @@ __attribute__((target("avx512f"))) inline void store_flat(float* out, __m512 v, 
 // 420 GFLOP/s (Zen 5).
 constexpr int kFlatVectors = 2;
 
-// The flat AVX-512 kernel (direct_flat): the flat positions [pa, pb) in blocks of 16 kFlatVectors (its caller cuts
-// the positions into chunks, not rows: the DirectRowsFn arguments oy0, oy1 are pa, pb here, and row_step is wp);
-// the same sums in the same order as direct_conv_rows. R2 > 0: also the R2 rows of the next slab (out[R ..]).
+// The flat AVX-512 kernel: the flat positions [pa, pb) in blocks of 16 kFlatVectors (its caller cuts the positions
+// into chunks, not rows);
+// the same sums in the same order as direct_conv_flat_avx2. R2 > 0: also the R2 rows of the next slab (out[R ..]).
 template <int R, int TAPS, int R2 = 0>
 __attribute__((target("avx512f,fma"))) void direct_conv_flat_avx512(const float* __restrict xp, int64_t nc,
                                                                     int64_t taps_rt, const int64_t* __restrict off,
@@ -378,14 +341,11 @@ __attribute__((target("avx2,fma"))) void direct_conv_flat_avx2(const float* __re
 using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
                               int64_t, const float*, float* const*);
 
-// The kernel for a block of `rows` (1..kRB) rows: AVX2 (K = 0), AVX-512 with K vectors per row (K = 1, 2), the
-// flat AVX-512 kernel (K = 3) or the flat AVX2 kernel (K = 4).
+// The kernel for a block of `rows` (1..kRB) rows: the flat AVX-512 kernel (K = 3) or the flat AVX2 kernel (K = 4).
 template <int K, int R, int TAPS>
 constexpr DirectRowsFn direct_rows_fn() {
-  if constexpr (K == 0) return &direct_conv_rows<R, TAPS>;
-  else if constexpr (K == 3) return &direct_conv_flat_avx512<R, TAPS>;
-  else if constexpr (K == 4) return &direct_conv_flat_avx2<R, TAPS>;
-  else return &direct_conv_rows_avx512<R, K, TAPS>;
+  if constexpr (K == 3) return &direct_conv_flat_avx512<R, TAPS>;
+  else return &direct_conv_flat_avx2<R, TAPS>;
 }
 
 template <int K, int TAPS>
@@ -429,58 +389,48 @@ inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows, int64_t rows2) 
        : taps == 25 ? direct_flat_pair_for<25>(rows, rows2) : direct_flat_pair_for<0>(rows, rows2);
 }
 
-// The kernel of a call's geometry (DirectGeom: flat, or the pixel block px: 16 on AVX2, 16 or 32 on AVX-512).
-inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows, const DirectGeom& d) {
-  if (cpu_isa() != CpuIsa::kAvx512) return d.flat ? direct_rows_isa<4>(taps, rows) : direct_rows_isa<0>(taps, rows);
-  if (d.flat) return direct_rows_isa<3>(taps, rows);
-  return d.px == 32 ? direct_rows_isa<2>(taps, rows) : direct_rows_isa<1>(taps, rows);
+// The kernel of the CPU's ISA for a lone block of `rows` rows.
+inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
+  return cpu_isa() == CpuIsa::kAvx512 ? direct_rows_isa<3>(taps, rows) : direct_rows_isa<4>(taps, rows);
 }
 
 #endif
 
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
 // stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
-// out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA, or horizontal stride > 1), leaving
-// the output untouched.
+// out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA), leaving the output untouched.
 template <typename scalar_t>
 bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
                         const float* dpanel, int64_t nr, float* xp_buf, float* res, float* const* out_rows = nullptr) {
 #if SLIMOPS_DIRECT_CONV
-  if (!dpanel || g.sw != 1 || nc == 0 || !direct_conv_available()) return false;
+  if (!dpanel || !direct_conv_applies(g, nc)) return false;
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
   const int64_t taps = g.taps(), ohw = g.ohw();
   int64_t off[64];
   std::vector<int64_t> off_big;
   int64_t* offp = taps <= 64 ? off : (off_big.resize(static_cast<size_t>(taps)), off_big.data());
-  for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j) offp[i * g.kw + j] = i * g.dh * d.wp + j * g.dw;
-  // Output rows in bands (flat: chunks of flat positions, multiples of 32): every row block of the band reuses the
-  // same input rows from L1/L2, instead of sweeping the whole padded input once per row block. Row-wise, about 64 KB
-  // of input per band; flat, 128 KB (L2), which lets a chunk run over several rows: with one-row bands a flat block
-  // would still end at every row end.
-  int64_t band, end;
-  if (d.flat) {
-    const int64_t reach = (g.kh - 1) * g.dh * d.wp + (g.kw - 1) * g.dw;  // input past a chunk that its taps read
-    constexpr int64_t blk = 16 * kFlatVectors;
-    band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, nc) - reach) / blk * blk);
-    end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
-  } else {
-    band = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, nc * g.kh * d.wp));
-    end = g.oh;
-  }
+  direct_tap_offsets(g, d, offp);
+  // Output positions in bands (chunks of flat positions, multiples of 32): every row block of the band reuses the
+  // same input from L2 (about 128 KB of it per band), instead of sweeping the whole padded input once per row block.
+  // `reach`: the input past a chunk that its taps read, in each phase plane.
+  const int64_t reach = (g.kh - 1) * g.dh / d.phases_h * d.wp + (g.kw - 1) * g.dw / d.phases_w;
+  constexpr int64_t blk = 16 * kFlatVectors;
+  const int64_t planes = nc * d.phases_h * d.phases_w;
+  const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
+  const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
   const bool paired = direct_paired(g);
-  for (int64_t oy0 = 0; oy0 < end; oy0 += band) {
-    const int64_t oy1 = std::min(end, oy0 + band);
+  for (int64_t pa = 0; pa < end; pa += band) {
+    const int64_t pb = std::min(end, pa + band);
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
       const int64_t nrows = direct_block_rows(r0, nr, paired);
-      // Flat AVX-512, each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
+      // AVX-512: each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
       const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
       float* rows[2 * kRB];
       for (int64_t q = 0; q < nrows + nrows2; ++q)
         rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
-      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows, d);
-      fn(xp_buf, nc, taps, offp, oy0, oy1, g.ow, g.sh * d.wp, d.plane(), dpanel + b * nc * taps * kRB, rows);
+      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
+      fn(xp_buf, nc, taps, offp, pa, pb, g.ow, d.wp, d.plane(), dpanel + b * nc * taps * kRB, rows);
       r0 += nrows + nrows2;
       b += nrows2 > 0 ? 2 : 1;
     }
@@ -492,10 +442,6 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
 #endif
 }
 
-// Whether a call can use the microkernel (then the caller packs a direct panel).
-inline bool direct_conv_applies(const ConvGeom& g, int64_t nc) {
-  return direct_conv_available() && g.sw == 1 && nc > 0;
-}
 
 // ---- the input gradient as a direct convolution ---------------------------------------------------------------
 // At stride 1, grad_x[c] = Σ_r Σ_(i,j) W[r, c, kh-1-i, kw-1-j] dy_pad[r][y + i dh, x + j dw], with dy zero-padded by
@@ -758,7 +704,7 @@ inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr,
 
 // One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats, row r at dy + (dy_rows ? dy_rows[r]
 // : r) * oh * ow: grad_out's kept rows in place) against the sample's kept channels chans, padded into xp_buf
-// (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
+// (nc * DirectGeom(g, false).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
 // the sample's kept rows, straight into the full-size accumulator); with gb, gb[r] += the sum of dy row r (the bias
 // gradient, taken while dy is transposed). False (nothing done) when it does not apply.
 template <typename scalar_t>
@@ -767,7 +713,7 @@ bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, cons
                       int64_t ldg, const int64_t* row_map, float* gb) {
 #if SLIMOPS_DIRECT_CONV
   if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
-  const DirectGeom d(g);
+  const DirectGeom d(g, /*phased=*/false);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
   direct_gw_bcast(dy, dy_rows, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg, row_map, gb);
   return true;
