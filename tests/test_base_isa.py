@@ -197,8 +197,8 @@ def test_prox_family_copies_are_bit_identical(tmp_path):
 # channel_conv's direct convolution (csrc/cpu/direct_conv.h): the AVX2 copy (16-pixel blocks) and the AVX-512 copy
 # (32-pixel blocks, or 16 on short rows) sum every output pixel in the same order, so they agree bit for bit, in the
 # forward and in grad_x (the transposed convolution); so do grad_w's direct 3x3 kernels (rows of 8 or 16 output
-# channels in the lanes, on rows of 4 pixels or more: 7, 14, 17, 28, 112 here; the other shapes take im2col + GEMM in
-# both), each also checked against the reference. The
+# channels in the lanes, on output rows of 4 pixels or more, with dilation and strides: 7, 14, 17, 28, 112 pixels and
+# 7 and 56 strided here; the other shapes take im2col + GEMM in both), each also checked against the reference. The
 # cases cover rows that fill their last pixel block or not (1, 7, 14, 17, 28, 33, 56, 112 pixels), every row-block
 # size 1..6 (1..13 kept output channels), the unrolled tap counts (1, 9, 25) and another (2x3), dilation, vertical
 # and horizontal stride 2 (14x14 3x3, 5x33 5x5 and 3x112 3x3: the forward's phase-split rows), float32 and bfloat16

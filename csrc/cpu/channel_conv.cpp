@@ -427,7 +427,7 @@ struct BackwardWork {
       for (int64_t c = 0; c < nc; ++c) std::fill_n(gx_n + chans[c] * g.hw(), g.hw(), acc_t(0));
     if constexpr (std::is_same_v<acc_t, float>) {
       if (gw_direct) {
-        const size_t need = static_cast<size_t>(nc * DirectGeom(g, /*phased=*/false).plane() + 2 * kPXMax);
+        const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
         if (xpg.size() < need) xpg.resize(need);
         const auto [dyp, dyr] = dy_float_rows();
         const bool done = direct_gw_sample<scalar_t>(xn, chans, nc, g, dyp, dyr, nr, xpg.data(), dyt, gw, k,

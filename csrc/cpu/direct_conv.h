@@ -82,11 +82,10 @@ inline bool direct_paired(const ConvGeom&) {
 // (sh Y + r, sw X + s) at (Y, X): tap (i, j) of output (oy, ox) reads padded (sh oy + i dh, sw ox + j dw), which is
 // (oy + (i dh) / sh, ox + (j dw) / sw) of phase ((i dh) % sh, (j dw) % sw). Every phase is read at stride 1, so the
 // flat kernels run a strided convolution unchanged (only the tap offsets differ: direct_tap_offsets), where it took
-// im2col + GEMM before. `phased` = false keeps the rows whole (grad_w's direct kernel reads them at stride sh).
+// im2col + GEMM before. grad_w's direct kernel reads the same buffer through the same offsets.
 struct DirectGeom {
   int64_t hp, wp, phases_h, phases_w;
-  explicit DirectGeom(const ConvGeom& g, bool phased = true)
-      : phases_h(phased ? g.sh : 1), phases_w(phased ? g.sw : 1) {
+  explicit DirectGeom(const ConvGeom& g) : phases_h(g.sh), phases_w(g.sw) {
     hp = (g.h + 2 * g.ph + phases_h - 1) / phases_h;
     wp = (g.w + 2 * g.pw + phases_w - 1) / phases_w;  // at stride 1: ow + (kw - 1) dw
   }
@@ -488,8 +487,8 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
 }
 
 // ---- the weight gradient of a 3x3 kernel, direct (AVX-512 and AVX2) ----------------------------------------------
-// gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i, ox + j] (3x3, dilation 1, horizontal stride 1),
-// per sample, against the forward's padded buffer (pad_input): no im2col and no GEMM.
+// gw[r, c, (i, j)] += Σ_(oy, ox) dy[r][oy, ox] x_pad[c][oy sh + i dh, ox sw + j dw] (3x3), per sample, against the
+// forward's padded buffer (pad_input; a strided conv's in phases, read at stride 1): no im2col and no GEMM.
 
 // Planes narrower than kGwMinWidth go to im2col + GEMM: the kernel's fixed cost per (channel, row block) and plane
 // (27 accumulators zeroed, stored, and moved into gw) is paid per plane, so small planes starve the FMAs. It was 14
@@ -501,9 +500,10 @@ inline void select_panel_channels(const float* full, int64_t nrows, int64_t ncha
 // copy, as AVX2 on the same Xeon (MKL capped too): 4²: 67 / 45, 7²: 112 / 90, 10²: 143 / 126, 14²: 159 / 148.
 constexpr int64_t kGwMinWidth = 4;
 
+// Any stride and dilation (the taps read through direct_tap_offsets; until 2026-12-06's third session only
+// dilation 1 and horizontal stride 1).
 inline bool direct_gw_applies(const ConvGeom& g) {
-  return direct_conv_available() && g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1 &&
-         g.ow >= kGwMinWidth;
+  return direct_conv_applies(g, 1) && g.kh == 3 && g.kw == 3 && g.ow >= kGwMinWidth;
 }
 
 #if SLIMOPS_DIRECT_CONV
@@ -530,10 +530,11 @@ constexpr int64_t kGwPrefetch = 4;
 // 169 / 184 at 8.
 constexpr int64_t kGwPrefetchAvx2 = 8;
 
-template <int V>
+template <int V, bool UNIT>
 __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* __restrict dyt, int64_t nrp,
-                                                                   const float* __restrict xc, int64_t oh,
-                                                                   int64_t ow, int64_t sh, int64_t wp,
+                                                                   const float* __restrict xc,
+                                                                   const int64_t* __restrict off, int64_t oh,
+                                                                   int64_t ow, int64_t row_step,
                                                                    float* __restrict sums) {
   __m512 a[9][V];
 #pragma GCC unroll 9
@@ -541,8 +542,10 @@ __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* 
 #pragma GCC unroll 3
     for (int v = 0; v < V; ++v) a[t][v] = _mm512_setzero_ps();
   for (int64_t oy = 0; oy < oh; ++oy) {
-    const float* x0 = xc + oy * sh * wp;
-    const float *x1 = x0 + wp, *x2 = x1 + wp;
+    const float* xt[9];  // tap t's input for output row oy: xt[t][ox]
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t)  // UNIT: off[t] = i wp + j, three row pointers and constant column offsets
+      xt[t] = UNIT ? xc + oy * row_step + t / 3 * off[3] + t % 3 : xc + off[t] + oy * row_step;
     const float* d = dyt + oy * ow * nrp;
     for (int64_t ox = 0; ox < ow; ++ox, d += nrp) {
       __m512 dv[V];
@@ -551,10 +554,9 @@ __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* 
         _mm_prefetch(reinterpret_cast<const char*>(d + kGwPrefetch * nrp + 16 * v), _MM_HINT_T0);
         dv[v] = _mm512_loadu_ps(d + 16 * v);
       }
-      const float* xr[3] = {x0 + ox, x1 + ox, x2 + ox};
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) {
-        const __m512 xb = _mm512_set1_ps(xr[t / 3][t % 3]);
+        const __m512 xb = _mm512_set1_ps(xt[t][ox]);
 #pragma GCC unroll 3
         for (int v = 0; v < V; ++v) a[t][v] = _mm512_fmadd_ps(xb, dv[v], a[t][v]);
       }
@@ -572,10 +574,11 @@ __attribute__((target("avx512f,fma"))) void direct_gw_bcast_avx512(const float* 
 // still one chain over the pixels in order from 0, so the sums are bit for bit the AVX-512 copy's. Earlier this
 // copy ran im2col + GEMM, on the estimate that 9 accumulators would make one load per FMA (this layout makes 7
 // per 12).
-template <int V>
+template <int V, bool UNIT>
 __attribute__((target("avx2,fma"))) void direct_gw_bcast_avx2(const float* __restrict dyt, int64_t nrp,
-                                                              const float* __restrict xc, int64_t oh, int64_t ow,
-                                                              int64_t sh, int64_t wp, float* __restrict sums) {
+                                                              const float* __restrict xc,
+                                                              const int64_t* __restrict off, int64_t oh, int64_t ow,
+                                                              int64_t row_step, float* __restrict sums) {
   for (int i = 0; i < 3; ++i) {
     __m256 a[3][V];
 #pragma GCC unroll 3
@@ -583,11 +586,13 @@ __attribute__((target("avx2,fma"))) void direct_gw_bcast_avx2(const float* __res
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) a[j][v] = _mm256_setzero_ps();
     for (int64_t oy = 0; oy < oh; ++oy) {
-      const float* xr = xc + (oy * sh + i) * wp;
+      const float* xr0 = xc + off[3 * i] + oy * row_step;  // taps (i, 0), (i, 1), (i, 2)
+      const float* xr1 = UNIT ? xr0 + 1 : xc + off[3 * i + 1] + oy * row_step;
+      const float* xr2 = UNIT ? xr0 + 2 : xc + off[3 * i + 2] + oy * row_step;
       const float* d = dyt + oy * ow * nrp;
       for (int64_t ox = 0; ox < ow; ++ox, d += nrp) {
-        const __m256 x0 = _mm256_broadcast_ss(xr + ox), x1 = _mm256_broadcast_ss(xr + ox + 1),
-                     x2 = _mm256_broadcast_ss(xr + ox + 2);
+        const __m256 x0 = _mm256_broadcast_ss(xr0 + ox), x1 = _mm256_broadcast_ss(xr1 + ox),
+                     x2 = _mm256_broadcast_ss(xr2 + ox);
 #pragma GCC unroll 2
         for (int v = 0; v < V; v += 2)
           _mm_prefetch(reinterpret_cast<const char*>(d + kGwPrefetchAvx2 * nrp + 8 * v), _MM_HINT_T0);
@@ -618,11 +623,12 @@ struct GwAvx512 {
     const int64_t v16 = (left + 15) / 16;
     return v16 == 4 ? 2 : static_cast<int>(v16);
   }
-  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const ConvGeom& g, int64_t wp,
-                     float* sums) {
-    if (v == 3) direct_gw_bcast_avx512<3>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
-    else if (v == 2) direct_gw_bcast_avx512<2>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
-    else direct_gw_bcast_avx512<1>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+  template <bool UNIT>
+  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const int64_t* off, const ConvGeom& g,
+                     int64_t wp, float* sums) {
+    if (v == 3) direct_gw_bcast_avx512<3, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
+    else if (v == 2) direct_gw_bcast_avx512<2, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
+    else direct_gw_bcast_avx512<1, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
   }
   static void to_pixel_major(const float* dy, const int64_t* rows, int64_t nr, int64_t np, float* dyt, int64_t ld,
                              float* sums) {
@@ -637,12 +643,13 @@ struct GwAvx2 {
   static constexpr int64_t kLanes = 8;
   // 4 (32 rows) while more than 32 are left, then the fewest 8-row vectors that hold the rest.
   static int vectors(int64_t left) { return left > 32 ? 4 : static_cast<int>((left + 7) / 8); }
-  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const ConvGeom& g, int64_t wp,
-                     float* sums) {
-    if (v == 4) direct_gw_bcast_avx2<4>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
-    else if (v == 3) direct_gw_bcast_avx2<3>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
-    else if (v == 2) direct_gw_bcast_avx2<2>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
-    else direct_gw_bcast_avx2<1>(dyt, nrp, xc, g.oh, g.ow, g.sh, wp, sums);
+  template <bool UNIT>
+  static void kernel(int v, const float* dyt, int64_t nrp, const float* xc, const int64_t* off, const ConvGeom& g,
+                     int64_t wp, float* sums) {
+    if (v == 4) direct_gw_bcast_avx2<4, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
+    else if (v == 3) direct_gw_bcast_avx2<3, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
+    else if (v == 2) direct_gw_bcast_avx2<2, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
+    else direct_gw_bcast_avx2<1, UNIT>(dyt, nrp, xc, off, g.oh, g.ow, wp, sums);
   }
   static void to_pixel_major(const float* dy, const int64_t* rows, int64_t nr, int64_t np, float* dyt, int64_t ld,
                              float* sums) {
@@ -670,6 +677,11 @@ void direct_gw_bcast_isa(const float* dy, const int64_t* dy_rows, int64_t nr, co
   if (dyt_buf.size() < need) dyt_buf.resize(need);
   float* dyt = dyt_buf.data();
   Isa::to_pixel_major(dy, dy_rows, nr, ohw, dyt, nrp, gb);  // the padding rows zero
+  int64_t off[9];  // tap t of output (oy, ox) reads x_c[off[t] + oy wp + ox] (the phases of a strided conv: DirectGeom)
+  direct_tap_offsets(g, d, off);
+  // Stride and dilation 1: the taps at i wp + j, which the kernels address from three row pointers (nine pointers
+  // made 14² x 256 5% slower on the Xeon).
+  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
   alignas(64) float sums[kGwChanChunk * 9 * 48];
   float* out[L];
   for (int64_t r0 = 0; r0 < nr;) {
@@ -677,8 +689,11 @@ void direct_gw_bcast_isa(const float* dy, const int64_t* dy_rows, int64_t nr, co
     const int64_t rows = std::min<int64_t>(L * v, nr - r0);
     for (int64_t c0 = 0; c0 < nc; c0 += kGwChanChunk) {
       const int64_t c1 = std::min(nc, c0 + kGwChanChunk);
-      for (int64_t c = c0; c < c1; ++c)  // sums: per column (c, t), v vectors of L rows
-        Isa::kernel(v, dyt + r0, nrp, xp + c * d.plane(), g, d.wp, sums + (c - c0) * 9 * L * v);
+      for (int64_t c = c0; c < c1; ++c) {  // sums: per column (c, t), v vectors of L rows
+        float* sc = sums + (c - c0) * 9 * L * v;
+        if (unit) Isa::template kernel<true>(v, dyt + r0, nrp, xp + c * d.plane(), off, g, d.wp, sc);
+        else Isa::template kernel<false>(v, dyt + r0, nrp, xp + c * d.plane(), off, g, d.wp, sc);
+      }
       for (int64_t vq = 0; vq < v && L * vq < rows; ++vq) {
         const int64_t nq = std::min<int64_t>(L, rows - L * vq);
         for (int64_t q = 0; q < nq; ++q) {
@@ -704,7 +719,7 @@ inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr,
 
 // One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats, row r at dy + (dy_rows ? dy_rows[r]
 // : r) * oh * ow: grad_out's kept rows in place) against the sample's kept channels chans, padded into xp_buf
-// (nc * DirectGeom(g, false).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
+// (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
 // the sample's kept rows, straight into the full-size accumulator); with gb, gb[r] += the sum of dy row r (the bias
 // gradient, taken while dy is transposed). False (nothing done) when it does not apply.
 template <typename scalar_t>
@@ -713,7 +728,7 @@ bool direct_gw_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, cons
                       int64_t ldg, const int64_t* row_map, float* gb) {
 #if SLIMOPS_DIRECT_CONV
   if (!direct_gw_applies(g) || nc == 0 || nr == 0) return false;
-  const DirectGeom d(g, /*phased=*/false);
+  const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
   direct_gw_bcast(dy, dy_rows, nr, xp_buf, nc, g, d, dyt_buf, gw, ldg, row_map, gb);
   return true;
