@@ -529,7 +529,7 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
     if (std::is_same_v<acc_t, float> && direct_conv_applies(g, nc)) {
       dpanel.resize(static_cast<size_t>(direct_panel_size(nr, nc, g.taps())));
       pack_weight_direct<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
-                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data(), direct_paired(g));
+                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data(), direct_paired());
     }
     const float* dp = dpanel.empty() ? nullptr : dpanel.data();
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
@@ -604,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
     if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
       dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
       pack_weight_direct_transposed<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
-                                              dpanel_t.data(), direct_paired(transposed_geometry(g)));
+                                              dpanel_t.data(), direct_paired());
     } else if (need_x) {
       panel.resize(static_cast<size_t>(nr * k));
       pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
@@ -710,7 +710,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       // Only this sample's kept rows are packed (and then computed).
       if (direct)
         pack_weight_direct<scalar_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, dpanels[slot].data(),
-                                     direct_paired(g));
+                                     direct_paired());
       else pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
       w->run(xp + n * xr.stride, chans.data(), c_in, panels[slot].data(), direct ? dpanels[slot].data() : nullptr,
              nr, r.data(), nr == c_out, bp,
@@ -755,7 +755,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     const scalar_t* gop = goc.const_data_ptr<scalar_t>();
     // The transposed panel of every output row, once; each sample selects its kept rows from it.
     std::vector<float> dpanel_t_all;
-    const bool paired_t = direct_paired(transposed_geometry(g));  // its row blocks, for the pack and the selections
+    const bool paired_t = direct_paired();  // its row blocks, for the pack and the selections
     if (direct_x) {
       dpanel_t_all.resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
       const std::vector<int64_t> all_rows = iota(c_out);

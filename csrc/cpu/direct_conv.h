@@ -68,10 +68,10 @@ inline bool direct_conv_available() {
 // bench_channel_conv.py --stride 2, against im2col + GEMM): 128 @ 28² 4.07-4.10 -> 3.06-3.07 ms, 64 @ 56²
 // 5.18 -> 4.04 ms; as AVX2 4.69 -> 4.30 and 5.95 -> 4.96 ms.
 
-// Whether a direct panel for a call of geometry g is packed in the AVX-512 kernel's paired blocks
-// (direct_block_rows). The AVX2 copy does not pair: its 12 accumulators, two input vectors and a broadcast take 15 of
-// its 16 registers.
-inline bool direct_paired(const ConvGeom&) {
+// Whether direct panels are packed in the AVX-512 kernel's paired blocks (direct_block_rows): the CPU's ISA decides,
+// not the call's geometry (every geometry runs flat). The AVX2 copy does not pair: its 12 accumulators, two input
+// vectors and a broadcast take 15 of its 16 registers.
+inline bool direct_paired() {
   return cpu_isa() == CpuIsa::kAvx512;
 }
 
@@ -340,29 +340,29 @@ __attribute__((target("avx2,fma"))) void direct_conv_flat_avx2(const float* __re
 using DirectRowsFn = void (*)(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t,
                               int64_t, const float*, float* const*);
 
-// The kernel for a block of `rows` (1..kRB) rows: the flat AVX-512 kernel (K = 3) or the flat AVX2 kernel (K = 4).
-template <int K, int R, int TAPS>
+// The flat kernel of one ISA copy (AVX512: the AVX-512 one, else AVX2) for a lone block of `rows` (1..kRB) rows.
+template <bool AVX512, int R, int TAPS>
 constexpr DirectRowsFn direct_rows_fn() {
-  if constexpr (K == 3) return &direct_conv_flat_avx512<R, TAPS>;
+  if constexpr (AVX512) return &direct_conv_flat_avx512<R, TAPS>;
   else return &direct_conv_flat_avx2<R, TAPS>;
 }
 
-template <int K, int TAPS>
+template <bool AVX512, int TAPS>
 DirectRowsFn direct_rows_for(int64_t rows) {
   switch (rows) {
-    case 6: return direct_rows_fn<K, 6, TAPS>();
-    case 5: return direct_rows_fn<K, 5, TAPS>();
-    case 4: return direct_rows_fn<K, 4, TAPS>();
-    case 3: return direct_rows_fn<K, 3, TAPS>();
-    case 2: return direct_rows_fn<K, 2, TAPS>();
-    default: return direct_rows_fn<K, 1, TAPS>();
+    case 6: return direct_rows_fn<AVX512, 6, TAPS>();
+    case 5: return direct_rows_fn<AVX512, 5, TAPS>();
+    case 4: return direct_rows_fn<AVX512, 4, TAPS>();
+    case 3: return direct_rows_fn<AVX512, 3, TAPS>();
+    case 2: return direct_rows_fn<AVX512, 2, TAPS>();
+    default: return direct_rows_fn<AVX512, 1, TAPS>();
   }
 }
 
-template <int K>
+template <bool AVX512>
 DirectRowsFn direct_rows_isa(int64_t taps, int64_t rows) {
-  return taps == 9 ? direct_rows_for<K, 9>(rows) : taps == 1 ? direct_rows_for<K, 1>(rows)
-       : taps == 25 ? direct_rows_for<K, 25>(rows) : direct_rows_for<K, 0>(rows);
+  return taps == 9 ? direct_rows_for<AVX512, 9>(rows) : taps == 1 ? direct_rows_for<AVX512, 1>(rows)
+       : taps == 25 ? direct_rows_for<AVX512, 25>(rows) : direct_rows_for<AVX512, 0>(rows);
 }
 
 // The flat kernel for a block of `rows` rows paired with the next block's `rows2`: the pairs of direct_block_rows'
@@ -390,7 +390,7 @@ inline DirectRowsFn direct_flat_pair(int64_t taps, int64_t rows, int64_t rows2) 
 
 // The kernel of the CPU's ISA for a lone block of `rows` rows.
 inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
-  return cpu_isa() == CpuIsa::kAvx512 ? direct_rows_isa<3>(taps, rows) : direct_rows_isa<4>(taps, rows);
+  return cpu_isa() == CpuIsa::kAvx512 ? direct_rows_isa<true>(taps, rows) : direct_rows_isa<false>(taps, rows);
 }
 
 #endif
@@ -418,7 +418,7 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   const int64_t planes = nc * d.phases_h * d.phases_w;
   const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
   const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
-  const bool paired = direct_paired(g);
+  const bool paired = direct_paired();
   for (int64_t pa = 0; pa < end; pa += band) {
     const int64_t pb = std::min(end, pa + band);
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
