@@ -1,22 +1,28 @@
 """The channel_conv family's four CPU ops alone (``torch.ops.slimops.*``, no autograd, no baseline), on fixed
 tensors: for before/after comparisons of two builds of slimops, which the side-by-side benchmark
-(bench_channel_conv.py) cannot make in one process. Run it once per build, alternately, and compare the medians:
+(bench_channel_conv.py) cannot make in one process. Build the other one somewhere and name it with --against:
 
     git archive <commit> slimops csrc setup.py pyproject.toml CMakeLists.txt | tar -x -C /tmp/before
     (cd /tmp/before && python setup.py build_ext --inplace)
-    for i in 1 2; do PYTHONPATH=/tmp/before python bench/time_channel_conv_ops.py
-                     PYTHONPATH=. python bench/time_channel_conv_ops.py; done
+    python bench/time_channel_conv_ops.py --against /tmp/before
+
+The other build runs in a worker process (PYTHONPATH=DIR) that takes turns with this one, call by call: each round
+times every op once here and once there, so the host's drift (±15-30% within minutes on a shared 2-vCPU VM, more
+than most kernel changes) hits both builds alike. It prints both medians and the median of the per-round ratios
+(this build / the other; < 1: this one is faster). Without --against it times this build alone.
 
 Shapes: N = 32, 3x3, stride 1, padding 1; 128 channels at 28² kept 90% and 50%, 64 at 56² kept 50% (a random
 per-sample mask with exactly that many rows for masked_conv2d, sorted random index sets for channel_conv2d).
-Prints the ISA in use and one median (ms) per op and shape, the four ops of a shape timed in interleaved rounds
-(bench/common.py).
+Prints the ISA in use and the medians (ms) per op and shape.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -48,19 +54,69 @@ def op_calls(c: int, h: int, keep: float, gen: torch.Generator) -> dict:
     }
 
 
+def _serve() -> int:
+    """The --against worker: per input line "CASE OP", one timed call of that op; prints its seconds."""
+    calls = {}
+    print(f"{os.path.dirname(slimops.__file__)}", flush=True)
+    for line in sys.stdin:
+        case, name = line.split()
+        if case not in calls:
+            c, h, keep = CASES[int(case)]
+            calls[case] = op_calls(c, h, keep, torch.Generator().manual_seed(int(case)))
+        t0 = time.perf_counter()
+        calls[case][name]()
+        print(time.perf_counter() - t0, flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--against", metavar="DIR", help="another build of slimops (its repository root), timed in turns")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.serve:
+        return _serve()
     print(f"# slimops from {os.path.dirname(slimops.__file__)}; {common.provenance(torch.device('cpu'))}")
-    gen = torch.Generator().manual_seed(0)
-    for c, h, keep in CASES:
-        samples = common.time_side_by_side(op_calls(c, h, keep, gen), torch.device("cpu"), warmup=1,
-                                           rounds=args.rounds)
-        for name, s in samples.items():
-            print(f"{c} @ {h}², {keep:.0%}  {name:<24} {common.median_ms(s):8.2f} ms")
+    worker = None
+    if args.against:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.against))
+        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--threads", str(args.threads)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                  cwd=os.path.abspath(args.against))
+        print(f"# against slimops from {worker.stdout.readline().strip()} (ratio: this / that, per round)")
+
+    def there(case: int, name: str) -> float:
+        worker.stdin.write(f"{case} {name}\n")
+        worker.stdin.flush()
+        return float(worker.stdout.readline())
+
+    for i, (c, h, keep) in enumerate(CASES):
+        calls = op_calls(c, h, keep, torch.Generator().manual_seed(i))
+        here = {name: [] for name in calls}
+        other = {name: [] for name in calls}
+        for r in range(args.rounds + 1):  # round 0 warms both up
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                t = time.perf_counter() - t0
+                if r:
+                    here[name].append(t)
+                if worker is not None:
+                    t = there(i, name)
+                    if r:
+                        other[name].append(t)
+        for name in calls:
+            line = f"{c} @ {h}², {keep:.0%}  {name:<24} {common.median_ms(here[name]):8.2f} ms"
+            if worker is not None:
+                ratio = statistics.median(a / b for a, b in zip(here[name], other[name]))
+                line += f"   that {common.median_ms(other[name]):8.2f} ms   this/that {ratio:.3f}"
+            print(line)
+    if worker is not None:
+        worker.stdin.close()
+        worker.wait()
     return 0
 
 

@@ -292,7 +292,7 @@ struct ForwardWork {
     bool done = k == 0;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!done && dpanel) {
-        if (xp.empty()) xp.resize(static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax));
+        if (xp.empty()) xp.resize(DirectGeom(g).buffer_floats(nc));
         float* const* rows_out = nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (!direct) {  // a float output's scattered rows (masked_conv2d): the microkernel stores them in place
@@ -393,7 +393,7 @@ struct BackwardWork {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (dpanel_t == nullptr) return false;
       const ConvGeom gt = transposed_geometry(g);
-      const size_t need = static_cast<size_t>(nr * DirectGeom(gt).plane() + 2 * kPXMax);
+      const size_t need = DirectGeom(gt).buffer_floats(nr);
       if (xpt.size() < need) xpt.resize(need);
       gx_rows.resize(static_cast<size_t>(nc));
       for (int64_t c = 0; c < nc; ++c) gx_rows[c] = gx_n + chans[c] * g.hw();
@@ -427,7 +427,7 @@ struct BackwardWork {
       for (int64_t c = 0; c < nc; ++c) std::fill_n(gx_n + chans[c] * g.hw(), g.hw(), acc_t(0));
     if constexpr (std::is_same_v<acc_t, float>) {
       if (gw_direct) {
-        const size_t need = static_cast<size_t>(nc * DirectGeom(g).plane() + 2 * kPXMax);
+        const size_t need = DirectGeom(g).buffer_floats(nc);
         if (xpg.size() < need) xpg.resize(need);
         const auto [dyp, dyr] = dy_float_rows();
         const bool done = direct_gw_sample<scalar_t>(xn, chans, nc, g, dyp, dyr, nr, xpg.data(), dyt, gw, k,

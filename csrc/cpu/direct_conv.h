@@ -57,8 +57,8 @@ inline bool direct_conv_available() {
 
 // The direct kernels run "flat": the output pixels are taken in the order of the padded input, p = oy wp + ox, so
 // that a pixel block runs on across row ends (the input of tap (i, j) for p is at p + off[t]: one unaligned load
-// for the whole block, whatever row each lane is in); the lanes with ox >= ow (wp - ow per row: 2 for a 3x3 "same"
-// conv) are computed and not stored. At a stride > 1 the input is split into phases first (DirectGeom). A 28-pixel
+// for the whole block, whatever row each lane is in); the lanes with ox >= ow (wp - ow per row: 1 for a 3x3 "same"
+// conv since the rows share their padding, DirectGeom; 2 before) are computed and not stored. At a stride > 1 the input is split into phases first (DirectGeom). A 28-pixel
 // row wastes 2 of 30 lanes instead of 4 of 32 row by row, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel
 // row 2 of 9 instead of 9 of 16. Measured (Zen 5, 2 threads, 32 x C/2 -> C/2 kept of C, 3x3, fwd, AVX-512):
 // 28² x 128 385-392 -> 397-420 GFLOP/s, 56² x 64 342-361 -> 375-382, 14² x 256 285-289 -> 410-412, 7² x 512
@@ -77,21 +77,41 @@ inline bool direct_paired() {
 
 // The padded input buffer of one sample: per channel, sh x sw phase planes (1 x 1 at stride 1) of hp x wp floats.
 // The flat blocks' reads run on past a row's end into the next row, and past the last row into the buffer's slack
-// (2 kPXMax floats at its end).
+// (2 kPXMax floats at its end, after the `wrap` zeros: buffer_floats).
 // At a stride (sh, sw) > 1 the padded input is split into phases, phase (r, s) holding the padded pixels
 // (sh Y + r, sw X + s) at (Y, X): tap (i, j) of output (oy, ox) reads padded (sh oy + i dh, sw ox + j dw), which is
 // (oy + (i dh) / sh, ox + (j dw) / sw) of phase ((i dh) % sh, (j dw) % sw). Every phase is read at stride 1, so the
 // flat kernels run a strided convolution unchanged (only the tap offsets differ: direct_tap_offsets), where it took
 // im2col + GEMM before. grad_w's direct kernel reads the same buffer through the same offsets.
+// At stride 1 a row's right padding and the next row's left padding are one set of zeros (wp = w + pw, not
+// w + 2 pw): the taps of a row's last outputs read on past wp into the next row's left padding, which is zero too;
+// the last plane's reads past its end (`wrap` floats) hit zeros that pad_input writes after it. A 3x3 "same" conv on
+// a 28-pixel row then computes 29 lanes per row instead of 30 (14: 15 for 16, 7: 8 for 9), in every kernel that reads
+// the buffer (forward, grad_x, grad_w), with the same sums bit for bit. Measured (Xeon with AVX-512 and AMX,
+// 2 threads, bench/time_channel_conv_ops.py --against the build before, per-round ratios, two runs): channel_conv2d
+// 128 @ 28² fwd 0.93-0.98x the time at 90% / 50% kept, its backward 0.92-0.98x, masked_conv2d fwd and bwd
+// 0.96-0.97x; 64 @ 56² 0.98-1.0x; as AVX2 0.96-0.98x at 28².
 struct DirectGeom {
   int64_t hp, wp, phases_h, phases_w;
+  int64_t wrap = 0;  // padded columns a row reads past wp (from the next row's left padding): at stride 1 only
   explicit DirectGeom(const ConvGeom& g) : phases_h(g.sh), phases_w(g.sw) {
     hp = (g.h + 2 * g.ph + phases_h - 1) / phases_h;
-    wp = (g.w + 2 * g.pw + phases_w - 1) / phases_w;  // at stride 1: ow + (kw - 1) dw
+    if (phases_h * phases_w == 1) {
+      wp = std::max(g.ow, g.w + g.pw);  // >= ow: an output row fits; >= w + pw: the wrapped reads land in padding
+      wrap = g.w + 2 * g.pw - wp;
+    } else {
+      wp = (g.w + 2 * g.pw + phases_w - 1) / phases_w;
+    }
   }
   int64_t phase_plane() const { return hp * wp; }
   int64_t plane() const { return phases_h * phases_w * hp * wp; }
+  // Floats of the buffer of nc channels: the planes, the zeros read past the last one, and the flat blocks' slack.
+  size_t buffer_floats(int64_t nc) const;
 };
+
+inline size_t DirectGeom::buffer_floats(int64_t nc) const {
+  return static_cast<size_t>(nc * plane() + wrap + 2 * kPXMax);
+}
 
 // Whether a call can use the microkernel (then the caller packs a direct panel).
 // A stride beyond the padded input's extent is left to im2col: its phases would be mostly padding (sh x sw planes of
@@ -197,6 +217,7 @@ void pad_input(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvG
     }
     std::fill(p + (g.ph + g.h) * d.wp, p + d.plane(), 0.f);
   }
+  std::fill_n(xp + nc * d.plane(), d.wrap, 0.f);  // the last plane's wrapped reads (the buffer may be reused)
 }
 
 #if SLIMOPS_DIRECT_CONV
@@ -719,7 +740,7 @@ inline void direct_gw_bcast(const float* dy, const int64_t* dy_rows, int64_t nr,
 
 // One sample: gw (nr x nc * 9, row stride ldg) += dy (nr rows of oh * ow floats, row r at dy + (dy_rows ? dy_rows[r]
 // : r) * oh * ow: grad_out's kept rows in place) against the sample's kept channels chans, padded into xp_buf
-// (nc * DirectGeom(g).plane() + 2 kPXMax floats); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
+// (DirectGeom(g).buffer_floats(nc)); with row_map, dy row r adds into gw row row_map[r] (masked_conv2d:
 // the sample's kept rows, straight into the full-size accumulator); with gb, gb[r] += the sum of dy row r (the bias
 // gradient, taken while dy is transposed). False (nothing done) when it does not apply.
 template <typename scalar_t>
