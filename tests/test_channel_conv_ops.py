@@ -137,6 +137,13 @@ CHANNEL_CASES = {
     # last 13 lanes are padding; 36 rows at vertical stride 2 (one 48-row block)
     "gw_row_blocks": (2, 4, (9, 16), 70, (3, 3), 1, 1, 1, 3, 67, False, True, "contig"),
     "gw_stride_h2": (2, 3, (11, 15), 40, (3, 3), (2, 1), 1, 1, 3, 36, False, False, "contig"),
+    # grad_x of strided convs by phases (direct_gx_strided.h): 3x3 stride 3 (nine one-tap phases) over 14 rows in
+    # two paired blocks; a 1x1 stride 2 (three phases without taps: zeros); stride 4 past a 3x3 kernel with
+    # padding 2 (input pixels no output reads); 5x5 at stride (3, 2) with asymmetric padding
+    "gx_phases_s3": (2, 5, (13, 11), 14, (3, 3), 3, 1, 1, 4, 14, False, True, "contig"),
+    "gx_phases_k1_s2": (2, 6, (9, 8), 4, (1, 1), 2, 0, 1, 5, 3, False, True, "sliced"),
+    "gx_phases_s4_pad2": (1, 3, (10, 9), 5, (3, 3), 4, 2, 1, 3, 5, False, True, "contig"),
+    "gx_phases_k5_s32": (2, 4, (12, 13), 6, (5, 5), (3, 2), (2, 1), 1, 4, 6, False, True, "contig"),
 }
 FAST_CASES = [c for c in CHANNEL_CASES if c != "tiled"]
 
@@ -367,6 +374,9 @@ MASKED_CASES = {
     # rows >= 14 pixels: the direct grad_w adds each sample's kept rows (about 35, one with all 70) into the full
     # accumulator through its row map; grad_x selects them from the call's transposed panel
     "gw_row_map": (4, 3, (8, 16), 70, (3, 3), 1, 1, 1, "mixed", True, "contig"),
+    # grad_x of strided convs by phases, each sample's kept rows selected from the phased panels
+    "gx_phases_s2": (4, 5, (14, 13), 20, (3, 3), 2, 1, 1, "mixed", True, "contig"),
+    "gx_phases_k5_s3": (2, 4, (12, 13), 6, (5, 5), 3, 2, 1, "random", False, "contig"),
 }
 
 

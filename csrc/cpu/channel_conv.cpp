@@ -27,11 +27,13 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <tuple>
 #include <vector>
 
 #include "direct_conv.h"
+#include "direct_gx_strided.h"
 #include "small_mm.h"
 #include "slimops/channel_conv_checks.h"
 
@@ -338,6 +340,8 @@ struct BackwardWork {
   std::vector<acc_t> cols, dy;  // dy: the copy of this sample's rows (nr x ohw), when one is needed
   std::vector<int64_t> seq;     // 0, 1, ..., nr - 1: the copy's rows
   std::vector<float> xpt;       // dy zero-padded for the transposed convolution
+  const GxPhases* gx_phases = nullptr;  // a strided conv's: grad_x by phases (direct_gx_strided.h)
+  std::vector<float> gx_res;    // a phase's result before it is scattered into gx
   std::vector<float*> gx_rows;  // the kept channels' planes of gx
   std::vector<float> xpg;       // x zero-padded for the direct weight gradient
   std::vector<float> dyt;       // dy as [pixel][row] for it
@@ -392,11 +396,19 @@ struct BackwardWork {
   bool direct_gx(const int64_t* chans, int64_t nc, int64_t nr, const float* dpanel_t, acc_t* gx_n) {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (dpanel_t == nullptr) return false;
+      gx_rows.resize(static_cast<size_t>(nc));
+      for (int64_t c = 0; c < nc; ++c) gx_rows[c] = gx_n + chans[c] * g.hw();
+      if (gx_phases != nullptr) {
+        const GxPhases& P = *gx_phases;
+        if (xpt.size() < P.buffer_floats(nr)) xpt.resize(P.buffer_floats(nr));
+        if (gx_res.size() < P.result_floats(nc)) gx_res.resize(P.result_floats(nc));
+        const auto [dyp, dyr] = dy_float_rows();
+        direct_gx_phased(dyp, dyr, nr, g, P, dpanel_t, nc, xpt.data(), gx_res.data(), gx_rows.data());
+        return true;
+      }
       const ConvGeom gt = transposed_geometry(g);
       const size_t need = DirectGeom(gt).buffer_floats(nr);
       if (xpt.size() < need) xpt.resize(need);
-      gx_rows.resize(static_cast<size_t>(nc));
-      for (int64_t c = 0; c < nc; ++c) gx_rows[c] = gx_n + chans[c] * g.hw();
       const auto [dyp, dyr] = dy_float_rows();  // dy's planes are the channels of this convolution
       return direct_conv_sample<float>(dyp, dyr, nr, gt, dpanel_t, nc, xpt.data(), nullptr, gx_rows.data());
     } else {
@@ -601,10 +613,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
     // grad_x by the transposed direct convolution (direct_conv.h), or by a GEMM against the packed panel
     std::vector<acc_t> panel;
     std::vector<float> dpanel_t;
+    std::optional<GxPhases> gx_phases;  // a strided conv's grad_x by phases
     if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
       dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
       pack_weight_direct_transposed<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
                                               dpanel_t.data(), direct_paired());
+    } else if (std::is_same_v<acc_t, float> && need_x && strided_gx_applies(g)) {
+      gx_phases.emplace(g);
+      dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
+      pack_weight_direct_phased<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
+                                          *gx_phases, dpanel_t.data(), direct_paired());
     } else if (need_x) {
       panel.resize(static_cast<size_t>(nr * k));
       pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc, panel.data());
@@ -618,6 +636,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
       auto& w = work[slot];
       if (!w) {
         w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, nc, nr);
+        if (gx_phases) w->gx_phases = &*gx_phases;
         if (need_w) gw_acc[slot].assign(static_cast<size_t>(nr * k), acc_t(0));
         if (need_b) gb_acc[slot].assign(static_cast<size_t>(nr), acc_t(0));
         if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(g.cx * g.hw()));
@@ -746,7 +765,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     // sample's rows are scattered into them), and a float image for the input gradient of low precision.
     std::vector<std::vector<acc_t>> panels(ns), gw_acc(ns), gb_acc(ns), gx_buf(ns), gw_rows(ns);
     std::vector<std::vector<float>> dpanels_t(ns);  // grad_x by the transposed direct convolution (direct_conv.h)
-    const bool direct_x = std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g);
+    const bool direct_x = std::is_same_v<acc_t, float> && need_x &&
+                          (transposed_direct_applies(g) || strided_gx_applies(g));
+    std::optional<GxPhases> gx_phases;  // a strided conv's grad_x by phases
+    if (direct_x && !transposed_direct_applies(g)) gx_phases.emplace(g);
     // The direct weight gradient adds each sample's rows straight into the slot's full-size accumulator.
     const bool gw_in_place = std::is_same_v<acc_t, float> && need_w && direct_gw_applies(g);
     std::vector<std::unique_ptr<BackwardWork<scalar_t, acc_t>>> work(static_cast<size_t>(ns));
@@ -759,8 +781,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     if (direct_x) {
       dpanel_t_all.resize(static_cast<size_t>(direct_panel_size(c_in, c_out, taps)));
       const std::vector<int64_t> all_rows = iota(c_out);
-      pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
-                                              dpanel_t_all.data(), paired_t);
+      if (gx_phases)
+        pack_weight_direct_phased<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in, *gx_phases,
+                                            dpanel_t_all.data(), paired_t);
+      else
+        pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
+                                                dpanel_t_all.data(), paired_t);
     }
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
@@ -768,6 +794,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       auto& w = work[slot];
       if (!w) {
         w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, c_in, c_out);
+        if (gx_phases) w->gx_phases = &*gx_phases;
         panels[slot].resize(static_cast<size_t>(c_out * k));
         if (need_w) gw_acc[slot].assign(static_cast<size_t>(c_out * k), acc_t(0));
         if (need_w && !gw_in_place) gw_rows[slot].resize(c_out * k);
@@ -782,7 +809,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
       w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
       if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
         pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      if (direct_x)
+      if (direct_x && gx_phases)
+        select_phased_panel_channels(dpanel_t_all.data(), c_in, c_out, *gx_phases, r.data(), nr,
+                                     dpanels_t[slot].data(), paired_t);
+      else if (direct_x)
         select_panel_channels(dpanel_t_all.data(), c_in, c_out, taps, r.data(), nr, dpanels_t[slot].data(), paired_t);
       acc_t* gx_n = nullptr;
       if (need_x) {

@@ -32,6 +32,7 @@
 #include "slimops/channel_conv_checks.h"
 #include "transpose16.h"
 #include "transpose8.h"
+#include "interleave.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -187,19 +188,30 @@ template <typename scalar_t>
 void pad_input(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const DirectGeom& d,
                float* xp) {
   if (d.phases_h * d.phases_w > 1) {
+    const int64_t sh = d.phases_h, sw = d.phases_w, full = sw * d.wp;  // a padded row, in whole phase columns
+    thread_local std::vector<float> tmp;
+    if (sw == 2 && tmp.size() < static_cast<size_t>(full)) tmp.resize(static_cast<size_t>(full));
     for (int64_t c = 0; c < nc; ++c) {
-      float* p = xp + c * d.plane();
-      std::fill(p, p + d.plane(), 0.f);
       const scalar_t* src = xn + chans[c] * g.hw();
-      for (int64_t y = 0; y < g.h; ++y) {
-        const int64_t py = y + g.ph;
-        const scalar_t* sr = src + y * g.w - g.pw;  // sr[X]: padded column X of this row, for pw <= X < pw + w
-        for (int64_t ps = 0; ps < d.phases_w; ++ps) {  // phase column ps: padded columns ps + sw k
-          float* row = p + (py % d.phases_h * d.phases_w + ps) * d.phase_plane() + py / d.phases_h * d.wp;
-          const int64_t k0 = g.pw > ps ? (g.pw - ps + d.phases_w - 1) / d.phases_w : 0;
-          for (int64_t k = k0, x = ps + d.phases_w * k0; x < g.pw + g.w; ++k, x += d.phases_w)
-            row[k] = static_cast<float>(sr[x]);
+      for (int64_t py = 0; py < sh * d.hp; ++py) {  // padded row py is row py / sh of the phases (py % sh, *)
+        float* row = xp + c * d.plane() + py % sh * sw * d.phase_plane() + py / sh * d.wp;  // phase (py % sh, 0)
+        const int64_t y = py - g.ph;
+        if (y < 0 || y >= g.h) {  // a padding row
+          for (int64_t ps = 0; ps < sw; ++ps) std::fill_n(row + ps * d.phase_plane(), d.wp, 0.f);
+          continue;
         }
+        const scalar_t* sr = src + y * g.w;
+        if (sw == 2) {  // the padded row, split into its even and odd columns (interleave.h)
+          float* t = tmp.data();
+          std::fill_n(t, g.pw, 0.f);
+          for (int64_t x = 0; x < g.w; ++x) t[g.pw + x] = static_cast<float>(sr[x]);
+          std::fill(t + g.pw + g.w, t + full, 0.f);
+          unzip2(t, row, row + d.phase_plane(), full);
+          continue;
+        }
+        for (int64_t ps = 0; ps < sw; ++ps)  // phase column ps: padded columns ps + sw k
+          for (int64_t k = 0, x = ps - g.pw; k < d.wp; ++k, x += sw)
+            row[ps * d.phase_plane() + k] = x >= 0 && x < g.w ? static_cast<float>(sr[x]) : 0.f;
       }
     }
     return;
@@ -416,6 +428,33 @@ inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
 
 #endif
 
+#if SLIMOPS_DIRECT_CONV
+// The flat kernels over the flat output positions [0, end) of one sample (row stride wp, ow stored per row): out row
+// r <- Σ over the nc channels (planes `plane` apart in xbuf) and the taps (offsets off) of panel rows r. `reach`: how
+// far past a position its taps read, in each of the `planes` planes the input spans (which sets the band width).
+// Output positions go in bands (chunks of flat positions, multiples of 32): every row block of the band reuses the
+// same input from L2 (about 128 KB of it per band), instead of sweeping the whole padded input once per row block.
+inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const int64_t* off, int64_t reach,
+                              int64_t planes, int64_t end, int64_t ow, int64_t wp, int64_t plane,
+                              const float* dpanel, int64_t nr, float* const* out_rows) {
+  constexpr int64_t blk = 16 * kFlatVectors;
+  const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
+  const bool paired = direct_paired();
+  for (int64_t pa = 0; pa < end; pa += band) {
+    const int64_t pb = std::min(end, pa + band);
+    for (int64_t r0 = 0, b = 0; r0 < nr;) {
+      const int64_t nrows = direct_block_rows(r0, nr, paired);
+      // AVX-512: each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
+      const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
+      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
+      fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, dpanel + b * nc * taps * kRB, out_rows + r0);
+      r0 += nrows + nrows2;
+      b += nrows2 > 0 ? 2 : 1;
+    }
+  }
+}
+#endif
+
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
 // stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
 // out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA), leaving the output untouched.
@@ -431,37 +470,23 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   std::vector<int64_t> off_big;
   int64_t* offp = taps <= 64 ? off : (off_big.resize(static_cast<size_t>(taps)), off_big.data());
   direct_tap_offsets(g, d, offp);
-  // Output positions in bands (chunks of flat positions, multiples of 32): every row block of the band reuses the
-  // same input from L2 (about 128 KB of it per band), instead of sweeping the whole padded input once per row block.
-  // `reach`: the input past a chunk that its taps read, in each phase plane.
-  const int64_t reach = (g.kh - 1) * g.dh / d.phases_h * d.wp + (g.kw - 1) * g.dw / d.phases_w;
-  constexpr int64_t blk = 16 * kFlatVectors;
-  const int64_t planes = nc * d.phases_h * d.phases_w;
-  const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
-  const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
-  const bool paired = direct_paired();
-  for (int64_t pa = 0; pa < end; pa += band) {
-    const int64_t pb = std::min(end, pa + band);
-    for (int64_t r0 = 0, b = 0; r0 < nr;) {
-      const int64_t nrows = direct_block_rows(r0, nr, paired);
-      // AVX-512: each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
-      const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
-      float* rows[2 * kRB];
-      for (int64_t q = 0; q < nrows + nrows2; ++q)
-        rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ohw;
-      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
-      fn(xp_buf, nc, taps, offp, pa, pb, g.ow, d.wp, d.plane(), dpanel + b * nc * taps * kRB, rows);
-      r0 += nrows + nrows2;
-      b += nrows2 > 0 ? 2 : 1;
-    }
+  std::vector<float*> res_rows;
+  if (out_rows == nullptr) {
+    res_rows.resize(static_cast<size_t>(nr));
+    for (int64_t r = 0; r < nr; ++r) res_rows[r] = res + r * ohw;
+    out_rows = res_rows.data();
   }
+  // `reach`: the input past a position that its taps read, in each phase plane.
+  const int64_t reach = (g.kh - 1) * g.dh / d.phases_h * d.wp + (g.kw - 1) * g.dw / d.phases_w;
+  const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
+  direct_flat_bands(xp_buf, nc, taps, offp, reach, nc * d.phases_h * d.phases_w, end, g.ow, d.wp, d.plane(), dpanel,
+                    nr, out_rows);
   return true;
 #else
   (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows;
   return false;
 #endif
 }
-
 
 // ---- the input gradient as a direct convolution ---------------------------------------------------------------
 // At stride 1, grad_x[c] = Σ_r Σ_(i,j) W[r, c, kh-1-i, kw-1-j] dy_pad[r][y + i dh, x + j dw], with dy zero-padded by
