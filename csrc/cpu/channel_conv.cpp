@@ -329,7 +329,8 @@ struct ForwardWork {
 // Backward of one sample: given dy rows (nr of grad_out[n]'s rows), writes W_panel^T dy into the kept planes of gx
 // (zeroed, then col2im adds) and adds dy @ im2col(x_n)^T into the weight-panel gradient gw (nr x K), and row sums of
 // dy into gb; in tiles of output rows, like the forward. With a transposed direct panel (direct_conv.h: float
-// accumulation, stride 1), gx is instead the direct convolution of dy with the flipped kernel, written whole (each
+// accumulation, stride 1; at a stride > 1 the phased panels of direct_gx_strided.h), gx is instead the direct
+// convolution of dy with the flipped kernel (per stride phase), written whole (each
 // kept channel's plane gets this sample's only contribution: no zeroing first). Either way the kept planes need not
 // be initialised. The direct paths read a float32 grad_out's rows in place; the GEMM paths and low-precision inputs
 // read a copy in acc_t, made on first use.
@@ -341,7 +342,7 @@ struct BackwardWork {
   std::vector<int64_t> seq;     // 0, 1, ..., nr - 1: the copy's rows
   std::vector<float> xpt;       // dy zero-padded for the transposed convolution
   const GxPhases* gx_phases = nullptr;  // a strided conv's: grad_x by phases (direct_gx_strided.h)
-  std::vector<float> gx_res;    // a phase's result before it is scattered into gx
+  std::vector<float> gx_res;    // the phases' results before they are interleaved into gx
   std::vector<float*> gx_rows;  // the kept channels' planes of gx
   std::vector<float> xpg;       // x zero-padded for the direct weight gradient
   std::vector<float> dyt;       // dy as [pixel][row] for it

@@ -492,7 +492,7 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
 // At stride 1, grad_x[c] = Σ_r Σ_(i,j) W[r, c, kh-1-i, kw-1-j] dy_pad[r][y + i dh, x + j dw], with dy zero-padded by
 // (k-1) d - p: the transposed convolution is a stride-1 convolution of dy with the flipped, transposed kernel, which
 // the same microkernel computes (no col2im, no GEMM). It needs p <= (k-1) d on both axes (true of every "same" or
-// "valid" padding); other calls keep im2col + GEMM.
+// "valid" padding); a strided conv's runs by phases (direct_gx_strided.h); other calls keep im2col + GEMM.
 
 inline bool transposed_direct_applies(const ConvGeom& g) {
   return direct_conv_available() && g.sh == 1 && g.sw == 1 && g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw;
