@@ -20,6 +20,33 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def _steady_malloc() -> str:
+    """Fixes glibc malloc's mmap and trim thresholds (32 MB, never trim) for this process, unless
+    SLIMOPS_BENCH_MALLOC=system; returns what the results' provenance says about it.
+
+    Why: with glibc's defaults the thresholds move with what was freed last, so a 13-26 MB tensor (an output or a
+    gradient of the shapes here) comes from a fresh mapping in some rounds and from the heap in others, and a fresh
+    mapping costs a page fault per 4 KB on first touch. On a Xeon (2 threads) `channel_conv2d` fwd+bwd at 64 @ 56²
+    then ran 20-21 ms in most calls and 26-31 ms in one of four, and a whole contender's median could sit in
+    either mode (x compact read 0.77 in one run and 1.35 in another). With the thresholds fixed: 20-22 ms, no second
+    mode. Every contender runs under the same allocator either way; torch's CPU tensors use malloc directly.
+    """
+    if os.environ.get("SLIMOPS_BENCH_MALLOC", "") == "system":
+        return "glibc defaults (SLIMOPS_BENCH_MALLOC=system)"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+        return "malloc mmap threshold 32 MB, no trim" if ok else "glibc defaults (mallopt refused)"
+    except OSError:
+        return "the platform's (not glibc)"
+
+
+MALLOC = _steady_malloc()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,7 +159,7 @@ def provenance(device: torch.device) -> str:
 
     return (f"device `{device_name(device)}` ({cpu_description()}, {os.cpu_count()} cores visible, torch threads "
             f"{torch.get_num_threads()}; CPU ISA {cpu_isa()}, slimops kernels {kernel_isa()}, torch "
-            f"{torch.backends.cpu.get_cpu_capability()}{isa_caps()}), "
+            f"{torch.backends.cpu.get_cpu_capability()}{isa_caps()}; {MALLOC}), "
             f"torch {torch.__version__}, triton {tv}, slimops {slimops.__version__} "
             f"@ {git_sha()}, {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
