@@ -38,6 +38,15 @@ def cpu_bf16_dot() -> bool:
     return bool(_C.cpu_bf16_dot())
 
 
+def cpu_bf16_conv_onednn() -> bool:
+    """Whether channel_conv2d / masked_conv2d run their bfloat16 calls through oneDNN's convolution on AMX tiles
+    (csrc/cpu/channel_conv_onednn.h: the avx512 ISA, a CPU with AMX-BF16 that the OS lets this process use, oneDNN
+    not capped below AMX, SLIMOPS_CPU_BF16_CONV not ``direct``) instead of the float direct kernel."""
+    from slimops import _C
+
+    return bool(_C.cpu_bf16_conv_onednn())
+
+
 def _cpuinfo_field(name: str) -> str | None:
     """The value of the first /proc/cpuinfo line named `name` (None where there is no such file or line)."""
     try:
@@ -80,7 +89,8 @@ def kernel_isa() -> str:
     if isa == "avx2":
         return "avx2"
     return ("avx512 (spectral, sema, token_attention, distill, quant, prox, channel_conv"
-            + ("; bf16 dot products" if cpu_bf16_dot() else "") + ")")
+            + ("; bf16 dot products" if cpu_bf16_dot() else "")
+            + ("; bf16 convs on oneDNN/AMX" if cpu_bf16_conv_onednn() else "") + ")")
 
 
 def ops() -> list[str]:

@@ -1020,3 +1020,37 @@ def test_grad_x_planes_no_kernel_writes_are_zero_in_reused_memory():
         gx = torch.ops.slimops.masked_conv2d_backward(go_m, x, w, mask, [1, 1], [1, 1], [1, 1], [True, False, False])[0]
         torch.testing.assert_close(gx, ref_m, rtol=1e-4, atol=1e-4)
         assert (gx[1] == 0).all()
+
+
+# =============================================================================================
+# bfloat16 through oneDNN on AMX (csrc/cpu/channel_conv_onednn.h)
+# =============================================================================================
+
+
+def test_bf16_convs_take_onednn_exactly_where_amx_runs():
+    """The route is on with the avx512 ISA on a CPU with AMX-BF16 (unless SLIMOPS_CPU_BF16_CONV=direct or oneDNN is
+    capped below AMX) and off elsewhere; the bf16 value tests above run whichever path is on, and
+    tests/test_base_isa.py runs the direct kernel's bf16 copies (SLIMOPS_CPU_BF16_CONV=direct) on such a CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from slimops.info import cpu_flags, cpu_isa
+
+    probe = "from slimops.info import cpu_bf16_conv_onednn as f; print(f())"
+
+    def route(**env):
+        clean = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("SLIMOPS_CPU_", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))}
+        res = subprocess.run([sys.executable, "-c", probe], env=dict(clean, **env), capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip() == "True"
+
+    amx = "amx_bf16" in cpu_flags() and cpu_isa() == "avx512"
+    assert route() == amx
+    assert not route(SLIMOPS_CPU_BF16_CONV="direct")
+    assert not route(SLIMOPS_CPU_ISA="avx2")
+    assert not route(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
+    if amx:
+        assert route(ONEDNN_MAX_CPU_ISA="AVX512_CORE_AMX")
