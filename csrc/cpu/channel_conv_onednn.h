@@ -13,6 +13,14 @@
 //     sample's masked rows set to 0 (a kept-rows-only oneDNN call per sample lost to it at 28²: 7.8 against
 //     4.5 ms); the backward runs the same conv's backward on grad_out with the masked entries zeroed. About the
 //     dense x mask baseline's cost, instead of 2.3x it through the direct kernel.
+// Few kept channels favour the direct kernel still (its work shrinks with them, oneDNN's gathers and fixed costs do
+// not; per-sample masks need the conv of every row some sample keeps). Measured (bf16, 2 threads, 3x3, both paths):
+// channel_conv2d at 10% kept (1% of the MACs) fwd 0.60 / 0.67 ms direct / oneDNN at 28², 0.76 / 0.98 at 56²; at
+// 25% (6%) 1.98 / 1.02 and 2.45 / 1.77. masked_conv2d at 10% fwd 3.75 / 5.83 and 4.53 / 11.4; at 25% 6.85 / 5.72
+// (28²) but 8.15 / 10.5 (56²); at 50% 11.4 / 5.6 and 10.6 / 10.2. Hence the two thresholds below.
+constexpr double kOnednnMinMacs = 0.02;       // channel_conv2d: |out| |in| / (C_out C_in)
+constexpr double kOnednnMinMaskedKeep = 0.3;  // masked_conv2d: the kept fraction of the mask
+
 // float16 keeps the direct kernel (oneDNN's fp16 conv took 33 ms on the same Xeon, 7x its bf16 one).
 // SLIMOPS_CPU_BF16_CONV=direct keeps bf16 on the direct kernel too (the tests run both paths this way).
 #pragma once
@@ -33,6 +41,12 @@
 
 namespace slimops {
 namespace cpu {
+
+// The fraction of out_mask's entries that are set.
+inline double masked_keep_fraction(const at::Tensor& out_mask) {
+  if (out_mask.numel() == 0) return 0.0;
+  return static_cast<double>(out_mask.sum().item<int64_t>()) / static_cast<double>(out_mask.numel());
+}
 
 // The geometry as at::conv2d's pairs.
 struct ConvArgs {
