@@ -1054,3 +1054,18 @@ def test_bf16_convs_take_onednn_exactly_where_amx_runs():
     assert not route(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")
     if amx:
         assert route(ONEDNN_MAX_CPU_ISA="AVX512_CORE_AMX")
+
+
+@pytest.mark.parametrize("stride", [2**40, 9, (5, 7)], ids=str)
+def test_backward_at_strides_past_the_phase_split(stride):
+    """grad_x by phases is bounded (direct_gx_strided.h: at most 64 phases, no stride past the padded input); beyond
+    that the call takes im2col + col2im, and either way equals the reference."""
+    x, weight, bias, ii, oo, _, _ = _channel_inputs(CHANNEL_CASES["k3_basic"], torch.float32)
+    geo = (_pair(stride), (1, 1), (1, 1))
+    y = OPS.channel_conv2d(x, weight, bias, ii, oo, *geo, False)
+    go = _grad_out(y.shape, torch.float32)
+    got = OPS.channel_conv2d_backward(go, x, weight, ii, oo, *geo, False, [True] * 3)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
+    ref.channel_conv2d(xd, wd, bd, ii, oo, *geo).backward(go.double())
+    for name_, a, e in zip(GRAD_NAMES, got, (xd.grad, wd.grad, bd.grad)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=name_)

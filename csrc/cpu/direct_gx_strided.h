@@ -87,8 +87,12 @@ struct GxPhases {
 };
 
 // Whether a strided conv's grad_x runs by phases (float accumulation; the caller packs pack_weight_direct_phased).
+// At most 64 phases (strides up to 8 x 8), and no stride past the padded input (as for the forward's phase split):
+// a phase per stride step would be mostly empty, and im2col + col2im touch only what exists.
+constexpr int64_t kGxMaxPhases = 64;
 inline bool strided_gx_applies(const ConvGeom& g) {
-  return direct_conv_available() && (g.sh > 1 || g.sw > 1);
+  return (g.sh > 1 || g.sw > 1) && g.sh <= kGxMaxPhases && g.sw <= kGxMaxPhases && g.sh * g.sw <= kGxMaxPhases &&
+         direct_conv_applies(g, 1);
 }
 
 // The panels of the phases, one after the other: phase p's is the direct panel whose rows are the input channels
