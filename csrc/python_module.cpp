@@ -3,12 +3,13 @@
 // `cpu_isa()`: the instruction set the CPU kernels use in this process (csrc/cpu/isa.h), and `cpu_bf16_dot()`:
 // whether their bfloat16 paths use the AVX512-BF16 dot products (csrc/cpu/bf16_dot.h), and `cpu_bf16_conv_onednn()`:
 // whether channel_conv's bfloat16 calls run through oneDNN on AMX (csrc/cpu/channel_conv_onednn.h), for
-// `slimops info` and the benchmarks' headers. Only setup.py compiles this file; the CMake build links the same kernels
+// `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles. Only setup.py compiles this file; the CMake build links the same kernels
 // without Python.
 #include <Python.h>
 
 #include <exception>
 
+#include "cpu/amx_bf16.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/channel_conv_onednn.h"
 #include "cpu/isa.h"
@@ -45,12 +46,23 @@ PyObject* cpu_bf16_conv_onednn(PyObject*, PyObject*) {
   }
 }
 
+PyObject* cpu_amx_bf16(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(slimops::cpu::cpu_amx_bf16() ? 1 : 0);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU kernels in this process: base, avx2 or avx512 (SLIMOPS_CPU_ISA caps it)."},
     {"cpu_bf16_dot", cpu_bf16_dot, METH_NOARGS,
      "Whether the bfloat16 paths use AVX512-BF16 dot products (avx512 ISA, a CPU with AVX512_BF16, "
      "SLIMOPS_CPU_BF16_DOT not 0)."},
+    {"cpu_amx_bf16", cpu_amx_bf16, METH_NOARGS,
+     "Whether the bfloat16 kernels may use AMX tiles (avx512 ISA, AMX-BF16 usable, SLIMOPS_CPU_AMX not 0)."},
     {"cpu_bf16_conv_onednn", cpu_bf16_conv_onednn, METH_NOARGS,
      "Whether channel_conv's bfloat16 calls run through oneDNN on AMX tiles (avx512 ISA, AMX-BF16 usable, "
      "SLIMOPS_CPU_BF16_CONV not 'direct')."},

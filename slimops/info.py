@@ -38,6 +38,15 @@ def cpu_bf16_dot() -> bool:
     return bool(_C.cpu_bf16_dot())
 
 
+def cpu_amx_bf16() -> bool:
+    """Whether slimops' bfloat16 kernels may use AMX tiles in this process (csrc/cpu/amx_bf16.h: the avx512 ISA, a CPU
+    with AMX-BF16 whose tiles the OS grants, SLIMOPS_CPU_AMX not 0). Today: kept_token_attention's forward products,
+    and (with oneDNN) channel_conv's bf16 calls."""
+    from slimops import _C
+
+    return bool(_C.cpu_amx_bf16())
+
+
 def cpu_bf16_conv_onednn() -> bool:
     """Whether channel_conv2d / masked_conv2d run their bfloat16 calls through oneDNN's convolution on AMX tiles
     (csrc/cpu/channel_conv_onednn.h: the avx512 ISA, a CPU with AMX-BF16 that the OS lets this process use, oneDNN
@@ -90,6 +99,7 @@ def kernel_isa() -> str:
         return "avx2"
     return ("avx512 (spectral, sema, token_attention, distill, quant, prox, channel_conv"
             + ("; bf16 dot products" if cpu_bf16_dot() else "")
+            + ("; bf16 attention products on AMX tiles" if cpu_amx_bf16() else "")
             + ("; bf16 convs on oneDNN/AMX" if cpu_bf16_conv_onednn() else "") + ")")
 
 

@@ -304,8 +304,9 @@ def test_the_isa_variable_caps_and_is_checked():
         info.stdout + info.stderr
 
 
-# kept_token_attention's bfloat16 forward on AVX512-BF16 dot products (csrc/cpu/bf16_dot.h) against its float path
-# (the same CPU with SLIMOPS_CPU_BF16_DOT=0) and the float64 oracle: head dims odd and even (the pair padding), key
+# kept_token_attention's bfloat16 forward on AVX512-BF16 dot products (csrc/cpu/bf16_dot.h; SLIMOPS_CPU_AMX=0) and on
+# AMX tiles where the CPU has them (csrc/cpu/amx_bf16.h) against its float path (the same CPU with
+# SLIMOPS_CPU_BF16_DOT=0) and the float64 oracle: head dims odd and even (the pair padding), key
 # counts odd (a zero key to pair with), not a multiple of 16 and above the 32-column block, more queries than one
 # chunk, per-sample indices, strided views. Both paths must be within the bf16 tolerance of the oracle
 # (flash-attention's rule: 2x the reference's own error); on a CPU with the instructions, the dot path must really
@@ -314,10 +315,10 @@ _BF16_TOKENS = textwrap.dedent("""
     import sys
     import torch
     import slimops
-    from slimops.info import cpu_bf16_dot
+    from slimops.info import cpu_amx_bf16, cpu_bf16_dot
     from slimops.ops import kept_token_attention
     torch.set_num_threads(1)
-    out = {"_on": torch.tensor(cpu_bf16_dot())}
+    out = {"_on": torch.tensor(cpu_bf16_dot()), "_amx": torch.tensor(cpu_amx_bf16())}
     cases = [(2, 3, 40, 37, 64, 30, 29, False), (1, 2, 150, 150, 33, 130, 97, True), (2, 1, 9, 70, 5, 9, 1, False),
              (1, 2, 20, 50, 80, 17, 50, True), (1, 1, 8, 8, 2, 8, 8, False)]
     for n, (b, h, lq, lk, d, nq, nk, per) in enumerate(cases):
@@ -345,13 +346,15 @@ def test_bf16_dot_attention_matches_the_float_path_and_the_oracle(tmp_path):
     from tests.conftest import assert_close_lowp
 
     runs = {}
-    for name, env in (("dot", {}), ("float", {"SLIMOPS_CPU_BF16_DOT": "0"})):
+    for name, env in (("dot", {"SLIMOPS_CPU_AMX": "0"}), ("amx", {}), ("float", {"SLIMOPS_CPU_BF16_DOT": "0"})):
         path = str(tmp_path / f"{name}.pt")
         res = run_with_deadline([sys.executable, "-c", _BF16_TOKENS, path],
                                 env=dict(os.environ, OMP_NUM_THREADS="1", **env), timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         runs[name] = torch.load(path, weights_only=True)
-    assert not runs["float"]["_on"]
+    assert not runs["float"]["_on"] and not runs["dot"]["_amx"]
+    if not runs["amx"]["_amx"]:  # no AMX here: that run is the dot path again (or the float path)
+        del runs["amx"]
     if not runs["dot"]["_on"]:
         pytest.skip("this CPU has no AVX512_BF16 (or runs below the avx512 copies): the float path only")
     cases = sorted({k.split("/")[0] for k in runs["dot"] if "/" in k})

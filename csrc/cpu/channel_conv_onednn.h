@@ -36,6 +36,7 @@ constexpr double kOnednnMinMaskedKeep = 0.3;  // masked_conv2d: the kept fractio
 #include <string>
 #include <string_view>
 
+#include "amx_bf16.h"
 #include "isa.h"
 #include "slimops/channel_conv_checks.h"
 
@@ -67,19 +68,14 @@ inline bool onednn_isa_allows_amx() {
   return true;
 }
 
-// Whether bf16 channel_conv calls run through oneDNN (see above): the ISA is avx512 (isa.h), the CPU has AMX-BF16 and
-// the OS lets this process use the tiles (at::cpu::init_amx), torch has oneDNN, and SLIMOPS_CPU_BF16_CONV is not
+// Whether bf16 channel_conv calls run through oneDNN (see above): cpu_amx_bf16() (amx_bf16.h: the avx512 ISA, AMX-BF16
+// usable, SLIMOPS_CPU_AMX not 0), torch has oneDNN, oneDNN not capped below AMX, and SLIMOPS_CPU_BF16_CONV is not
 // "direct". Read once.
 inline bool bf16_conv_onednn() {
   static const bool on = [] {
     if (const char* v = std::getenv("SLIMOPS_CPU_BF16_CONV"); v != nullptr && std::string_view(v) == "direct")
       return false;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (cpu_isa() != CpuIsa::kAvx512 || !__builtin_cpu_supports("amx-bf16")) return false;
-    return at::hasMKLDNN() && onednn_isa_allows_amx() && at::cpu::init_amx();
-#else
-    return false;
-#endif
+    return cpu_amx_bf16() && at::hasMKLDNN() && onednn_isa_allows_amx();
   }();
   return on;
 }
