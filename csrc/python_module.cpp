@@ -28,27 +28,11 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
-PyObject* cpu_bf16_dot(PyObject*, PyObject*) {
+// A flag of the CPU kernels' dispatch (read once by the kernels: an environment variable it reads may be bad).
+template <bool (*Flag)()>
+PyObject* flag(PyObject*, PyObject*) {
   try {
-    return PyBool_FromLong(slimops::cpu::cpu_bf16_dot() ? 1 : 0);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  }
-}
-
-PyObject* cpu_bf16_conv_onednn(PyObject*, PyObject*) {
-  try {
-    return PyBool_FromLong(slimops::cpu::bf16_conv_onednn() ? 1 : 0);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  }
-}
-
-PyObject* cpu_amx_bf16(PyObject*, PyObject*) {
-  try {
-    return PyBool_FromLong(slimops::cpu::cpu_amx_bf16() ? 1 : 0);
+    return PyBool_FromLong(Flag() ? 1 : 0);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -58,12 +42,12 @@ PyObject* cpu_amx_bf16(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU kernels in this process: base, avx2 or avx512 (SLIMOPS_CPU_ISA caps it)."},
-    {"cpu_bf16_dot", cpu_bf16_dot, METH_NOARGS,
+    {"cpu_bf16_dot", flag<slimops::cpu::cpu_bf16_dot>, METH_NOARGS,
      "Whether the bfloat16 paths use AVX512-BF16 dot products (avx512 ISA, a CPU with AVX512_BF16, "
      "SLIMOPS_CPU_BF16_DOT not 0)."},
-    {"cpu_amx_bf16", cpu_amx_bf16, METH_NOARGS,
+    {"cpu_amx_bf16", flag<slimops::cpu::cpu_amx_bf16>, METH_NOARGS,
      "Whether the bfloat16 kernels may use AMX tiles (avx512 ISA, AMX-BF16 usable, SLIMOPS_CPU_AMX not 0)."},
-    {"cpu_bf16_conv_onednn", cpu_bf16_conv_onednn, METH_NOARGS,
+    {"cpu_bf16_conv_onednn", flag<slimops::cpu::bf16_conv_onednn>, METH_NOARGS,
      "Whether channel_conv's bfloat16 calls run through oneDNN on AMX tiles (avx512 ISA, AMX-BF16 usable, "
      "SLIMOPS_CPU_BF16_CONV not 'direct')."},
     {nullptr, nullptr, 0, nullptr}};
