@@ -304,8 +304,8 @@ def test_the_isa_variable_caps_and_is_checked():
         info.stdout + info.stderr
 
 
-# kept_token_attention's bfloat16 forward on AVX512-BF16 dot products (csrc/cpu/bf16_dot.h; SLIMOPS_CPU_AMX=0) and on
-# AMX tiles where the CPU has them (csrc/cpu/amx_bf16.h) against its float path (the same CPU with
+# kept_token_attention's bfloat16 forward on AVX512-BF16 dot products (csrc/cpu/bf16_dot.h; SLIMOPS_CPU_AMX=0), and
+# forward and backward on AMX tiles where the CPU has them (csrc/cpu/amx_bf16.h), against its float path (the same CPU with
 # SLIMOPS_CPU_BF16_DOT=0) and the float64 oracle: head dims odd and even (the pair padding), key
 # counts odd (a zero key to pair with), not a multiple of 16 and above the 32-column block, more queries than one
 # chunk, per-sample indices, strided views. Both paths must be within the bf16 tolerance of the oracle
@@ -333,9 +333,14 @@ _BF16_TOKENS = textwrap.dedent("""
         if n == 3:  # strided: views of a fused (b, l, 3, h, d) projection
             fused = torch.stack([kb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)], 2)
             kb, vb = fused[:, :, 1].transpose(1, 2), fused[:, :, 2].transpose(1, 2)
-        out[f"{n}/got"] = kept_token_attention(qb, kb, vb, qi, ki, backend="cpu")
-        out[f"{n}/f64"] = kept_token_attention(qb.double(), kb.double(), vb.double(), qi, ki, backend="reference")
-        out[f"{n}/ref"] = kept_token_attention(qb, kb, vb, qi, ki, backend="reference")
+        go = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64).bfloat16()
+        for name, dt, backend in (("got", None, "cpu"), ("f64", torch.float64, "reference"), ("ref", None, "reference")):
+            ins = [(t if dt is None else t.to(dt)).detach().requires_grad_() for t in (qb, kb, vb)]
+            y = kept_token_attention(*ins, qi, ki, backend=backend)
+            y.backward(go if dt is None else go.to(dt))
+            out[f"{n}/{name}"] = y.detach()
+            for t, which in zip(ins, "qkv"):
+                out[f"{n}g{which}/{name}"] = t.grad
     torch.save(out, sys.argv[1])
 """)
 
@@ -357,10 +362,13 @@ def test_bf16_dot_attention_matches_the_float_path_and_the_oracle(tmp_path):
         del runs["amx"]
     if not runs["dot"]["_on"]:
         pytest.skip("this CPU has no AVX512_BF16 (or runs below the avx512 copies): the float path only")
-    cases = sorted({k.split("/")[0] for k in runs["dot"] if "/" in k})
+    cases = sorted({k.split("/")[0] for k in runs["dot"] if "/" in k})  # "3" (the output), "3gq" (grad q), ...
     differ = 0
     for c in cases:
         for name, got in runs.items():
             assert_close_lowp(got[f"{c}/got"], got[f"{c}/ref"], got[f"{c}/f64"], msg=f"case {c}, {name} path")
-        differ += int(not torch.equal(runs["dot"][f"{c}/got"], runs["float"][f"{c}/got"]))
-    assert differ >= len(cases) - 1  # the dot path ran (a tiny case may round alike)
+        if "g" not in c:
+            differ += int(not torch.equal(runs["dot"][f"{c}/got"], runs["float"][f"{c}/got"]))
+    assert differ >= len([c for c in cases if "g" not in c]) - 1  # the dot path ran (a tiny case may round alike)
+    if "amx" in runs:  # the backward on tiles ran: its gradients are not the float path's
+        assert any(not torch.equal(runs["amx"][f"{c}/got"], runs["float"][f"{c}/got"]) for c in cases if "g" in c)

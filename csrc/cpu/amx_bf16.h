@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "isa.h"
+#include "transpose16.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11)
 #include <immintrin.h>
@@ -67,15 +68,22 @@ __attribute__((target("amx-tile"))) inline void amx_bf16_begin() {
 
 __attribute__((target("amx-tile"))) inline void amx_bf16_end() { _tile_release(); }
 
-// MI x NJ C tiles (MI, NJ in 1..2) at rows i, columns j.
-template <int MI, int NJ>
+// MI x NJ C tiles (MI, NJ in 1..2) at rows i, columns j; ACC: C += A B (the C tiles loaded first).
+template <int MI, int NJ, bool ACC>
 __attribute__((target("amx-tile,amx-bf16"))) inline void amx_bf16_block(int64_t kp16, const uint32_t* a, int64_t lda,
                                                                        const uint32_t* b, int64_t ldb, float* c,
                                                                        int64_t ldc) {
-  _tile_zero(0);
-  if constexpr (NJ > 1) _tile_zero(1);
-  if constexpr (MI > 1) _tile_zero(2);
-  if constexpr (MI > 1 && NJ > 1) _tile_zero(3);
+  if constexpr (ACC) {
+    _tile_loadd(0, c, ldc * 4);
+    if constexpr (NJ > 1) _tile_loadd(1, c + 16, ldc * 4);
+    if constexpr (MI > 1) _tile_loadd(2, c + 16 * ldc, ldc * 4);
+    if constexpr (MI > 1 && NJ > 1) _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+  } else {
+    _tile_zero(0);
+    if constexpr (NJ > 1) _tile_zero(1);
+    if constexpr (MI > 1) _tile_zero(2);
+    if constexpr (MI > 1 && NJ > 1) _tile_zero(3);
+  }
   const int64_t sa = lda * 4, sb = ldb * 4;
   for (int64_t p = 0; p < kp16; p += kAmxRows) {
     _tile_loadd(4, a + p, sa);
@@ -93,7 +101,8 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void amx_bf16_block(int64_t 
   if constexpr (MI > 1 && NJ > 1) _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 
-// C (m16 x n16) = A (m16 x kp16 pairs) B (kp16 pairs x n16): m16, kp16, n16 multiples of 16 (see above).
+// C (m16 x n16) = A (m16 x kp16 pairs) B (kp16 pairs x n16), or C += A B with ACC: m16, kp16, n16 multiples of 16.
+template <bool ACC = false>
 inline void amx_bf16_mm(int64_t m16, int64_t kp16, int64_t n16, const uint32_t* a, int64_t lda, const uint32_t* b,
                         int64_t ldb, float* c, int64_t ldc) {
   for (int64_t i = 0; i < m16; i += 32) {
@@ -103,12 +112,37 @@ inline void amx_bf16_mm(int64_t m16, int64_t kp16, int64_t n16, const uint32_t* 
       const uint32_t* ai = a + i * lda;
       const uint32_t* bj = b + j;
       float* cij = c + i * ldc + j;
-      if (two_rows && two_cols) amx_bf16_block<2, 2>(kp16, ai, lda, bj, ldb, cij, ldc);
-      else if (two_rows) amx_bf16_block<2, 1>(kp16, ai, lda, bj, ldb, cij, ldc);
-      else if (two_cols) amx_bf16_block<1, 2>(kp16, ai, lda, bj, ldb, cij, ldc);
-      else amx_bf16_block<1, 1>(kp16, ai, lda, bj, ldb, cij, ldc);
+      if (two_rows && two_cols) amx_bf16_block<2, 2, ACC>(kp16, ai, lda, bj, ldb, cij, ldc);
+      else if (two_rows) amx_bf16_block<2, 1, ACC>(kp16, ai, lda, bj, ldb, cij, ldc);
+      else if (two_cols) amx_bf16_block<1, 2, ACC>(kp16, ai, lda, bj, ldb, cij, ldc);
+      else amx_bf16_block<1, 1, ACC>(kp16, ai, lda, bj, ldb, cij, ldc);
     }
   }
+}
+
+// out[j] = (bf16(r0[j]), bf16(r1[j])) as a pair (r1 null: 0), j < n (a multiple of 16): two float rows rounded to
+// the pairs a product over them takes (rows 2p and 2p + 1 of P or dS, contracted over the queries).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void amx_round_interleave(const float* r0,
+                                                                                        const float* r1, int64_t n,
+                                                                                        uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + j)));
+    const __m512i b = r1 != nullptr ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r1 + j)))
+                                    : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + j, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+  }
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (both multiples of 16), in 16 x 16 register blocks.
+__attribute__((target("avx512f"))) inline void amx_transpose_pairs(const uint32_t* src, int64_t rows, int64_t cols,
+                                                                   int64_t lds, uint32_t* dst, int64_t ldd) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      __m512 v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_castsi512_ps(_mm512_loadu_si512(src + (i0 + r) * lds + j0));
+      transpose16x16(v);
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + (j0 + r) * ldd + i0, _mm512_castps_si512(v[r]));
+    }
 }
 #endif
 
