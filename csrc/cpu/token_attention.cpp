@@ -101,14 +101,59 @@ inline uint32_t bf16_pair(const c10::BFloat16* r, int64_t st, int64_t p, int64_t
   return lo | (hi << 16);
 }
 
+// The packers of the bf16 pair paths (forward and backward). A row of unit stride and even length is its own pairs:
+// copied whole, or transposed 16 x 16 blocks at a time; two rows interleave by a permute. Other strides and odd head
+// dims take the element loops.
+using BF16 = c10::BFloat16;
+
+// rows[i] of (b, h) as pairs along d into out (row i at out + i ldo; an odd d's last pair padded with 0).
+void pairs_along_d(const Plane<BF16>& x, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d, uint32_t* out,
+                   int64_t ldo) {
+  for (int64_t i = 0; i < n; ++i) {
+    const BF16* r = x.row(b, h, toks != nullptr ? toks[i] : i);
+    if (x.st == 1 && d % 2 == 0) std::memcpy(out + i * ldo, r, static_cast<size_t>(d) * sizeof(BF16));
+    else for (int64_t p = 0; p < (d + 1) / 2; ++p) out[i * ldo + p] = bf16_pair(r, x.st, p, d);
+  }
+}
+
+// Rows r0 + 2p and r0 + 2p + 1 (of n rows from r0) of (b, h) interleaved: out[p][c] = (x[2p][c], x[2p + 1][c]).
+void pairs_along_rows(const Plane<BF16>& x, int64_t b, int64_t h, const int64_t* toks, int64_t r0, int64_t n,
+                      int64_t d, uint32_t* out, int64_t ldo) {
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const int64_t i0 = r0 + 2 * p, i1 = r0 + 2 * p + 1;
+    const BF16* a = x.row(b, h, toks != nullptr ? toks[i0] : i0);
+    const BF16* c = 2 * p + 1 < n ? x.row(b, h, toks != nullptr ? toks[i1] : i1) : nullptr;
+    uint32_t* o = out + p * ldo;
+    if (x.st == 1) {
+      bf16_dot_interleave(&a->x, c != nullptr ? &c->x : nullptr, d, o, ldo);
+      continue;
+    }
+    for (int64_t t = 0; t < d; ++t)
+      o[t] = a[t * x.st].x | (c != nullptr ? static_cast<uint32_t>(c[t * x.st].x) << 16 : 0u);
+    std::fill(o + d, o + ldo, 0u);
+  }
+}
+
+// Rows toks[j] of (b, h) transposed into pairs along d: out[p * ldo + j] = (x_j[2p], x_j[2p + 1]), columns past n 0.
+// `rows`: n pointers of scratch.
+void pairs_transposed(const Plane<BF16>& x, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d,
+                      uint32_t* out, int64_t ldo, std::vector<const uint32_t*>& rows) {
+  const int64_t dh = (d + 1) / 2;
+  if (x.st == 1 && d % 2 == 0) {
+    for (int64_t j = 0; j < n; ++j) rows[j] = reinterpret_cast<const uint32_t*>(x.row(b, h, toks[j]));
+    bf16_dot_pack_transposed(rows.data(), n, dh, out, ldo);
+    return;
+  }
+  std::fill(out, out + dh * ldo, 0u);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < dh; ++p) out[p * ldo + j] = bf16_pair(x.row(b, h, toks[j]), x.st, p, d);
+}
+
 void forward_bf16_dot(const KeptGeom& g, const KeptIndex& ix, const Plane<c10::BFloat16>& q,
                       const Plane<c10::BFloat16>& k, const Plane<c10::BFloat16>& v, c10::BFloat16* out) {
   const int64_t dh = (g.d + 1) / 2, kh = (g.nk + 1) / 2, dm = pad16(g.d), nkp = pad16(g.nk);
   const int64_t qc = std::min(g.nq, kQueryChunk);
   const float scale = static_cast<float>(g.scale);
-  // A row of unit stride and even length is its own pairs: copied whole (q) or transposed 16 x 16 blocks at a time
-  // (k); v interleaves two rows by a permute. Other strides and odd head dims take the element loops.
-  const bool q_pairs = q.st == 1 && g.d % 2 == 0, k_pairs = k.st == 1 && g.d % 2 == 0, v_rows = v.st == 1;
   // On AMX the products run on tiles (amx_bf16.h), whose operands are whole tiles: the pair counts (dhp, khp) and
   // the rows of q, P, S and O (nqp, qcp) are padded to 16, the padding zero (written once: the loops below never
   // touch it) or, for rows past a chunk, values whose products are not stored.
@@ -127,33 +172,9 @@ void forward_bf16_dot(const KeptGeom& g, const KeptIndex& ix, const Plane<c10::B
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / g.heads, h = bh % g.heads;
       const int64_t *qt = ix.q_row(b), *kvt = ix.kv_row(b);
-      for (int64_t i = 0; i < g.nq; ++i) {
-        const c10::BFloat16* r = q.row(b, h, qt[i]);
-        if (q_pairs) std::memcpy(qb + i * dhp, r, static_cast<size_t>(g.d) * sizeof(c10::BFloat16));
-        else for (int64_t p = 0; p < dh; ++p) qb[i * dhp + p] = bf16_pair(r, q.st, p, g.d);
-      }
-      if (k_pairs) {
-        for (int64_t j = 0; j < g.nk; ++j) krows[j] = reinterpret_cast<const uint32_t*>(k.row(b, h, kvt[j]));
-        bf16_dot_pack_transposed(krows.data(), g.nk, dh, kt, nkp);
-      } else {
-        std::fill(kt, kt + dh * nkp, 0u);
-        for (int64_t j = 0; j < g.nk; ++j) {
-          const c10::BFloat16* r = k.row(b, h, kvt[j]);
-          for (int64_t p = 0; p < dh; ++p) kt[p * nkp + j] = bf16_pair(r, k.st, p, g.d);
-        }
-      }
-      for (int64_t p = 0; p < kh; ++p) {
-        const c10::BFloat16* r0 = v.row(b, h, kvt[2 * p]);
-        const c10::BFloat16* r1 = 2 * p + 1 < g.nk ? v.row(b, h, kvt[2 * p + 1]) : nullptr;
-        uint32_t* o = vp + p * dm;
-        if (v_rows) {
-          bf16_dot_interleave(&r0->x, r1 != nullptr ? &r1->x : nullptr, g.d, o, dm);
-          continue;
-        }
-        for (int64_t t = 0; t < g.d; ++t)
-          o[t] = r0[t * v.st].x | (r1 != nullptr ? static_cast<uint32_t>(r1[t * v.st].x) << 16 : 0u);
-        std::fill(o + g.d, o + dm, 0u);
-      }
+      pairs_along_d(q, b, h, qt, g.nq, g.d, qb, dhp);
+      pairs_transposed(k, b, h, kvt, g.nk, g.d, kt, nkp, krows);
+      pairs_along_rows(v, b, h, kvt, 0, g.nk, g.d, vp, dm);
       c10::BFloat16* base = out + bh * g.nq * g.d;
       for (int64_t c0 = 0; c0 < g.nq; c0 += qc) {
         const int64_t m = std::min(qc, g.nq - c0);
@@ -268,36 +289,6 @@ void backward(const KeptGeom& g, const KeptIndex& ix, const Plane<S>& gr, const 
 // with the float backward (1.37x the best baseline), 9.4-10.1 ms on the tiles (1.77-1.87x). What is left is mostly
 // the float softmax's exps (23% of a profile) and packing; the products take ~22%.
 #if SLIMOPS_AMX
-using BF16 = c10::BFloat16;
-
-// rows[i] of (b, h) as pairs along d into out (row i at out + i ldo; an odd d's last pair padded with 0).
-void pairs_along_d(const Plane<BF16>& x, int64_t b, int64_t h, const int64_t* toks, int64_t n, int64_t d, uint32_t* out,
-                   int64_t ldo) {
-  for (int64_t i = 0; i < n; ++i) {
-    const BF16* r = x.row(b, h, toks != nullptr ? toks[i] : i);
-    if (x.st == 1 && d % 2 == 0) std::memcpy(out + i * ldo, r, static_cast<size_t>(d) * sizeof(BF16));
-    else for (int64_t p = 0; p < (d + 1) / 2; ++p) out[i * ldo + p] = bf16_pair(r, x.st, p, d);
-  }
-}
-
-// Rows r0 + 2p and r0 + 2p + 1 (of n rows from r0) of (b, h) interleaved: out[p][c] = (x[2p][c], x[2p + 1][c]).
-void pairs_along_rows(const Plane<BF16>& x, int64_t b, int64_t h, const int64_t* toks, int64_t r0, int64_t n,
-                      int64_t d, uint32_t* out, int64_t ldo) {
-  for (int64_t p = 0; 2 * p < n; ++p) {
-    const int64_t i0 = r0 + 2 * p, i1 = r0 + 2 * p + 1;
-    const BF16* a = x.row(b, h, toks != nullptr ? toks[i0] : i0);
-    const BF16* c = 2 * p + 1 < n ? x.row(b, h, toks != nullptr ? toks[i1] : i1) : nullptr;
-    uint32_t* o = out + p * ldo;
-    if (x.st == 1) {
-      bf16_dot_interleave(&a->x, c != nullptr ? &c->x : nullptr, d, o, ldo);
-      continue;
-    }
-    for (int64_t t = 0; t < d; ++t)
-      o[t] = a[t * x.st].x | (c != nullptr ? static_cast<uint32_t>(c[t * x.st].x) << 16 : 0u);
-    std::fill(o + d, o + ldo, 0u);
-  }
-}
-
 void backward_bf16_amx(const KeptGeom& g, const KeptIndex& ix, const Plane<BF16>& gr, const Plane<BF16>& q,
                        const Plane<BF16>& k, const Plane<BF16>& v, const Grads<BF16>& out) {
   const int64_t dh = (g.d + 1) / 2, dhp = amx_pad16(dh), kh = (g.nk + 1) / 2, khp = amx_pad16(kh);
@@ -320,19 +311,12 @@ void backward_bf16_amx(const KeptGeom& g, const KeptIndex& ix, const Plane<BF16>
       const int64_t *qt = ix.q_row(b), *kvt = ix.kv_row(b);
       pairs_along_d(q, b, h, qt, g.nq, g.d, qb, dhp);
       pairs_along_d(gr, b, h, nullptr, g.nq, g.d, gb, dhp);
-      const std::pair<const Plane<BF16>*, uint32_t*> tr[] = {{&k, kt}, {&v, vt}};
-      for (const auto& [x, dst] : tr) {  // K^T, V^T: pairs along d, keys in the columns
-        if (x->st == 1 && g.d % 2 == 0) {
-          for (int64_t j = 0; j < g.nk; ++j) rows[j] = reinterpret_cast<const uint32_t*>(x->row(b, h, kvt[j]));
-          bf16_dot_pack_transposed(rows.data(), g.nk, dh, dst, nkp);
-        } else {
-          std::fill(dst, dst + dh * nkp, 0u);
-          for (int64_t j = 0; j < g.nk; ++j)
-            for (int64_t p = 0; p < dh; ++p) dst[p * nkp + j] = bf16_pair(x->row(b, h, kvt[j]), x->st, p, g.d);
-        }
-      }
+      pairs_transposed(k, b, h, kvt, g.nk, g.d, kt, nkp, rows);  // K^T, V^T: pairs along d, keys in the columns
+      pairs_transposed(v, b, h, kvt, g.nk, g.d, vt, nkp, rows);
       pairs_along_rows(k, b, h, kvt, 0, g.nk, g.d, kp, dm);
       std::fill(dvt, dvt + 2 * dm * nkp, 0.f);
+      if (out.q != nullptr)  // each item owns its (b, h) plane: zeroed, then the chunks write the kept rows
+        std::fill_n(out.q + bh * g.lq * g.d, g.lq * g.d, BF16(0));
       for (int64_t c0 = 0; c0 < g.nq; c0 += qc) {
         const int64_t m = std::min(qc, g.nq - c0), m16 = amx_pad16(m), mh = (m + 1) / 2;
         amx_bf16_mm(m16, dhp, nkp, qb + c0 * dhp, dhp, kt, nkp, sc, nkp);  // S = Q K^T
@@ -365,13 +349,6 @@ void backward_bf16_amx(const KeptGeom& g, const KeptIndex& ix, const Plane<BF16>
         }
         if (out.v != nullptr) amx_bf16_mm<true>(dm, mhp, nkp, gT, mhp, pq, nkp, dvt, nkp);   // dV^T += G^T P
         if (out.k != nullptr) amx_bf16_mm<true>(dm, mhp, nkp, qT, mhp, dsq, nkp, dkt, nkp);  // dK^T += Q^T dS
-      }
-      if (out.q != nullptr) {  // the rows no query kept are 0
-        BF16* base = out.q + bh * g.lq * g.d;
-        std::vector<bool> kept(static_cast<size_t>(g.lq), false);
-        for (int64_t i = 0; i < g.nq; ++i) kept[qt[i]] = true;
-        for (int64_t i = 0; i < g.lq; ++i)
-          if (!kept[i]) std::fill_n(base + i * g.d, g.d, BF16(0));
       }
       const std::tuple<BF16*, const float*, float> kv[] = {{out.k, dkt, scale}, {out.v, dvt, 1.f}};
       for (const auto& [dst, src, mul] : kv) {
