@@ -530,8 +530,7 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.n, nr, g.oh, g.ow}, x.options());
   if (y.numel() == 0) return y;
-  if (x.scalar_type() == at::kBFloat16 && nc > 0 && bf16_conv_onednn() &&  // AMX tiles (channel_conv_onednn.h)
-      static_cast<double>(nr * nc) >= kOnednnMinMacs * static_cast<double>(c.c_out * c.c_in))
+  if (channel_conv_takes_onednn(x, nr, nc, c.c_out, c.c_in))  // bf16 on AMX tiles (channel_conv_onednn.h)
     return channel_conv2d_onednn(x, weight, bias, c.in_idx, c.out_idx, g, input_gathered);
   // The channels im2col reads from x: in_idx, or 0..nc-1 when x is already compact.
   const std::vector<int64_t> compact = iota(nc);
@@ -593,8 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
   const int64_t nc = c.in_idx.numel(), nr = c.out_idx.numel(), taps = g.taps(), k = nc * taps;
   check_grad_out(op, grad_out, x, g, nr);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  if (x.scalar_type() == at::kBFloat16 && g.n > 0 && nr > 0 && nc > 0 && (need_x || need_w || need_b) &&
-      bf16_conv_onednn() && static_cast<double>(nr * nc) >= kOnednnMinMacs * static_cast<double>(c.c_out * c.c_in))
+  if (g.n > 0 && (need_x || need_w || need_b) && channel_conv_takes_onednn(x, nr, nc, c.c_out, c.c_in))
     return channel_conv2d_backward_onednn(grad_out, x, weight, c.in_idx, c.out_idx, g, input_gathered, output_mask);
   at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
   std::tie(gx, gw, gb) = grad_buffers(x, weight, output_mask);
@@ -702,8 +700,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
   at::Tensor y = at::empty({g.n, c_out, g.oh, g.ow}, x.options());
   if (y.numel() == 0) return y;
-  if (x.scalar_type() == at::kBFloat16 && c_in > 0 && bf16_conv_onednn() &&  // AMX tiles (channel_conv_onednn.h)
-      masked_keep_fraction(out_mask) >= kOnednnMinMaskedKeep)
+  if (masked_conv_takes_onednn(x, out_mask, c_in))  // bf16 on AMX tiles (channel_conv_onednn.h)
     return masked_conv2d_onednn(x, weight, bias, out_mask, g, y.sizes());
   const SampleReader xr = sample_reader(x);
   const at::Tensor wc = weight.contiguous();
@@ -758,8 +755,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = g.taps(), k = c_in * taps;
   check_grad_out(op, grad_out, x, g, c_out);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  if (x.scalar_type() == at::kBFloat16 && g.n > 0 && c_out > 0 && c_in > 0 && (need_x || need_w || need_b) &&
-      bf16_conv_onednn() && masked_keep_fraction(out_mask) >= kOnednnMinMaskedKeep)
+  if (g.n > 0 && c_out > 0 && (need_x || need_w || need_b) && masked_conv_takes_onednn(x, out_mask, c_in))
     return masked_conv2d_backward_onednn(grad_out, x, weight, out_mask, g, output_mask);
   at::Tensor gx, gw, gb;  // not a structured binding: the dispatch lambdas below capture them
   std::tie(gx, gw, gb) = grad_buffers(x, weight, output_mask);

@@ -43,12 +43,6 @@ constexpr double kOnednnMinMaskedKeep = 0.3;  // masked_conv2d: the kept fractio
 namespace slimops {
 namespace cpu {
 
-// The fraction of out_mask's entries that are set.
-inline double masked_keep_fraction(const at::Tensor& out_mask) {
-  if (out_mask.numel() == 0) return 0.0;
-  return static_cast<double>(out_mask.sum().item<int64_t>()) / static_cast<double>(out_mask.numel());
-}
-
 // The geometry as at::conv2d's pairs.
 struct ConvArgs {
   std::array<int64_t, 2> stride, padding, dilation;
@@ -78,6 +72,21 @@ inline bool bf16_conv_onednn() {
     return cpu_amx_bf16() && at::hasMKLDNN() && onednn_isa_allows_amx();
   }();
   return on;
+}
+
+// Whether a channel_conv2d call (forward or backward) goes to oneDNN: bf16, AMX usable, at least kOnednnMinMacs of
+// the MACs kept (nr of c_out rows, nc of c_in channels).
+inline bool channel_conv_takes_onednn(const at::Tensor& x, int64_t nr, int64_t nc, int64_t c_out, int64_t c_in) {
+  return x.scalar_type() == at::kBFloat16 && nr > 0 && nc > 0 && bf16_conv_onednn() &&
+         static_cast<double>(nr * nc) >= kOnednnMinMacs * static_cast<double>(c_out * c_in);
+}
+
+// Whether a masked_conv2d call (forward or backward) goes to oneDNN: bf16, AMX usable, at least kOnednnMinMaskedKeep
+// of out_mask set.
+inline bool masked_conv_takes_onednn(const at::Tensor& x, const at::Tensor& out_mask, int64_t c_in) {
+  if (x.scalar_type() != at::kBFloat16 || c_in == 0 || out_mask.numel() == 0 || !bf16_conv_onednn()) return false;
+  const double kept = static_cast<double>(out_mask.sum().item<int64_t>()) / static_cast<double>(out_mask.numel());
+  return kept >= kOnednnMinMaskedKeep;
 }
 
 // x's channels idx (dim 1) or samples idx (dim 0), by indexing: index_select would make a non-contiguous x (a

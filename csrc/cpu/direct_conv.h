@@ -59,9 +59,10 @@ inline bool direct_conv_available() {
 // The direct kernels run "flat": the output pixels are taken in the order of the padded input, p = oy wp + ox, so
 // that a pixel block runs on across row ends (the input of tap (i, j) for p is at p + off[t]: one unaligned load
 // for the whole block, whatever row each lane is in); the lanes with ox >= ow (wp - ow per row: 1 for a 3x3 "same"
-// conv since the rows share their padding, DirectGeom; 2 before) are computed and not stored. At a stride > 1 the input is split into phases first (DirectGeom). A 28-pixel
-// row wastes 2 of 30 lanes instead of 4 of 32 row by row, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel
-// row 2 of 9 instead of 9 of 16. Measured (Zen 5, 2 threads, 32 x C/2 -> C/2 kept of C, 3x3, fwd, AVX-512):
+// conv since the rows share their padding, DirectGeom; 2 before) are computed and not stored. At a stride > 1 the
+// input is split into phases first (DirectGeom). Against row by row, with 2 wasted lanes per row then: a 28-pixel
+// row wasted 2 of 30 lanes instead of 4 of 32, a 14-pixel row 2 of 16 instead of 18 of 32, a 7-pixel row 2 of 9
+// instead of 9 of 16. Measured (Zen 5, 2 threads, 32 x C/2 -> C/2 kept of C, 3x3, fwd, AVX-512):
 // 28² x 128 385-392 -> 397-420 GFLOP/s, 56² x 64 342-361 -> 375-382, 14² x 256 285-289 -> 410-412, 7² x 512
 // 147-149 -> 321-339. The AVX2 copy (since 2026-12-06's third session; as AVX2 on a Xeon, SLIMOPS_CPU_ISA=avx2,
 // 2 threads, 32 samples, 3x3, bench/time_channel_conv_ops.py): channel_conv2d's forward at 90% of 128 @ 28²
@@ -429,14 +430,16 @@ inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
 #endif
 
 #if SLIMOPS_DIRECT_CONV
-// The flat kernels over the flat output positions [0, end) of one sample (row stride wp, ow stored per row): out row
-// r <- Σ over the nc channels (planes `plane` apart in xbuf) and the taps (offsets off) of panel rows r. `reach`: how
-// far past a position its taps read, in each of the `planes` planes the input spans (which sets the band width).
+// The flat kernels over the flat output positions [0, end) of one sample (row stride wp, ow stored per row): output
+// row r (out_rows[r], or res + r ld_res without out_rows) <- Σ over the nc channels (planes `plane` apart in xbuf) and
+// the taps (offsets off) of panel rows r. `reach`: how far past a position its taps read, in each of the `planes`
+// planes the input spans (which sets the band width).
 // Output positions go in bands (chunks of flat positions, multiples of 32): every row block of the band reuses the
 // same input from L2 (about 128 KB of it per band), instead of sweeping the whole padded input once per row block.
 inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const int64_t* off, int64_t reach,
                               int64_t planes, int64_t end, int64_t ow, int64_t wp, int64_t plane,
-                              const float* dpanel, int64_t nr, float* const* out_rows) {
+                              const float* dpanel, int64_t nr, float* res, int64_t ld_res,
+                              float* const* out_rows) {
   constexpr int64_t blk = 16 * kFlatVectors;
   const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
   const bool paired = direct_paired();
@@ -446,8 +449,11 @@ inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const
       const int64_t nrows = direct_block_rows(r0, nr, paired);
       // AVX-512: each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
       const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
+      float* rows[2 * kRB];
+      for (int64_t q = 0; q < nrows + nrows2; ++q)
+        rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ld_res;
       const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
-      fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, dpanel + b * nc * taps * kRB, out_rows + r0);
+      fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, dpanel + b * nc * taps * kRB, rows);
       r0 += nrows + nrows2;
       b += nrows2 > 0 ? 2 : 1;
     }
@@ -470,17 +476,11 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   std::vector<int64_t> off_big;
   int64_t* offp = taps <= 64 ? off : (off_big.resize(static_cast<size_t>(taps)), off_big.data());
   direct_tap_offsets(g, d, offp);
-  std::vector<float*> res_rows;
-  if (out_rows == nullptr) {
-    res_rows.resize(static_cast<size_t>(nr));
-    for (int64_t r = 0; r < nr; ++r) res_rows[r] = res + r * ohw;
-    out_rows = res_rows.data();
-  }
   // `reach`: the input past a position that its taps read, in each phase plane.
   const int64_t reach = (g.kh - 1) * g.dh / d.phases_h * d.wp + (g.kw - 1) * g.dw / d.phases_w;
   const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
   direct_flat_bands(xp_buf, nc, taps, offp, reach, nc * d.phases_h * d.phases_w, end, g.ow, d.wp, d.plane(), dpanel,
-                    nr, out_rows);
+                    nr, res, ohw, out_rows);
   return true;
 #else
   (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows;

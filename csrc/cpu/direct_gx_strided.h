@@ -139,17 +139,15 @@ inline void direct_gx_phased(const float* dy, const int64_t* dy_rows, int64_t nr
     }
     std::fill(d + (P.qh + g.oh) * P.wb, d + P.plane(), 0.f);
   }
-  std::vector<float*> out(static_cast<size_t>(nc));
-  std::vector<int64_t> res_at(P.phases.size());  // where each phase's result starts in res
+  std::vector<int64_t> res_at(P.phases.size());  // where each phase's result starts in res (channel c: + c ny nx)
   for (size_t i = 0, at = 0; i < P.phases.size(); ++i) {
     const GxPhase& p = P.phases[i];
     res_at[i] = static_cast<int64_t>(at);
     at += static_cast<size_t>(nc * p.ny * p.nx);
-    for (int64_t c = 0; c < nc; ++c) out[c] = res + res_at[i] + c * p.ny * p.nx;
     const int64_t* off = P.off.data() + p.tap0;
     const int64_t reach = *std::max_element(off, off + p.ntaps) - *std::min_element(off, off + p.ntaps);
     direct_flat_bands(dbuf, nr, p.ntaps, off, reach, nr, (p.ny - 1) * P.wb + p.nx, p.nx, P.wb, P.plane(),
-                      dpanel + phased_panel_offset(nc, nr, p), nc, out.data());
+                      dpanel + phased_panel_offset(nc, nr, p), nc, res + res_at[i], p.ny * p.nx, nullptr);
   }
   // The phases, interleaved into grad_x's rows: input pixel (y, x) is pixel (Y', X') = ((y + ph) / sh,
   // (x + pw) / sw) of phase ((y + ph) % sh, (x + pw) % sw), whose first row and column are those of y = 0, x = 0.
