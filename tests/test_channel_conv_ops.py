@@ -1032,9 +1032,9 @@ def test_bf16_convs_take_onednn_exactly_where_amx_runs():
     capped below AMX) and off elsewhere; the bf16 value tests above run whichever path is on, and
     tests/test_base_isa.py runs the direct kernel's bf16 copies (SLIMOPS_CPU_BF16_CONV=direct) on such a CPU."""
     import os
-    import subprocess
     import sys
 
+    from _proc import run_with_deadline
     from slimops.info import cpu_flags, cpu_isa
 
     probe = "from slimops.info import cpu_bf16_conv_onednn as f; print(f())"
@@ -1042,8 +1042,7 @@ def test_bf16_convs_take_onednn_exactly_where_amx_runs():
     def route(**env):
         clean = {k: v for k, v in os.environ.items()
                  if not k.startswith(("SLIMOPS_CPU_", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))}
-        res = subprocess.run([sys.executable, "-c", probe], env=dict(clean, **env), capture_output=True, text=True,
-                             timeout=120)
+        res = run_with_deadline([sys.executable, "-c", probe], env=dict(clean, **env), timeout=120)
         assert res.returncode == 0, res.stderr
         return res.stdout.strip() == "True"
 
