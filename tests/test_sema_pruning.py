@@ -175,7 +175,7 @@ def test_config_and_method_checks():
         SlimMethod(MethodConfig("sidt", lam=0.5), M.build("sema_t", width=0.25), lr=0.1)
     m = _gated()
     sm = SlimMethod(MethodConfig("sidt", lam=0.5, penalty="tl1"), m, lr=1e-3, optimizer="adamw")
-    assert {id(p) for p in sm.optimizer.param_groups[1]["params"]} == {id(w) for w in m.gates().values()}
+    assert {id(p) for p in sm.optimizer.param_groups[-1]["params"]} == {id(w) for w in m.gates().values()}
 
 
 def test_block_resize_checks():

@@ -47,6 +47,33 @@ def test_the_optimizer_is_the_fused_one_asked_for():
         SlimMethod(MethodConfig("proximal-ns", lam=1e-4), m, lr=0.1, optimizer="adamw")
 
 
+@pytest.mark.parametrize("arch, method", [("vit_ti", "none"), ("vit_ti", "sidt"), ("gfnet_ti", "none"),
+                                          ("vgg11", "ns")])
+def test_adamw_decays_the_matrices_only(arch, method):
+    """DeiT / timm's groups: AdamW's decay acts on the ndim >= 2 weights, not on biases, norm scales, the position
+    embedding or the class token (nor the gates / BN scales a method presses). SGD decays every weight."""
+    kw = dict(gates=True) if method == "sidt" else {}
+    m = M.build(arch, num_classes=10, in_channels=1, width=0.25, **kw)
+    cfg = MethodConfig(method, lam=1e-4)
+    sm = SlimMethod(cfg, m, lr=1e-3, weight_decay=0.05, optimizer="adamw")
+    gate_ids = {id(g) for g in sm.gammas}
+    decay_of = {id(p): g["weight_decay"] for g in sm.optimizer.param_groups for p in g["params"]}
+    names = dict(m.named_parameters())
+    assert set(decay_of) == {id(p) for p in names.values()}  # every parameter in exactly one group
+    assert len(decay_of) == len(names)
+    skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
+    for name, p in names.items():
+        if id(p) in gate_ids:
+            assert decay_of[id(p)] == 0.0, name  # 1-D: the gates, or the BN scales ns presses
+        else:
+            assert decay_of[id(p)] == (0.05 if p.ndim >= 2 and name not in skip else 0.0), name
+    if arch == "vit_ti":
+        assert decay_of[id(m.pos_embed)] == 0.0 and decay_of[id(m.cls_token)] == 0.0
+        assert decay_of[id(m.blocks[0].attn.qkv.weight)] == 0.05 and decay_of[id(m.blocks[0].norm1.weight)] == 0.0
+    sgd = SlimMethod(MethodConfig("none"), m, lr=0.1, weight_decay=1e-4).optimizer
+    assert {g["weight_decay"] for g in sgd.param_groups if g["params"]} == {1e-4}
+
+
 def test_slim_config_refuses_adamw_for_the_sgd_methods_and_warmup_without_cosine():
     SlimConfig(model="vit_ti", method="none", optimizer="adamw", schedule="cosine", warmup_epochs=3)
     with pytest.raises(ValueError, match="optimizer must be 'sgd' for method prox-sgd"):

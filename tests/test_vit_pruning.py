@@ -185,7 +185,7 @@ def test_the_methods_train_the_gates_with_the_fused_optimizers():
     m = _gated()
     sm = SlimMethod(MethodConfig("sidt", lam=0.5, penalty="l0"), m, lr=1e-3, weight_decay=0.05, optimizer="adamw")
     assert isinstance(sm.optimizer, ProxAdamW)
-    gate_group = sm.optimizer.param_groups[1]
+    gate_group = sm.optimizer.param_groups[-1]  # after the AdamW decay / no-decay groups
     assert gate_group["penalty"] == "l0" and gate_group["lam"] == 0.5 and gate_group["weight_decay"] == 0.0
     assert {id(p) for p in gate_group["params"]} == {id(w) for w in m.gates().values()}
     with pytest.raises(ValueError, match="the model has none"):

@@ -65,6 +65,10 @@ class GFNet(SlimmableModel):
                 nn.init.constant_(m.weight, 0.5)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set:
+        """The parameters AdamW's weight decay leaves alone besides the 1-D ones (as GFNet's own code)."""
+        return {"pos_embed"}
+
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """The position embedding (1, h, w, D) of an h x w token grid."""
         pe = self.pos_embed

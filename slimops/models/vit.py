@@ -113,6 +113,10 @@ class VisionTransformer(DimGated, SlimmableModel):
         if gates:
             self.add_gates()
 
+    def no_weight_decay(self) -> set:
+        """The parameters AdamW's weight decay leaves alone besides the 1-D ones (timm's name for the same hook)."""
+        return {"pos_embed", "cls_token"}
+
     def gated_blocks(self) -> list:
         """The blocks that take dimension gates (:class:`slimops.models._gated.DimGated`): every block."""
         return list(self.blocks)

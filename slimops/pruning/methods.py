@@ -143,6 +143,24 @@ class MethodConfig:
                 raise ValueError(f"slimops.pruning: keep_dims needs the run's steps (a positive int), got {self.steps!r}")
 
 
+def adamw_decay_split(model: nn.Module, params: list) -> tuple[list, list]:
+    """AdamW's two groups of ``params``: those weight decay acts on, and those it leaves alone.
+
+    Decoupled weight decay pulls a weight toward 0. That regularises the matrices and kernels (ndim >= 2), but
+    pulling a LayerNorm / BatchNorm scale toward 0 shrinks the whole normalised signal, a bias toward 0 only moves
+    it, and a position embedding or class token toward 0 erases what it learned. So, as DeiT and timm
+    (``param_groups_weight_decay``), the 1-D parameters and the names in the model's ``no_weight_decay()`` (the
+    ViTs' ``pos_embed`` and ``cls_token``) get none. Measured on digits (docs/vit.md, "AdamW's weight decay"):
+    ViT-Ti x0.25 at patch 4, 30 epochs, seed 1, ended at 48.7% with decay on every parameter, 82.7% with these
+    groups.
+    """
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    skip_ids = {id(p) for name, p in model.named_parameters() if p.ndim <= 1 or name in skip}
+    decay = [p for p in params if id(p) not in skip_ids]
+    no_decay = [p for p in params if id(p) in skip_ids]
+    return decay, no_decay
+
+
 class SlimMethod:
     """Builds the optimizer of a method and applies its per-step sparsity updates.
 
@@ -163,9 +181,10 @@ class SlimMethod:
             self.gammas = bn_gammas(model)
         ids = {id(g) for g in self.gammas}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        # The gates / gammas get no weight decay under a sparsity method: its penalty is their regulariser.
+        # The ViT gates get no weight decay (their penalty is their regulariser); under AdamW neither do the BN
+        # scales, as no 1-D parameter does (adamw_decay_split). SGD decays the BN scales, as network slimming's code.
         gamma_group = {"params": self.gammas}
-        if cfg.method in VIT_METHODS:
+        if cfg.method in VIT_METHODS or optimizer == "adamw":
             gamma_group["weight_decay"] = 0.0
         if cfg.method in CHOOSES_PENALTY:
             gamma_group.update(penalty=cfg.penalty, lam=cfg.lam, a=cfg.a)
@@ -173,7 +192,9 @@ class SlimMethod:
             if cfg.method not in ADAMW_METHODS:
                 raise ValueError(f"slimops.pruning: method {cfg.method!r} is defined on SGD steps; optimizer "
                                  f"'adamw' works with {', '.join(ADAMW_METHODS)}")
-            self.optimizer = ProxAdamW([{"params": rest}, gamma_group], lr=lr, weight_decay=weight_decay)
+            decay, no_decay = adamw_decay_split(model, rest)
+            self.optimizer = ProxAdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, gamma_group],
+                                       lr=lr, weight_decay=weight_decay)
         else:
             self.optimizer = ProxSGD([{"params": rest}, gamma_group], lr=lr, momentum=momentum,
                                      weight_decay=weight_decay, nesterov=nesterov)
