@@ -134,3 +134,28 @@ def test_adamw_cosine_resumes_bitwise(tmp_path, monkeypatch):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert math.isfinite(res_a.history[-1]["loss"])
+
+
+def test_resume_refuses_an_optimizer_state_of_another_layout(tmp_path, monkeypatch):
+    """A checkpoint whose AdamW state has other groups (as one written before the decay / no-decay split) is
+    refused with a message naming the file, not resumed into the wrong groups."""
+    from slimops.data import load
+
+    ds = load("digits")
+    cfg = T.TrainConfig(epochs=2, lr=1e-3, batch=512, seed=0, optimizer="adamw")
+    run = T.run_config_of({"arch": "vit_ti"}, "digits", MethodConfig("none"), cfg)
+    m = M.build("vit_ti", num_classes=10, in_channels=1, width=0.125, img_size=32, patch=8)
+    saved = {}
+    real_save = T.atomic_save
+    monkeypatch.setattr(T, "atomic_save", lambda obj, path: saved.setdefault("ck", copy.deepcopy(obj)))
+    T.train_stage(m, ds, MethodConfig("none"), cfg, stage="train", ckpt_path=str(tmp_path / "a.pt"), resume=False,
+                  device=torch.device("cpu"), dist_info=DistInfo(), run_config=run, progress=False)
+    ck = saved["ck"]
+    groups = ck["optimizer"]["param_groups"]
+    groups[0]["params"] = groups[0]["params"] + groups[1]["params"]  # the old layout: decay on everything
+    del groups[1]
+    path = str(tmp_path / "old.pt")
+    real_save(ck, path)
+    with pytest.raises(ValueError, match=r"resume: the optimizer state in '.*old\.pt' does not fit"):
+        T.train_stage(m, ds, MethodConfig("none"), cfg, stage="train", ckpt_path=path, resume=True,
+                      device=torch.device("cpu"), dist_info=DistInfo(), run_config=run, progress=False)

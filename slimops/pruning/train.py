@@ -185,7 +185,12 @@ def train_stage(model: nn.Module, data, method_cfg: MethodConfig, cfg: TrainConf
             raise ValueError(f"slimops.pruning.resume: '{ckpt_path}' was written by a different run or stage "
                              f"(stage {ck.get('stage')!r}; run config {ck.get('run_config')} != {run_config})")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            opt.load_state_dict(ck["optimizer"])
+        except ValueError as e:  # e.g. a checkpoint from before AdamW's decay / no-decay groups (2026-12-06)
+            raise ValueError(f"slimops.pruning.resume: the optimizer state in '{ckpt_path}' does not fit this run's "
+                             f"optimizer ({e}); it was written by another version of slimops: start the run again "
+                             "without --resume") from e
         sched.load_state_dict(ck["scheduler"])
         method.load_state_dict(ck["method"])
         set_rng_state(ck["rng"])
