@@ -111,7 +111,8 @@ def _train_opts(ap: argparse.ArgumentParser) -> None:
                     help="sgd (the CNN recipes) or adamw (betas 0.9/0.999: the ViT recipe, with e.g. --lr 1e-3 "
                          "--schedule cosine --warmup-epochs 3)")
     ap.add_argument("--weight-decay", type=nonneg_float, default=None,
-                    help="default: 1e-4 for sgd (on every weight), 0.05 for adamw (not on biases, norm scales, position embeddings and class tokens, as DeiT)")
+                    help="default: 1e-4 for sgd (on every weight), 0.05 for adamw (not on biases, norm scales, "
+                         "position embeddings and class tokens, as DeiT)")
     ap.add_argument("--schedule", default="step", choices=("step", "cosine"),
                     help="step: lr /10 at 50%% and 75%% of the epochs; cosine: per step, after a linear warmup")
     ap.add_argument("--warmup-epochs", type=count, default=0, help="cosine: linear warmup over this many epochs")
