@@ -538,14 +538,17 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const std::vector<int64_t> rows = iota(nr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.channel_conv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> panel(static_cast<size_t>(nr * nc * g.taps()));
-    pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
-                                 nr, c.in_idx.const_data_ptr<int64_t>(), nc, panel.data());
+    // One weight panel: the direct kernel's where it runs, else im2col + GEMM's (as the backward and masked_conv2d).
+    std::vector<acc_t> panel;
     std::vector<float> dpanel;
     if (std::is_same_v<acc_t, float> && direct_conv_applies(g, nc)) {
       dpanel.resize(static_cast<size_t>(direct_panel_size(nr, nc, g.taps())));
       pack_weight_direct<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
                                    nr, c.in_idx.const_data_ptr<int64_t>(), nc, dpanel.data(), direct_paired());
+    } else {
+      panel.resize(static_cast<size_t>(nr * nc * g.taps()));
+      pack_weight<scalar_t, acc_t>(wc.const_data_ptr<scalar_t>(), c.c_in, g.taps(), c.out_idx.const_data_ptr<int64_t>(),
+                                   nr, c.in_idx.const_data_ptr<int64_t>(), nc, panel.data());
     }
     const float* dp = dpanel.empty() ? nullptr : dpanel.data();
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
