@@ -159,3 +159,20 @@ def test_resume_refuses_an_optimizer_state_of_another_layout(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"resume: the optimizer state in '.*old\.pt' does not fit"):
         T.train_stage(m, ds, MethodConfig("none"), cfg, stage="train", ckpt_path=path, resume=True,
                       device=torch.device("cpu"), dist_info=DistInfo(), run_config=run, progress=False)
+
+
+def test_slim_warns_when_a_vit_trains_with_sgd(tmp_path):
+    """A ViT with the CNN recipe (SGD, step decay) reaches ~20% on digits: the run says which recipe to use,
+    in one line of its log, and still runs; with AdamW it says nothing."""
+    from slimops.pruning.pipeline import slim
+
+    for opt in ("sgd", "adamw"):
+        out = str(tmp_path / opt)
+        slim(model="vit_ti", width=0.125, patch=8, method="none", epochs=1, batch=512, optimizer=opt,
+             progress=False, out=out)
+        log = open(f"{out}/log.txt").read()
+        warned = [line for line in log.splitlines() if "trains poorly" in line]
+        if opt == "sgd":
+            assert len(warned) == 1 and "--optimizer adamw --lr 1e-3 --schedule cosine" in warned[0]
+        else:
+            assert not warned

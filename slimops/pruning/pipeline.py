@@ -336,6 +336,7 @@ def resolution_args(model: str, img_size: int, patch: Optional[int]) -> dict:
 def _run_slim(cfg: SlimConfig) -> dict:
     from slimops.data import load as load_data
     from slimops.models import build
+    from slimops.models.vit import VisionTransformer
 
     out, percent = cfg.out, cfg.resolved_percent()
     tcfg = cfg.train_config(cfg.epochs, cfg.seed)
@@ -365,6 +366,9 @@ def _run_slim(cfg: SlimConfig) -> dict:
         if info.is_main:
             log.info("slim: %s (width %g) on %s: %d train / %d test images; method %s; %d steps", cfg.model,
                      cfg.width, cfg.data, len(ds.y_train), len(ds.y_test), json.dumps(asdict(mcfg)), steps)
+            if cfg.optimizer == "sgd" and isinstance(net, VisionTransformer):  # ~20% on digits (docs/vit.md)
+                log.warning("slim: %s with SGD (the CNN recipe) trains poorly; ViTs want e.g. --optimizer adamw "
+                            "--lr 1e-3 --schedule cosine --warmup-epochs 3 (docs/vit.md, \"Training\")", cfg.model)
         res = train_stage(net, ds, mcfg, tcfg, stage="train", ckpt_path=os.path.join(out, "checkpoint-train.pt"),
                           resume=cfg.resume, device=dev, dist_info=info, run_config=run_cfg, progress=cfg.progress,
                           on_nonfinite=cfg.on_nonfinite)
