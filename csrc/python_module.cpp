@@ -3,7 +3,9 @@
 // `cpu_isa()`: the instruction set the CPU kernels use in this process (csrc/cpu/isa.h), and `cpu_bf16_dot()`:
 // whether their bfloat16 paths use the AVX512-BF16 dot products (csrc/cpu/bf16_dot.h), and `cpu_bf16_conv_onednn()`:
 // whether channel_conv's bfloat16 calls run through oneDNN on AMX (csrc/cpu/channel_conv_onednn.h), for
-// `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles. Only setup.py compiles this file; the CMake build links the same kernels
+// `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles;
+// `cpu_conv_in_place(h, w, k)`: whether channel_conv's float32 direct forward reads such planes in place
+// (csrc/cpu/direct_unpadded.h), for the tests that check that path. Only setup.py compiles this file; the CMake build links the same kernels
 // without Python.
 #include <Python.h>
 
@@ -12,6 +14,7 @@
 #include "cpu/amx_bf16.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/channel_conv_onednn.h"
+#include "cpu/direct_conv.h"
 #include "cpu/isa.h"
 
 namespace {
@@ -39,6 +42,21 @@ PyObject* flag(PyObject*, PyObject*) {
   }
 }
 
+// cpu_conv_in_place(h, w, k): whether the direct forward of a float32 k x k "same" conv at stride 1 (k 1 or 3) reads
+// an h x w plane in place rather than through the padded buffer.
+PyObject* cpu_conv_in_place(PyObject*, PyObject* args) {
+  long long h = 0, w = 0, k = 0;
+  if (!PyArg_ParseTuple(args, "LLL", &h, &w, &k)) return nullptr;
+  try {
+    const int64_t p = k / 2;
+    const slimops::ConvGeom g{1, 1, h, w, k, k, 1, 1, p, p, 1, 1, h, w};
+    return PyBool_FromLong(slimops::cpu::direct_conv_in_place(g) ? 1 : 0);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU kernels in this process: base, avx2 or avx512 (SLIMOPS_CPU_ISA caps it)."},
@@ -50,6 +68,9 @@ PyMethodDef methods[] = {
     {"cpu_bf16_conv_onednn", flag<slimops::cpu::bf16_conv_onednn>, METH_NOARGS,
      "Whether channel_conv's bfloat16 calls run through oneDNN on AMX tiles (avx512 ISA, AMX-BF16 usable, "
      "SLIMOPS_CPU_BF16_CONV not 'direct')."},
+    {"cpu_conv_in_place", cpu_conv_in_place, METH_VARARGS,
+     "cpu_conv_in_place(h, w, k): whether channel_conv's float32 forward of a k x k 'same' conv at stride 1 reads "
+     "an h x w plane in place (no padded copy) in this process."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -8,6 +8,9 @@
 // sums broadcast weights times unaligned input loads over channels and taps. Rows of the weight block are packed
 // as [row block][channel][tap][6]. The pixel blocks are "flat" (below): they run across row ends.
 //
+// A float32 input at stride 1 (3x3 "same", 1x1) on planes that are not small skips the padded copy: the kernels
+// read x's kept planes in place, with masked loads where the padding was (direct_unpadded.h).
+//
 // Two copies, compiled with target attributes (no global -mavx2) and picked by cpu_isa() (isa.h: what the CPU
 // has, capped by SLIMOPS_CPU_ISA):
 //   AVX2 + FMA   16 pixels per block (two 8-float vectors): 12 accumulators;
@@ -430,16 +433,15 @@ inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
 #endif
 
 #if SLIMOPS_DIRECT_CONV
-// The flat kernels over the flat output positions [0, end) of one sample (row stride wp, ow stored per row): output
-// row r (out_rows[r], or res + r ld_res without out_rows) <- Σ over the nc channels (planes `plane` apart in xbuf) and
-// the taps (offsets off) of panel rows r. `reach`: how far past a position its taps read, in each of the `planes`
-// planes the input spans (which sets the band width).
-// Output positions go in bands (chunks of flat positions, multiples of 32): every row block of the band reuses the
-// same input from L2 (about 128 KB of it per band), instead of sweeping the whole padded input once per row block.
-inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const int64_t* off, int64_t reach,
-                              int64_t planes, int64_t end, int64_t ow, int64_t wp, int64_t plane,
-                              const float* dpanel, int64_t nr, float* res, int64_t ld_res,
-                              float* const* out_rows) {
+// Cuts the flat positions [0, end) into bands and each band's nr panel rows into blocks (AVX-512: each block
+// paired with the next one, direct_block_avx512's R2: half the loads per FMA), and calls
+// f(pa, pb, r0, rows, rows2, slab): positions [pa, pb), panel rows r0 .. r0 + rows + rows2 - 1, whose blocks start
+// at `slab` in dpanel (slabs of slab_floats). Bands (chunks of flat positions, multiples of 32): every row block of
+// the band reuses the same input from L2 (about 128 KB of it per band), instead of sweeping the whole input once per
+// row block.
+template <class F>
+void for_flat_bands(int64_t end, int64_t planes, int64_t reach, int64_t nr, const float* dpanel,
+                    int64_t slab_floats, F&& f) {
   constexpr int64_t blk = 16 * kFlatVectors;
   const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
   const bool paired = direct_paired();
@@ -447,19 +449,40 @@ inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const
     const int64_t pb = std::min(end, pa + band);
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
       const int64_t nrows = direct_block_rows(r0, nr, paired);
-      // AVX-512: each block is paired with the next one (direct_block_avx512's R2: half the loads per FMA).
       const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
-      float* rows[2 * kRB];
-      for (int64_t q = 0; q < nrows + nrows2; ++q)
-        rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ld_res;
-      const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
-      fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, dpanel + b * nc * taps * kRB, rows);
+      f(pa, pb, r0, nrows, nrows2, dpanel + b * slab_floats);
       r0 += nrows + nrows2;
       b += nrows2 > 0 ? 2 : 1;
     }
   }
 }
+
+// The flat kernels over the flat output positions [0, end) of one sample (row stride wp, ow stored per row): output
+// row r (out_rows[r], or res + r ld_res without out_rows) <- Σ over the nc channels (planes `plane` apart in xbuf) and
+// the taps (offsets off) of panel rows r. `reach`: how far past a position its taps read, in each of the `planes`
+// planes the input spans (which sets the band width).
+inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const int64_t* off, int64_t reach,
+                              int64_t planes, int64_t end, int64_t ow, int64_t wp, int64_t plane,
+                              const float* dpanel, int64_t nr, float* res, int64_t ld_res,
+                              float* const* out_rows) {
+  for_flat_bands(end, planes, reach, nr, dpanel, nc * taps * kRB,
+                 [&](int64_t pa, int64_t pb, int64_t r0, int64_t nrows, int64_t nrows2, const float* slab) {
+    float* rows[2 * kRB];
+    for (int64_t q = 0; q < nrows + nrows2; ++q)
+      rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ld_res;
+    const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
+    fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, slab, rows);
+  });
+}
 #endif
+
+}  // namespace cpu
+}  // namespace slimops
+
+#include "direct_unpadded.h"  // the float forward read in place (needs the kernels and bands above)
+
+namespace slimops {
+namespace cpu {
 
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
 // stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
@@ -469,6 +492,8 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
                         const float* dpanel, int64_t nr, float* xp_buf, float* res, float* const* out_rows = nullptr) {
 #if SLIMOPS_DIRECT_CONV
   if (!dpanel || !direct_conv_applies(g, nc)) return false;
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (direct_conv_sample_unpadded(xn, chans, nc, g, dpanel, nr, res, out_rows)) return true;
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
   const int64_t taps = g.taps(), ohw = g.ohw();
