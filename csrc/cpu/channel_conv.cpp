@@ -276,8 +276,7 @@ struct ForwardWork {
   std::vector<float*> out_rows;  // its output rows, when it writes a float output's rows in place
 
   ForwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
-      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
-        cols(static_cast<size_t>(k * rows * geom.ow)) {
+      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))) {
     if (!std::is_same_v<acc_t, scalar_t>) tmp.resize(static_cast<size_t>(nr * geom.ohw()));
   }
 
@@ -308,6 +307,8 @@ struct ForwardWork {
         if (done && rows_out != nullptr) direct = true;  // y_n's rows hold the result: only the bias is left
       }
     }
+    // im2col's buffer only when im2col runs (zeroing it cost the direct path a memset per worker and call)
+    if (!done && cols.empty()) cols.resize(static_cast<size_t>(k * rows * g.ow));
     for (int64_t oy0 = 0; !done && oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
       im2col<scalar_t, acc_t>(xn, chans, nc, g, oy0, oy1, cols.data());
@@ -353,8 +354,7 @@ struct BackwardWork {
   bool copied = false;
 
   BackwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
-      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))),
-        cols(static_cast<size_t>(k * rows * geom.ow)), seq(iota(nr)) {}
+      : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))), seq(iota(nr)) {}
 
   // This sample's dy: the rows src_rows of grad_out[n] (read in place or copied when first needed).
   void load_dy(const scalar_t* go_n, const int64_t* src_rows, int64_t nr) {
@@ -452,6 +452,7 @@ struct BackwardWork {
     }
     TORCH_INTERNAL_ASSERT(gw == nullptr || gw_row_map == nullptr, "a gw row map needs the direct weight gradient");
     if (!(gx_n || gw)) return;
+    if (cols.empty()) cols.resize(static_cast<size_t>(k * rows * g.ow));  // sized when im2col first runs
     const acc_t* dyc = dy_copy();
     for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
       const int64_t oy1 = std::min(g.oh, oy0 + rows), np = (oy1 - oy0) * g.ow;
