@@ -22,6 +22,8 @@
 // A 1x1 conv of 256 @ 28² 0.66-0.72. Small planes keep the padded buffer (unpadded_applies).
 #pragma once
 
+#include <array>
+
 #if SLIMOPS_DIRECT_CONV
 
 namespace slimops {
@@ -283,13 +285,13 @@ inline bool direct_conv_sample_unpadded(const float* xn, const int64_t* chans, i
   const int64_t hw = g.hw(), w = g.w, ks = g.kh, taps = g.taps();
   thread_local std::vector<const float*> xs;
   thread_local UnpaddedMasks mk;
-  thread_local std::vector<int64_t> geom;  // (w, h) the masks were built for
+  thread_local std::array<int64_t, 3> geom{};  // (w, h, ks) the masks were built for
   xs.resize(static_cast<size_t>(nc));
   for (int64_t c = 0; c < nc; ++c) xs[c] = xn + chans[c] * hw;
   int64_t off[9];
   for (int64_t i = 0; i < ks; ++i)
     for (int64_t j = 0; j < ks; ++j) off[i * ks + j] = (i - ks / 2) * w + (j - ks / 2);
-  if (geom != std::vector<int64_t>{w, g.h, ks}) {
+  if (geom != std::array<int64_t, 3>{w, g.h, ks}) {
     mk.build(w, hw, ks, off, (hw + 31) / 32 * 2);  // whole 32-lane blocks
     geom = {w, g.h, ks};
   }
