@@ -5,8 +5,8 @@
 // whether channel_conv's bfloat16 calls run through oneDNN on AMX (csrc/cpu/channel_conv_onednn.h), for
 // `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles;
 // `cpu_conv_in_place(h, w, k)`: whether channel_conv's float32 direct forward reads such planes in place
-// (csrc/cpu/direct_unpadded.h), for the tests that check that path. Only setup.py compiles this file; the CMake build links the same kernels
-// without Python.
+// (csrc/cpu/direct_unpadded.h), for the tests that check that path. Only setup.py compiles this file; the CMake
+// build links the same kernels without Python.
 #include <Python.h>
 
 #include <exception>

@@ -516,6 +516,8 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   if (!dpanel || !direct_conv_applies(g, nc)) return false;
   if constexpr (std::is_same_v<scalar_t, float>)
     if (direct_conv_sample_unpadded(xn, chans, nc, g, dpanel, nr, res, out_rows)) return true;
+  // callers size the buffer unless direct_conv_in_place said the call reads in place
+  TORCH_INTERNAL_ASSERT(xp_buf != nullptr, "direct_conv_sample: no padded buffer for a call that needs one");
   const DirectGeom d(g);
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
   const int64_t taps = g.taps(), ohw = g.ohw();

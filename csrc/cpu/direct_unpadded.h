@@ -42,7 +42,7 @@ inline bool unpadded_applies(const ConvGeom& g) {
   if (g.sh != 1 || g.sw != 1 || !direct_conv_available()) return false;
   const bool k3 = g.kh == 3 && g.kw == 3 && g.ph == 1 && g.pw == 1 && g.dh == 1 && g.dw == 1;
   const bool k1 = g.kh == 1 && g.kw == 1 && g.ph == 0 && g.pw == 0;
-  if (!(k3 || k1) || g.oh != g.h || g.ow != g.w) return false;
+  if (!(k3 || k1) || g.oh != g.h || g.ow != g.w || g.h <= 0 || g.w <= 0) return false;
   const int64_t blk = cpu_isa() == CpuIsa::kAvx512 ? 32 : 16, hw = g.hw(), reach = g.kh / 2 * (g.w + 1);
   const int64_t blocks = (hw + blk - 1) / blk;
   const int64_t first = (reach + blk - 1) / blk, last = (hw - reach - blk) >= 0 ? (hw - reach - blk) / blk : -1;
