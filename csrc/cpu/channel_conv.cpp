@@ -294,9 +294,6 @@ struct ForwardWork {
     bool done = k == 0;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!done && dpanel) {
-        // the padded buffer, unless the kernels read a float input in place (direct_unpadded.h)
-        if (xp.empty() && !(std::is_same_v<scalar_t, float> && direct_conv_in_place(g)))
-          xp.resize(DirectGeom(g).buffer_floats(nc));
         float* const* rows_out = nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (!direct) {  // a float output's scattered rows (masked_conv2d): the microkernel stores them in place
@@ -305,7 +302,7 @@ struct ForwardWork {
             rows_out = out_rows.data();
           }
         }
-        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp.data(), res, rows_out);
+        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp, res, rows_out);
         if (done && rows_out != nullptr) direct = true;  // y_n's rows hold the result: only the bias is left
       }
     }
@@ -411,10 +408,8 @@ struct BackwardWork {
         return true;
       }
       const ConvGeom gt = transposed_geometry(g);
-      const size_t need = direct_conv_in_place(gt) ? 0 : DirectGeom(gt).buffer_floats(nr);  // dy read in place
-      if (xpt.size() < need) xpt.resize(need);
       const auto [dyp, dyr] = dy_float_rows();  // dy's planes are the channels of this convolution
-      return direct_conv_sample<float>(dyp, dyr, nr, gt, dpanel_t, nc, xpt.data(), nullptr, gx_rows.data());
+      return direct_conv_sample<float>(dyp, dyr, nr, gt, dpanel_t, nc, xpt, nullptr, gx_rows.data());
     } else {
       (void)chans, (void)nc, (void)nr, (void)dpanel_t, (void)gx_n;
       return false;

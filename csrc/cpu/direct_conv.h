@@ -457,13 +457,14 @@ inline DirectRowsFn direct_rows_kernel(int64_t taps, int64_t rows) {
 #if SLIMOPS_DIRECT_CONV
 // Cuts the flat positions [0, end) into bands and each band's nr panel rows into blocks (AVX-512: each block
 // paired with the next one, direct_block_avx512's R2: half the loads per FMA), and calls
-// f(pa, pb, r0, rows, rows2, slab): positions [pa, pb), panel rows r0 .. r0 + rows + rows2 - 1, whose blocks start
-// at `slab` in dpanel (slabs of slab_floats). Bands (chunks of flat positions, multiples of 32): every row block of
-// the band reuses the same input from L2 (about 128 KB of it per band), instead of sweeping the whole input once per
-// row block.
+// f(pa, pb, r0, rows, rows2, slab, outs): positions [pa, pb), panel rows r0 .. r0 + rows + rows2 - 1, whose blocks
+// start at `slab` in dpanel (slabs of slab_floats), and whose output rows are outs[0 ..] (out_rows[r], or
+// res + r ld_res without out_rows). Bands (chunks of flat positions, multiples of 32): every row block of the band
+// reuses the same input from L2 (about 128 KB of it per band), instead of sweeping the whole input once per row
+// block.
 template <class F>
 void for_flat_bands(int64_t end, int64_t planes, int64_t reach, int64_t nr, const float* dpanel,
-                    int64_t slab_floats, F&& f) {
+                    int64_t slab_floats, float* res, int64_t ld_res, float* const* out_rows, F&& f) {
   constexpr int64_t blk = 16 * kFlatVectors;
   const int64_t band = std::max<int64_t>(blk, ((32 * 1024) / std::max<int64_t>(1, planes) - reach) / blk * blk);
   const bool paired = direct_paired();
@@ -472,7 +473,10 @@ void for_flat_bands(int64_t end, int64_t planes, int64_t reach, int64_t nr, cons
     for (int64_t r0 = 0, b = 0; r0 < nr;) {
       const int64_t nrows = direct_block_rows(r0, nr, paired);
       const int64_t nrows2 = paired && r0 + nrows < nr ? direct_block_rows(r0 + nrows, nr, true) : 0;
-      f(pa, pb, r0, nrows, nrows2, dpanel + b * slab_floats);
+      float* outs[2 * kRB];
+      for (int64_t q = 0; q < nrows + nrows2; ++q)
+        outs[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ld_res;
+      f(pa, pb, r0, nrows, nrows2, dpanel + b * slab_floats, outs);
       r0 += nrows + nrows2;
       b += nrows2 > 0 ? 2 : 1;
     }
@@ -487,13 +491,11 @@ inline void direct_flat_bands(const float* xbuf, int64_t nc, int64_t taps, const
                               int64_t planes, int64_t end, int64_t ow, int64_t wp, int64_t plane,
                               const float* dpanel, int64_t nr, float* res, int64_t ld_res,
                               float* const* out_rows) {
-  for_flat_bands(end, planes, reach, nr, dpanel, nc * taps * kRB,
-                 [&](int64_t pa, int64_t pb, int64_t r0, int64_t nrows, int64_t nrows2, const float* slab) {
-    float* rows[2 * kRB];
-    for (int64_t q = 0; q < nrows + nrows2; ++q)
-      rows[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * ld_res;
+  for_flat_bands(end, planes, reach, nr, dpanel, nc * taps * kRB, res, ld_res, out_rows,
+                 [&](int64_t pa, int64_t pb, int64_t, int64_t nrows, int64_t nrows2, const float* slab,
+                     float* const* outs) {
     const DirectRowsFn fn = nrows2 > 0 ? direct_flat_pair(taps, nrows, nrows2) : direct_rows_kernel(taps, nrows);
-    fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, slab, rows);
+    fn(xbuf, nc, taps, off, pa, pb, ow, wp, plane, slab, outs);
   });
 }
 #endif
@@ -509,17 +511,18 @@ namespace cpu {
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
 // stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
 // out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA), leaving the output untouched.
+// xp_buf: the padded buffer, grown here only when the call uses it (a float input read in place does not).
 template <typename scalar_t>
 bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
-                        const float* dpanel, int64_t nr, float* xp_buf, float* res, float* const* out_rows = nullptr) {
+                        const float* dpanel, int64_t nr, std::vector<float>& xp_buf, float* res,
+                        float* const* out_rows = nullptr) {
 #if SLIMOPS_DIRECT_CONV
   if (!dpanel || !direct_conv_applies(g, nc)) return false;
   if constexpr (std::is_same_v<scalar_t, float>)
     if (direct_conv_sample_unpadded(xn, chans, nc, g, dpanel, nr, res, out_rows)) return true;
-  // callers size the buffer unless direct_conv_in_place said the call reads in place
-  TORCH_INTERNAL_ASSERT(xp_buf != nullptr, "direct_conv_sample: no padded buffer for a call that needs one");
   const DirectGeom d(g);
-  pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf);
+  if (xp_buf.size() < d.buffer_floats(nc)) xp_buf.resize(d.buffer_floats(nc));
+  pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf.data());
   const int64_t taps = g.taps(), ohw = g.ohw();
   int64_t off[64];
   std::vector<int64_t> off_big;
@@ -528,8 +531,8 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   // `reach`: the input past a position that its taps read, in each phase plane.
   const int64_t reach = (g.kh - 1) * g.dh / d.phases_h * d.wp + (g.kw - 1) * g.dw / d.phases_w;
   const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
-  direct_flat_bands(xp_buf, nc, taps, offp, reach, nc * d.phases_h * d.phases_w, end, g.ow, d.wp, d.plane(), dpanel,
-                    nr, res, ohw, out_rows);
+  direct_flat_bands(xp_buf.data(), nc, taps, offp, reach, nc * d.phases_h * d.phases_w, end, g.ow, d.wp, d.plane(),
+                    dpanel, nr, res, ohw, out_rows);
   return true;
 #else
   (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows;

@@ -296,8 +296,9 @@ inline bool direct_conv_sample_unpadded(const float* xn, const int64_t* chans, i
     geom = {w, g.h, ks};
   }
   // Bands as direct_flat_bands' (a tap reads from p - reach / 2 to p + reach / 2).
-  for_flat_bands(hw, nc, (ks - 1) * (w + 1), nr, dpanel, nc * taps * kRB,
-                 [&](int64_t pa, int64_t pb, int64_t r0, int64_t rows, int64_t rows2, const float* slab) {
+  for_flat_bands(hw, nc, (ks - 1) * (w + 1), nr, dpanel, nc * taps * kRB, res, hw, out_rows,
+                 [&](int64_t pa, int64_t pb, int64_t r0, int64_t rows, int64_t rows2, const float* slab,
+                     float* const* outs) {
     // x's planes come from memory: this call's share of the next band's input is prefetched into L2 while the
     // kernels compute this band (the band's first row block would otherwise wait on demand misses in nc streams,
     // more than the hardware prefetchers follow), and the first band all at once.
@@ -305,8 +306,6 @@ inline bool direct_conv_sample_unpadded(const float* xn, const int64_t* chans, i
     if (pb < hw)
       prefetch_planes(xs.data(), nc * r0 / nr, nc * (r0 + rows + rows2) / nr, pb + off[0],
                       std::min(hw, 2 * pb - pa + off[taps - 1]));
-    float* outs[2 * kRB];
-    for (int64_t q = 0; q < rows + rows2; ++q) outs[q] = out_rows != nullptr ? out_rows[r0 + q] : res + (r0 + q) * hw;
     const UnpaddedFn fn = ks == 3 ? unpadded_kernel_for<3>(rows, rows2) : unpadded_kernel_for<1>(rows, rows2);
     fn(xs.data(), nc, off, pa, pb, hw, mk, slab, outs);
   });
