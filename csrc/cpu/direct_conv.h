@@ -165,16 +165,24 @@ inline int64_t direct_panel_size(int64_t nr, int64_t nc, int64_t taps) {
 // The direct panel layout: one [channel][tap][kRB] slab per block of panel rows (blocks from direct_block_rows),
 // lanes past a block's rows zero; at(q, c, t) is the weight of panel row q, channel c, tap t. `paired`: the blocks
 // of the flat kernel (direct_paired).
-template <typename At>
-void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at, float* out, bool paired) {
+// Calls f(b, r0, nb) for the panel's row blocks in order: block b holds the nb rows from r0, its slab at b slabs.
+template <typename F>
+void for_panel_blocks(int64_t nrows, bool paired, F&& f) {
   for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
     const int64_t nb = direct_block_rows(r0, nrows, paired);
+    f(b, r0, nb);
+    r0 += nb;
+  }
+}
+
+template <typename At>
+void pack_direct_panel(int64_t nrows, int64_t nchans, int64_t taps, const At& at, float* out, bool paired) {
+  for_panel_blocks(nrows, paired, [&](int64_t b, int64_t r0, int64_t nb) {
     float* slab = out + b * nchans * taps * kRB;
     for (int64_t c = 0; c < nchans; ++c)
       for (int64_t t = 0; t < taps; ++t)
         for (int64_t q = 0; q < kRB; ++q) slab[(c * taps + t) * kRB + q] = q < nb ? at(r0 + q, c, t) : 0.f;
-    r0 += nb;
-  }
+  });
 }
 
 // weight[rows][:, chans] as a direct panel (the forward's). With every input channel in order (masked_conv2d, which
@@ -188,8 +196,7 @@ void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int
   for (int64_t c = 0; all && c < nc; ++c) all = chans[c] == c;
   if (all) {
     const int64_t k = c_in * taps;  // a slab is [k][kRB]
-    for (int64_t r0 = 0, b = 0; r0 < nr; ++b) {
-      const int64_t nb = direct_block_rows(r0, nr, paired);
+    for_panel_blocks(nr, paired, [&](int64_t b, int64_t r0, int64_t nb) {
       float* slab = out + b * k * kRB;
       for (int64_t q = 0; q < kRB; ++q) {
         if (q >= nb) {
@@ -199,8 +206,7 @@ void pack_weight_direct(const scalar_t* w, int64_t c_in, int64_t taps, const int
         const scalar_t* src = w + rows[r0 + q] * k;
         for (int64_t i = 0; i < k; ++i) slab[i * kRB + q] = static_cast<float>(src[i]);
       }
-      r0 += nb;
-    }
+    });
     return;
   }
   pack_direct_panel(nr, nc, taps, [&](int64_t q, int64_t c, int64_t t) {
@@ -576,12 +582,11 @@ void pack_weight_direct_transposed(const scalar_t* w, int64_t c_in, int64_t taps
 inline void select_panel_channels(const float* full, int64_t nrows, int64_t nchans, int64_t taps, const int64_t* sel,
                                   int64_t nsel, float* out, bool paired) {
   const int64_t piece = taps * kRB;
-  for (int64_t r0 = 0, b = 0; r0 < nrows; ++b) {
+  for_panel_blocks(nrows, paired, [&](int64_t b, int64_t, int64_t) {
     const float* src = full + b * nchans * piece;
     float* dst = out + b * nsel * piece;
     for (int64_t i = 0; i < nsel; ++i) std::copy_n(src + sel[i] * piece, piece, dst + i * piece);
-    r0 += direct_block_rows(r0, nrows, paired);
-  }
+  });
 }
 
 // ---- the weight gradient of a 3x3 kernel, direct (AVX-512 and AVX2) ----------------------------------------------
