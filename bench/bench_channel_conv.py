@@ -60,7 +60,9 @@ def _step(fn, inputs, backward: bool):
     return run
 
 
-def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend, stride=1):
+def static_contenders(device, dtype, n, c, h, keep, backward, backend, stride=1) -> dict:
+    """The static contenders (dense, gather, compact, slimops) on seeded tensors, each a no-argument call (forward,
+    or forward then backward into the inputs); also used by conv_order_effect.py."""
     g = torch.Generator(device="cpu").manual_seed(0)
     k = max(1, int(round(c * keep)))
     x = torch.randn(n, c, h, h, generator=g).to(device, dtype).requires_grad_(backward)
@@ -71,7 +73,7 @@ def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend, stride
     xc = x.detach().index_select(1, ii).contiguous().requires_grad_(backward)
     wc = w.detach()[oi][:, ii].contiguous().requires_grad_(backward)
     bc = b.detach()[oi].contiguous().requires_grad_(backward)
-    fns = {
+    return {
         "dense": _step(lambda: F.conv2d(x, w, b, stride, 1), (x, w, b), backward),
         "gather": _step(lambda: F.conv2d(x.index_select(1, ii), w.index_select(0, oi).index_select(1, ii),
                                          b.index_select(0, oi), stride, 1), (x, w, b), backward),
@@ -79,8 +81,12 @@ def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend, stride
         "slimops": _step(lambda: channel_conv2d(x, w, b, ii, oi, stride, 1, check_indices=False, backend=backend),
                          (x, w, b), backward),
     }
+
+
+def bench_static(device, dtype, n, c, h, keep, backward, rounds, backend, stride=1):
+    fns = static_contenders(device, dtype, n, c, h, keep, backward, backend, stride)
     t = {name: common.median_ms(s) for name, s in common.time_side_by_side(fns, device, warmup=2, rounds=rounds).items()}
-    oh = (h - 1) // stride + 1  # 3x3, padding 1
+    oh, k = (h - 1) // stride + 1, max(1, int(round(c * keep)))  # 3x3, padding 1; kept channels
     flops = 2 * n * oh * oh * k * k * 9 * (3 if backward else 1)
     return t, flops
 
