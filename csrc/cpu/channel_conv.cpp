@@ -274,6 +274,7 @@ struct ForwardWork {
   std::vector<acc_t> cols, tmp;
   std::vector<float> xp;         // the padded input of the direct microkernel
   std::vector<float*> out_rows;  // its output rows, when it writes a float output's rows in place
+  std::vector<float> bias_f;     // the bias of its rows, which it adds as it stores them
 
   ForwardWork(const ConvGeom& geom, int64_t nc, int64_t nr)
       : g(geom), k(nc * geom.taps()), rows(tile_rows(geom, k, sizeof(acc_t))) {
@@ -291,9 +292,15 @@ struct ForwardWork {
     if (!direct && tmp.size() < static_cast<size_t>(nr * ohw)) tmp.resize(static_cast<size_t>(nr * ohw));
     acc_t* res = direct ? reinterpret_cast<acc_t*>(yn) : tmp.data();
     if (k == 0) std::fill(res, res + nr * ohw, acc_t(0));
-    bool done = k == 0;
+    bool done = k == 0, bias_added = false;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!done && dpanel) {
+        const float* bias = nullptr;
+        if (bias_full) {
+          bias_f.resize(static_cast<size_t>(nr));
+          for (int64_t r = 0; r < nr; ++r) bias_f[r] = static_cast<float>(bias_full[bias_rows[r]]);
+          bias = bias_f.data();
+        }
         float* const* rows_out = nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (!direct) {  // a float output's scattered rows (masked_conv2d): the microkernel stores them in place
@@ -302,8 +309,9 @@ struct ForwardWork {
             rows_out = out_rows.data();
           }
         }
-        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp, res, rows_out);
-        if (done && rows_out != nullptr) direct = true;  // y_n's rows hold the result: only the bias is left
+        done = direct_conv_sample<scalar_t>(xn, chans, nc, g, dpanel, nr, xp, res, rows_out, bias);
+        bias_added = done && bias != nullptr;
+        if (done && rows_out != nullptr) direct = true;  // y_n's rows hold the result
       }
     }
     // im2col's buffer only when im2col runs (zeroing it cost the direct path a memset per worker and call)
@@ -313,15 +321,18 @@ struct ForwardWork {
       im2col<scalar_t, acc_t>(xn, chans, nc, g, oy0, oy1, cols.data());
       gemm<acc_t>(false, false, nr, np, k, acc_t(1), panel, k, cols.data(), np, acc_t(0), res + oy0 * g.ow, ohw);
     }
+    if (direct && (bias_added || !bias_full)) return;  // y_n's rows hold the whole result
+    const bool add_bias = bias_full != nullptr && !bias_added;
     for (int64_t r = 0; r < nr; ++r) {
-      const acc_t b = bias_full ? static_cast<acc_t>(bias_full[bias_rows[r]]) : acc_t(0);
+      const acc_t b = add_bias ? static_cast<acc_t>(bias_full[bias_rows[r]]) : acc_t(0);
       const acc_t* src = res + r * ohw;
       scalar_t* d = yn + dst_rows[r] * ohw;
       if (direct) {  // the result is in y_n's row already (d; src too when the rows are all of y_n's, in order)
-        if (bias_full)
-          for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(d[p]) + b);
-      } else {
+        for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(static_cast<acc_t>(d[p]) + b);
+      } else if (add_bias) {
         for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p] + b);
+      } else {
+        for (int64_t p = 0; p < ohw; ++p) d[p] = static_cast<scalar_t>(src[p]);
       }
     }
   }

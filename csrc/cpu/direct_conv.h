@@ -515,17 +515,18 @@ namespace slimops {
 namespace cpu {
 
 // The forward of one sample through the microkernel (the copy of cpu_isa()): res rows r (float, oh*ow each, row
-// stride ohw) = W rows r of the packed direct panel times the sample's kept channels; with out_rows, row r goes to
-// out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA), leaving the output untouched.
-// xp_buf: the padded buffer, grown here only when the call uses it (a float input read in place does not).
+// stride ohw) = W rows r of the packed direct panel times the sample's kept channels, plus bias[r] when bias is
+// given (nr floats: each sum rounded once with its bias, as a pass over the result would); with out_rows, row r
+// goes to out_rows[r] instead. Returns false when the kernel does not apply (no AVX2/FMA), leaving the output
+// untouched. xp_buf: the padded buffer, grown here only when the call uses it (a float input read in place does not).
 template <typename scalar_t>
 bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
                         const float* dpanel, int64_t nr, std::vector<float>& xp_buf, float* res,
-                        float* const* out_rows = nullptr) {
+                        float* const* out_rows = nullptr, const float* bias = nullptr) {
 #if SLIMOPS_DIRECT_CONV
   if (!dpanel || !direct_conv_applies(g, nc)) return false;
-  if constexpr (std::is_same_v<scalar_t, float>)
-    if (direct_conv_sample_unpadded(xn, chans, nc, g, dpanel, nr, res, out_rows)) return true;
+  if constexpr (std::is_same_v<scalar_t, float>)  // these kernels add the bias as they store a block
+    if (direct_conv_sample_unpadded(xn, chans, nc, g, dpanel, nr, res, out_rows, bias)) return true;
   const DirectGeom d(g);
   if (xp_buf.size() < d.buffer_floats(nc)) xp_buf.resize(d.buffer_floats(nc));
   pad_input<scalar_t>(xn, chans, nc, g, d, xp_buf.data());
@@ -539,9 +540,14 @@ bool direct_conv_sample(const scalar_t* xn, const int64_t* chans, int64_t nc, co
   const int64_t end = (g.oh - 1) * d.wp + g.ow;  // one past the last output pixel's flat position
   direct_flat_bands(xp_buf.data(), nc, taps, offp, reach, nc * d.phases_h * d.phases_w, end, g.ow, d.wp, d.plane(),
                     dpanel, nr, res, ohw, out_rows);
+  for (int64_t r = 0; bias != nullptr && r < nr; ++r) {
+    float* row = out_rows != nullptr ? out_rows[r] : res + r * ohw;
+    for (int64_t p = 0; p < ohw; ++p) row[p] += bias[r];
+  }
   return true;
 #else
-  (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows;
+  (void)xn, (void)chans, (void)nc, (void)g, (void)dpanel, (void)nr, (void)xp_buf, (void)res, (void)out_rows,
+      (void)bias;
   return false;
 #endif
 }

@@ -136,7 +136,8 @@ template <int R, int KS, int R2 = 0>
 __attribute__((target("avx512f,fma"))) void direct_unpadded_avx512(const float* const* __restrict xs, int64_t nc,
                                                                    const int64_t* __restrict off, int64_t pa,
                                                                    int64_t pb, int64_t hw, const UnpaddedMasks& mk,
-                                                                   const float* __restrict panel, float* const* out) {
+                                                                   const float* __restrict panel, float* const* out,
+                                                                   const float* bias) {
   constexpr int64_t kBlk = 32, kAhead = kBlk;
   const int64_t lo = -off[0], hi = hw - off[KS * KS - 1] - kBlk;  // interior: lo <= p0 <= hi
   for (int64_t p0 = pa; p0 < pb; p0 += kBlk) {
@@ -149,6 +150,10 @@ __attribute__((target("avx512f,fma"))) void direct_unpadded_avx512(const float* 
     const int64_t n = std::min(kBlk, pb - p0);
 #pragma GCC unroll 12
     for (int q = 0; q < R + R2; ++q) {
+      if (bias) {  // the sum's one rounding with the bias, as the separate pass it replaces made it
+        a[q][0] = _mm512_add_ps(a[q][0], _mm512_set1_ps(bias[q]));
+        a[q][1] = _mm512_add_ps(a[q][1], _mm512_set1_ps(bias[q]));
+      }
       if (n == kBlk) {
         _mm512_storeu_ps(out[q] + p0, a[q][0]);
         _mm512_storeu_ps(out[q] + p0 + 16, a[q][1]);
@@ -227,7 +232,8 @@ template <int R, int KS>
 __attribute__((target("avx2,fma"))) void direct_unpadded_avx2(const float* const* __restrict xs, int64_t nc,
                                                               const int64_t* __restrict off, int64_t pa, int64_t pb,
                                                               int64_t hw, const UnpaddedMasks& mk,
-                                                              const float* __restrict panel, float* const* out) {
+                                                              const float* __restrict panel, float* const* out,
+                                                              const float* bias) {
   constexpr int64_t kBlk = 16, kAhead = 2 * kBlk;
   const int64_t lo = -off[0], hi = hw - off[KS * KS - 1] - kBlk;
   for (int64_t p0 = pa; p0 < pb; p0 += kBlk) {
@@ -239,6 +245,10 @@ __attribute__((target("avx2,fma"))) void direct_unpadded_avx2(const float* const
     const int64_t n = std::min(kBlk, pb - p0);
 #pragma GCC unroll 6
     for (int q = 0; q < R; ++q) {
+      if (bias) {
+        a[q][0] = _mm256_add_ps(a[q][0], _mm256_set1_ps(bias[q]));
+        a[q][1] = _mm256_add_ps(a[q][1], _mm256_set1_ps(bias[q]));
+      }
       if (n == kBlk) {
         _mm256_storeu_ps(out[q] + p0, a[q][0]);
         _mm256_storeu_ps(out[q] + p0 + 8, a[q][1]);
@@ -251,7 +261,7 @@ __attribute__((target("avx2,fma"))) void direct_unpadded_avx2(const float* const
 }
 
 using UnpaddedFn = void (*)(const float* const*, int64_t, const int64_t*, int64_t, int64_t, int64_t,
-                            const UnpaddedMasks&, const float*, float* const*);
+                            const UnpaddedMasks&, const float*, float* const*, const float*);
 
 // The kernel for a block of `rows` rows, paired with `rows2` (AVX-512: the pairs of direct_block_rows) or alone.
 template <int KS>
@@ -294,9 +304,11 @@ inline void prefetch_planes(const float* const* xs, int64_t c0, int64_t c1, int6
 }
 
 // The forward of one sample read in place (unpadded_applies; float input): output row r (out_rows[r], or
-// res + r ohw) <- the panel rows r times the nc planes x_n + chans[c] hw. Returns false when it does not apply.
+// res + r ohw) <- the panel rows r times the nc planes x_n + chans[c] hw, plus bias[r] (bias: nr floats, or
+// nullptr). Returns false when it does not apply.
 inline bool direct_conv_sample_unpadded(const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g,
-                                        const float* dpanel, int64_t nr, float* res, float* const* out_rows) {
+                                        const float* dpanel, int64_t nr, float* res, float* const* out_rows,
+                                        const float* bias) {
   if (!dpanel || nc <= 0 || !unpadded_applies(g)) return false;
   const int64_t hw = g.hw(), w = g.w, ks = g.kh, taps = g.taps();
   thread_local std::vector<const float*> xs;
@@ -323,7 +335,7 @@ inline bool direct_conv_sample_unpadded(const float* xn, const int64_t* chans, i
       prefetch_planes(xs.data(), nc * r0 / nr, nc * (r0 + rows + rows2) / nr, pb + off[0],
                       std::min(hw, 2 * pb - pa + off[taps - 1]));
     const UnpaddedFn fn = ks == 3 ? unpadded_kernel_for<3>(rows, rows2) : unpadded_kernel_for<1>(rows, rows2);
-    fn(xs.data(), nc, off, pa, pb, hw, mk, slab, outs);
+    fn(xs.data(), nc, off, pa, pb, hw, mk, slab, outs, bias != nullptr ? bias + r0 : nullptr);
   });
   return true;
 }
