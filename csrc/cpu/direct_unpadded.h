@@ -14,10 +14,9 @@
 // and uses vmaskmovps in border blocks.
 // The kernels also prefetch the next band of x's planes into L2 while they compute one (direct_conv_sample_unpadded):
 // without it, reading in place from memory ran 4% slower than the padded copy at 128 @ 28². And they request the
-// output lines of a block ahead for writing (prefetch_for_write): 0.96-1.01 of the forward's time, median 0.99
-// (channel_conv2d and masked_conv2d at the three shapes of bench/time_channel_conv_ops.py --against the build
-// before; 5 runs, 3 as AVX2 and 2 on AVX-512: 28 of the 30 ratios below 1, the other two 1.000 and 1.012, inside
-// the tool's ±2.5% noise). A small gain, but a steady one.
+// output lines of a block ahead for writing (prefetch_for_write): 0.974-0.999 of the forward's time, median 0.99,
+// all 12 ratios below 1 (channel_conv2d and masked_conv2d at the three shapes of bench/time_channel_conv_ops.py
+// --against the build before, as AVX2 and on AVX-512, with the tool's rounds paired by who goes first). Small, steady.
 //
 // Measured on the Xeon with AVX-512 and AMX, 2 threads, against the build before (bench/time_channel_conv_ops.py
 // --against, median per-round ratio of 11 rounds; < 1: faster): channel_conv2d's forward 0.963 / 0.944 / 0.955 of
