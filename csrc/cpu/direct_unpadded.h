@@ -9,10 +9,10 @@
 // column 0 and for j = 2 the lanes at column w - 1 (their reads wrap into the next or previous row), and, in the few
 // blocks whose reads reach past the plane's first or last row ("border" blocks), every lane whose read falls outside
 // the plane. A masked lane adds weight x 0, as the padded buffer's zeros did: the same sums in the same order, bit
-// for bit (tests/test_channel_conv_unpadded.py). AVX-512's masked loads never fault on a masked-off lane (zeroing
-// one takes a vector ALU uop beside the load: masking the FMAs instead would spare it, about 3% at 28², but GCC 12
-// compiles merge-masked FMAs into mask copies and a spill, docs/channel_conv.md); the AVX2 copy ANDs its column
-// masks into the loads (interior blocks read only inside the plane) and uses vmaskmovps in border blocks.
+// for bit (tests/test_channel_conv_unpadded.py). AVX-512's masked loads never fault on a masked-off lane; they are
+// not free either (masking the FMAs instead measured about 3% faster at 28² in a microbenchmark, but GCC 12 compiles
+// merge-masked FMAs into mask copies and a spill: docs/channel_conv.md); the AVX2 copy ANDs its column masks into the
+// loads (interior blocks read only inside the plane) and uses vmaskmovps in border blocks.
 // The kernels also prefetch the next band of x's planes into L2 while they compute one (direct_conv_sample_unpadded):
 // without it, reading in place from memory ran 4% slower than the padded copy at 128 @ 28². And they request the
 // output lines of a block ahead for writing (prefetch_for_write): 0.974-0.999 of the forward's time, median 0.99,
