@@ -5,7 +5,8 @@
 // whether channel_conv's bfloat16 calls run through oneDNN on AMX (csrc/cpu/channel_conv_onednn.h), for
 // `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles;
 // `cpu_conv_in_place(h, w, k)`: whether channel_conv's float32 direct forward reads such planes in place
-// (csrc/cpu/direct_unpadded.h), for the tests that check that path. Only setup.py compiles this file; the CMake
+// (csrc/cpu/direct_unpadded.h), and `cpu_conv_winograd(h, w, nc, nr)`: whether its float32 3x3 "same" forward runs
+// Winograd F(2x2, 3x3) (csrc/cpu/winograd.h), for the tests that check those paths. Only setup.py compiles this file; the CMake
 // build links the same kernels without Python.
 #include <Python.h>
 
@@ -16,6 +17,7 @@
 #include "cpu/channel_conv_onednn.h"
 #include "cpu/direct_conv.h"
 #include "cpu/isa.h"
+#include "cpu/winograd.h"
 
 namespace {
 
@@ -57,6 +59,15 @@ PyObject* cpu_conv_in_place(PyObject*, PyObject* args) {
   }
 }
 
+// cpu_conv_winograd(h, w, nc, nr): whether channel_conv2d's float32 forward of a 3x3 conv with padding 1 at stride 1
+// on h x w planes, nc kept input and nr kept output channels, runs Winograd F(2x2, 3x3).
+PyObject* cpu_conv_winograd(PyObject*, PyObject* args) {
+  long long h = 0, w = 0, nc = 0, nr = 0;
+  if (!PyArg_ParseTuple(args, "LLLL", &h, &w, &nc, &nr)) return nullptr;
+  const slimops::ConvGeom g{1, nc, h, w, 3, 3, 1, 1, 1, 1, 1, 1, h, w};
+  return PyBool_FromLong(slimops::cpu::winograd_applies(g, nc, nr) ? 1 : 0);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The instruction set of the CPU kernels in this process: base, avx2 or avx512 (SLIMOPS_CPU_ISA caps it)."},
@@ -71,6 +82,9 @@ PyMethodDef methods[] = {
     {"cpu_conv_in_place", cpu_conv_in_place, METH_VARARGS,
      "cpu_conv_in_place(h, w, k): whether channel_conv's float32 forward of a k x k 'same' conv at stride 1 reads "
      "an h x w plane in place (no padded copy) in this process."},
+    {"cpu_conv_winograd", cpu_conv_winograd, METH_VARARGS,
+     "cpu_conv_winograd(h, w, nc, nr): whether channel_conv2d's float32 forward of a 3x3 conv with padding 1 at "
+     "stride 1 on h x w planes with nc / nr kept channels runs Winograd F(2x2, 3x3) in this process."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

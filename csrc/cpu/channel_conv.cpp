@@ -36,6 +36,7 @@
 #include "direct_conv.h"
 #include "direct_gx_strided.h"
 #include "small_mm.h"
+#include "winograd.h"
 #include "slimops/channel_conv_checks.h"
 
 namespace slimops {
@@ -527,6 +528,30 @@ ChannelCall prepare_channel(const char* op, const at::Tensor& x, const at::Tenso
   return c;
 }
 
+// channel_conv2d's float32 forward by Winograd F(2x2, 3x3) (winograd_applies): U once per call, then each sample
+// by one thread (for_samples), written into y_n's rows with the bias.
+void winograd_forward(const SampleReader& xr, const at::Tensor& wc, const at::Tensor& bc, const ChannelCall& c,
+                      const int64_t* chans, int64_t nc, int64_t nr, at::Tensor& y) {
+  const ConvGeom& g = c.g;
+  const int64_t* out_idx = c.out_idx.const_data_ptr<int64_t>();
+  std::vector<float> u(static_cast<size_t>(16 * nr * nc)), bias_f;
+  winograd_pack_weights<float>(wc.const_data_ptr<float>(), c.c_in, out_idx, nr, c.in_idx.const_data_ptr<int64_t>(),
+                               nc, u.data());
+  if (bc.defined()) {
+    bias_f.resize(static_cast<size_t>(nr));
+    for (int64_t r = 0; r < nr; ++r) bias_f[r] = bc.const_data_ptr<float>()[out_idx[r]];
+  }
+  const float* xp = xr.t.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  std::vector<std::unique_ptr<WinogradWork>> work(static_cast<size_t>(slots()));
+  for_samples(g.n, [&](int64_t n, int64_t slot) {
+    auto& w = work[slot];
+    if (!w) w = std::make_unique<WinogradWork>();
+    w->run(xp + n * xr.stride, chans, nc, g, u.data(), nr, bias_f.empty() ? nullptr : bias_f.data(),
+           yp + n * nr * g.ohw());
+  });
+}
+
 at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, bool input_gathered) {
@@ -544,6 +569,10 @@ at::Tensor channel_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, con
   // The channels im2col reads from x: in_idx, or 0..nc-1 when x is already compact.
   const std::vector<int64_t> compact = iota(nc);
   const int64_t* chans = input_gathered ? compact.data() : c.in_idx.const_data_ptr<int64_t>();
+  if (x.scalar_type() == at::kFloat && winograd_applies(g, nc, nr)) {  // float32 3x3 "same" convs (winograd.h)
+    winograd_forward(xr, wc, bc, c, chans, nc, nr, y);
+    return y;
+  }
   const std::vector<int64_t> rows = iota(nr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.channel_conv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;

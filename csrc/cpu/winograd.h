@@ -1,0 +1,258 @@
+// The forward of a stride-1 3x3 convolution with padding 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin &
+// Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016): each 2x2 block of output pixels ("tile") of
+// output channel r is
+//     Y = A^T [ sum_c (G g_rc G^T) .* (B^T d_c B) ] A
+// with d_c the 4x4 input patch of kept channel c around the tile (zeros outside the plane: the padding), g_rc the
+// 3x3 filter, and
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+//     A^T = [1 1 1 0; 0 1 -1 -1].
+// The sum over channels is, for each of the 16 positions xi of the 4x4 transformed tile, a matrix product:
+//     M_xi (rows x tiles) = U_xi (rows x channels) V_xi (channels x tiles),
+// 16 products with 2 * rows * channels * tiles flops, where the direct convolution needs 9 * 4 = 36 multiplies per
+// (row, channel, tile) against 16 here: 2.25x fewer. The transforms are additions only (U's halves are exact) and
+// cost O((rows + channels) * tiles).
+//
+// Numerics: the sums are not the direct convolution's sums in another order but sums of transformed terms; the
+// error stays of the order of the direct sum's (measured against a float64 truth, relative to sum |term|: 0.9-1.7e-7
+// for 16-256 channels at 7-28², oneDNN's direct conv 0.6-1.9e-7; tests/test_channel_conv_ops.py's tolerance is
+// 1e-6). The arithmetic is additions, subtractions and small_mm's FMAs in a fixed order, so every ISA copy gives
+// the same bits, and so does any thread count (each sample is computed by one thread).
+//
+// Why: at 2.25x fewer multiplies a float32 3x3 conv is no longer bound by the FMA units' peak, which the direct
+// kernels (direct_conv.h, direct_unpadded.h) already reach within ~10%. SLIMOPS_CPU_CONV=direct turns it off
+// (read once), for the tests that check the direct kernels bit for bit and for comparisons.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "isa.h"
+#include "small_mm.h"
+#include "slimops/channel_conv_checks.h"
+
+namespace slimops {
+namespace cpu {
+
+// Whether SLIMOPS_CPU_CONV allows the Winograd path (unset or "auto": yes; "direct": no).
+inline bool winograd_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SLIMOPS_CPU_CONV");
+    return v == nullptr || std::string_view(v) != "direct";
+  }();
+  return on;
+}
+
+// The geometry F(2x2, 3x3) computes here (stride 1, 3x3, padding 1, dilation 1, output the input's size, planes of
+// at least 4 x 4), with enough channels that it is the faster path on this ISA. Measured (a microbenchmark of one
+// sample's forward, C of 2C channels kept in and out, 32 samples rotating through memory, one thread, the Xeon with
+// AVX-512 and AMX; Winograd's time over the direct kernel's, < 1: faster): as AVX2, C = 16 @ 28² 1.08, 32 @ 56²
+// 0.83, 64 @ 17² 0.84, 64 @ 28² 0.72, 64 @ 56² 0.63, 128 @ 28² 0.68, 128 @ 14² 0.67, 256 @ 14² 0.60, 512 @ 7² 0.56;
+// on AVX-512, where the direct kernel runs 1.6x faster and the transforms (additions, loads and stores) gain less
+// from the wider vectors, 64 @ 28² 1.00, 64 @ 56² 0.89, 128 @ 28² 0.88, 256 @ 14² 0.80, 512 @ 7² 0.80. Hence at least
+// 32 channels in and out with AVX2, a product of 96² with AVX-512 (the transforms cost (nc + nr) per tile, the
+// products nc nr). Without AVX2 (the base copy) the direct path runs.
+inline bool winograd_applies(const ConvGeom& g, int64_t nc, int64_t nr) {
+  if (!winograd_enabled() || !small_mm_avx2()) return false;
+  if (g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 || g.ph != 1 || g.pw != 1 || g.dh != 1 || g.dw != 1)
+    return false;
+  if (g.oh != g.h || g.ow != g.w || g.h < 4 || g.w < 4) return false;
+  if (cpu_isa() == CpuIsa::kAvx512) return nc * nr >= 96 * 96;
+  return nc >= 32 && nr >= 32;
+}
+
+// U[xi][r][c] = (G g G^T)[xi] of the filter weight[rows[r]][chans[c]] (a 3x3 block of c_in * 9 floats per row).
+template <typename scalar_t>
+void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows, int64_t nr, const int64_t* chans,
+                           int64_t nc, float* u) {
+  const int64_t plane = nr * nc;
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t c = 0; c < nc; ++c) {
+      const scalar_t* g = w + (rows[r] * c_in + chans[c]) * 9;
+      float gg[4][3];  // G g: the rows of g combined
+      for (int j = 0; j < 3; ++j) {
+        const float g0 = static_cast<float>(g[j]), g1 = static_cast<float>(g[3 + j]), g2 = static_cast<float>(g[6 + j]);
+        gg[0][j] = g0;
+        gg[1][j] = 0.5f * (g0 + g1 + g2);
+        gg[2][j] = 0.5f * (g0 - g1 + g2);
+        gg[3][j] = g2;
+      }
+      for (int i = 0; i < 4; ++i) {  // (G g) G^T: the columns combined
+        const float a = gg[i][0], b = gg[i][1], d = gg[i][2];
+        float* ui = u + (4 * i) * plane + r * nc + c;
+        ui[0] = a;
+        ui[plane] = 0.5f * (a + b + d);
+        ui[2 * plane] = 0.5f * (a - b + d);
+        ui[3 * plane] = d;
+      }
+    }
+}
+
+// The transforms, compiled into each ISA copy of the sample loop below (always_inline into a target function).
+
+// h[j][t] (j = 0..3, t < tw) = the row transform of input row `row` of the plane (zeros for a row outside it):
+// a tile t covers columns 2t - 1 .. 2t + 2 (a, b, c, d; zero outside the row); h0 = a - c, h1 = b + c,
+// h2 = c - b, h3 = b - d. The tiles whose four columns lie inside the row read it directly (two vectors and a
+// permute per output vector); the first and the last one or two, scalar.
+__attribute__((always_inline)) inline void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row,
+                                                    int64_t tw, float* __restrict h0, float* __restrict h1,
+                                                    float* __restrict h2, float* __restrict h3) {
+  if (row < 0 || row >= h) {
+    for (int64_t t = 0; t < tw; ++t) h0[t] = 0.f, h1[t] = 0.f, h2[t] = 0.f, h3[t] = 0.f;
+    return;
+  }
+  const float* __restrict x = plane + row * w;
+  const auto at = [&](int64_t q) { return q >= 0 && q < w ? x[q] : 0.f; };
+  const int64_t lo = 1, hi = std::max<int64_t>(lo, (w - 1) / 2);  // tiles lo .. hi - 1: 2t - 1 >= 0, 2t + 2 < w
+  for (int64_t t = 0; t < std::min(lo, tw); ++t) {
+    const float a = at(2 * t - 1), bb = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
+    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
+  }
+  #pragma GCC ivdep
+  for (int64_t t = lo; t < hi; ++t) {
+    const float a = x[2 * t - 1], bb = x[2 * t], c = x[2 * t + 1], d = x[2 * t + 2];
+    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
+  }
+  for (int64_t t = std::max(hi, lo); t < tw; ++t) {
+    const float a = at(2 * t - 1), bb = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
+    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
+  }
+}
+
+// V[xi][c][n] for the nt tiles n = (ty - ty0) tw + t of a chunk of channel c: the column transform of the row
+// transforms, kept as he[j] (x rows 2q - 1) and ho[j] (x rows 2q) for q = ty0 .. ty1: tile row ty reads rows
+// 2ty - 1 .. 2ty + 2, i.e. he[q], ho[q], he[q + 1], ho[q + 1], so one loop over n covers the chunk (offset tw).
+__attribute__((always_inline)) inline void wino_col(float* const (&he)[4], float* const (&ho)[4], int64_t nt,
+                                                    int64_t tw, float* v, int64_t vstride) {
+  for (int j = 0; j < 4; ++j) {
+    const float *__restrict e = he[j], *__restrict o = ho[j];
+    float *__restrict v0 = v + j * vstride, *__restrict v1 = v + (4 + j) * vstride,
+          *__restrict v2 = v + (8 + j) * vstride, *__restrict v3 = v + (12 + j) * vstride;
+    #pragma GCC ivdep
+    for (int64_t n = 0; n < nt; ++n) {
+      const float r0 = e[n], r1 = o[n], r2 = e[n + tw], r3 = o[n + tw];
+      v0[n] = r0 - r2;
+      v1[n] = r1 + r2;
+      v2[n] = r2 - r1;
+      v3[n] = r1 - r3;
+    }
+  }
+}
+
+// The output transform of output channel r over a chunk's nt tiles, from its 16 M rows m[xi]: A^T along each
+// tile's columns, then along its rows, plus the bias: z[k][n] (k = 2 i + j: the tile's pixel (i, j)).
+__attribute__((always_inline)) inline void wino_out(const float* const (&m)[16], int64_t nt, float bias,
+                                                    float* __restrict s, float* __restrict z, int64_t ld) {
+  for (int i = 0; i < 4; ++i) {  // s[2 i + j]: the row i of the tile after A^T along the columns
+    const float *__restrict a = m[4 * i], *__restrict b = m[4 * i + 1], *__restrict c = m[4 * i + 2],
+                *__restrict d = m[4 * i + 3];
+    float *__restrict s0 = s + (2 * i) * ld, *__restrict s1 = s + (2 * i + 1) * ld;
+    #pragma GCC ivdep
+    for (int64_t n = 0; n < nt; ++n) {
+      s0[n] = a[n] + b[n] + c[n];
+      s1[n] = b[n] - c[n] - d[n];
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const float *__restrict a = s + j * ld, *__restrict b = s + (2 + j) * ld, *__restrict c = s + (4 + j) * ld,
+                *__restrict d = s + (6 + j) * ld;
+    float *__restrict top = z + j * ld, *__restrict bot = z + (2 + j) * ld;
+    #pragma GCC ivdep
+    for (int64_t n = 0; n < nt; ++n) {
+      top[n] = (a[n] + b[n] + c[n]) + bias;
+      bot[n] = (b[n] - c[n] - d[n]) + bias;
+    }
+  }
+}
+
+// Output row y (w pixels) from a tile row's pixels (0, j) or (1, j): the two columns of each tile interleaved.
+__attribute__((always_inline)) inline void wino_store_row(const float* __restrict z0, const float* __restrict z1,
+                                                          int64_t w, float* __restrict y) {
+  const int64_t full = w / 2;  // tiles whose two columns are both inside the row
+  #pragma GCC ivdep
+  for (int64_t t = 0; t < full; ++t) y[2 * t] = z0[t], y[2 * t + 1] = z1[t];
+  if (2 * full < w) y[2 * full] = z0[full];
+}
+
+// One thread's buffers and the forward of one sample.
+struct WinogradWork {
+  std::vector<float> v, m, hbuf, s;
+
+  // y rows r (nr planes of h x w, y_n) <- the conv of the nc planes xn + chans[c] hw with U (winograd_pack_weights),
+  // plus bias[r] (nr floats, or nullptr). The transforms are compiled for the ISA the products run on.
+  void run(const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
+           const float* bias, float* yn) {
+#if SLIMOPS_SMALL_MM_ISA_COPIES
+    if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(xn, chans, nc, g, u, nr, bias, yn);
+#endif
+    run_avx2(xn, chans, nc, g, u, nr, bias, yn);
+  }
+
+ private:
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_avx512(
+      const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
+      const float* bias, float* yn) {
+    body(xn, chans, nc, g, u, nr, bias, yn);
+  }
+  __attribute__((target("avx2,fma"))) void run_avx2(const float* xn, const int64_t* chans, int64_t nc,
+                                                     const ConvGeom& g, const float* u, int64_t nr, const float* bias,
+                                                     float* yn) {
+    body(xn, chans, nc, g, u, nr, bias, yn);
+  }
+
+  __attribute__((always_inline)) inline void body(const float* xn, const int64_t* chans, int64_t nc,
+                                                  const ConvGeom& g, const float* u, int64_t nr, const float* bias,
+                                                  float* yn) {
+    const int64_t h = g.h, w = g.w, th = (h + 1) / 2, tw = (w + 1) / 2, hw = h * w;
+    // Chunks of tile rows: V and M of a chunk (16 (nc + nr) floats per tile) within ~1 MiB, half a core's L2 here,
+    // beside U (16 nr nc floats); the tile rows shared out evenly over the chunks.
+    const int64_t per_tile = 16 * (nc + nr) * 4;
+    const int64_t most = std::max<int64_t>(1, std::min(th, (int64_t{1} << 20) / (per_tile * tw)));
+    const int64_t chunks = (th + most - 1) / most, rows_per_chunk = (th + chunks - 1) / chunks;
+    const int64_t ld_max = (rows_per_chunk * tw + kMMCols - 1) / kMMCols * kMMCols;
+    v.resize(static_cast<size_t>(16 * nc * ld_max));
+    m.resize(static_cast<size_t>(16 * nr * ld_max));
+    hbuf.resize(static_cast<size_t>(8 * (rows_per_chunk + 1) * tw));
+    s.resize(static_cast<size_t>(12 * ld_max));
+    float *he[4], *ho[4];
+    for (int j = 0; j < 4; ++j)
+      he[j] = hbuf.data() + j * (rows_per_chunk + 1) * tw, ho[j] = hbuf.data() + (4 + j) * (rows_per_chunk + 1) * tw;
+    for (int64_t ty0 = 0; ty0 < th; ty0 += rows_per_chunk) {
+      const int64_t ty1 = std::min(th, ty0 + rows_per_chunk), nt = (ty1 - ty0) * tw;
+      const int64_t ld = (nt + kMMCols - 1) / kMMCols * kMMCols;
+      // the columns past the chunk's tiles: zeros (they feed only M columns never read; never NaN or denormal)
+      if (nt < ld)
+        for (int64_t e = 0; e < 16 * nc; ++e) std::fill(v.data() + e * ld + nt, v.data() + (e + 1) * ld, 0.f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const float* plane = xn + chans[c] * hw;
+        for (int64_t q = ty0; q <= ty1; ++q) {  // rows 2q - 1 and 2q, q = ty0 .. ty1
+          const int64_t o = (q - ty0) * tw;
+          wino_row(plane, h, w, 2 * q - 1, tw, he[0] + o, he[1] + o, he[2] + o, he[3] + o);
+          wino_row(plane, h, w, 2 * q, tw, ho[0] + o, ho[1] + o, ho[2] + o, ho[3] + o);
+        }
+        wino_col(he, ho, nt, tw, v.data() + c * ld, nc * ld);
+      }
+      for (int xi = 0; xi < 16; ++xi)
+        small_mm<float>(nr, nc, ld, u + xi * nr * nc, nc, 1, v.data() + xi * nc * ld, ld, m.data() + xi * nr * ld, ld,
+                        false);
+      float* z = s.data() + 8 * ld;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* mt[16];
+        for (int xi = 0; xi < 16; ++xi) mt[xi] = m.data() + (xi * nr + r) * ld;
+        wino_out(mt, nt, bias != nullptr ? bias[r] : 0.f, s.data(), z, ld);
+        float* yr = yn + r * hw;
+        for (int64_t ty = ty0; ty < ty1; ++ty) {
+          const int64_t n0 = (ty - ty0) * tw;
+          wino_store_row(z + n0, z + ld + n0, w, yr + 2 * ty * w);
+          if (2 * ty + 1 < h) wino_store_row(z + 2 * ld + n0, z + 3 * ld + n0, w, yr + (2 * ty + 1) * w);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace cpu
+}  // namespace slimops
