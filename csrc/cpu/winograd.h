@@ -13,9 +13,9 @@
 // cost O((rows + channels) * tiles).
 //
 // Numerics: the sums are not the direct convolution's sums in another order but sums of transformed terms; the
-// error stays of the order of the direct sum's (measured against a float64 truth, relative to sum |term|: 0.9-1.7e-7
-// for 16-256 channels at 7-28², oneDNN's direct conv 0.6-1.9e-7; tests/test_channel_conv_ops.py's tolerance is
-// 1e-6). The arithmetic is additions, subtractions and small_mm's FMAs in a fixed order, so every ISA copy gives
+// error stays of the order of the direct sum's (against a float64 truth, relative to sum |term|: 1.1-1.7e-7 at
+// 64 @ 28², 115 @ 28², 128 @ 14², 256 @ 7²; the direct kernel 3.0e-7 at 64 @ 28², oneDNN's direct conv
+// 0.4-0.8e-7; the float32 tests allow 1e-6). The arithmetic is additions, subtractions and small_mm's FMAs in a fixed order, so every ISA copy gives
 // the same bits, and so does any thread count (each sample is computed by one thread).
 //
 // Why: at 2.25x fewer multiplies a float32 3x3 conv is no longer bound by the FMA units' peak, which the direct
