@@ -8,6 +8,8 @@ at least 32 kept channels in and out on the AVX2 copy, 96² of them on AVX-512).
 3. One thread and two give the same bits (a sample is one thread's), and the AVX2 and AVX-512 copies too (small_mm's
    two copies agree bit for bit and the transforms are additions).
 4. SLIMOPS_CPU_CONV=direct turns it off, and the direct result is within the same tolerance.
+5. masked_conv2d: samples that keep at least 3/4 of the rows take it (all rows computed, the kept written, the
+   others exactly 0), the others the direct kernel, in one call.
 Each ISA copy runs in its own process (SLIMOPS_CPU_ISA and SLIMOPS_CPU_CONV are read once)."""
 import os
 import sys
@@ -23,12 +25,13 @@ _SCRIPT = textwrap.dedent("""
     import torch
     import slimops
     from slimops import _C
-    from slimops.ops import channel_conv2d
+    import torch.nn.functional as F
+    from slimops.ops import channel_conv2d, masked_conv2d
     from slimops.reference import channel_conv as cref
     torch.set_num_threads(int(sys.argv[2]))
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    out, wino = {}, 0
+    out, wino, masked_wino = {}, 0, 0
     # (n, c_in, c_out, kept in, kept out, h, w)
     cases = [(3, 40, 48, 32, 33, 28, 28), (2, 100, 110, 97, 96, 9, 13), (1, 100, 100, 96, 100, 4, 4),
              (2, 130, 120, 128, 100, 7, 7), (2, 100, 100, 100, 96, 15, 6), (2, 40, 40, 34, 32, 5, 64),
@@ -60,7 +63,20 @@ _SCRIPT = textwrap.dedent("""
         xn[:, drop_in] = float("nan"); wn[drop_out] = float("nan"); wn[:, drop_in] = float("nan")
         bn[drop_out] = float("nan")
         assert torch.equal(channel_conv2d(xn, wn, bn, ii, oo, padding=1, backend="cpu"), y), "NaN read"
-    print("winograd cases", wino)
+        # masked_conv2d: samples that keep every row and 80% (Winograd over all rows where the shape takes it, the
+        # kept ones written) and 50% (the direct kernel)
+        mask = torch.zeros(n, co, dtype=torch.bool)
+        for i, f in enumerate((1.0, 0.8, 0.5)[:n]):
+            mask[i, torch.randperm(co, generator=gen)[:int(co * f)]] = True
+        ym = masked_conv2d(x, wt, b, mask, padding=1, backend="cpu")
+        m4 = mask[:, :, None, None]
+        em = F.conv2d(x.double(), wt.double(), b.double(), padding=1) * m4
+        sm = F.conv2d(x.abs().double(), wt.abs().double(), b.abs().double(), padding=1) * m4
+        err = ((ym.double() - em).abs() - 1e-6 * (1 + em.abs() + sm)).max().item()
+        assert err <= 0 and bool((ym[~mask] == 0).all()), ("masked", err)
+        masked_wino += sum(int(_C.cpu_conv_winograd(h, w, ci, co) and 4 * int(k) >= 3 * co) for k in mask.sum(1))
+        out[f"{n}x{ci}x{h}x{w}/masked"] = ym
+    print("winograd cases", wino, "masked samples", masked_wino)
     torch.save(out, sys.argv[1])
 """)
 
@@ -78,8 +94,8 @@ def _run(tmp_path, isa, threads, **env_extra):
     env.pop("SLIMOPS_CPU_BASE_ISA", None)
     res = run_with_deadline([sys.executable, "-c", _SCRIPT, str(path), str(threads)], env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    wino = int(res.stdout.split("winograd cases")[1].split()[0])
-    return torch.load(path), wino
+    words = res.stdout.split("winograd cases")[1].split()
+    return torch.load(path), (int(words[0]), int(words[3]))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
@@ -87,8 +103,9 @@ def test_winograd_matches_the_reference_on_one_and_two_threads(tmp_path, isa):
     if isa not in _isas():
         pytest.skip(f"this CPU has no {isa}")
     one, wino = _run(tmp_path, isa, 1)
-    # every case takes Winograd on AVX2; on AVX-512 those with 96² kept channels or more
-    assert wino == (7 if isa == "avx2" else 5)
+    # every case takes Winograd on AVX2, on AVX-512 those with 96² kept channels or more; masked_conv2d's samples
+    # that keep 100% or 80% of the rows (13 of 14 on AVX2, 9 on AVX-512)
+    assert wino == ((7, 13) if isa == "avx2" else (5, 9))
     two, _ = _run(tmp_path, isa, 2)
     for key, y in one.items():
         assert torch.equal(two[key], y), key
@@ -101,7 +118,7 @@ def test_winograd_copies_agree_bit_for_bit(tmp_path):
     b, _ = _run(tmp_path, "avx512", 1)
     # the cases both copies run through Winograd (on AVX-512: 96² kept channels or more)
     both = [k for k in a if not k.startswith(("3x40x", "2x40x"))]
-    assert len(both) == 10
+    assert len(both) == 15
     for key in both:
         assert torch.equal(a[key], b[key]), key
 
@@ -109,6 +126,6 @@ def test_winograd_copies_agree_bit_for_bit(tmp_path):
 def test_the_direct_switch_turns_winograd_off(tmp_path):
     isa = _isas()[0] if _isas() else pytest.skip("no AVX2: the Winograd path never runs")
     direct, wino = _run(tmp_path, isa, 1, SLIMOPS_CPU_CONV="direct")
-    assert wino == 0  # and the direct kernels meet the same tolerance (asserted in the script)
+    assert wino == (0, 0)  # and the direct kernels meet the same tolerance (asserted in the script)
     auto, _ = _run(tmp_path, isa, 1)
     assert any(not torch.equal(auto[k], direct[k]) for k in auto)  # a different sum: not the same path

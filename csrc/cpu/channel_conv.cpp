@@ -748,6 +748,20 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto rows = rows_of_mask(out_mask);
   const std::vector<int64_t> chans = iota(c_in);
+  // float32 samples that keep most rows: Winograd F(2x2, 3x3) over all rows, the kept ones written (winograd.h)
+  const bool wino = x.scalar_type() == at::kFloat && winograd_applies(g, c_in, c_out) &&
+              std::any_of(rows.begin(), rows.end(), [&](const auto& r) {
+                return winograd_masked_sample(static_cast<int64_t>(r.size()), c_out);
+              });
+  std::vector<float> wino_u, wino_bias;
+  std::vector<std::unique_ptr<WinogradWork>> wino_work(static_cast<size_t>(wino ? slots() : 0));
+  if (wino) {
+    const std::vector<int64_t> all_rows = iota(c_out);
+    wino_u.resize(static_cast<size_t>(16 * c_out * c_in));
+    winograd_pack_weights<float>(wc.const_data_ptr<float>(), c_in, all_rows.data(), c_out, chans.data(), c_in,
+                                 wino_u.data());
+    if (bc.defined()) wino_bias.assign(bc.const_data_ptr<float>(), bc.const_data_ptr<float>() + c_out);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slimops.masked_conv2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
@@ -769,6 +783,13 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
         else std::fill_n(yn + j * g.ohw(), g.ohw(), scalar_t(0));
       }
       if (nr == 0) return;
+      if (wino && winograd_masked_sample(nr, c_out)) {  // wino: float32 x, so scalar_t is float here
+        auto& ww = wino_work[slot];
+        if (!ww) ww = std::make_unique<WinogradWork>();
+        ww->run(reinterpret_cast<const float*>(xp + n * xr.stride), chans.data(), c_in, g, wino_u.data(), c_out,
+                wino_bias.empty() ? nullptr : wino_bias.data(), reinterpret_cast<float*>(yn), r.data(), nr);
+        return;
+      }
       auto& w = work[slot];
       if (!w) {
         w = std::make_unique<ForwardWork<scalar_t, acc_t>>(g, c_in, c_out);

@@ -64,6 +64,14 @@ inline bool winograd_applies(const ConvGeom& g, int64_t nc, int64_t nr) {
   return nc >= 32 && nr >= 32;
 }
 
+// Whether a masked_conv2d sample that keeps `kept` of c_out rows (winograd_applies for all c_out) runs Winograd:
+// its products compute every row (a 6- or 8-row block of U's rows is the products' unit, and a sample's kept rows
+// are scattered), so it pays where the rows dropped cost less than the multiplies saved. Measured in
+// bench_channel_conv.py's masked_conv2d at 90% kept (docs/channel_conv.md).
+inline bool winograd_masked_sample(int64_t kept, int64_t c_out) {
+  return 4 * kept >= 3 * c_out;
+}
+
 // U[xi][r][c] = (G g G^T)[xi] of the filter weight[rows[r]][chans[c]] (a 3x3 block of c_in * 9 floats per row).
 template <typename scalar_t>
 void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows, int64_t nr, const int64_t* chans,
@@ -181,31 +189,33 @@ __attribute__((always_inline)) inline void wino_store_row(const float* __restric
 struct WinogradWork {
   std::vector<float> v, m, hbuf, s;
 
-  // y rows r (nr planes of h x w, y_n) <- the conv of the nc planes xn + chans[c] hw with U (winograd_pack_weights),
-  // plus bias[r] (nr floats, or nullptr). The transforms are compiled for the ISA the products run on.
+  // y rows r (nr planes of h x w, y_n) <- the conv of the nc planes xn + chans[c] hw with U's nr rows
+  // (winograd_pack_weights), plus bias[r] (nr floats, or nullptr). With `keep` (nkeep sorted rows), only those rows
+  // are written (all nr are computed: masked_conv2d's samples that keep most rows). The transforms are compiled for
+  // the ISA the products run on.
   void run(const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
-           const float* bias, float* yn) {
+           const float* bias, float* yn, const int64_t* keep = nullptr, int64_t nkeep = 0) {
 #if SLIMOPS_SMALL_MM_ISA_COPIES
-    if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(xn, chans, nc, g, u, nr, bias, yn);
+    if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
 #endif
-    run_avx2(xn, chans, nc, g, u, nr, bias, yn);
+    run_avx2(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
   }
 
  private:
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_avx512(
       const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
-      const float* bias, float* yn) {
-    body(xn, chans, nc, g, u, nr, bias, yn);
+      const float* bias, float* yn, const int64_t* keep, int64_t nkeep) {
+    body(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
   }
   __attribute__((target("avx2,fma"))) void run_avx2(const float* xn, const int64_t* chans, int64_t nc,
                                                      const ConvGeom& g, const float* u, int64_t nr, const float* bias,
-                                                     float* yn) {
-    body(xn, chans, nc, g, u, nr, bias, yn);
+                                                     float* yn, const int64_t* keep, int64_t nkeep) {
+    body(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
   }
 
   __attribute__((always_inline)) inline void body(const float* xn, const int64_t* chans, int64_t nc,
                                                   const ConvGeom& g, const float* u, int64_t nr, const float* bias,
-                                                  float* yn) {
+                                                  float* yn, const int64_t* keep, int64_t nkeep) {
     const int64_t h = g.h, w = g.w, th = (h + 1) / 2, tw = (w + 1) / 2, hw = h * w;
     // Chunks of tile rows: V and M of a chunk (16 (nc + nr) floats per tile) within ~1 MiB, half a core's L2 here,
     // beside U (16 nr nc floats); the tile rows shared out evenly over the chunks.
@@ -239,7 +249,8 @@ struct WinogradWork {
         small_mm<float>(nr, nc, ld, u + xi * nr * nc, nc, 1, v.data() + xi * nc * ld, ld, m.data() + xi * nr * ld, ld,
                         false);
       float* z = s.data() + 8 * ld;
-      for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t i = 0, nw = keep != nullptr ? nkeep : nr; i < nw; ++i) {
+        const int64_t r = keep != nullptr ? keep[i] : i;
         const float* mt[16];
         for (int xi = 0; xi < 16; ++xi) mt[xi] = m.data() + (xi * nr + r) * ld;
         wino_out(mt, nt, bias != nullptr ? bias[r] : 0.f, s.data(), z, ld);
