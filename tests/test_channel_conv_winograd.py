@@ -10,6 +10,8 @@ at least 32 kept channels in and out on the AVX2 copy, 96² of them on AVX-512).
 4. SLIMOPS_CPU_CONV=direct turns it off, and the direct result is within the same tolerance.
 5. masked_conv2d: samples that keep at least 3/4 of the rows take it (all rows computed, the kept written, the
    others exactly 0), the others the direct kernel, in one call.
+6. grad_x of both ops (the "same" conv of dy with the flipped filters) by Winograd where the forward of that shape
+   would run it: against the reference, and bit for bit across threads and ISA copies.
 Each ISA copy runs in its own process (SLIMOPS_CPU_ISA and SLIMOPS_CPU_CONV are read once)."""
 import os
 import sys
@@ -31,7 +33,7 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[2]))
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    out, wino, masked_wino = {}, 0, 0
+    out, wino, masked_wino, gx_wino = {}, 0, 0, 0
     # (n, c_in, c_out, kept in, kept out, h, w)
     cases = [(3, 40, 48, 32, 33, 28, 28), (2, 100, 110, 97, 96, 9, 13), (1, 100, 100, 96, 100, 4, 4),
              (2, 130, 120, 128, 100, 7, 7), (2, 100, 100, 100, 96, 15, 6), (2, 40, 40, 34, 32, 5, 64),
@@ -76,7 +78,28 @@ _SCRIPT = textwrap.dedent("""
         assert err <= 0 and bool((ym[~mask] == 0).all()), ("masked", err)
         masked_wino += sum(int(_C.cpu_conv_winograd(h, w, ci, co) and 4 * int(k) >= 3 * co) for k in mask.sum(1))
         out[f"{n}x{ci}x{h}x{w}/masked"] = ym
-    print("winograd cases", wino, "masked samples", masked_wino)
+        # grad_x: the "same" conv of dy with the flipped filters (Winograd where the forward of nr -> nc would run)
+        gy = rnd(n, nr, h, w)
+        gx = torch.ops.slimops.channel_conv2d_backward(gy, x, wt, ii, oo, [1, 1], [1, 1], [1, 1], False,
+                                                       [True, False, False])[0]
+        ex = cref.channel_conv2d_backward(gy.double(), x.double(), wt.double(), ii, oo, (1, 1), (1, 1), 1, False,
+                                          [True, False, False])[0]
+        sx = cref.channel_conv2d_backward(gy.abs().double(), x.abs().double(), wt.abs().double(), ii, oo, (1, 1),
+                                          (1, 1), 1, False, [True, False, False])[0]
+        err = ((gx.double() - ex).abs() - 1e-6 * (1 + ex.abs() + sx)).max().item()
+        assert err <= 0, ("grad_x", err)
+        gx_wino += int(_C.cpu_conv_winograd(h, w, nr, nc))
+        out[f"{n}x{ci}x{h}x{w}/gx"] = gx
+        gm = rnd(n, co, h, w)
+        mgx = torch.ops.slimops.masked_conv2d_backward(gm, x, wt, mask, [1, 1], [1, 1], [1, 1], [True, False, False])[0]
+        emx = cref.masked_conv2d_backward(gm.double(), x.double(), wt.double(), mask, (1, 1), (1, 1), 1,
+                                          [True, False, False])[0]
+        smx = cref.masked_conv2d_backward(gm.abs().double(), x.abs().double(), wt.abs().double(), mask, (1, 1), (1, 1),
+                                          1, [True, False, False])[0]
+        err = ((mgx.double() - emx).abs() - 1e-6 * (1 + emx.abs() + smx)).max().item()
+        assert err <= 0, ("masked grad_x", err)
+        out[f"{n}x{ci}x{h}x{w}/masked/gx"] = mgx
+    print("winograd cases", wino, "masked samples", masked_wino, "grad_x", gx_wino)
     torch.save(out, sys.argv[1])
 """)
 
@@ -95,7 +118,7 @@ def _run(tmp_path, isa, threads, **env_extra):
     res = run_with_deadline([sys.executable, "-c", _SCRIPT, str(path), str(threads)], env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     words = res.stdout.split("winograd cases")[1].split()
-    return torch.load(path), (int(words[0]), int(words[3]))
+    return torch.load(path), (int(words[0]), int(words[3]), int(words[5]))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
@@ -105,7 +128,7 @@ def test_winograd_matches_the_reference_on_one_and_two_threads(tmp_path, isa):
     one, wino = _run(tmp_path, isa, 1)
     # every case takes Winograd on AVX2, on AVX-512 those with 96² kept channels or more; masked_conv2d's samples
     # that keep 100% or 80% of the rows (13 of 14 on AVX2, 9 on AVX-512)
-    assert wino == ((7, 13) if isa == "avx2" else (5, 9))
+    assert wino == ((7, 13, 7) if isa == "avx2" else (5, 9, 5))
     two, _ = _run(tmp_path, isa, 2)
     for key, y in one.items():
         assert torch.equal(two[key], y), key
@@ -118,7 +141,7 @@ def test_winograd_copies_agree_bit_for_bit(tmp_path):
     b, _ = _run(tmp_path, "avx512", 1)
     # the cases both copies run through Winograd (on AVX-512: 96² kept channels or more)
     both = [k for k in a if not k.startswith(("3x40x", "2x40x"))]
-    assert len(both) == 15
+    assert len(both) == 25
     for key in both:
         assert torch.equal(a[key], b[key]), key
 
@@ -126,6 +149,6 @@ def test_winograd_copies_agree_bit_for_bit(tmp_path):
 def test_the_direct_switch_turns_winograd_off(tmp_path):
     isa = _isas()[0] if _isas() else pytest.skip("no AVX2: the Winograd path never runs")
     direct, wino = _run(tmp_path, isa, 1, SLIMOPS_CPU_CONV="direct")
-    assert wino == (0, 0)  # and the direct kernels meet the same tolerance (asserted in the script)
+    assert wino == (0, 0, 0)  # and the direct kernels meet the same tolerance (asserted in the script)
     auto, _ = _run(tmp_path, isa, 1)
     assert any(not torch.equal(auto[k], direct[k]) for k in auto)  # a different sum: not the same path

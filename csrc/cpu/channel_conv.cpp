@@ -359,6 +359,14 @@ struct BackwardWork {
   std::vector<float*> gx_rows;  // the kept channels' planes of gx
   std::vector<float> xpg;       // x zero-padded for the direct weight gradient
   std::vector<float> dyt;       // dy as [pixel][row] for it
+  // grad_x by Winograd F(2x2, 3x3) (winograd.h), where the caller set wino_u_t (U of the flipped filters,
+  // winograd_pack_weights(..., transposed)) over wino_k rows of dy: nr (channel_conv2d) or all c_out rows
+  // (masked_conv2d: the rows this sample drops are planes of zeros)
+  const float* wino_u_t = nullptr;
+  int64_t wino_k = 0;
+  std::unique_ptr<WinogradWork> wino;
+  std::vector<const float*> wino_in;
+  std::vector<float*> wino_out;
   const scalar_t* go = nullptr;       // grad_out[n]
   const int64_t* go_rows = nullptr;   // dy row r is grad_out[n]'s row go_rows[r]
   int64_t nr_loaded = 0;
@@ -407,6 +415,17 @@ struct BackwardWork {
 
   // gx's kept planes by the transposed direct convolution; false when it does not apply.
   bool direct_gx(const int64_t* chans, int64_t nc, int64_t nr, const float* dpanel_t, acc_t* gx_n) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (wino_u_t != nullptr) {  // dy row r is grad_out[n]'s row go_rows[r], in place
+        if (!wino) wino = std::make_unique<WinogradWork>();
+        wino_in.assign(static_cast<size_t>(wino_k), nullptr);
+        for (int64_t r = 0; r < nr; ++r) wino_in[wino_k == nr ? r : go_rows[r]] = go + go_rows[r] * g.ohw();
+        wino_out.resize(static_cast<size_t>(nc));
+        for (int64_t c = 0; c < nc; ++c) wino_out[c] = gx_n + chans[c] * g.hw();
+        wino->run(wino_in.data(), wino_k, g, wino_u_t, nc, nullptr, wino_out.data());
+        return true;
+      }
+    }
     if constexpr (std::is_same_v<acc_t, float>) {
       if (dpanel_t == nullptr) return false;
       gx_rows.resize(static_cast<size_t>(nc));
@@ -544,11 +563,17 @@ void winograd_forward(const SampleReader& xr, const at::Tensor& wc, const at::Te
   const float* xp = xr.t.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   std::vector<std::unique_ptr<WinogradWork>> work(static_cast<size_t>(slots()));
+  std::vector<std::vector<const float*>> ins(work.size());
+  std::vector<std::vector<float*>> outs(work.size());
   for_samples(g.n, [&](int64_t n, int64_t slot) {
     auto& w = work[slot];
     if (!w) w = std::make_unique<WinogradWork>();
-    w->run(xp + n * xr.stride, chans, nc, g, u.data(), nr, bias_f.empty() ? nullptr : bias_f.data(),
-           yp + n * nr * g.ohw());
+    auto& in = ins[slot];
+    auto& out = outs[slot];
+    in.resize(static_cast<size_t>(nc)), out.resize(static_cast<size_t>(nr));
+    for (int64_t i = 0; i < nc; ++i) in[i] = xp + n * xr.stride + chans[i] * g.hw();
+    for (int64_t r = 0; r < nr; ++r) out[r] = yp + (n * nr + r) * g.ohw();
+    w->run(in.data(), nc, g, u.data(), nr, bias_f.empty() ? nullptr : bias_f.data(), out.data());
   });
 }
 
@@ -659,9 +684,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
     constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     // grad_x by the transposed direct convolution (direct_conv.h), or by a GEMM against the packed panel
     std::vector<acc_t> panel;
-    std::vector<float> dpanel_t;
+    std::vector<float> dpanel_t, wino_u_t;
     std::optional<GxPhases> gx_phases;  // a strided conv's grad_x by phases
-    if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
+    // grad_x = the "same" conv of dy's nr planes with the flipped filters into nc planes: Winograd where the
+    // forward of that shape would take it (float32)
+    if (std::is_same_v<scalar_t, float> && need_x && winograd_applies(g, nr, nc)) {
+      wino_u_t.resize(static_cast<size_t>(16 * nc * nr));
+      winograd_pack_weights<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, out_p, nr, in_p, nc, wino_u_t.data(),
+                                      true);
+    } else if (std::is_same_v<acc_t, float> && need_x && transposed_direct_applies(g)) {
       dpanel_t.resize(static_cast<size_t>(direct_panel_size(nc, nr, taps)));
       pack_weight_direct_transposed<scalar_t>(wc.const_data_ptr<scalar_t>(), c.c_in, taps, out_p, nr, in_p, nc,
                                               dpanel_t.data(), direct_paired());
@@ -684,6 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv2d_backward_cpu(
       if (!w) {
         w = std::make_unique<BackwardWork<scalar_t, acc_t>>(g, nc, nr);
         if (gx_phases) w->gx_phases = &*gx_phases;
+        if (!wino_u_t.empty()) w->wino_u_t = wino_u_t.data(), w->wino_k = nr;
         if (need_w) gw_acc[slot].assign(static_cast<size_t>(nr * k), acc_t(0));
         if (need_b) gb_acc[slot].assign(static_cast<size_t>(nr), acc_t(0));
         if (need_x && !same) gx_buf[slot].resize(static_cast<size_t>(g.cx * g.hw()));
@@ -755,6 +787,8 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
               });
   std::vector<float> wino_u, wino_bias;
   std::vector<std::unique_ptr<WinogradWork>> wino_work(static_cast<size_t>(wino ? slots() : 0));
+  std::vector<std::vector<const float*>> wino_in(wino_work.size());
+  std::vector<std::vector<float*>> wino_out(wino_work.size());
   if (wino) {
     const std::vector<int64_t> all_rows = iota(c_out);
     wino_u.resize(static_cast<size_t>(16 * c_out * c_in));
@@ -786,8 +820,14 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       if (wino && winograd_masked_sample(nr, c_out)) {  // wino: float32 x, so scalar_t is float here
         auto& ww = wino_work[slot];
         if (!ww) ww = std::make_unique<WinogradWork>();
-        ww->run(reinterpret_cast<const float*>(xp + n * xr.stride), chans.data(), c_in, g, wino_u.data(), c_out,
-                wino_bias.empty() ? nullptr : wino_bias.data(), reinterpret_cast<float*>(yn), r.data(), nr);
+        auto& in = wino_in[slot];
+        auto& out = wino_out[slot];
+        const float* xf = reinterpret_cast<const float*>(xp + n * xr.stride);
+        in.resize(static_cast<size_t>(c_in));
+        for (int64_t i = 0; i < c_in; ++i) in[i] = xf + i * g.hw();
+        out.assign(static_cast<size_t>(c_out), nullptr);  // the kept rows only
+        for (const int64_t j : r) out[j] = reinterpret_cast<float*>(yn) + j * g.ohw();
+        ww->run(in.data(), c_in, g, wino_u.data(), c_out, wino_bias.empty() ? nullptr : wino_bias.data(), out.data());
         return;
       }
       auto& w = work[slot];
@@ -860,6 +900,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         pack_weight_direct_transposed<scalar_t>(wp, c_in, taps, all_rows.data(), c_out, chans.data(), c_in,
                                                 dpanel_t_all.data(), paired_t);
     }
+    // grad_x by Winograd F(2x2, 3x3) for the float32 samples that keep most rows (as the forward): the flipped
+    // filters of every row, once; a sample's dropped rows are planes of zeros
+    const bool wino_x = std::is_same_v<scalar_t, float> && need_x && winograd_applies(g, c_out, c_in) &&
+                        std::any_of(rows.begin(), rows.end(), [&](const auto& r) {
+                          return winograd_masked_sample(static_cast<int64_t>(r.size()), c_out);
+                        });
+    std::vector<float> wino_u_t;
+    if (wino_x) {
+      const std::vector<int64_t> all_rows = iota(c_out);
+      wino_u_t.resize(static_cast<size_t>(16 * c_in * c_out));
+      winograd_pack_weights<scalar_t>(wp, c_in, all_rows.data(), c_out, chans.data(), c_in, wino_u_t.data(), true);
+    }
     const int64_t used = for_samples(g.n, [&](int64_t n, int64_t slot) {
       const auto& r = rows[n];
       const int64_t nr = static_cast<int64_t>(r.size());
@@ -879,9 +931,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         return;
       }
       w->load_dy(gop + n * c_out * g.ohw(), r.data(), nr);
+      const bool wino_n = wino_x && winograd_masked_sample(nr, c_out);
+      w->wino_u_t = wino_n ? wino_u_t.data() : nullptr, w->wino_k = c_out;
       if (need_x && !direct_x)  // the GEMM panel serves only grad_x's GEMM
         pack_weight<scalar_t, acc_t>(wp, c_in, taps, r.data(), nr, chans.data(), c_in, panels[slot].data());
-      if (direct_x && gx_phases)
+      if (wino_n) {
+        // grad_x by Winograd: no transposed panel to select
+      } else if (direct_x && gx_phases)
         select_phased_panel_channels(dpanel_t_all.data(), c_in, c_out, *gx_phases, r.data(), nr,
                                      dpanels_t[slot].data(), paired_t);
       else if (direct_x)

@@ -64,22 +64,27 @@ inline bool winograd_applies(const ConvGeom& g, int64_t nc, int64_t nr) {
   return nc >= 32 && nr >= 32;
 }
 
-// Whether a masked_conv2d sample that keeps `kept` of c_out rows (winograd_applies for all c_out) runs Winograd:
-// its products compute every row (a 6- or 8-row block of U's rows is the products' unit, and a sample's kept rows
-// are scattered), so it pays where the rows dropped cost less than the multiplies saved. Measured in
-// bench_channel_conv.py's masked_conv2d at 90% kept (docs/channel_conv.md).
+// Whether a masked_conv2d sample that keeps `kept` of c_out rows (winograd_applies for all c_out) runs Winograd
+// (its forward, and its grad_x): its products compute every row (a 6- or 8-row block of U's rows is the products'
+// unit, and a sample's kept rows are scattered), so it pays where the rows dropped cost less than the multiplies
+// saved. bench_channel_conv.py's masked_conv2d at 90% kept, 128 @ 28²: fwd x dense*mask 1.02 -> 1.32 as AVX2,
+// 1.13 -> 1.33 on AVX-512; at 50% kept (direct) 1.72 as AVX2 (docs/channel_conv.md).
 inline bool winograd_masked_sample(int64_t kept, int64_t c_out) {
   return 4 * kept >= 3 * c_out;
 }
 
-// U[xi][r][c] = (G g G^T)[xi] of the filter weight[rows[r]][chans[c]] (a 3x3 block of c_in * 9 floats per row).
+// U[xi][r][c] = (G g G^T)[xi] of the filter g = weight[rows[r]][chans[c]] (a 3x3 block of c_in * 9 floats per row).
+// transposed: U[xi][c][r] of g rotated by 180 degrees instead: grad_x = the "same" conv of dy (channels r) with the
+// flipped filters (outputs c).
 template <typename scalar_t>
 void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows, int64_t nr, const int64_t* chans,
-                           int64_t nc, float* u) {
+                           int64_t nc, float* u, bool transposed = false) {
   const int64_t plane = nr * nc;
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t c = 0; c < nc; ++c) {
-      const scalar_t* g = w + (rows[r] * c_in + chans[c]) * 9;
+      const scalar_t* src = w + (rows[r] * c_in + chans[c]) * 9;
+      scalar_t g[9];
+      for (int t = 0; t < 9; ++t) g[t] = src[transposed ? 8 - t : t];
       float gg[4][3];  // G g: the rows of g combined
       for (int j = 0; j < 3; ++j) {
         const float g0 = static_cast<float>(g[j]), g1 = static_cast<float>(g[3 + j]), g2 = static_cast<float>(g[6 + j]);
@@ -90,7 +95,7 @@ void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows,
       }
       for (int i = 0; i < 4; ++i) {  // (G g) G^T: the columns combined
         const float a = gg[i][0], b = gg[i][1], d = gg[i][2];
-        float* ui = u + (4 * i) * plane + r * nc + c;
+        float* ui = u + (4 * i) * plane + (transposed ? c * nr + r : r * nc + c);
         ui[0] = a;
         ui[plane] = 0.5f * (a + b + d);
         ui[2 * plane] = 0.5f * (a - b + d);
@@ -189,33 +194,32 @@ __attribute__((always_inline)) inline void wino_store_row(const float* __restric
 struct WinogradWork {
   std::vector<float> v, m, hbuf, s;
 
-  // y rows r (nr planes of h x w, y_n) <- the conv of the nc planes xn + chans[c] hw with U's nr rows
-  // (winograd_pack_weights), plus bias[r] (nr floats, or nullptr). With `keep` (nkeep sorted rows), only those rows
-  // are written (all nr are computed: masked_conv2d's samples that keep most rows). The transforms are compiled for
-  // the ISA the products run on.
-  void run(const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
-           const float* bias, float* yn, const int64_t* keep = nullptr, int64_t nkeep = 0) {
+  // out[r] (h x w planes, r < nr; nullptr: not written) <- the conv of the nc planes in[c] (nullptr: a plane of
+  // zeros) with U's nr rows (winograd_pack_weights), plus bias[r] (nr floats, or nullptr). Every row is computed:
+  // masked_conv2d's samples that keep most rows write only those. The transforms are compiled for the ISA the
+  // products run on.
+  void run(const float* const* in, int64_t nc, const ConvGeom& g, const float* u, int64_t nr, const float* bias,
+           float* const* out) {
 #if SLIMOPS_SMALL_MM_ISA_COPIES
-    if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
+    if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(in, nc, g, u, nr, bias, out);
 #endif
-    run_avx2(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
+    run_avx2(in, nc, g, u, nr, bias, out);
   }
 
  private:
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_avx512(
-      const float* xn, const int64_t* chans, int64_t nc, const ConvGeom& g, const float* u, int64_t nr,
-      const float* bias, float* yn, const int64_t* keep, int64_t nkeep) {
-    body(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
+      const float* const* in, int64_t nc, const ConvGeom& g, const float* u, int64_t nr, const float* bias,
+      float* const* out) {
+    body(in, nc, g, u, nr, bias, out);
   }
-  __attribute__((target("avx2,fma"))) void run_avx2(const float* xn, const int64_t* chans, int64_t nc,
-                                                     const ConvGeom& g, const float* u, int64_t nr, const float* bias,
-                                                     float* yn, const int64_t* keep, int64_t nkeep) {
-    body(xn, chans, nc, g, u, nr, bias, yn, keep, nkeep);
+  __attribute__((target("avx2,fma"))) void run_avx2(const float* const* in, int64_t nc, const ConvGeom& g,
+                                                     const float* u, int64_t nr, const float* bias,
+                                                     float* const* out) {
+    body(in, nc, g, u, nr, bias, out);
   }
 
-  __attribute__((always_inline)) inline void body(const float* xn, const int64_t* chans, int64_t nc,
-                                                  const ConvGeom& g, const float* u, int64_t nr, const float* bias,
-                                                  float* yn, const int64_t* keep, int64_t nkeep) {
+  __attribute__((always_inline)) inline void body(const float* const* in, int64_t nc, const ConvGeom& g,
+                                                  const float* u, int64_t nr, const float* bias, float* const* out) {
     const int64_t h = g.h, w = g.w, th = (h + 1) / 2, tw = (w + 1) / 2, hw = h * w;
     // Chunks of tile rows: V and M of a chunk (16 (nc + nr) floats per tile) within ~1 MiB, half a core's L2 here,
     // beside U (16 nr nc floats); the tile rows shared out evenly over the chunks.
@@ -237,7 +241,11 @@ struct WinogradWork {
       if (nt < ld)
         for (int64_t e = 0; e < 16 * nc; ++e) std::fill(v.data() + e * ld + nt, v.data() + (e + 1) * ld, 0.f);
       for (int64_t c = 0; c < nc; ++c) {
-        const float* plane = xn + chans[c] * hw;
+        const float* plane = in[c];
+        if (plane == nullptr) {  // a channel of zeros (masked_conv2d's grad_x: a dropped row of dy)
+          for (int e = 0; e < 16; ++e) std::fill_n(v.data() + (e * nc + c) * ld, nt, 0.f);
+          continue;
+        }
         for (int64_t q = ty0; q <= ty1; ++q) {  // rows 2q - 1 and 2q, q = ty0 .. ty1
           const int64_t o = (q - ty0) * tw;
           wino_row(plane, h, w, 2 * q - 1, tw, he[0] + o, he[1] + o, he[2] + o, he[3] + o);
@@ -249,12 +257,12 @@ struct WinogradWork {
         small_mm<float>(nr, nc, ld, u + xi * nr * nc, nc, 1, v.data() + xi * nc * ld, ld, m.data() + xi * nr * ld, ld,
                         false);
       float* z = s.data() + 8 * ld;
-      for (int64_t i = 0, nw = keep != nullptr ? nkeep : nr; i < nw; ++i) {
-        const int64_t r = keep != nullptr ? keep[i] : i;
+      for (int64_t r = 0; r < nr; ++r) {
+        if (out[r] == nullptr) continue;
         const float* mt[16];
         for (int xi = 0; xi < 16; ++xi) mt[xi] = m.data() + (xi * nr + r) * ld;
         wino_out(mt, nt, bias != nullptr ? bias[r] : 0.f, s.data(), z, ld);
-        float* yr = yn + r * hw;
+        float* yr = out[r];
         for (int64_t ty = ty0; ty < ty1; ++ty) {
           const int64_t n0 = (ty - ty0) * tw;
           wino_store_row(z + n0, z + ld + n0, w, yr + 2 * ty * w);
