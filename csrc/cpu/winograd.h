@@ -1,6 +1,7 @@
-// The forward of a stride-1 3x3 convolution with padding 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin &
-// Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016): each 2x2 block of output pixels ("tile") of
-// output channel r is
+// A stride-1 3x3 convolution with padding 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast
+// Algorithms for Convolutional Neural Networks", CVPR 2016): channel_conv2d's float32 forward, masked_conv2d's for
+// the samples that keep most rows, and grad_x of both (the same kind of conv of dy with the flipped filters).
+// Each 2x2 block of output pixels ("tile") of output channel r is
 //     Y = A^T [ sum_c (G g_rc G^T) .* (B^T d_c B) ] A
 // with d_c the 4x4 input patch of kept channel c around the tile (zeros outside the plane: the padding), g_rc the
 // 3x3 filter, and
