@@ -16,8 +16,9 @@
 // Numerics: the sums are not the direct convolution's sums in another order but sums of transformed terms; the
 // error stays of the order of the direct sum's (against a float64 truth, relative to sum |term|: 1.1-1.7e-7 at
 // 64 @ 28², 115 @ 28², 128 @ 14², 256 @ 7²; the direct kernel 3.0e-7 at 64 @ 28², oneDNN's direct conv
-// 0.4-0.8e-7; the float32 tests allow 1e-6). The arithmetic is additions, subtractions and small_mm's FMAs in a fixed order, so every ISA copy gives
-// the same bits, and so does any thread count (each sample is computed by one thread).
+// 0.4-0.8e-7; the float32 tests allow 1e-6). The arithmetic is additions, subtractions and small_mm's FMAs in a
+// fixed order, so every ISA copy gives the same bits, and so does any thread count (each sample is computed by one
+// thread).
 //
 // Why: at 2.25x fewer multiplies a float32 3x3 conv is no longer bound by the FMA units' peak, which the direct
 // kernels (direct_conv.h, direct_unpadded.h) already reach within ~10%. SLIMOPS_CPU_CONV=direct turns it off
@@ -35,6 +36,10 @@
 #include "small_mm.h"
 #include "slimops/channel_conv_checks.h"
 
+#if SLIMOPS_SMALL_MM_ISA_COPIES
+#include <immintrin.h>
+#endif
+
 namespace slimops {
 namespace cpu {
 
@@ -50,19 +55,19 @@ inline bool winograd_enabled() {
 // The geometry F(2x2, 3x3) computes here (stride 1, 3x3, padding 1, dilation 1, output the input's size, planes of
 // at least 4 x 4), with enough channels that it is the faster path on this ISA. Measured (a microbenchmark of one
 // sample's forward, C of 2C channels kept in and out, 32 samples rotating through memory, one thread, the Xeon with
-// AVX-512 and AMX; Winograd's time over the direct kernel's, < 1: faster): as AVX2, C = 16 @ 28² 1.08, 32 @ 56²
-// 0.83, 64 @ 17² 0.84, 64 @ 28² 0.72, 64 @ 56² 0.63, 128 @ 28² 0.68, 128 @ 14² 0.67, 256 @ 14² 0.60, 512 @ 7² 0.56;
-// on AVX-512, where the direct kernel runs 1.6x faster and the transforms (additions, loads and stores) gain less
-// from the wider vectors, 64 @ 28² 1.00, 64 @ 56² 0.89, 128 @ 28² 0.88, 256 @ 14² 0.80, 512 @ 7² 0.80. Hence at least
-// 32 channels in and out with AVX2, a product of 96² with AVX-512 (the transforms cost (nc + nr) per tile, the
-// products nc nr). Without AVX2 (the base copy) the direct path runs.
+// AVX-512 and AMX; the direct kernel's time over Winograd's, > 1: Winograd faster): as AVX2, C = 16 @ 28² 0.89,
+// 24 @ 28² 1.15, 32 @ 56² 1.20, 64 @ 28² 1.37, 128 @ 28² 1.46, 256 @ 14² 1.66, 512 @ 7² 1.78; on AVX-512, where the
+// direct kernel runs 1.6x faster, 32 @ 28² 0.92, 48 @ 28² 1.05, 64 @ 28² 1.06, 64 @ 56² 1.13, 128 @ 28² 1.20,
+// 256 @ 14² 1.30, 512 @ 7² 1.26 (with the row transforms and output rows vectorised by hand; before, AVX-512 was
+// at 1.00 for 64 @ 28²). Hence at least 24 channels in and out with AVX2, a product of 48² with AVX-512 (the
+// transforms cost (nc + nr) per tile, the products nc nr). Without AVX2 (the base copy) the direct path runs.
 inline bool winograd_applies(const ConvGeom& g, int64_t nc, int64_t nr) {
   if (!winograd_enabled() || !small_mm_avx2()) return false;
   if (g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 || g.ph != 1 || g.pw != 1 || g.dh != 1 || g.dw != 1)
     return false;
   if (g.oh != g.h || g.ow != g.w || g.h < 4 || g.w < 4) return false;
-  if (cpu_isa() == CpuIsa::kAvx512) return nc * nr >= 96 * 96;
-  return nc >= 32 && nr >= 32;
+  if (cpu_isa() == CpuIsa::kAvx512) return nc * nr >= 48 * 48;
+  return nc >= 24 && nr >= 24;
 }
 
 // Whether a masked_conv2d sample that keeps `kept` of c_out rows (winograd_applies for all c_out) runs Winograd
@@ -109,32 +114,103 @@ void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows,
 
 // h[j][t] (j = 0..3, t < tw) = the row transform of input row `row` of the plane (zeros for a row outside it):
 // a tile t covers columns 2t - 1 .. 2t + 2 (a, b, c, d; zero outside the row); h0 = a - c, h1 = b + c,
-// h2 = c - b, h3 = b - d. The tiles whose four columns lie inside the row read it directly (two vectors and a
-// permute per output vector); the first and the last one or two, scalar.
-__attribute__((always_inline)) inline void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row,
-                                                    int64_t tw, float* __restrict h0, float* __restrict h1,
-                                                    float* __restrict h2, float* __restrict h3) {
+// h2 = c - b, h3 = b - d. Vectorised over the tiles: a vector of a (b) is the even (odd) lanes of the two vectors
+// from column 2 t0 - 1, c and d those from 2 t0 + 1; columns outside the row load as zeros through the load masks
+// (masked lanes never fault). A loop of scalar loads with stride 2 over one row (14 tiles at 28²) took ~16% of
+// the AVX-512 copy's time at 64 @ 28².
+// (A call per row, not inlined: the sample loop that calls it is compiled without the ISA's target until it is
+// inlined into run_avx512 / run_avx2.)
+template <bool kAvx512>
+void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
+              float* __restrict h1, float* __restrict h2, float* __restrict h3);
+
+// Lanes i of [q, q + n) inside [0, w), as a bit mask.
+inline uint32_t wino_lanes(int64_t q, int64_t n, int64_t w) {
+  const int64_t lo = std::max<int64_t>(0, -q), hi = std::min<int64_t>(n, w - q);
+  if (hi <= lo) return 0;
+  const uint32_t upto = hi >= 32 ? 0xffffffffu : (1u << hi) - 1u;
+  return upto & ~((1u << lo) - 1u);
+}
+
+#if SLIMOPS_SMALL_MM_ISA_COPIES
+template <>
+__attribute__((target("avx512f"))) inline void wino_row<true>(
+    const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
+    float* __restrict h1, float* __restrict h2, float* __restrict h3) {
   if (row < 0 || row >= h) {
     for (int64_t t = 0; t < tw; ++t) h0[t] = 0.f, h1[t] = 0.f, h2[t] = 0.f, h3[t] = 0.f;
     return;
   }
-  const float* __restrict x = plane + row * w;
-  const auto at = [&](int64_t q) { return q >= 0 && q < w ? x[q] : 0.f; };
-  const int64_t lo = 1, hi = std::max<int64_t>(lo, (w - 1) / 2);  // tiles lo .. hi - 1: 2t - 1 >= 0, 2t + 2 < w
-  for (int64_t t = 0; t < std::min(lo, tw); ++t) {
-    const float a = at(2 * t - 1), bb = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
-    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
-  }
-  #pragma GCC ivdep
-  for (int64_t t = lo; t < hi; ++t) {
-    const float a = x[2 * t - 1], bb = x[2 * t], c = x[2 * t + 1], d = x[2 * t + 2];
-    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
-  }
-  for (int64_t t = std::max(hi, lo); t < tw; ++t) {
-    const float a = at(2 * t - 1), bb = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
-    h0[t] = a - c, h1[t] = bb + c, h2[t] = c - bb, h3[t] = bb - d;
+  const float* x = plane + row * w;
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t t0 = 0; t0 < tw; t0 += 16) {
+    const int64_t q = 2 * t0 - 1;  // column of a at t0; c's is q + 2
+    // (no lambdas: GCC 12 compiles a lambda without its enclosing function's target)
+    const __m512 l0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(wino_lanes(q, 16, w)), x + q);
+    const __m512 l1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(wino_lanes(q + 16, 16, w)), x + q + 16);
+    const __m512 r0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(wino_lanes(q + 2, 16, w)), x + q + 2);
+    const __m512 r1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(wino_lanes(q + 18, 16, w)), x + q + 18);
+    const __m512 a = _mm512_permutex2var_ps(l0, ev, l1), b = _mm512_permutex2var_ps(l0, od, l1);
+    const __m512 c = _mm512_permutex2var_ps(r0, ev, r1), d = _mm512_permutex2var_ps(r0, od, r1);
+    const __mmask16 st = static_cast<__mmask16>(wino_lanes(t0, 16, tw));
+    _mm512_mask_storeu_ps(h0 + t0, st, _mm512_sub_ps(a, c));
+    _mm512_mask_storeu_ps(h1 + t0, st, _mm512_add_ps(b, c));
+    _mm512_mask_storeu_ps(h2 + t0, st, _mm512_sub_ps(c, b));
+    _mm512_mask_storeu_ps(h3 + t0, st, _mm512_sub_ps(b, d));
   }
 }
+
+// AVX2 helpers of wino_row<false>: lanes i with 0 <= at + i < n as a vmaskmovps mask, and the even / odd lanes of
+// (lo, hi) in order.
+__attribute__((target("avx2"), always_inline)) inline __m256i wino_inside_avx2(int64_t at, int64_t n) {
+  const __m256i i =
+      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(at)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), i),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), i));
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 wino_even_avx2(__m256 lo, __m256 hi) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8));
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 wino_odd_avx2(__m256 lo, __m256 hi) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8));
+}
+
+template <>
+__attribute__((target("avx2"))) inline void wino_row<false>(
+    const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
+    float* __restrict h1, float* __restrict h2, float* __restrict h3) {
+  if (row < 0 || row >= h) {
+    for (int64_t t = 0; t < tw; ++t) h0[t] = 0.f, h1[t] = 0.f, h2[t] = 0.f, h3[t] = 0.f;
+    return;
+  }
+  const float* x = plane + row * w;
+  for (int64_t t0 = 0; t0 < tw; t0 += 8) {
+    const int64_t q = 2 * t0 - 1;
+    const __m256 l0 = _mm256_maskload_ps(x + q, wino_inside_avx2(q, w));
+    const __m256 l1 = _mm256_maskload_ps(x + q + 8, wino_inside_avx2(q + 8, w));
+    const __m256 r0 = _mm256_maskload_ps(x + q + 2, wino_inside_avx2(q + 2, w));
+    const __m256 r1 = _mm256_maskload_ps(x + q + 10, wino_inside_avx2(q + 10, w));
+    const __m256 a = wino_even_avx2(l0, l1), b = wino_odd_avx2(l0, l1);
+    const __m256 c = wino_even_avx2(r0, r1), d = wino_odd_avx2(r0, r1);
+    const __m256i st = wino_inside_avx2(t0, tw);
+    _mm256_maskstore_ps(h0 + t0, st, _mm256_sub_ps(a, c));
+    _mm256_maskstore_ps(h1 + t0, st, _mm256_add_ps(b, c));
+    _mm256_maskstore_ps(h2 + t0, st, _mm256_sub_ps(c, b));
+    _mm256_maskstore_ps(h3 + t0, st, _mm256_sub_ps(b, d));
+  }
+}
+#else
+template <bool kAvx512>  // no ISA copies (winograd_applies is false): a portable loop, never run
+inline void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw,
+                     float* __restrict h0, float* __restrict h1, float* __restrict h2, float* __restrict h3) {
+  const auto at = [&](int64_t q) { return row >= 0 && row < h && q >= 0 && q < w ? plane[row * w + q] : 0.f; };
+  for (int64_t t = 0; t < tw; ++t) {
+    const float a = at(2 * t - 1), b = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
+    h0[t] = a - c, h1[t] = b + c, h2[t] = c - b, h3[t] = b - d;
+  }
+}
+#endif
 
 // V[xi][c][n] for the nt tiles n = (ty - ty0) tw + t of a chunk of channel c: the column transform of the row
 // transforms, kept as he[j] (x rows 2q - 1) and ho[j] (x rows 2q) for q = ty0 .. ty1: tile row ty reads rows
@@ -182,14 +258,49 @@ __attribute__((always_inline)) inline void wino_out(const float* const (&m)[16],
   }
 }
 
-// Output row y (w pixels) from a tile row's pixels (0, j) or (1, j): the two columns of each tile interleaved.
-__attribute__((always_inline)) inline void wino_store_row(const float* __restrict z0, const float* __restrict z1,
-                                                          int64_t w, float* __restrict y) {
-  const int64_t full = w / 2;  // tiles whose two columns are both inside the row
-  #pragma GCC ivdep
-  for (int64_t t = 0; t < full; ++t) y[2 * t] = z0[t], y[2 * t + 1] = z1[t];
-  if (2 * full < w) y[2 * full] = z0[full];
+// Output row y (w pixels) from a tile row's pixels (0, j) or (1, j) of tw tiles: the two columns of each tile
+// interleaved (vector permutes, masked at the row's end; a call per output row, as wino_row).
+template <bool kAvx512>
+void wino_store_row(const float* __restrict z0, const float* __restrict z1, int64_t tw, int64_t w,
+                    float* __restrict y);
+
+#if SLIMOPS_SMALL_MM_ISA_COPIES
+template <>
+__attribute__((target("avx512f"))) inline void wino_store_row<true>(const float* __restrict z0,
+                                                                   const float* __restrict z1, int64_t tw, int64_t w,
+                                                                   float* __restrict y) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t t0 = 0; t0 < tw; t0 += 16) {
+    const __mmask16 in = static_cast<__mmask16>(wino_lanes(t0, 16, tw));
+    const __m512 a = _mm512_maskz_loadu_ps(in, z0 + t0), b = _mm512_maskz_loadu_ps(in, z1 + t0);
+    _mm512_mask_storeu_ps(y + 2 * t0, static_cast<__mmask16>(wino_lanes(2 * t0, 16, w)),
+                          _mm512_permutex2var_ps(a, lo, b));
+    _mm512_mask_storeu_ps(y + 2 * t0 + 16, static_cast<__mmask16>(wino_lanes(2 * t0 + 16, 16, w)),
+                          _mm512_permutex2var_ps(a, hi, b));
+  }
 }
+
+template <>
+__attribute__((target("avx2"))) inline void wino_store_row<false>(const float* __restrict z0,
+                                                                 const float* __restrict z1, int64_t tw, int64_t w,
+                                                                 float* __restrict y) {
+  for (int64_t t0 = 0; t0 < tw; t0 += 8) {
+    const __m256i in = wino_inside_avx2(t0, tw);
+    const __m256 a = _mm256_maskload_ps(z0 + t0, in), b = _mm256_maskload_ps(z1 + t0, in);
+    const __m256 l = _mm256_unpacklo_ps(a, b), h = _mm256_unpackhi_ps(a, b);
+    _mm256_maskstore_ps(y + 2 * t0, wino_inside_avx2(2 * t0, w), _mm256_permute2f128_ps(l, h, 0x20));
+    _mm256_maskstore_ps(y + 2 * t0 + 8, wino_inside_avx2(2 * t0 + 8, w), _mm256_permute2f128_ps(l, h, 0x31));
+  }
+}
+#else
+template <bool kAvx512>  // no ISA copies: never run
+inline void wino_store_row(const float* __restrict z0, const float* __restrict z1, int64_t tw, int64_t w,
+                           float* __restrict y) {
+  for (int64_t q = 0; q < w; ++q) y[q] = q % 2 == 0 ? z0[q / 2] : z1[q / 2];
+  (void)tw;
+}
+#endif
 
 // One thread's buffers and the forward of one sample.
 struct WinogradWork {
@@ -203,25 +314,30 @@ struct WinogradWork {
            float* const* out) {
 #if SLIMOPS_SMALL_MM_ISA_COPIES
     if (cpu_isa() == CpuIsa::kAvx512) return run_avx512(in, nc, g, u, nr, bias, out);
-#endif
     run_avx2(in, nc, g, u, nr, bias, out);
+#else
+    body<false>(in, nc, g, u, nr, bias, out);
+#endif
   }
 
  private:
+#if SLIMOPS_SMALL_MM_ISA_COPIES
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_avx512(
       const float* const* in, int64_t nc, const ConvGeom& g, const float* u, int64_t nr, const float* bias,
       float* const* out) {
-    body(in, nc, g, u, nr, bias, out);
+    body<true>(in, nc, g, u, nr, bias, out);
   }
   __attribute__((target("avx2,fma"))) void run_avx2(const float* const* in, int64_t nc, const ConvGeom& g,
                                                      const float* u, int64_t nr, const float* bias,
                                                      float* const* out) {
-    body(in, nc, g, u, nr, bias, out);
+    body<false>(in, nc, g, u, nr, bias, out);
   }
+#endif
 
+  template <bool kAvx512>
   __attribute__((always_inline)) inline void body(const float* const* in, int64_t nc, const ConvGeom& g,
                                                   const float* u, int64_t nr, const float* bias, float* const* out) {
-    const int64_t h = g.h, w = g.w, th = (h + 1) / 2, tw = (w + 1) / 2, hw = h * w;
+    const int64_t h = g.h, w = g.w, th = (h + 1) / 2, tw = (w + 1) / 2;
     // Chunks of tile rows: V and M of a chunk (16 (nc + nr) floats per tile) within ~1 MiB, half a core's L2 here,
     // beside U (16 nr nc floats); the tile rows shared out evenly over the chunks.
     const int64_t per_tile = 16 * (nc + nr) * 4;
@@ -249,8 +365,8 @@ struct WinogradWork {
         }
         for (int64_t q = ty0; q <= ty1; ++q) {  // rows 2q - 1 and 2q, q = ty0 .. ty1
           const int64_t o = (q - ty0) * tw;
-          wino_row(plane, h, w, 2 * q - 1, tw, he[0] + o, he[1] + o, he[2] + o, he[3] + o);
-          wino_row(plane, h, w, 2 * q, tw, ho[0] + o, ho[1] + o, ho[2] + o, ho[3] + o);
+          wino_row<kAvx512>(plane, h, w, 2 * q - 1, tw, he[0] + o, he[1] + o, he[2] + o, he[3] + o);
+          wino_row<kAvx512>(plane, h, w, 2 * q, tw, ho[0] + o, ho[1] + o, ho[2] + o, ho[3] + o);
         }
         wino_col(he, ho, nt, tw, v.data() + c * ld, nc * ld);
       }
@@ -266,8 +382,9 @@ struct WinogradWork {
         float* yr = out[r];
         for (int64_t ty = ty0; ty < ty1; ++ty) {
           const int64_t n0 = (ty - ty0) * tw;
-          wino_store_row(z + n0, z + ld + n0, w, yr + 2 * ty * w);
-          if (2 * ty + 1 < h) wino_store_row(z + 2 * ld + n0, z + 3 * ld + n0, w, yr + (2 * ty + 1) * w);
+          wino_store_row<kAvx512>(z + n0, z + ld + n0, tw, w, yr + 2 * ty * w);
+          if (2 * ty + 1 < h)
+            wino_store_row<kAvx512>(z + 2 * ld + n0, z + 3 * ld + n0, tw, w, yr + (2 * ty + 1) * w);
         }
       }
     }
