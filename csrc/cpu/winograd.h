@@ -112,7 +112,7 @@ void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows,
 
 // The transforms, compiled into each ISA copy of the sample loop below (always_inline into a target function).
 
-// h[j][t] (j = 0..3, t < tw) = the row transform of input row `row` of the plane (zeros for a row outside it):
+// h[j][t] (j = 0..3, t < tw) = the row transform of the input row x (w floats; the caller zeroes rows outside):
 // a tile t covers columns 2t - 1 .. 2t + 2 (a, b, c, d; zero outside the row); h0 = a - c, h1 = b + c,
 // h2 = c - b, h3 = b - d. Vectorised over the tiles: a vector of a (b) is the even (odd) lanes of the two vectors
 // from column 2 t0 - 1, c and d those from 2 t0 + 1; columns outside the row load as zeros through the load masks
@@ -121,8 +121,8 @@ void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows,
 // (A call per row, not inlined: the sample loop that calls it is compiled without the ISA's target until it is
 // inlined into run_avx512 / run_avx2.)
 template <bool kAvx512>
-void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
-              float* __restrict h1, float* __restrict h2, float* __restrict h3);
+void wino_row(const float* __restrict x, int64_t w, int64_t tw, float* __restrict h0, float* __restrict h1,
+              float* __restrict h2, float* __restrict h3);
 
 // Lanes i of [q, q + n) inside [0, w), as a bit mask.
 inline uint32_t wino_lanes(int64_t q, int64_t n, int64_t w) {
@@ -135,13 +135,8 @@ inline uint32_t wino_lanes(int64_t q, int64_t n, int64_t w) {
 #if SLIMOPS_SMALL_MM_ISA_COPIES
 template <>
 __attribute__((target("avx512f"))) inline void wino_row<true>(
-    const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
-    float* __restrict h1, float* __restrict h2, float* __restrict h3) {
-  if (row < 0 || row >= h) {
-    for (int64_t t = 0; t < tw; ++t) h0[t] = 0.f, h1[t] = 0.f, h2[t] = 0.f, h3[t] = 0.f;
-    return;
-  }
-  const float* x = plane + row * w;
+    const float* __restrict x, int64_t w, int64_t tw, float* __restrict h0, float* __restrict h1,
+    float* __restrict h2, float* __restrict h3) {
   const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t t0 = 0; t0 < tw; t0 += 16) {
@@ -178,13 +173,8 @@ __attribute__((target("avx2"), always_inline)) inline __m256 wino_odd_avx2(__m25
 
 template <>
 __attribute__((target("avx2"))) inline void wino_row<false>(
-    const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw, float* __restrict h0,
-    float* __restrict h1, float* __restrict h2, float* __restrict h3) {
-  if (row < 0 || row >= h) {
-    for (int64_t t = 0; t < tw; ++t) h0[t] = 0.f, h1[t] = 0.f, h2[t] = 0.f, h3[t] = 0.f;
-    return;
-  }
-  const float* x = plane + row * w;
+    const float* __restrict x, int64_t w, int64_t tw, float* __restrict h0, float* __restrict h1,
+    float* __restrict h2, float* __restrict h3) {
   for (int64_t t0 = 0; t0 < tw; t0 += 8) {
     const int64_t q = 2 * t0 - 1;
     const __m256 l0 = _mm256_maskload_ps(x + q, wino_inside_avx2(q, w));
@@ -202,9 +192,9 @@ __attribute__((target("avx2"))) inline void wino_row<false>(
 }
 #else
 template <bool kAvx512>  // no ISA copies (winograd_applies is false): a portable loop, never run
-inline void wino_row(const float* __restrict plane, int64_t h, int64_t w, int64_t row, int64_t tw,
-                     float* __restrict h0, float* __restrict h1, float* __restrict h2, float* __restrict h3) {
-  const auto at = [&](int64_t q) { return row >= 0 && row < h && q >= 0 && q < w ? plane[row * w + q] : 0.f; };
+inline void wino_row(const float* __restrict x, int64_t w, int64_t tw, float* __restrict h0, float* __restrict h1,
+                     float* __restrict h2, float* __restrict h3) {
+  const auto at = [&](int64_t q) { return q >= 0 && q < w ? x[q] : 0.f; };
   for (int64_t t = 0; t < tw; ++t) {
     const float a = at(2 * t - 1), b = at(2 * t), c = at(2 * t + 1), d = at(2 * t + 2);
     h0[t] = a - c, h1[t] = b + c, h2[t] = c - b, h3[t] = b - d;
@@ -363,11 +353,15 @@ struct WinogradWork {
           for (int e = 0; e < 16; ++e) std::fill_n(v.data() + (e * nc + c) * ld, nt, 0.f);
           continue;
         }
-        for (int64_t q = ty0; q <= ty1; ++q) {  // rows 2q - 1 and 2q, q = ty0 .. ty1
-          const int64_t o = (q - ty0) * tw;
-          wino_row<kAvx512>(plane, h, w, 2 * q - 1, tw, he[0] + o, he[1] + o, he[2] + o, he[3] + o);
-          wino_row<kAvx512>(plane, h, w, 2 * q, tw, ho[0] + o, ho[1] + o, ho[2] + o, ho[3] + o);
-        }
+        for (int64_t q = ty0; q <= ty1; ++q)  // rows 2q - 1 (he) and 2q (ho), q = ty0 .. ty1
+          for (int odd = 0; odd < 2; ++odd) {
+            float* const* hh = odd ? ho : he;
+            const int64_t o = (q - ty0) * tw, row = 2 * q - 1 + odd;
+            if (row < 0 || row >= h)  // the padding's rows
+              for (int j = 0; j < 4; ++j) std::fill_n(hh[j] + o, tw, 0.f);
+            else
+              wino_row<kAvx512>(plane + row * w, w, tw, hh[0] + o, hh[1] + o, hh[2] + o, hh[3] + o);
+          }
         wino_col(he, ho, nt, tw, v.data() + c * ld, nc * ld);
       }
       for (int xi = 0; xi < 16; ++xi)
