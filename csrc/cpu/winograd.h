@@ -55,12 +55,13 @@ inline bool winograd_enabled() {
 // The geometry F(2x2, 3x3) computes here (stride 1, 3x3, padding 1, dilation 1, output the input's size, planes of
 // at least 4 x 4), with enough channels that it is the faster path on this ISA. Measured (a microbenchmark of one
 // sample's forward, C of 2C channels kept in and out, 32 samples rotating through memory, one thread, the Xeon with
-// AVX-512 and AMX; the direct kernel's time over Winograd's, > 1: Winograd faster): as AVX2, C = 16 @ 28² 0.89,
-// 24 @ 28² 1.15, 32 @ 56² 1.20, 64 @ 28² 1.37, 128 @ 28² 1.46, 256 @ 14² 1.66, 512 @ 7² 1.78; on AVX-512, where the
-// direct kernel runs 1.6x faster, 32 @ 28² 0.92, 48 @ 28² 1.05, 64 @ 28² 1.06, 64 @ 56² 1.13, 128 @ 28² 1.20,
-// 256 @ 14² 1.30, 512 @ 7² 1.26 (with the row transforms and output rows vectorised by hand; before, AVX-512 was
-// at 1.00 for 64 @ 28²). Hence at least 24 channels in and out with AVX2, a product of 48² with AVX-512 (the
-// transforms cost (nc + nr) per tile, the products nc nr). Without AVX2 (the base copy) the direct path runs.
+// AVX-512 and AMX; the direct kernel's time over Winograd's, > 1: Winograd faster). With the row transforms and
+// output rows vectorised by hand (wino_row, wino_store_row): as AVX2, C = 16 @ 28² 0.89, 24 @ 28² 1.15, 64 @ 28²
+// 1.37; on AVX-512, where the direct kernel runs 1.6x faster, 32 @ 28² 0.92, 48 @ 28² 1.05, 64 @ 28² 1.06,
+// 64 @ 56² 1.13, 128 @ 28² 1.20, 256 @ 14² 1.30, 512 @ 7² 1.26. (Before them, with auto-vectorised loops: as AVX2
+// 32 @ 56² 1.20, 128 @ 28² 1.46, 256 @ 14² 1.66, 512 @ 7² 1.78; AVX-512 64 @ 28² 1.00, 128 @ 28² 1.14.) Hence at
+// least 24 channels in and out with AVX2, a product of 48² with AVX-512 (the transforms cost (nc + nr) per tile,
+// the products nc nr). Without AVX2 (the base copy) the direct path runs.
 inline bool winograd_applies(const ConvGeom& g, int64_t nc, int64_t nr) {
   if (!winograd_enabled() || !small_mm_avx2()) return false;
   if (g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 || g.ph != 1 || g.pw != 1 || g.dh != 1 || g.dw != 1)
