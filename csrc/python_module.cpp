@@ -6,8 +6,8 @@
 // `slimops info` and the benchmarks' headers; `cpu_amx_bf16()`: whether the bf16 kernels may use AMX tiles;
 // `cpu_conv_in_place(h, w, k)`: whether channel_conv's float32 direct forward reads such planes in place
 // (csrc/cpu/direct_unpadded.h), and `cpu_conv_winograd(h, w, nc, nr)`: whether its float32 3x3 "same" forward runs
-// Winograd F(2x2, 3x3) (csrc/cpu/winograd.h), for the tests that check those paths. Only setup.py compiles this file; the CMake
-// build links the same kernels without Python.
+// Winograd F(2x2, 3x3) (csrc/cpu/winograd.h), for the tests that check those paths. Only setup.py compiles this
+// file; the CMake build links the same kernels without Python.
 #include <Python.h>
 
 #include <exception>

@@ -249,6 +249,15 @@ std::vector<std::vector<int64_t>> rows_of_mask(const at::Tensor& mask) {
   return rows;
 }
 
+// Whether some sample of a masked_conv2d call (its kept rows) runs a Winograd conv of nc channels into nr (the
+// forward: c_in into c_out; grad_x: c_out into c_in): the shape takes it and the sample keeps most of its c_out rows.
+bool masked_takes_winograd(const ConvGeom& g, int64_t nc, int64_t nr, int64_t c_out,
+                           const std::vector<std::vector<int64_t>>& rows) {
+  return winograd_applies(g, nc, nr) && std::any_of(rows.begin(), rows.end(), [&](const auto& r) {
+           return winograd_masked_sample(static_cast<int64_t>(r.size()), c_out);
+         });
+}
+
 // Packs weight[rows][:, chans] as a (|rows|, |chans| * taps) panel in acc_t.
 template <typename scalar_t, typename acc_t>
 void pack_weight(const scalar_t* w, int64_t c_in, int64_t taps, const int64_t* rows, int64_t nr,
@@ -416,10 +425,10 @@ struct BackwardWork {
   // gx's kept planes by the transposed direct convolution; false when it does not apply.
   bool direct_gx(const int64_t* chans, int64_t nc, int64_t nr, const float* dpanel_t, acc_t* gx_n) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (wino_u_t != nullptr) {  // dy row r is grad_out[n]'s row go_rows[r], in place
+      if (wino_u_t != nullptr) {  // dy row r is grad_out[n]'s row go_rows[r] (< wino_k), read in place
         if (!wino) wino = std::make_unique<WinogradWork>();
         wino_in.assign(static_cast<size_t>(wino_k), nullptr);
-        for (int64_t r = 0; r < nr; ++r) wino_in[wino_k == nr ? r : go_rows[r]] = go + go_rows[r] * g.ohw();
+        for (int64_t r = 0; r < nr; ++r) wino_in[go_rows[r]] = go + go_rows[r] * g.ohw();
         wino_out.resize(static_cast<size_t>(nc));
         for (int64_t c = 0; c < nc; ++c) wino_out[c] = gx_n + chans[c] * g.hw();
         wino->run(wino_in.data(), wino_k, g, wino_u_t, nc, nullptr, wino_out.data());
@@ -781,10 +790,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const auto rows = rows_of_mask(out_mask);
   const std::vector<int64_t> chans = iota(c_in);
   // float32 samples that keep most rows: Winograd F(2x2, 3x3) over all rows, the kept ones written (winograd.h)
-  const bool wino = x.scalar_type() == at::kFloat && winograd_applies(g, c_in, c_out) &&
-              std::any_of(rows.begin(), rows.end(), [&](const auto& r) {
-                return winograd_masked_sample(static_cast<int64_t>(r.size()), c_out);
-              });
+  const bool wino = x.scalar_type() == at::kFloat && masked_takes_winograd(g, c_in, c_out, c_out, rows);
   std::vector<float> wino_u, wino_bias;
   std::vector<std::unique_ptr<WinogradWork>> wino_work(static_cast<size_t>(wino ? slots() : 0));
   std::vector<std::vector<const float*>> wino_in(wino_work.size());
@@ -902,10 +908,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     }
     // grad_x by Winograd F(2x2, 3x3) for the float32 samples that keep most rows (as the forward): the flipped
     // filters of every row, once; a sample's dropped rows are planes of zeros
-    const bool wino_x = std::is_same_v<scalar_t, float> && need_x && winograd_applies(g, c_out, c_in) &&
-                        std::any_of(rows.begin(), rows.end(), [&](const auto& r) {
-                          return winograd_masked_sample(static_cast<int64_t>(r.size()), c_out);
-                        });
+    const bool wino_x = std::is_same_v<scalar_t, float> && need_x && masked_takes_winograd(g, c_out, c_in, c_out, rows);
     std::vector<float> wino_u_t;
     if (wino_x) {
       const std::vector<int64_t> all_rows = iota(c_out);

@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string_view>
 #include <vector>
 
@@ -111,7 +110,8 @@ void winograd_pack_weights(const scalar_t* w, int64_t c_in, const int64_t* rows,
     }
 }
 
-// The transforms, compiled into each ISA copy of the sample loop below (always_inline into a target function).
+// The transforms. The column and output transforms (loops over a chunk's tiles) are inlined into each ISA copy of the
+// sample loop below; the row transform and the output rows have a copy per ISA of their own.
 
 // h[j][t] (j = 0..3, t < tw) = the row transform of the input row x (w floats; the caller zeroes rows outside):
 // a tile t covers columns 2t - 1 .. 2t + 2 (a, b, c, d; zero outside the row); h0 = a - c, h1 = b + c,
